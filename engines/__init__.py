@@ -1,0 +1,21 @@
+"""diffaccel.engines: engines behind one protocol, and drop-in diffusers pipelines that run on them.
+
+>>> from diffaccel.engines import AcceleratedStableDiffusionPipeline                # doctest: +SKIP
+>>> pipe = AcceleratedStableDiffusionPipeline.from_pretrained("engines/sd-ort")    # doctest: +SKIP
+>>> image = pipe("a red circle", num_inference_steps=20).images[0]                 # doctest: +SKIP
+"""
+from __future__ import annotations
+
+__all__ = ["AcceleratedStableDiffusionPipeline", "AcceleratedStableDiffusionImg2ImgPipeline", "load_engine",
+           "BACKENDS", "Engine"]
+
+_LAZY = {"AcceleratedStableDiffusionPipeline": ".pipelines", "AcceleratedStableDiffusionImg2ImgPipeline": ".pipelines",
+         "load_engine": ".base", "BACKENDS": ".base", "Engine": ".base"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,48 @@
+"""The engine protocol and the backend registry.
+
+An engine is loaded from one component of an artifact and called with named torch tensors; it returns named torch
+tensors. Backends are looked up by name and imported lazily, so ``import diffaccel.engines`` never needs onnxruntime
+or tensorrt.
+
+>>> sorted(BACKENDS)
+['onnxruntime', 'tensorrt', 'torch']
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Protocol, runtime_checkable
+
+from diffaccel.optimize.errors import BackendUnavailableError
+
+# backend name -> module that defines `load(component_dir, entry, **options) -> Engine`
+BACKENDS = {
+    "onnxruntime": "diffaccel.engines.onnxruntime_backend",
+    "torch": "diffaccel.engines.torch_backend",
+    "tensorrt": "diffaccel.engines.tensorrt_backend",
+}
+
+
+@runtime_checkable
+class Engine(Protocol):
+    input_names: tuple
+    output_names: tuple
+
+    @property
+    def device(self): ...
+
+    def __call__(self, **inputs) -> dict: ...
+
+
+def backend_module(name: str):
+    if name not in BACKENDS:
+        raise BackendUnavailableError(f"unknown backend {name!r}; known backends: {', '.join(sorted(BACKENDS))}")
+    try:
+        return importlib.import_module(BACKENDS[name])
+    except ImportError as e:
+        raise BackendUnavailableError(f"backend {name} needs a package that is not installed ({e.name or e}); "
+                                      f"install diffaccel[{'gpu' if name == 'tensorrt' else 'cpu'}]") from e
+
+
+def load_engine(backend: str, root, component: str, entry: dict, **options) -> Engine:
+    """Load the engine of ``component`` described by its manifest ``entry`` (paths relative to ``root``)."""
+    return backend_module(backend).load(root, component, entry, **options)

@@ -1,0 +1,204 @@
+"""``optimize()``: one call per stage, a work directory that becomes OUT only when complete.
+
+>>> cfg = OptimizeConfig(backend="onnxruntime", precision="fp32")
+>>> cfg.backend, cfg.precision
+(<Backend.ONNXRUNTIME: 'onnxruntime'>, <Precision.FP32: 'fp32'>)
+>>> OptimizeConfig(precision="int4")
+Traceback (most recent call last):
+...
+ValueError: unknown precision 'int4'; choose one of: fp32, fp16, bf16, int8, fp8
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .config import Backend, Exporter, Precision, ShapeRange, config_hash
+from .errors import ArtifactError, DiffaccelError
+from .manifest import Manifest
+from .sources import Source, resolve_source
+from .stages import AssetsStage, Context, Reporter, record_files
+
+log = logging.getLogger(__name__)
+
+# (backend, precision) pairs that work, with the stage classes that build them. Filled by the stage modules' plans.
+SUPPORTED: dict = {}
+
+
+def _plans():
+    if SUPPORTED:
+        return SUPPORTED
+    from .stage_onnx import ExportStage, OrtEngineStage
+    from .stage_torch import TorchSaveStage
+
+    SUPPORTED.update({
+        (Backend.ONNXRUNTIME, Precision.FP32): [AssetsStage, ExportStage, OrtEngineStage],
+        (Backend.TORCH, Precision.FP32): [AssetsStage, TorchSaveStage],
+    })
+    return SUPPORTED
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeConfig:
+    """What to build. Validated on construction; every field is recorded in the manifest."""
+
+    backend: Backend = Backend.ONNXRUNTIME
+    precision: Precision = Precision.FP32
+    provider: str = "cpu"                 # ONNX Runtime execution provider: cpu | cuda | tensorrt
+    shapes: ShapeRange = ShapeRange()
+    exporter: Exporter = Exporter.DYNAMO
+    opset: int = 18
+    graph_level: str = "extended"         # offline ORT graph optimization saved into the engine
+    threads: "int | None" = None          # ORT intra-op threads (None: one per physical core)
+    seed: int = 0
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
+        set_("backend", Backend.parse(self.backend, "backend"))
+        set_("precision", Precision.parse(self.precision, "precision"))
+        set_("exporter", Exporter.parse(self.exporter, "exporter"))
+        if (self.backend, self.precision) not in _plans():
+            ok = ", ".join(f"{b}/{p}" for b, p in _plans())
+            raise ValueError(f"precision {self.precision} is not supported on backend {self.backend}; "
+                             f"supported backend/precision pairs: {ok}")
+        if self.provider not in ("cpu", "cuda", "tensorrt"):
+            raise ValueError(f"unknown provider {self.provider!r}; choose one of: cpu, cuda, tensorrt")
+        if self.graph_level not in ("disable", "basic", "extended", "all"):
+            raise ValueError(f"unknown graph level {self.graph_level!r}; choose one of: disable, basic, extended, all")
+        if not 14 <= int(self.opset) <= 23:
+            raise ValueError(f"opset {self.opset} is out of range; choose 17-20 (18 is the default)")
+
+    def to_dict(self) -> dict:
+        return json_ready(dataclasses.asdict(self))
+
+
+def json_ready(d):
+    import json
+
+    return json.loads(json.dumps(d, default=str))
+
+
+def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig(), *, force: bool = False,
+             reporter: "Reporter | None" = None, trust_pickle: bool = False,
+             single_file_config: "str | None" = None) -> Manifest:
+    """Build an artifact directory ``out`` from checkpoint ``src``. Finished stages with unchanged settings are
+    skipped; OUT only appears (or changes) when every stage has succeeded.
+
+    >>> m = optimize("random:tiny", tmp / "tiny", OptimizeConfig())      # doctest: +SKIP
+    >>> m.components["unet"]["validation"]["passed"]                     # doctest: +SKIP
+    True
+    """
+    reporter = reporter or Reporter()
+    source = src if isinstance(src, Source) else resolve_source(
+        src, trust_pickle=trust_pickle, single_file_config=single_file_config)
+    out = Path(out)
+    work, fresh = _prepare_workdir(out, source, force)
+    try:
+        manifest = _open_manifest(work, source, config)
+        ctx = Context(source=source, config=config, root=work, manifest=manifest, reporter=reporter)
+        ctx.plan = [cls() for cls in _plans()[(config.backend, config.precision)]]
+        _run_stages(ctx)
+        manifest.data["status"] = "complete"
+        manifest.save()
+    except DiffaccelError:
+        shutil.rmtree(work, ignore_errors=True)   # OUT (if any) is untouched; nothing half-written is left
+        raise
+    _swap_into_place(work, out)
+    return Manifest.load(out)
+
+
+def _run_stages(ctx: Context) -> None:
+    upstream = config_hash({"source": ctx.source.sha256})
+    for stage in ctx.plan:
+        key = stage.key(ctx, upstream)
+        upstream = key
+        if ctx.manifest.stage_is_current(stage.name, key):
+            ctx.reporter.stage_end(stage.name, 0.0, True, "up to date")
+            continue
+        ctx.manifest.invalidate_from([s.name for s in ctx.plan[ctx.plan.index(stage):]])
+        ctx.manifest.save()
+        ctx.reporter.stage_start(stage.name, list(stage.components) if stage.name != "assets" else [])
+        t0 = time.perf_counter()
+        ctx.stage_outputs = {}
+        files = stage.run(ctx)
+        seconds = time.perf_counter() - t0
+        ctx.manifest.record_stage(stage.name, stage.settings(ctx), key, seconds, record_files(ctx.root, files))
+        if ctx.stage_outputs:
+            ctx.manifest.stages[stage.name]["outputs"] = ctx.stage_outputs
+        ctx.manifest.save()
+        ctx.reporter.stage_end(stage.name, seconds, False)
+
+
+def _open_manifest(work: Path, source: Source, config: OptimizeConfig) -> Manifest:
+    if (work / "manifest.json").is_file():
+        manifest = Manifest.load(work)
+    else:
+        manifest = Manifest.new(work, source.to_dict())
+    manifest.data.update({"status": "building", "backend": str(config.backend), "precision": str(config.precision),
+                          "provider": config.provider if config.backend == Backend.ONNXRUNTIME else None,
+                          "shapes": config.shapes.to_dict(), "optimize_config": config.to_dict(),
+                          "source": source.to_dict()})
+    from .manifest import tool_versions
+
+    manifest.data["tools"] = tool_versions()
+    manifest.save()
+    return manifest
+
+
+# ---- the work directory ------------------------------------------------------------------------------------------
+def _partial_of(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def _prepare_workdir(out: Path, source: Source, force: bool) -> tuple:
+    """Return (work dir, fresh?). OUT is never modified in place: an existing OUT is hard-linked into the work dir,
+    stages replace files rather than rewrite them, and the work dir is swapped in at the end."""
+    partial = _partial_of(out)
+    _recover_interrupted_swap(out)
+    if out.exists() and not (out / "manifest.json").is_file():
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        else:
+            raise ArtifactError(f"{out} exists and is not a diffaccel artifact; choose another -o or remove it")
+    if out.exists():
+        other = Manifest.load(out).source
+        if other.get("sha256") != source.sha256 and not force:
+            raise ArtifactError(f"{out} holds an artifact of another source ({other.get('spec')}); pass --force to "
+                                "replace it, or choose another -o")
+    if partial.exists():
+        try:
+            same = Manifest.load(partial).source.get("sha256") == source.sha256
+        except ArtifactError:
+            same = False
+        if same and not force:
+            log.info("resuming interrupted work in %s", partial)
+            return partial, False
+        shutil.rmtree(partial)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not force:
+        shutil.copytree(out, partial, copy_function=os.link)
+        return partial, False
+    partial.mkdir()
+    return partial, True
+
+
+def _swap_into_place(work: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old"
+    if out.exists():
+        out.rename(old)
+    work.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _recover_interrupted_swap(out: Path) -> None:
+    old = out.parent / f".{out.name}.old"
+    if old.exists():
+        if out.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(out)

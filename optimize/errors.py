@@ -1,0 +1,37 @@
+"""User-facing errors.
+
+Every error a user can cause is a :class:`DiffaccelError` whose message is one line that names what is wrong and
+what to do next. The CLI prints it and exits with code 2; library callers catch it like any exception.
+"""
+from __future__ import annotations
+
+
+class DiffaccelError(Exception):
+    """An error caused by input, configuration or environment, with a one-line message that advises."""
+
+    exit_code = 2
+
+
+class SourceError(DiffaccelError):
+    """The checkpoint (SRC) cannot be resolved or loaded."""
+
+
+class ArtifactError(DiffaccelError):
+    """An optimized artifact directory is missing, incomplete, modified or incompatible."""
+
+
+class ShapeError(DiffaccelError, ValueError):
+    """A requested batch/height/width lies outside what an engine was built for."""
+
+
+class ParityError(DiffaccelError):
+    """An exported or quantized component does not match PyTorch within tolerance."""
+
+
+class BackendUnavailableError(DiffaccelError):
+    """A backend or execution provider is not installed or cannot run on this machine."""
+
+
+def one_line(text: str) -> str:
+    """Collapse whitespace so a message always prints as a single line."""
+    return " ".join(str(text).split())

@@ -1,0 +1,40 @@
+"""The torch backend's stage: save each model (safetensors) in the precision it will run in, and check parity."""
+from __future__ import annotations
+
+from .parity import check_parity
+from .specs import SOURCE_MODEL, export_module
+from .stage_onnx import _named, _timed
+from .stages import Stage, fresh_dir
+
+
+class TorchSaveStage(Stage):
+    name = "engine"
+
+    def settings(self, ctx):
+        return {"precision": str(ctx.config.precision), "source": ctx.source.sha256}
+
+    def run(self, ctx):
+        from diffaccel.engines import torch_backend
+
+        files = []
+        saved = {}
+        for comp in self.components:
+            model_name = SOURCE_MODEL[comp]
+            model = getattr(ctx.pipe, model_name)
+            entry = {"model_class": type(model).__name__, "precision": str(ctx.config.precision),
+                     "engine": f"{model_name}/engine", "spec": ctx.specs[comp].to_dict()}
+            with _timed(ctx, self.name, comp):
+                if model_name not in saved:
+                    with fresh_dir(ctx.root / model_name / "engine") as d:
+                        model.save_pretrained(str(d), safe_serialization=True)
+                    saved[model_name] = sorted(p for p in (ctx.root / model_name / "engine").rglob("*")
+                                               if p.is_file())
+                engine = torch_backend.load(ctx.root, comp, entry)
+                spec = ctx.specs[comp]
+                module = export_module(comp, ctx.pipe)
+                report = check_parity(spec, lambda **x: _named(module, spec, x), engine, **ctx.tolerance(comp),
+                                      advice=ctx.parity_advice(comp))
+            ctx.record_component(comp, backend="torch", engine=entry["engine"], files=saved[model_name],
+                                 validation=report, model_class=entry["model_class"])
+            files += saved[model_name]
+        return sorted(set(files))

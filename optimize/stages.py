@@ -1,0 +1,159 @@
+"""Stage machinery: the context every stage sees, the base class, and the assets stage.
+
+A stage declares the config that determines its outputs; its key is the hash of that config chained with the key of
+the stage before it, so a changed setting redoes that stage and everything after it, and nothing before.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .config import config_hash
+from .manifest import Manifest, atomic_write_text, file_entry
+from .specs import COMPONENTS, ModelGeometry, sd_specs
+
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    """Progress events from library code; the default logs them. The CLI passes one that draws progress bars."""
+
+    def stage_start(self, name: str, items: list) -> None:
+        log.info("stage %s: %s", name, ", ".join(items) if items else "")
+
+    def item(self, stage: str, item: str) -> None:
+        log.info("stage %s: %s", stage, item)
+
+    def item_done(self, stage: str, item: str, seconds: float) -> None:
+        log.info("stage %s: %s done in %.1fs", stage, item, seconds)
+
+    def stage_end(self, name: str, seconds: float, skipped: bool, reason: str = "") -> None:
+        log.info("stage %s %s (%.1fs)", name, f"skipped: {reason}" if skipped else "done", seconds)
+
+
+@dataclasses.dataclass
+class Context:
+    source: "object"                 # diffaccel.optimize.sources.Source
+    config: "object"                 # diffaccel.optimize.api.OptimizeConfig
+    root: Path                       # the work directory (renamed to OUT at the end)
+    manifest: Manifest
+    reporter: Reporter
+    plan: list = dataclasses.field(default_factory=list)
+    stage_outputs: dict = dataclasses.field(default_factory=dict)   # set by a stage: {component: model path}
+    _pipe: "object" = None
+
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            t0 = time.perf_counter()
+            self.reporter.stage_start("load", [self.source.spec])
+            self._pipe = self.source.load()
+            self.reporter.stage_end("load", time.perf_counter() - t0, False)
+        return self._pipe
+
+    @property
+    def geometry(self) -> ModelGeometry:
+        geo = self.manifest.get("pipeline", {}).get("geometry")
+        if geo is None:
+            geo = dataclasses.asdict(ModelGeometry.from_pipeline(self.pipe))
+            self.manifest.data.setdefault("pipeline", {})["geometry"] = geo
+        return ModelGeometry(**geo)
+
+    @property
+    def specs(self) -> dict:
+        return sd_specs(self.geometry, self.config.shapes)
+
+    def tolerance(self, component: str) -> dict:
+        """Parity tolerance of the final engine (the spec's for fp32; precision stages widen it)."""
+        return dict(self.manifest.get("tolerances", {}).get(component, {}))
+
+    def parity_advice(self, component: str) -> str:
+        return ("Try keeping this component in fp32 (--precision fp32), another --opset, or a smaller shape range."
+                if str(self.config.precision) != "fp32" else
+                "Try --exporter torchscript or another --opset; if it persists, report the model.")
+
+    def record_component(self, comp: str, *, backend: str, engine: str, files: list, validation: dict,
+                         **extra) -> None:
+        entry = self.manifest.components.setdefault(comp, {})
+        entry.update({"backend": backend, "precision": str(self.config.precision), "engine": engine,
+                      "config": f"{comp}/config.json", "spec": self.specs[comp].to_dict(),
+                      "files": record_files(self.root, files), "validation": validation, **extra})
+
+
+class Stage:
+    """A named, skippable step. Subclasses set ``name`` and implement ``settings`` and ``run``."""
+
+    name = "stage"
+    components: tuple = COMPONENTS
+
+    def settings(self, ctx: Context) -> dict:
+        """Everything (besides upstream stages) that determines this stage's outputs."""
+        return {}
+
+    def run(self, ctx: Context) -> list:
+        """Do the work; return the files written (Paths under ctx.root)."""
+        raise NotImplementedError
+
+    def key(self, ctx: Context, upstream: str) -> str:
+        return config_hash({"stage": self.name, "settings": self.settings(ctx), "upstream": upstream})
+
+
+@contextlib.contextmanager
+def fresh_dir(final: Path):
+    """Yield a new temporary directory beside ``final``; on success it replaces ``final`` (never written in place,
+    so files hard-linked from a previous artifact are never modified)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+    try:
+        yield tmp
+        if final.exists():
+            trash = final.with_name(f".{final.name}-old-{time.time_ns()}")
+            final.rename(trash)
+            shutil.rmtree(trash)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+class AssetsStage(Stage):
+    """Tokenizer, scheduler and per-component configs: what the drop-in pipeline needs besides the engines."""
+
+    name = "assets"
+
+    def settings(self, ctx):
+        return {"source": ctx.source.sha256}
+
+    def run(self, ctx):
+        pipe = ctx.pipe
+        files = []
+        with fresh_dir(ctx.root / "tokenizer") as d:
+            pipe.tokenizer.save_pretrained(str(d))
+        with fresh_dir(ctx.root / "scheduler") as d:
+            pipe.scheduler.save_config(str(d))
+        configs = {"text_encoder": pipe.text_encoder.config.to_dict(), "unet": dict(pipe.unet.config),
+                   "vae_decoder": dict(pipe.vae.config), "vae_encoder": dict(pipe.vae.config)}
+        for comp, cfg in configs.items():
+            cfg = {k: v for k, v in cfg.items() if k != "torch_dtype"}
+            (ctx.root / comp).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(ctx.root / comp / "config.json", json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        for sub in ("tokenizer", "scheduler"):
+            files += sorted(p for p in (ctx.root / sub).rglob("*") if p.is_file())
+        files += [ctx.root / c / "config.json" for c in configs]
+        ctx.manifest.data.setdefault("pipeline", {}).update({
+            "geometry": dataclasses.asdict(ModelGeometry.from_pipeline(pipe)),
+            "scheduler": type(pipe.scheduler).__name__,
+            "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
+            "text_encoder_class": type(pipe.text_encoder).__name__,
+        })
+        return files
+
+
+def record_files(root: Path, paths: list) -> list:
+    return [file_entry(root, Path(p)) for p in paths]

@@ -1,0 +1,52 @@
+"""Offline CLIP tokenizers for built-in models.
+
+CLIP's tokenizer is byte-pair encoding over a vocabulary of sub-words. The built-in models need no real vocabulary,
+only a deterministic tokenizer that diffusers' pipelines can call, so we build a BPE whose merges spell every word
+of a small word list; unknown words fall back to single characters (and the unknown token for characters outside
+the list). Nothing is downloaded.
+
+>>> tok = word_tokenizer(["a", "red", "circle"], max_length=8)
+>>> ids = tok("a red circle", padding="max_length", max_length=8).input_ids
+>>> len(ids), ids[0] == tok.bos_token_id, ids[4] == tok.eos_token_id
+(8, True, True)
+"""
+from __future__ import annotations
+
+import string
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Words for the random:* built-ins: common prompt words, so prompts tokenize to words rather than characters.
+DEFAULT_WORDS = """
+a an the of on in at with and or to from by for is are above below left right top bottom center middle small large
+big tiny red green blue yellow orange purple pink white black gray grey brown cyan magenta circle square triangle star
+cross ring heart diamond hexagon shape object background photo painting drawing picture portrait landscape city street
+house tree forest mountain river sea ocean sky cloud sun moon night day light dark cat dog horse bird car boat man
+woman person astronaut riding mars space detailed high quality realistic style art digital render cinematic
+""".split()
+
+
+def word_tokenizer(words=DEFAULT_WORDS, max_length: int = 77, pad_token: str = EOS):
+    """A ``CLIPTokenizer`` whose BPE merges spell each of ``words`` as one token."""
+    from transformers import CLIPTokenizer
+
+    chars = sorted(set(string.ascii_lowercase + string.digits + ".,!?'-:;") | set("".join(words)))
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    for c in chars:
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for word in sorted(set(w.lower() for w in words)):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        cur = pieces[0]
+        for nxt in pieces[1:]:
+            if (cur, nxt) not in seen:
+                seen.add((cur, nxt))
+                merges.append((cur, nxt))
+            cur = cur + nxt
+            vocab.setdefault(cur, len(vocab))
+    for special in (BOS, EOS):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, pad_token=pad_token)
