@@ -21,6 +21,7 @@ from .config import Backend, Exporter, Precision, ShapeRange, config_hash
 from .errors import ArtifactError, DiffaccelError
 from .manifest import Manifest
 from .sources import Source, resolve_source
+from .specs import COMPONENTS
 from .stages import AssetsStage, Context, Reporter, record_files
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class OptimizeConfig:
     opset: int = 18
     graph_level: str = "extended"         # offline ORT graph optimization saved into the engine
     threads: "int | None" = None          # ORT intra-op threads (None: one per physical core)
+    components: tuple = COMPONENTS        # a subset builds only those engines (e.g. for a U-Net benchmark)
     seed: int = 0
 
     def __post_init__(self):
@@ -65,6 +67,11 @@ class OptimizeConfig:
             ok = ", ".join(f"{b}/{p}" for b, p in _plans())
             raise ValueError(f"precision {self.precision} is not supported on backend {self.backend}; "
                              f"supported backend/precision pairs: {ok}")
+        unknown = sorted(set(self.components) - set(COMPONENTS))
+        if unknown or not self.components:
+            raise ValueError(f"unknown component(s) {', '.join(unknown) or '(none)'}; choose from: "
+                             f"{', '.join(COMPONENTS)}")
+        set_("components", tuple(c for c in COMPONENTS if c in self.components))
         if self.provider not in ("cpu", "cuda", "tensorrt"):
             raise ValueError(f"unknown provider {self.provider!r}; choose one of: cpu, cuda, tensorrt")
         if self.graph_level not in ("disable", "basic", "extended", "all"):
@@ -121,7 +128,7 @@ def _run_stages(ctx: Context) -> None:
             continue
         ctx.manifest.invalidate_from([s.name for s in ctx.plan[ctx.plan.index(stage):]])
         ctx.manifest.save()
-        ctx.reporter.stage_start(stage.name, list(stage.components) if stage.name != "assets" else [])
+        ctx.reporter.stage_start(stage.name, list(ctx.components) if stage.name != "assets" else [])
         t0 = time.perf_counter()
         ctx.stage_outputs = {}
         files = stage.run(ctx)

@@ -53,7 +53,7 @@ def _assemble(unet_kw: dict, vae_kw: dict, text_kw: dict, sched: dict, seed: int
     sched = dict(sched)
     cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[sched.pop("_class_name")]
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=cls(**sched), safety_checker=None, feature_extractor=None,
+                                   scheduler=cls.from_config(sched), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
 

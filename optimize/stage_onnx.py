@@ -47,7 +47,7 @@ class ExportStage(Stage):
         from diffaccel.engines.onnxruntime_backend import OrtEngine
 
         files, outputs = [], {}
-        for comp in self.components:
+        for comp in ctx.components:
             spec = ctx.specs[comp]
             module = export_module(comp, ctx.pipe)
             with _timed(ctx, self.name, comp), fresh_dir(ctx.root / comp / "export") as d:
@@ -86,7 +86,7 @@ class OrtEngineStage(Stage):
 
         files = []
         ort_name = check_provider(ctx.config.provider)
-        for comp in self.components:
+        for comp in ctx.components:
             src = latest_model(ctx, comp, self.name)
             spec = ctx.specs[comp]
             with _timed(ctx, self.name, comp), fresh_dir(ctx.root / comp / "engine") as d:

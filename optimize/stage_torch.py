@@ -18,7 +18,7 @@ class TorchSaveStage(Stage):
 
         files = []
         saved = {}
-        for comp in self.components:
+        for comp in ctx.components:
             model_name = SOURCE_MODEL[comp]
             model = getattr(ctx.pipe, model_name)
             entry = {"model_class": type(model).__name__, "precision": str(ctx.config.precision),

@@ -52,7 +52,7 @@ class Context:
     def pipe(self):
         if self._pipe is None:
             t0 = time.perf_counter()
-            self.reporter.stage_start("load", [self.source.spec])
+            self.reporter.stage_start("load", [])
             self._pipe = self.source.load()
             self.reporter.stage_end("load", time.perf_counter() - t0, False)
         return self._pipe
@@ -64,6 +64,10 @@ class Context:
             geo = dataclasses.asdict(ModelGeometry.from_pipeline(self.pipe))
             self.manifest.data.setdefault("pipeline", {})["geometry"] = geo
         return ModelGeometry(**geo)
+
+    @property
+    def components(self) -> tuple:
+        return tuple(self.config.components)
 
     @property
     def specs(self) -> dict:
@@ -90,7 +94,6 @@ class Stage:
     """A named, skippable step. Subclasses set ``name`` and implement ``settings`` and ``run``."""
 
     name = "stage"
-    components: tuple = COMPONENTS
 
     def settings(self, ctx: Context) -> dict:
         """Everything (besides upstream stages) that determines this stage's outputs."""

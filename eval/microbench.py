@@ -1,0 +1,126 @@
+"""U-Net step latency of several variants, measured side by side in one run, with ratios to the first.
+
+Each variant is ``backend/precision``: ``torch/fp32`` runs the source's U-Net eagerly; any other pair that
+``diffaccel optimize`` supports is built (U-Net only, cached under ``work``; re-runs skip finished stages) and loaded
+as an engine. Every variant gets the same inputs and the same timing wrapper.
+
+>>> parse_variant("onnxruntime/int8")
+('onnxruntime', 'int8')
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+from diffaccel.optimize.errors import DiffaccelError
+
+from .timing import measure
+
+log = logging.getLogger(__name__)
+EAGER = {"torch/fp32": "float32", "torch/bf16": "bfloat16"}   # run from the source pipeline, no artifact needed
+
+
+def parse_variant(text: str) -> tuple:
+    backend, _, precision = text.strip().partition("/")
+    if not backend or not precision:
+        raise DiffaccelError(f"bad variant {text!r}: write backend/precision, e.g. onnxruntime/fp32 or torch/fp32")
+    return backend, precision
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetBenchConfig:
+    src: str = "random:sd15"
+    variants: tuple = ("torch/fp32", "onnxruntime/fp32")
+    height: int = 256
+    width: int = 256
+    batch: int = 2            # the U-Net's input batch (2 = one image with classifier-free guidance)
+    warmup: int = 2
+    repeat: int = 10
+    work: str = "runs/microbench"
+    threads: "int | None" = None
+    seed: int = 0
+
+
+def _inputs(pipe, cfg: UNetBenchConfig):
+    import torch
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    c = pipe.unet.config
+    return {"sample": torch.randn(cfg.batch, c.in_channels, cfg.height // scale, cfg.width // scale, generator=g),
+            "timestep": torch.full((cfg.batch,), 500.0),
+            "encoder_hidden_states": torch.randn(cfg.batch, pipe.tokenizer.model_max_length, c.cross_attention_dim,
+                                                 generator=g)}
+
+
+def _eager(pipe, dtype_name: str):
+    import torch
+
+    from diffaccel.optimize.specs import export_module
+
+    dtype = getattr(torch, dtype_name)
+    module = export_module("unet", pipe).to(dtype)
+
+    def run(inputs):
+        with torch.inference_mode():
+            return module(*(v.to(dtype) if v.is_floating_point() else v for v in inputs.values()))
+    return run
+
+
+def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, reporter):
+    from diffaccel.engines import load_engine
+    from diffaccel.optimize import OptimizeConfig, optimize
+    from diffaccel.optimize.config import ShapeRange
+
+    images = max(1, (cfg.batch + 1) // 2)
+    try:
+        ocfg = OptimizeConfig(backend=backend, precision=precision, components=("unet",), threads=cfg.threads,
+                              shapes=ShapeRange(batch=(1, images), height=(cfg.height, cfg.height),
+                                                width=(cfg.width, cfg.width)))
+    except ValueError as e:
+        raise DiffaccelError(str(e)) from None
+    out = Path(cfg.work) / f"{source.spec.replace(':', '_').replace('/', '_')}-unet-{backend}-{precision}"
+    manifest = optimize(source, out, ocfg, reporter=reporter)
+    engine = load_engine(backend, out, "unet", manifest.components["unet"], threads=cfg.threads)
+    return lambda inputs: engine(**inputs)
+
+
+def run_unet_bench(cfg: UNetBenchConfig, reporter=None) -> dict:
+    """Build what is missing, then time every variant on identical inputs. Returns a JSON-able record."""
+    from diffaccel.optimize.sources import resolve_source
+
+    from .host import host_info
+
+    source = resolve_source(cfg.src)
+    variants = [parse_variant(v) for v in cfg.variants]
+    pipe = source.load()
+    inputs = _inputs(pipe, cfg)
+    rows = []
+    for backend, precision in variants:
+        name = f"{backend}/{precision}"
+        t0 = time.perf_counter()
+        runner = _eager(pipe, EAGER[name]) if name in EAGER else _engine(cfg, source, backend, precision, reporter)
+        ready = time.perf_counter() - t0
+        log.info("timing %s", name)
+        stats, samples = measure(lambda: runner(inputs), warmup=cfg.warmup, repeat=cfg.repeat)
+        rows.append({"variant": name, "setup_seconds": round(ready, 2), "stats": stats.to_dict(),
+                     "samples": samples})
+    base = rows[0]["stats"]["p50"]
+    for r in rows:
+        r["speedup_vs_first"] = base / r["stats"]["p50"]
+    return {"benchmark": "unet-step", "config": dataclasses.asdict(cfg), "source": source.to_dict(),
+            "host": host_info(), "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    cfg = result["config"]
+    lines = [f"U-Net step, {result['source']['spec']}, {cfg['height']}x{cfg['width']}, U-Net batch {cfg['batch']}, "
+             f"{cfg['repeat']} timed runs after {cfg['warmup']} warm-up",
+             f"{'variant':<22} {'mean ms':>9} {'p50 ms':>9} {'p90 ms':>9} {'min ms':>9} {'x vs ' + result['rows'][0]['variant']:>18}"]
+    for r in result["rows"]:
+        s = r["stats"]
+        lines.append(f"{r['variant']:<22} {s['mean'] * 1e3:9.1f} {s['p50'] * 1e3:9.1f} {s['p90'] * 1e3:9.1f} "
+                     f"{s['min'] * 1e3:9.1f} {r['speedup_vs_first']:17.2f}x")
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""Bad input: a one-line error naming what is wrong and what to do, exit code 2, no traceback, nothing written."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from diffaccel.optimize.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("diffaccel: error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_nonexistent_path(capsys, tmp_path):
+    code, _, err = run(capsys, "optimize", str(tmp_path / "nope"), "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "no such file or folder")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_folder_missing_a_component(capsys, tmp_path, tiny_folder):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_folder, src)
+    shutil.rmtree(src / "text_encoder")
+    code, _, err = run(capsys, "optimize", str(src), "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "missing component folder(s) text_encoder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_safetensors(capsys, tmp_path, tiny_folder):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes((tiny_folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()[:5000])
+    code, _, err = run(capsys, "optimize", str(f), "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "truncated", "again")
+
+
+def test_unsupported_architecture(capsys, tmp_path, tiny_folder):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_folder, src)
+    idx = json.loads((src / "model_index.json").read_text())
+    (src / "model_index.json").write_text(json.dumps({**idx, "_class_name": "FluxPipeline"}))
+    code, _, err = run(capsys, "optimize", str(src), "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "unsupported architecture", "FluxPipeline")
+
+
+def test_pickle_without_trust_flag(capsys, tmp_path):
+    (tmp_path / "m.ckpt").write_bytes(b"\x80\x04N.")
+    code, _, err = run(capsys, "optimize", str(tmp_path / "m.ckpt"), "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "pickle", "--trust-pickle")
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--backend", "openvino", "choose one of: onnxruntime, torch, tensorrt"),
+    ("--precision", "int3", "choose one of: fp32, fp16, bf16, int8, fp8"),
+    ("--height", "100", "multiples of 8"),
+    ("--width", "abc", "bad width"),
+])
+def test_bad_options(capsys, tmp_path, flag, value, needle):
+    code, _, err = run(capsys, "optimize", "random:tiny", "-o", str(tmp_path / "out"), flag, value)
+    assert_one_line_error(code, err, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_holding_another_source(capsys, tmp_path, tiny_ort, tiny_folder):
+    out = tmp_path / "art"
+    shutil.copytree(tiny_ort, out)
+    code, _, err = run(capsys, "optimize", str(tiny_folder), "-o", str(out))
+    assert_one_line_error(code, err, "another source (random:tiny)", "--force")
+
+
+def test_modified_engine_is_refused(capsys, tmp_path, tiny_ort):
+    out = tmp_path / "art"
+    shutil.copytree(tiny_ort, out)
+    engine = out / "unet" / "engine" / "model.onnx"
+    data = bytearray(engine.read_bytes())
+    data[-10] ^= 0xFF
+    engine.write_bytes(bytes(data))
+    code, _, err = run(capsys, "generate", str(out), "a circle", "-o", str(tmp_path / "x.png"))
+    assert_one_line_error(code, err, "unet/engine/model.onnx (sha256 mismatch)", "--force")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_bad_generate_size(capsys, tmp_path, tiny_ort):
+    code, _, err = run(capsys, "generate", str(tiny_ort), "a circle", "--height", "72", "-o", str(tmp_path / "x.png"))
+    assert_one_line_error(code, err, "height=72", "height must be 32-96")
+
+
+def test_generate_and_info(capsys, tmp_path, tiny_ort):
+    code, out, _ = run(capsys, "generate", str(tiny_ort), "a red circle", "--steps", "3", "--num-images", "2",
+                       "--scheduler", "EulerDiscreteScheduler", "-o", str(tmp_path / "img.png"))
+    assert code == 0 and (tmp_path / "img-0.png").is_file() and (tmp_path / "img-1.png").is_file()
+    code, out, _ = run(capsys, "info", str(tiny_ort), "--verify")
+    assert code == 0 and "unet" in out and "verified" in out and "onnxruntime" in out
+
+
+def test_real_console_script_reports_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "diffaccel.optimize.cli", "optimize", str(tmp_path / "missing"),
+                           "-o", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no such file or folder" in proc.stderr
+    help_ = subprocess.run([sys.executable, "-m", "diffaccel.optimize.cli", "optimize", "--help"],
+                           capture_output=True, text=True)
+    assert help_.returncode == 0 and "--precision" in help_.stdout and "Built-in sources" in help_.stdout

@@ -1,0 +1,77 @@
+"""One contract for every backend that runs here: build -> load -> parity with torch -> manifest round-trip."""
+import json
+
+import pytest
+import torch
+
+from diffaccel.engines import AcceleratedStableDiffusionPipeline, load_engine
+from diffaccel.optimize.manifest import Manifest
+from diffaccel.optimize.parity import compare
+from diffaccel.optimize.specs import ComponentSpec, export_module
+
+from .conftest import psnr
+
+BACKENDS = ["onnxruntime", "torch"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_manifest_records_what_was_built(artifacts, backend):
+    out = artifacts("random:tiny", backend)
+    m = Manifest.load(out)
+    assert m.complete and m["backend"] == backend and m["precision"] == "fp32"
+    assert m.source["spec"] == "random:tiny" and len(m.source["sha256"]) == 64
+    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    for name, c in m.components.items():
+        assert c["validation"]["passed"] and len(c["validation"]["points"]) == 2, name
+        assert all(len(f["sha256"]) == 64 and (out / f["path"]).is_file() for f in c["files"])
+        assert c["spec"]["axes"]["batch"]["max"] >= 4
+    for stage in m.stages.values():
+        assert len(stage["config_hash"]) == 16 and stage["seconds"] >= 0
+    assert {"torch", "diffusers", "onnx"} <= set(m["tools"])
+    m.verify()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engines_match_torch_on_fresh_inputs(artifacts, tiny_pipe, backend):
+    out = artifacts("random:tiny", backend)
+    m = Manifest.load(out)
+    gen = torch.Generator().manual_seed(99)
+    for name, entry in m.components.items():
+        spec = ComponentSpec.from_dict(name, entry["spec"])
+        engine = load_engine(backend, out, name, entry)
+        inputs = spec.random_inputs(gen, **spec.alt_values())
+        module = export_module(name, tiny_pipe)
+        with torch.no_grad():
+            ref = module(*(inputs[t.name] for t in spec.inputs))
+        ref = dict(zip([t.name for t in spec.outputs], ref if isinstance(ref, tuple) else (ref,)))
+        stats = compare(ref, engine(**inputs), atol=spec.atol, rtol=spec.rtol)
+        assert all(s["passed"] for s in stats.values()), (name, stats)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pipeline_images_match_diffusers(artifacts, tiny_pipe, backend):
+    pipe = AcceleratedStableDiffusionPipeline.from_pretrained(artifacts("random:tiny", backend))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a red circle", num_inference_steps=4, output_type="np")
+    ref = tiny_pipe(generator=torch.Generator().manual_seed(3), **kw).images
+    got = pipe(generator=torch.Generator().manual_seed(3), **kw).images
+    assert got.shape == ref.shape == (1, 64, 64, 3)
+    assert psnr(ref, got) >= 40
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_save_pretrained_round_trips(artifacts, tmp_path, backend):
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = AcceleratedStableDiffusionPipeline.from_pretrained(artifacts("random:tiny", backend))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "copy")
+    again = AcceleratedStableDiffusionPipeline.from_pretrained(tmp_path / "copy")
+    again.set_progress_bar_config(disable=True)
+    assert type(again.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert json.loads((tmp_path / "copy" / "manifest.json").read_text())["source"]["spec"] == "random:tiny"
+    kw = dict(prompt="a blue square", num_inference_steps=3, output_type="np")
+    a = pipe(generator=torch.Generator().manual_seed(1), **kw).images
+    b = again(generator=torch.Generator().manual_seed(1), **kw).images
+    assert (a == b).all()

@@ -1,0 +1,136 @@
+"""Stage skipping, invalidation, source protection and atomicity of optimize()."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from diffaccel.optimize import OptimizeConfig, optimize
+from diffaccel.optimize.errors import ArtifactError
+from diffaccel.optimize.manifest import Manifest
+from diffaccel.optimize.stage_onnx import OrtEngineStage
+from diffaccel.optimize.stages import Reporter
+
+FAST = dict(exporter="torchscript")   # the exporter is not under test here; the legacy one is 15x faster on tiny
+
+
+class Recorder(Reporter):
+    def __init__(self):
+        self.ran, self.skipped = [], []
+
+    def stage_start(self, name, items):
+        if name != "load":              # loading the source is a step of whichever stage needs it
+            self.ran.append(name)
+
+    def stage_end(self, name, seconds, skipped, reason=""):
+        if skipped:
+            self.skipped.append(name)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "tiny"
+    optimize("random:tiny", out, OptimizeConfig(**FAST))
+    return out
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "art"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_same_config_skips_every_stage(built, tmp_path):
+    out, rec = _copy(built, tmp_path), Recorder()
+    optimize("random:tiny", out, OptimizeConfig(**FAST), reporter=rec)
+    assert rec.ran == [] and rec.skipped == ["assets", "export", "engine"]
+
+
+def test_changed_setting_redoes_only_what_it_affects(built, tmp_path):
+    out, rec = _copy(built, tmp_path), Recorder()
+    before = Manifest.load(out).stages["export"]["completed"]
+    m = optimize("random:tiny", out, OptimizeConfig(graph_level="basic", **FAST), reporter=rec)
+    assert rec.skipped == ["assets", "export"] and rec.ran == ["engine"]
+    assert m.stages["export"]["completed"] == before and m.stages["engine"]["config"]["graph_level"] == "basic"
+    rec = Recorder()
+    optimize("random:tiny", out, OptimizeConfig(opset=17, graph_level="basic", **FAST), reporter=rec)
+    assert rec.skipped == ["assets"] and rec.ran[-2:] == ["export", "engine"]
+    m = Manifest.load(out)
+    m.verify()
+
+
+def test_other_source_is_refused_unless_forced(built, tmp_path, tiny_folder):
+    out = _copy(built, tmp_path)
+    with pytest.raises(ArtifactError, match="another source.*--force"):
+        optimize(str(tiny_folder), out, OptimizeConfig(**FAST))
+    Manifest.load(out).verify()                      # untouched
+    m = optimize(str(tiny_folder), out, OptimizeConfig(**FAST), force=True)
+    assert m.source["kind"] == "folder"
+
+
+def test_interrupt_leaves_no_loadable_out_and_resumes(tmp_path, monkeypatch):
+    out, calls = tmp_path / "fresh", []
+    original = OrtEngineStage.run
+
+    def interrupted(self, ctx):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OrtEngineStage, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        optimize("random:tiny", out, OptimizeConfig(**FAST))
+    assert not out.exists() and calls == [1]
+    monkeypatch.setattr(OrtEngineStage, "run", original)
+    rec = Recorder()
+    optimize("random:tiny", out, OptimizeConfig(**FAST), reporter=rec)
+    assert rec.skipped == ["assets", "export"] and rec.ran == ["engine"]
+    Manifest.load(out).verify()
+
+
+def test_interrupted_rebuild_keeps_the_old_out_intact(built, tmp_path, monkeypatch):
+    out = _copy(built, tmp_path)
+    monkeypatch.setattr(OrtEngineStage, "run", lambda self, ctx: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        optimize("random:tiny", out, OptimizeConfig(graph_level="all", **FAST))
+    m = Manifest.load(out)
+    m.verify()                                        # hard links were never written through
+    assert m.stages["engine"]["config"]["graph_level"] == "extended"
+
+
+def test_kill_9_never_leaves_a_complete_looking_out(tmp_path):
+    out = tmp_path / "killed"
+    partial = tmp_path / ".killed.partial"
+    cmd = [sys.executable, "-m", "diffaccel.optimize.cli", "optimize", "random:tiny", "-o", str(out),
+           "--exporter", "torchscript"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (partial / "manifest.json").is_file() and "assets" in json.loads(
+                (partial / "manifest.json").read_text())["stages"]:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    with pytest.raises(ArtifactError):
+        Manifest.load(out)
+    rec = Recorder()
+    optimize("random:tiny", out, OptimizeConfig(**FAST), reporter=rec)
+    assert "assets" in rec.skipped
+    Manifest.load(out).verify()
+
+
+def test_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
+    from diffaccel.optimize.errors import ParityError
+
+    def fail(self, ctx):
+        raise ParityError("unet does not match")
+
+    monkeypatch.setattr(OrtEngineStage, "run", fail)
+    with pytest.raises(ParityError):
+        optimize("random:tiny", tmp_path / "x", OptimizeConfig(**FAST))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
