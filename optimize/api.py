@@ -17,31 +17,15 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import Backend, Exporter, Precision, ShapeRange, config_hash
+from .config import Backend, Exporter, Precision, QuantConfig, ShapeRange, TensorRTConfig, config_hash
 from .errors import ArtifactError, DiffaccelError
 from .manifest import Manifest
 from .sources import Source, resolve_source
 from .specs import COMPONENTS
-from .stages import AssetsStage, Context, Reporter, record_files
+from .plans import plans, stages_for, supported_pairs
+from .stages import Context, Reporter, record_files
 
 log = logging.getLogger(__name__)
-
-# (backend, precision) pairs that work, with the stage classes that build them. Filled by the stage modules' plans.
-SUPPORTED: dict = {}
-
-
-def _plans():
-    if SUPPORTED:
-        return SUPPORTED
-    from .stage_onnx import ExportStage, OrtEngineStage
-    from .stage_torch import TorchSaveStage
-
-    SUPPORTED.update({
-        (Backend.ONNXRUNTIME, Precision.FP32): [AssetsStage, ExportStage, OrtEngineStage],
-        (Backend.TORCH, Precision.FP32): [AssetsStage, TorchSaveStage],
-    })
-    return SUPPORTED
-
 
 @dataclasses.dataclass(frozen=True)
 class OptimizeConfig:
@@ -56,6 +40,8 @@ class OptimizeConfig:
     graph_level: str = "extended"         # offline ORT graph optimization saved into the engine
     threads: "int | None" = None          # ORT intra-op threads (None: one per physical core)
     components: tuple = COMPONENTS        # a subset builds only those engines (e.g. for a U-Net benchmark)
+    quant: QuantConfig = QuantConfig()    # int8 calibration and quantization settings
+    tensorrt: TensorRTConfig = TensorRTConfig()
     seed: int = 0
 
     def __post_init__(self):
@@ -63,8 +49,8 @@ class OptimizeConfig:
         set_("backend", Backend.parse(self.backend, "backend"))
         set_("precision", Precision.parse(self.precision, "precision"))
         set_("exporter", Exporter.parse(self.exporter, "exporter"))
-        if (self.backend, self.precision) not in _plans():
-            ok = ", ".join(f"{b}/{p}" for b, p in _plans())
+        if (self.backend, self.precision) not in plans():
+            ok = supported_pairs()
             raise ValueError(f"precision {self.precision} is not supported on backend {self.backend}; "
                              f"supported backend/precision pairs: {ok}")
         unknown = sorted(set(self.components) - set(COMPONENTS))
@@ -107,7 +93,7 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
     try:
         manifest = _open_manifest(work, source, config)
         ctx = Context(source=source, config=config, root=work, manifest=manifest, reporter=reporter)
-        ctx.plan = [cls() for cls in _plans()[(config.backend, config.precision)]]
+        ctx.plan = [cls() for cls in stages_for(config.backend, config.precision)]
         _run_stages(ctx)
         manifest.data["status"] = "complete"
         manifest.save()

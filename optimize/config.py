@@ -106,3 +106,55 @@ def config_hash(obj: Any) -> str:
 
     text = json.dumps(obj, sort_keys=True, default=default, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class CalibMethod(_StrEnum):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """int8 quantization with calibration data captured from the real pipeline (see diffaccel.optimize.quantize).
+
+    The same QuantConfig on the same source gives a byte-identical model."""
+
+    calib_prompts: "str | None" = None   # a text file, one prompt per line (None: the shipped default prompts)
+    calib_size: int = 8                  # prompts used
+    calib_steps: int = 8                 # denoising steps captured per prompt
+    calib_seed: int = 0
+    guidance_scale: float = 7.5          # classifier-free guidance as used at inference
+    method: CalibMethod = CalibMethod.MINMAX
+    percentile: float = 99.999
+    per_channel: bool = True
+    smoothquant: "float | None" = None   # SmoothQuant alpha (0..1) or None for off
+    keep_fp32: tuple = ()                # node-name regexes kept in float (added to the documented defaults)
+    quality_target: "float | None" = None  # PSNR (dB) the int8 U-Net must keep on calibration prompts
+
+    def __post_init__(self):
+        object.__setattr__(self, "method", CalibMethod.parse(self.method, "calibration method"))
+        object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
+        if self.calib_size < 1 or self.calib_steps < 1:
+            raise ValueError("calib-size and calib-steps must be >= 1")
+        if not 90.0 <= self.percentile < 100.0:
+            raise ValueError(f"percentile {self.percentile} must be in [90, 100)")
+        if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:
+            raise ValueError(f"smoothquant alpha {self.smoothquant} must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRTConfig:
+    """TensorRT builder settings (see diffaccel.optimize.stage_tensorrt)."""
+
+    opt_level: int = 3                   # builder optimization level 0-5
+    workspace_gb: "float | None" = None  # memory pool limit for tactics (None: TensorRT's default)
+    timing_cache: "str | None" = None    # persisted timing cache file (None: ~/.cache/diffaccel/trt-timing.cache)
+    static_shapes: bool = False          # build for the opt shapes only (enables CUDA graphs)
+    cuda_graph: bool = False             # capture CUDA graphs at run time (static shapes only)
+
+    def __post_init__(self):
+        if not 0 <= self.opt_level <= 5:
+            raise ValueError(f"TensorRT optimization level {self.opt_level} must be 0-5")
+        if self.cuda_graph and not self.static_shapes:
+            raise ValueError("CUDA graphs need static shapes: pass --static-shapes with --cuda-graph")

@@ -22,7 +22,7 @@ from .manifest import file_sha256, tree_sha256
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -87,7 +87,7 @@ def _check_folder(path: Path) -> None:
     cls = info.get("_class_name", "?")
     if cls not in SUPPORTED_PIPELINES:
         raise SourceError(f"unsupported architecture: {path} is a {cls}; diffaccel supports Stable Diffusion "
-                          f"1.x/2.x pipelines ({', '.join(SUPPORTED_PIPELINES[:2])})")
+                          f"1.x/2.x pipelines ({', '.join(SUPPORTED_PIPELINES)})")
     missing = [c for c in REQUIRED if not (path / c).is_dir() or not any((path / c).iterdir())]
     if missing:
         raise SourceError(f"{path} is missing component folder(s) {', '.join(missing)}; copy the complete "

@@ -105,3 +105,14 @@ class OrtEngineStage(Stage):
             ctx.record_component(comp, backend="onnxruntime", provider=ctx.config.provider,
                                  engine=f"{comp}/engine/model.onnx", files=engine_files, validation=report)
         return files
+
+
+def _register():
+    from .plans import register_plan
+    from .stages import AssetsStage
+
+    register_plan("onnxruntime", "fp32", [AssetsStage, ExportStage, OrtEngineStage],
+                  "ONNX export, ORT graph optimization for the chosen provider")
+
+
+_register()

@@ -38,3 +38,13 @@ class TorchSaveStage(Stage):
                                  validation=report, model_class=entry["model_class"])
             files += saved[model_name]
         return sorted(set(files))
+
+
+def _register():
+    from .plans import register_plan
+    from .stages import AssetsStage
+
+    register_plan("torch", "fp32", [AssetsStage, TorchSaveStage], "PyTorch eager reference")
+
+
+_register()
