@@ -48,18 +48,59 @@ def _add_optimize(sub) -> None:
     p.add_argument("--trust-pickle", action="store_true", help="allow pickle checkpoints (.ckpt/.bin/.pt): they "
                                                                 "can run code when loaded")
     p.add_argument("--config", default=None, help="diffusers config folder for a single-file checkpoint (offline)")
+    p.add_argument("--components", default=None, help="comma-separated subset of text_encoder,unet,vae_decoder,"
+                                                       "vae_encoder to build (default: all)")
+    q = p.add_argument_group("int8 calibration and quantization")
+    q.add_argument("--calib-prompts", default=None, help="text file, one calibration prompt per line")
+    q.add_argument("--calib-size", type=int, default=8, help="calibration prompts used (default 8)")
+    q.add_argument("--calib-steps", type=int, default=8, help="denoising steps captured per prompt (default 8)")
+    q.add_argument("--calib-seed", type=int, default=0)
+    q.add_argument("--calib-method", default="minmax", help="minmax (default) | percentile | entropy")
+    q.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant activation/weight balancing strength 0..1 (default off)")
+    q.add_argument("--keep-fp32", action="append", default=[], metavar="PATTERN",
+                   help="regex of node names kept in float, in addition to the defaults (repeatable)")
+    q.add_argument("--quality-target", default=None, metavar="psnr=DB",
+                   help="keep the most sensitive layers in float until the int8 U-Net keeps this PSNR")
+    t = p.add_argument_group("TensorRT")
+    t.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default 3)")
+    t.add_argument("--workspace-gb", type=float, default=None, help="tactic memory pool limit in GiB")
+    t.add_argument("--timing-cache", default=None, help="timing cache file reused across builds")
+    t.add_argument("--static-shapes", action="store_true", help="build for one shape (needed for CUDA graphs)")
+    t.add_argument("--cuda-graph", action="store_true", help="capture CUDA graphs when running (static shapes)")
     p.set_defaults(func=_cmd_optimize)
+
+
+def _quality_target(text):
+    if text is None:
+        return None
+    name, _, value = text.partition("=")
+    try:
+        if name.strip().lower() != "psnr":
+            raise ValueError
+        return float(value)
+    except ValueError:
+        raise DiffaccelError(f"bad --quality-target {text!r}; write psnr=DB, e.g. psnr=30") from None
 
 
 def _cmd_optimize(args) -> int:
     from .api import OptimizeConfig, optimize
-    from .config import ShapeRange
+    from .config import QuantConfig, ShapeRange, TensorRTConfig
     from .progress import ConsoleReporter
+    from .specs import COMPONENTS
 
     try:
+        quant = QuantConfig(calib_prompts=args.calib_prompts, calib_size=args.calib_size,
+                            calib_steps=args.calib_steps, calib_seed=args.calib_seed, method=args.calib_method,
+                            smoothquant=args.smoothquant, keep_fp32=tuple(args.keep_fp32),
+                            quality_target=_quality_target(args.quality_target))
+        trt = TensorRTConfig(opt_level=args.opt_level, workspace_gb=args.workspace_gb, timing_cache=args.timing_cache,
+                             static_shapes=args.static_shapes, cuda_graph=args.cuda_graph)
+        comps = tuple(c.strip() for c in args.components.split(",")) if args.components else COMPONENTS
         cfg = OptimizeConfig(backend=args.backend, precision=args.precision, provider=args.provider,
                              shapes=ShapeRange.parse(args.batch, args.height, args.width), exporter=args.exporter,
-                             opset=args.opset, graph_level=args.graph_level, threads=args.threads)
+                             opset=args.opset, graph_level=args.graph_level, threads=args.threads,
+                             components=comps, quant=quant, tensorrt=trt)
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
     reporter = ConsoleReporter()
