@@ -89,11 +89,14 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
     source = src if isinstance(src, Source) else resolve_source(
         src, trust_pickle=trust_pickle, single_file_config=single_file_config)
     out = Path(out)
+    stage_classes = stages_for(config.backend, config.precision)
+    for cls in stage_classes:
+        cls.preflight(config)
     work, fresh = _prepare_workdir(out, source, force)
     try:
         manifest = _open_manifest(work, source, config)
         ctx = Context(source=source, config=config, root=work, manifest=manifest, reporter=reporter)
-        ctx.plan = [cls() for cls in stages_for(config.backend, config.precision)]
+        ctx.plan = [cls() for cls in stage_classes]
         _run_stages(ctx)
         manifest.data["status"] = "complete"
         manifest.save()

@@ -95,6 +95,11 @@ class Stage:
 
     name = "stage"
 
+    @classmethod
+    def preflight(cls, config) -> None:
+        """Raise a DiffaccelError before anything is written if this machine cannot run the stage (missing
+        library, no GPU...). Called by optimize() for every stage of the plan."""
+
     def settings(self, ctx: Context) -> dict:
         """Everything (besides upstream stages) that determines this stage's outputs."""
         return {}
