@@ -44,4 +44,7 @@ def _cmd_microbench(args) -> int:
 
 
 def register(sub) -> None:
+    from .bench_cli import add_bench   # argparse wiring only; heavy imports stay inside the commands
+
     add_microbench(sub)
+    add_bench(sub)
