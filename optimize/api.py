@@ -107,7 +107,19 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
     return Manifest.load(out)
 
 
+def _drop_foreign_stages(ctx: Context) -> None:
+    """Forget (and delete the files of) stages an earlier run made with another plan, e.g. int8 -> fp32."""
+    names = {s.name for s in ctx.plan}
+    for name in [n for n in ctx.manifest.stages if n not in names]:
+        for f in ctx.manifest.stages[name].get("files", []):
+            (ctx.root / f["path"]).unlink(missing_ok=True)
+        del ctx.manifest.stages[name]
+    for comp in [c for c in ctx.manifest.components if c not in ctx.components]:
+        del ctx.manifest.components[comp]
+
+
 def _run_stages(ctx: Context) -> None:
+    _drop_foreign_stages(ctx)
     upstream = config_hash({"source": ctx.source.sha256})
     for stage in ctx.plan:
         key = stage.key(ctx, upstream)
@@ -119,12 +131,14 @@ def _run_stages(ctx: Context) -> None:
         ctx.manifest.save()
         ctx.reporter.stage_start(stage.name, list(ctx.components) if stage.name != "assets" else [])
         t0 = time.perf_counter()
-        ctx.stage_outputs = {}
+        ctx.stage_outputs, ctx.stage_info = {}, {}
         files = stage.run(ctx)
         seconds = time.perf_counter() - t0
         ctx.manifest.record_stage(stage.name, stage.settings(ctx), key, seconds, record_files(ctx.root, files))
         if ctx.stage_outputs:
             ctx.manifest.stages[stage.name]["outputs"] = ctx.stage_outputs
+        if ctx.stage_info:
+            ctx.manifest.stages[stage.name]["components"] = ctx.stage_info
         ctx.manifest.save()
         ctx.reporter.stage_end(stage.name, seconds, False)
 

@@ -15,8 +15,9 @@ import math
 from .errors import ParityError
 
 
-def compare(ref: dict, got: dict, atol: float, rtol: float) -> dict:
-    """Per-output error stats; pass when ``max|got-ref| <= atol + rtol * max|ref|`` and nothing is NaN/inf."""
+def compare(ref: dict, got: dict, atol: float, rtol: float, kind: str = "max") -> dict:
+    """Per-output error stats. ``kind="max"`` (float parity) passes when ``max|got-ref| <= atol + rtol * max|ref|``;
+    ``kind="l2"`` (quantized engines) when ``||got-ref|| / ||ref|| <= rtol``. NaN/inf never pass."""
     import numpy as np
 
     out = {}
@@ -31,39 +32,54 @@ def compare(ref: dict, got: dict, atol: float, rtol: float) -> dict:
         err = float(np.abs(g - r).max()) if r.size else 0.0
         scale = float(np.abs(r).max()) if r.size else 0.0
         rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
-        out[name] = {"max_abs": err, "max_rel": rel, "ref_max": scale, "atol": atol, "rtol": rtol,
-                     "finite": finite, "passed": finite and err <= atol + rtol * scale}
+        norm = float(np.linalg.norm(r))
+        rel_l2 = float(np.linalg.norm(g - r)) / norm if norm > 0 else (0.0 if err == 0 else math.inf)
+        ok = rel_l2 <= rtol if kind == "l2" else err <= atol + rtol * scale
+        collapsed = bool(r.size > 1 and r.std() > 1e-3 and g.std() < 0.01 * r.std())   # e.g. a black image
+        out[name] = {"max_abs": err, "max_rel": rel, "rel_l2": rel_l2, "ref_max": scale, "atol": atol,
+                     "rtol": rtol, "kind": kind, "finite": finite, "collapsed": collapsed,
+                     "passed": finite and ok and not collapsed}
     return out
 
 
 def check_parity(spec, reference, candidate, *, seed: int = 1234, atol: "float | None" = None,
-                 rtol: "float | None" = None, advice: str = "") -> dict:
+                 rtol: "float | None" = None, kind: str = "max", samples: "list | None" = None,
+                 advice: str = "") -> dict:
     """Run ``reference`` and ``candidate`` (callables taking the spec's named torch inputs and returning named
-    outputs) on random inputs at the spec's opt shape and a second shape. Returns a JSON-able report; raises
-    :class:`ParityError` listing every failing output if any fails."""
+    outputs) on random inputs at the spec's opt shape and a second shape, or on ``samples`` (realistic inputs, for
+    quantized engines). Returns a JSON-able report; raises :class:`ParityError` listing every failing output."""
     import torch
 
     atol = spec.atol if atol is None else atol
     rtol = spec.rtol if rtol is None else rtol
     gen = torch.Generator().manual_seed(seed)
-    report = {"atol": atol, "rtol": rtol, "seed": seed, "points": []}
+    report = {"atol": atol, "rtol": rtol, "kind": kind, "seed": seed, "points": [],
+              "inputs": "captured pipeline inputs" if samples else "random"}
     failures = []
-    points = [spec.opt_values(), spec.alt_values()]
-    if points[0] == points[1]:
-        points = points[:1]
-    for values in points:
-        inputs = spec.random_inputs(gen, **values)
+    if samples:
+        cases = [(spec.axis_values({k: tuple(v.shape) for k, v in s.items()}), s) for s in samples]
+    else:
+        points = [spec.opt_values(), spec.alt_values()]
+        cases = [(v, None) for v in (points if points[0] != points[1] else points[:1])]
+    for values, given in cases:
+        inputs = given if given is not None else spec.random_inputs(gen, **values)
         with torch.no_grad():
             ref = reference(**inputs)
         got = candidate(**inputs)
-        stats = compare(ref, got, atol, rtol)
+        stats = compare(ref, got, atol, rtol, kind)
         report["points"].append({"shape": values, "outputs": stats})
         for name, s in stats.items():
             if not s["passed"]:
                 shape = "x".join(str(v) for v in values.values())
-                detail = s.get("error") or (f"max abs {s['max_abs']:.3g}, rel {s['max_rel']:.3g} > tol "
-                                            f"{atol:g}+{rtol:g}*{s['ref_max']:.3g}" +
-                                            ("" if s["finite"] else ", non-finite values"))
+                if s.get("error"):
+                    detail = s["error"]
+                elif kind == "l2":
+                    detail = f"relative L2 error {s['rel_l2']:.3g} > {rtol:g}"
+                else:
+                    detail = (f"max abs {s['max_abs']:.3g}, rel {s['max_rel']:.3g} > tol "
+                              f"{atol:g}+{rtol:g}*{s['ref_max']:.3g}")
+                detail += "" if s.get("finite", True) else ", non-finite values (NaN/inf)"
+                detail += ", constant output (black image)" if s.get("collapsed") else ""
                 failures.append(f"{name}@{shape}: {detail}")
     report["passed"] = not failures
     if failures:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import importlib
 
-PLAN_MODULES = ("diffaccel.optimize.stage_onnx", "diffaccel.optimize.stage_torch", "diffaccel.optimize.quantize",
+PLAN_MODULES = ("diffaccel.optimize.stage_onnx", "diffaccel.optimize.stage_torch", "diffaccel.optimize.stage_quant",
+                "diffaccel.optimize.stage_fp16",
                 "diffaccel.optimize.stage_tensorrt")
 _PLANS: dict = {}
 _loaded = False

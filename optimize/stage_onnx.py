@@ -56,7 +56,7 @@ class ExportStage(Stage):
                 engine = OrtEngine(d / "model.onnx", provider="cpu", level="basic", threads=ctx.config.threads)
                 report = check_parity(spec, lambda **x: _named(module, spec, x), engine, advice=ADVICE_EXPORT)
                 del engine
-            ctx.manifest.components.setdefault(comp, {})["export_validation"] = report
+            ctx.stage_info[comp] = {"validation": report}
             files += [ctx.root / comp / "export" / p.name for p in written]
             outputs[comp] = f"{comp}/export/model.onnx"
         ctx.stage_outputs = outputs
@@ -96,8 +96,8 @@ class OrtEngineStage(Stage):
                 ort.InferenceSession(str(src), so, providers=[ort_name])
                 engine = OrtEngine(d / "model.onnx", provider=ctx.config.provider, threads=ctx.config.threads)
                 module = export_module(comp, ctx.pipe)
-                report = check_parity(spec, lambda **x: _named(module, spec, x), engine,
-                                      **ctx.tolerance(comp), advice=ctx.parity_advice(comp))
+                report = check_parity(spec, lambda **x: _named(module, spec, x), engine, **ctx.tolerance(comp),
+                                      samples=ctx.validation_samples(comp), advice=ctx.parity_advice(comp))
                 del engine
                 written = [p.name for p in onnx_files(d / "model.onnx")]
             engine_files = [ctx.root / comp / "engine" / n for n in written]

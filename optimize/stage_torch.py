@@ -7,6 +7,9 @@ from .stage_onnx import _named, _timed
 from .stages import Stage, fresh_dir
 
 
+LOW_PRECISION_TOLERANCE = {"kind": "l2", "rtol": 0.1, "atol": 0.0}
+
+
 class TorchSaveStage(Stage):
     name = "engine"
 
@@ -32,7 +35,8 @@ class TorchSaveStage(Stage):
                 engine = torch_backend.load(ctx.root, comp, entry)
                 spec = ctx.specs[comp]
                 module = export_module(comp, ctx.pipe)
-                report = check_parity(spec, lambda **x: _named(module, spec, x), engine, **ctx.tolerance(comp),
+                tol = ctx.tolerance(comp) or (LOW_PRECISION_TOLERANCE if str(ctx.config.precision) != "fp32" else {})
+                report = check_parity(spec, lambda **x: _named(module, spec, x), engine, **tol,
                                       advice=ctx.parity_advice(comp))
             ctx.record_component(comp, backend="torch", engine=entry["engine"], files=saved[model_name],
                                  validation=report, model_class=entry["model_class"])

@@ -46,6 +46,7 @@ class Context:
     reporter: Reporter
     plan: list = dataclasses.field(default_factory=list)
     stage_outputs: dict = dataclasses.field(default_factory=dict)   # set by a stage: {component: model path}
+    stage_info: dict = dataclasses.field(default_factory=dict)      # set by a stage: {component: {facts}}
     _pipe: "object" = None
 
     @property
@@ -74,20 +75,43 @@ class Context:
         return sd_specs(self.geometry, self.config.shapes)
 
     def tolerance(self, component: str) -> dict:
-        """Parity tolerance of the final engine (the spec's for fp32; precision stages widen it)."""
-        return dict(self.manifest.get("tolerances", {}).get(component, {}))
+        """Parity tolerance of the final engine: the spec's for fp32; a precision stage may record a wider one."""
+        for stage in self.plan:
+            tol = self.info_of(stage.name, component).get("tolerance")
+            if tol:
+                return dict(tol)
+        return {}
 
     def parity_advice(self, component: str) -> str:
         return ("Try keeping this component in fp32 (--precision fp32), another --opset, or a smaller shape range."
                 if str(self.config.precision) != "fp32" else
                 "Try --exporter torchscript or another --opset; if it persists, report the model.")
 
+    def info_of(self, stage: str, comp: str) -> dict:
+        """What an earlier stage recorded about ``comp`` (e.g. the export's parity, the quantizer's decision)."""
+        return self.manifest.stages.get(stage, {}).get("components", {}).get(comp, {})
+
     def record_component(self, comp: str, *, backend: str, engine: str, files: list, validation: dict,
                          **extra) -> None:
-        entry = self.manifest.components.setdefault(comp, {})
-        entry.update({"backend": backend, "precision": str(self.config.precision), "engine": engine,
-                      "config": f"{comp}/config.json", "spec": self.specs[comp].to_dict(),
-                      "files": record_files(self.root, files), "validation": validation, **extra})
+        """Write the component's manifest entry afresh: the engine, its files and parity, plus the facts that
+        earlier stages of this plan recorded about it."""
+        entry = {"backend": backend, "precision": str(self.config.precision), "engine": engine,
+                 "config": f"{comp}/config.json", "spec": self.specs[comp].to_dict(),
+                 "files": record_files(self.root, files), "validation": validation, **extra}
+        for stage in self.plan:
+            if stage.name != "engine" and self.info_of(stage.name, comp):
+                entry[stage.name] = self.info_of(stage.name, comp)
+        self.manifest.components[comp] = entry
+
+    def validation_samples(self, comp: str) -> "list | None":
+        """Realistic inputs saved by a precision stage (quantized engines are checked on these, not on noise)."""
+        import torch
+
+        for stage in self.plan:
+            rel = self.info_of(stage.name, comp).get("validation_inputs")
+            if rel:
+                return torch.load(self.root / rel, weights_only=True)
+        return None
 
 
 class Stage:

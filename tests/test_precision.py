@@ -1,0 +1,146 @@
+"""int8 (calibrated on the pipeline), fp16 conversion and its guards, torch bf16 — on the tiny model."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffaccel.engines import AcceleratedStableDiffusionPipeline
+from diffaccel.optimize import OptimizeConfig, optimize
+from diffaccel.optimize.config import QuantConfig
+from diffaccel.optimize.errors import BackendUnavailableError, DiffaccelError, ParityError
+from diffaccel.optimize.manifest import Manifest, file_sha256
+
+from .conftest import psnr
+
+FAST = dict(exporter="torchscript")
+QUICK = dict(calib_size=2, calib_steps=3)
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "tiny-int8"
+    optimize("random:tiny", out, OptimizeConfig(precision="int8", quant=QuantConfig(**QUICK), **FAST))
+    return out
+
+
+def test_int8_manifest_records_calibration_and_decisions(int8):
+    m = Manifest.load(int8)
+    m.verify()
+    unet = m.components["unet"]
+    q = unet["quantize"]
+    assert unet["precision"] == "int8" and q["method"] == "static-qdq-u8s8"
+    assert q["calibration_samples"] == QUICK["calib_size"] * QUICK["calib_steps"]
+    assert q["quantized_nodes"] > 20
+    kept = " ".join(q["kept_float"])
+    assert kept, "the documented defaults keep the time embedding and first/last convs in float"
+    assert unet["validation"]["kind"] == "l2" and unet["validation"]["inputs"] == "captured pipeline inputs"
+    for comp in ("text_encoder", "vae_decoder", "vae_encoder"):
+        d = m.components[comp]["quantize"]
+        assert d["decision"] in ("int8", "fp32") and d["speedup"] > 0 and "reason" in d
+
+
+def test_int8_is_byte_identical_for_the_same_config(int8, tmp_path):
+    again = tmp_path / "again"
+    optimize("random:tiny", again, OptimizeConfig(precision="int8", quant=QuantConfig(**QUICK), **FAST))
+    for rel in ("unet/quantized/model.onnx", "unet/engine/model.onnx"):
+        assert file_sha256(int8 / rel) == file_sha256(again / rel), rel
+    other = tmp_path / "other-seed"
+    optimize("random:tiny", other, OptimizeConfig(precision="int8", quant=QuantConfig(calib_seed=5, **QUICK), **FAST))
+    assert file_sha256(int8 / "unet/quantized/model.onnx") != file_sha256(other / "unet/quantized/model.onnx")
+
+
+def test_int8_pipeline_runs_and_stays_close(int8, artifacts):
+    kw = dict(prompt="a red circle", num_inference_steps=4, output_type="np")
+    fp32 = AcceleratedStableDiffusionPipeline.from_pretrained(artifacts("random:tiny", "onnxruntime", **FAST))
+    q = AcceleratedStableDiffusionPipeline.from_pretrained(int8)
+    a = fp32(generator=torch.Generator().manual_seed(0), **kw).images
+    b = q(generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.isfinite(b).all() and psnr(a, b) > 20
+
+
+def test_keep_fp32_pattern_and_smoothquant(tmp_path):
+    import onnx
+
+    out = tmp_path / "kept"
+    q = QuantConfig(keep_fp32=(r"^down_blocks\.0\.",), smoothquant=0.5, **QUICK)
+    m = optimize("random:tiny", out, OptimizeConfig(precision="int8", quant=q, components=("unet",), **FAST))
+    info = m.components["unet"]["quantize"]
+    assert info["smoothquant"]["balanced_layernorms"] > 0
+    model = onnx.load(str(out / "unet/quantized/model.onnx"))
+    from diffaccel.optimize.quantize import node_scope
+
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and node_scope(n).startswith("down_blocks.0.")]
+    produced_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert convs and all(produced_by.get(c.input[1]) != "DequantizeLinear" for c in convs)
+
+
+def test_smoothquant_preserves_the_float_function(tmp_path, tiny_pipe, artifacts):
+    import onnxruntime as ort
+
+    from diffaccel.optimize.calibration import capture_unet_inputs
+    from diffaccel.optimize.smoothquant import smooth
+
+    src = artifacts("random:tiny", "onnxruntime", **FAST) / "unet" / "export" / "model.onnx"
+    samples = capture_unet_inputs(tiny_pipe, ["a star"], steps=2, guidance_scale=7.5, seed=0, height=64, width=64)
+    info = smooth(src, tmp_path / "s.onnx", samples, 0.8, external=False)
+    feed = {k: v.numpy() for k, v in samples[-1].items()}
+    a = ort.InferenceSession(str(src)).run(None, feed)[0]
+    b = ort.InferenceSession(str(tmp_path / "s.onnx")).run(None, feed)[0]
+    assert info["balanced_matmuls"] > 0 and np.abs(a - b).max() < 1e-4
+
+
+def test_bad_calibration_prompts(tmp_path):
+    with pytest.raises(DiffaccelError, match="does not exist"):
+        optimize("random:tiny", tmp_path / "x", OptimizeConfig(
+            precision="int8", quant=QuantConfig(calib_prompts=str(tmp_path / "nope.txt")), **FAST))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DiffaccelError, match="holds no prompts"):
+        optimize("random:tiny", tmp_path / "y", OptimizeConfig(
+            precision="int8", quant=QuantConfig(calib_prompts=str(tmp_path / "empty.txt")), **FAST))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_fp16_conversion_runs_and_guards(tmp_path, artifacts, tiny_pipe):
+    from diffaccel.engines.onnxruntime_backend import OrtEngine
+    from diffaccel.optimize.parity import check_parity
+    from diffaccel.optimize.stage_fp16 import FP16_TOLERANCE, convert_fp16
+    from diffaccel.optimize.specs import ComponentSpec, export_module
+
+    art = artifacts("random:tiny", "onnxruntime", **FAST)
+    convert_fp16(art / "unet/export/model.onnx", tmp_path / "unet16.onnx")
+    spec = ComponentSpec.from_dict("unet", Manifest.load(art).components["unet"]["spec"])
+    module = export_module("unet", tiny_pipe)
+    ref = lambda **x: {"out_sample": module(*(x[t.name] for t in spec.inputs))}  # noqa: E731
+    report = check_parity(spec, ref, OrtEngine(tmp_path / "unet16.onnx"), **FP16_TOLERANCE)
+    assert report["passed"]
+    nan = lambda **x: {"out_sample": torch.full_like(x["sample"], float("nan"))}  # noqa: E731
+    with pytest.raises(ParityError, match="non-finite values"):
+        check_parity(spec, ref, nan, **FP16_TOLERANCE)
+    black = lambda **x: {"out_sample": torch.full_like(x["sample"], -1.0)}  # noqa: E731
+    with pytest.raises(ParityError, match="black image"):
+        check_parity(spec, ref, black, kind="l2", rtol=10.0)
+
+
+def test_fp16_on_cpu_is_refused_before_writing(tmp_path):
+    with pytest.raises(BackendUnavailableError, match="GPU providers"):
+        optimize("random:tiny", tmp_path / "f16", OptimizeConfig(precision="fp16", **FAST))
+    assert not any(tmp_path.iterdir())
+
+
+def test_torch_bf16(artifacts, tiny_pipe):
+    out = artifacts("random:tiny", "torch", "bf16")
+    m = Manifest.load(out)
+    assert all(c["precision"] == "bf16" and c["validation"]["passed"] for c in m.components.values())
+    pipe = AcceleratedStableDiffusionPipeline.from_pretrained(out)
+    kw = dict(prompt="a red circle", num_inference_steps=4, output_type="np")
+    a = tiny_pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    b = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert psnr(a, b) > 25
+
+
+def test_unsupported_pair_lists_supported():
+    with pytest.raises(ValueError) as e:
+        OptimizeConfig(backend="onnxruntime", precision="bf16")
+    msg = str(e.value)
+    assert "onnxruntime/int8" in msg and "torch/bf16" in msg and json.dumps(msg)
