@@ -7,7 +7,9 @@ Everything is seeded; the same QuantConfig on the same source gives a byte-ident
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -75,12 +77,24 @@ def preprocess(src: Path, dst: Path, *, external: bool) -> Path:
 
     kwargs = dict(skip_optimization=False, save_as_external_data=external, all_tensors_to_one_file=True,
                   external_data_location=dst.name + ".data")
-    try:
-        quant_pre_process(str(src), str(dst), **kwargs)
-    except Exception as e:  # symbolic shape inference gives up on some dynamic graphs; ONNX's own inference still runs
-        log.info("symbolic shape inference failed on %s (%s); pre-processing without it", src.name, e)
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, **kwargs)
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    with _working_dir(dst.parent):   # on failure ORT dumps sym_shape_infer_temp.onnx + *.data into the cwd
+        try:
+            quant_pre_process(str(src), str(dst), **kwargs)
+        except Exception as e:  # symbolic inference gives up on some dynamic graphs; ONNX's own inference still runs
+            log.info("symbolic shape inference failed on %s (%s); pre-processing without it", src.name, e)
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, **kwargs)
     return dst
+
+
+@contextlib.contextmanager
+def _working_dir(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def quantize_static_qdq(src: Path, dst: Path, samples: list, quant, *, external: bool,
