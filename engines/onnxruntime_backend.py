@@ -68,14 +68,26 @@ def session_options(threads: "int | None" = None, level: str = "all", optimized_
     return so
 
 
-def provider_options(ort_name: str, device_id: int = 0, cache_dir: "Path | None" = None, fp16: bool = False):
-    if ort_name == "CUDAExecutionProvider":
+def provider_options(ort_name: str, device_id: int = 0, cache_dir: "Path | None" = None, fp16: bool = False,
+                     profile: "dict | None" = None):
+    """Provider options. For TensorRT: engine and timing caches in ``cache_dir`` (a folder named by the engine cache
+    key, see diffaccel.optimize.trt_cache.ort_trt_cache_dir) and, given the spec's ``profile``, explicit min/opt/max
+    shapes, so the EP builds one engine for the artifact's whole shape range instead of one per shape seen.
+
+    >>> provider_options("TensorrtExecutionProvider", profile={"x": ((1, 4), (2, 4), (8, 4))})["trt_profile_opt_shapes"]
+    'x:2x4'
+    """
+    if ort_name == "CUDAExecutionProvider":   # the CUDA EP keeps no engine cache on disk: nothing to key
         return {"device_id": device_id}
     if ort_name == "TensorrtExecutionProvider":
         opts = {"device_id": device_id, "trt_fp16_enable": fp16}
         if cache_dir is not None:
             opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
                         trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))
+        if profile:
+            for i, which in enumerate(("min", "opt", "max")):
+                opts[f"trt_profile_{which}_shapes"] = ",".join(
+                    f"{name}:{'x'.join(str(int(d)) for d in shapes[i])}" for name, shapes in profile.items())
         return opts
     return {}
 
@@ -87,7 +99,8 @@ class OrtEngine:
                  device_id: int = 0, cache_dir: "Path | None" = None, spec=None):
         ort = _ort()
         ort_name = check_provider(provider)
-        providers = [(ort_name, provider_options(ort_name, device_id, cache_dir))]
+        profile = spec.profile() if spec is not None and cache_dir is not None else None
+        providers = [(ort_name, provider_options(ort_name, device_id, cache_dir, profile=profile))]
         if ort_name != "CPUExecutionProvider":
             providers.append(("CPUExecutionProvider", {}))
         self.provider = ort_name
@@ -159,6 +172,14 @@ def load(root, component: str, entry: dict, provider: "str | None" = None, threa
             f"diffaccel optimize SRC -o {root} --provider {resolve_provider(provider)[1]}")
     from diffaccel.optimize.specs import ComponentSpec
 
-    cache = Path(root) / component / "trt_cache" if provider == "tensorrt" else None
+    cache = _trt_cache_dir(root, component, entry) if resolve_provider(provider)[1] == "tensorrt" else None
     spec = ComponentSpec.from_dict(component, entry["spec"]) if "spec" in entry else None
     return OrtEngine(Path(root) / entry["engine"], provider=provider, threads=threads, cache_dir=cache, spec=spec)
+
+
+def _trt_cache_dir(root, component: str, entry: dict) -> Path:
+    """The TensorRT EP's engine cache folder, named by the same cache key as diffaccel's own TensorRT engines (source,
+    component, precision, quantization, profile shapes, TensorRT version, GPU)."""
+    from diffaccel.optimize.trt_cache import ort_trt_cache_dir, probe_environment_lenient
+
+    return ort_trt_cache_dir(root, component, entry, probe_environment_lenient())

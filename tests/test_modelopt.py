@@ -1,0 +1,172 @@
+"""Model Optimizer for the TensorRT plans, on the CPU: recipe mapping always; real int8 fake-quant calibration of the
+tiny U-Net, Q/DQ ONNX export checked with ONNX Runtime, and AutoCast fp16 where nvidia-modelopt is installed
+(it installs on CPU: see docs/tensorrt.md). The TensorRT build itself is covered by tests/test_tensorrt.py -m gpu."""
+import importlib.util
+
+import pytest
+
+from diffaccel.optimize.config import QuantConfig
+from diffaccel.optimize.errors import DiffaccelError
+from diffaccel.optimize.modelopt_quant import KEEP_FLOAT, recipe_for, recipe_hash
+
+HAS_MODELOPT = importlib.util.find_spec("modelopt") is not None
+needs_modelopt = pytest.mark.skipif(not HAS_MODELOPT, reason="nvidia-modelopt is not installed (on CPU: pip "
+                                    "install 'nvidia-modelopt>=0.47' onnx-graphsurgeon polygraphy onnxconverter-common "
+                                    "onnxslim ml_dtypes lief cppimport; see docs/tensorrt.md)")
+
+
+def test_recipes_follow_the_quant_config():
+    int8 = recipe_for("int8", QuantConfig())
+    assert (int8.algorithm, int8.alpha, int8.quantize_convs, int8.per_channel) == ("max", None, True, True)
+    assert int8.keep_float == KEEP_FLOAT
+    sq = recipe_for("int8", QuantConfig(smoothquant=0.8, per_channel=False, keep_fp32=("mid_block",)))
+    assert (sq.algorithm, sq.alpha, sq.per_channel, sq.keep_float[-1]) == ("smoothquant", 0.8, False, "mid_block")
+    fp8 = recipe_for("fp8", QuantConfig())
+    assert fp8.quantize_convs is False and fp8.algorithm == "max"
+
+
+def test_settings_this_path_cannot_honour_are_refused_in_one_line():
+    for quant, needle in ((QuantConfig(method="percentile"), "--calib-method minmax"),
+                          (QuantConfig(quality_target=30.0), "--quality-target"),):
+        with pytest.raises(DiffaccelError, match=needle):
+            recipe_for("int8", quant)
+    with pytest.raises(DiffaccelError, match="--smoothquant applies to int8"):
+        recipe_for("fp8", QuantConfig(smoothquant=0.5))
+    with pytest.raises(ValueError):
+        recipe_for("fp16", QuantConfig())
+
+
+def test_recipe_hash_covers_recipe_and_calibration():
+    base = recipe_hash(recipe_for("int8", QuantConfig()), QuantConfig())
+    assert base == recipe_hash(recipe_for("int8", QuantConfig()), QuantConfig())
+    assert base != recipe_hash(recipe_for("fp8", QuantConfig()), QuantConfig())
+    assert base != recipe_hash(recipe_for("int8", QuantConfig()), QuantConfig(calib_steps=4))
+    assert base != recipe_hash(recipe_for("int8", QuantConfig(keep_fp32=("up_blocks",))), QuantConfig())
+
+
+@needs_modelopt
+def test_builtin_configs_are_copied_not_modified():
+    import modelopt.torch.quantization as mtq
+
+    from diffaccel.optimize.modelopt_quant import modelopt_config
+
+    before = repr(mtq.INT8_DEFAULT_CFG)
+    cfg = modelopt_config(mtq, recipe_for("int8", QuantConfig(per_channel=False)))
+    assert repr(mtq.INT8_DEFAULT_CFG) == before and repr(cfg) != before
+    sq = modelopt_config(mtq, recipe_for("int8", QuantConfig(smoothquant=0.7)))
+    assert sq["algorithm"] == {"method": "smoothquant", "alpha": 0.7}
+
+
+@pytest.fixture(scope="module")
+def int8_tiny(tmp_path_factory):
+    """random:tiny's U-Net quantized to int8 on CPU (2 prompts x 3 steps of calibration), exported with Q/DQ."""
+    if not HAS_MODELOPT:
+        pytest.skip(needs_modelopt.kwargs["reason"])
+    import copy
+
+    import torch
+
+    from diffaccel.optimize.builtins import BUILTINS
+    from diffaccel.optimize.calibration import capture_unet_inputs
+    from diffaccel.optimize.config import ShapeRange
+    from diffaccel.optimize.modelopt_quant import export_qdq, quantize_unet
+    from diffaccel.optimize.specs import ModelGeometry, export_module, sd_specs
+
+    torch.set_num_threads(1)
+    pipe = BUILTINS["random:tiny"]()
+    pipe.set_progress_bar_config(disable=True)
+    calib = capture_unet_inputs(pipe, ["a red circle", "a blue square"], steps=3, guidance_scale=7.5, seed=0,
+                                height=64, width=64)
+    recipe = recipe_for("int8", QuantConfig())
+    unet = quantize_unet(copy.deepcopy(pipe.unet), recipe, calib)
+    spec = sd_specs(ModelGeometry.from_pipeline(pipe), ShapeRange())["unet"]
+    module = export_module("unet", {"unet": unet})
+    path = tmp_path_factory.mktemp("qdq") / "model.onnx"
+    export_qdq(module, spec, path, opset=18)
+    return dict(pipe=pipe, calib=calib, recipe=recipe, unet=unet, spec=spec, module=module, path=path)
+
+
+@needs_modelopt
+def test_documented_layers_stay_float_and_the_rest_is_calibrated(int8_tiny):
+    unet = int8_tiny["unet"]
+    assert not unet.conv_in.input_quantizer.is_enabled and not unet.conv_out.weight_quantizer.is_enabled
+    assert not unet.time_embedding.linear_1.input_quantizer.is_enabled
+    conv = unet.down_blocks[0].resnets[0].conv1
+    assert conv.input_quantizer.is_enabled and conv.weight_quantizer.is_enabled
+    assert float(conv.input_quantizer.amax) > 0
+
+
+@needs_modelopt
+def test_qdq_onnx_runs_on_ort_cpu_and_matches_fake_quant(int8_tiny):
+    import collections
+
+    import onnx
+
+    from diffaccel.optimize.modelopt_quant import validate_qdq
+    from diffaccel.optimize.specs import export_module
+
+    ops = collections.Counter(n.op_type for n in onnx.load(str(int8_tiny["path"])).graph.node)
+    assert ops["QuantizeLinear"] > 50 and ops["QuantizeLinear"] == ops["DequantizeLinear"]
+    calib = int8_tiny["calib"]
+    report = validate_qdq(int8_tiny["spec"], int8_tiny["module"], export_module("unet", int8_tiny["pipe"]),
+                          int8_tiny["path"], [calib[0], calib[-1]], int8_tiny["recipe"])
+    assert report["passed"] and report["kind"] == "l2"
+    drift = report["vs_fp32_rel_l2"]
+    assert all(0.0 < d < 0.3 for d in drift), drift        # quantized (not identical to fp32), yet close
+
+
+@pytest.mark.slow
+@needs_modelopt
+def test_autocast_makes_fp16_weights_with_fp32_io(int8_tiny, tmp_path):
+    import onnx
+    import torch
+
+    from diffaccel.engines.onnxruntime_backend import OrtEngine
+    from diffaccel.optimize.modelopt_quant import autocast_fp16
+    from diffaccel.optimize.parity import check_parity
+
+    spec = int8_tiny["spec"]
+    calib = int8_tiny["calib"]
+    written = autocast_fp16(int8_tiny["path"], tmp_path / "model.onnx", spec, samples=[calib[0], calib[-1]])
+    model = onnx.load(str(written[0]))
+    fp16 = sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
+    assert fp16 > 20
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in model.graph.input)
+    assert sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear") > 50
+    ref, got = OrtEngine(int8_tiny["path"], "cpu", level="basic"), OrtEngine(written[0], "cpu", level="basic")
+    report = check_parity(spec, ref, got, samples=[calib[1]], kind="l2", rtol=0.1, atol=0.0)
+    assert report["passed"]
+    assert got(**calib[1])["out_sample"].dtype == torch.float32
+
+
+@pytest.mark.slow
+@needs_modelopt
+def test_quantize_and_fp16_stages_run_through_the_orchestrator(tmp_path):
+    """The int8 TensorRT plan up to (not including) the engine build, executed for real on CPU."""
+    import onnx
+
+    from diffaccel.optimize.api import OptimizeConfig, _run_stages
+    from diffaccel.optimize.manifest import Manifest
+    from diffaccel.optimize.modelopt_quant import ModeloptQuantStage
+    from diffaccel.optimize.sources import resolve_source
+    from diffaccel.optimize.stage_onnx import ExportStage
+    from diffaccel.optimize.stage_tensorrt import AutoCastStage
+    from diffaccel.optimize.stages import AssetsStage, Context, Reporter
+
+    src = resolve_source("random:tiny")
+    cfg = OptimizeConfig(backend="tensorrt", precision="int8", components=("unet", "text_encoder"),
+                         quant=QuantConfig(calib_size=2, calib_steps=2))
+    ctx = Context(source=src, config=cfg, root=tmp_path, manifest=Manifest.new(tmp_path, src.to_dict()),
+                  reporter=Reporter())
+    ctx.plan = [AssetsStage(), ExportStage(), ModeloptQuantStage(), AutoCastStage()]
+    _run_stages(ctx)
+    quant = ctx.info_of("quantize", "unet")
+    assert quant["method"] == "modelopt" and len(quant["config_hash"]) == 16 and quant["validation"]["passed"]
+    assert ctx.tolerance("unet")["rtol"] == 0.3 and len(ctx.validation_samples("unet")) == 3
+    for comp in ("unet", "text_encoder"):
+        fp16 = ctx.info_of("fp16", comp)
+        assert fp16["decision"] == "fp16" and fp16["validation"]["passed"], fp16
+        model = onnx.load(str(tmp_path / comp / "fp16" / "model.onnx"))
+        assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    assert ctx.manifest.stages["fp16"]["outputs"]["unet"] == "unet/fp16/model.onnx"
+    assert ctx.tolerance("text_encoder") == {"kind": "l2", "rtol": 0.05, "atol": 0.0}
