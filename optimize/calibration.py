@@ -17,7 +17,8 @@ DEFAULT_PROMPTS = Path(__file__).resolve().parent / "data" / "calib_prompts.txt"
 
 
 def load_prompts(quant, source_spec: str = "") -> list:
-    """The calibration prompts: the user's file, else the shipped defaults, repeated to ``calib_size``."""
+    """The calibration prompts: the user's file; for tinyshapes, captions of its training split; else the shipped
+    defaults. Repeated to ``calib_size``."""
     if quant.calib_prompts:
         path = Path(quant.calib_prompts)
         if not path.is_file():
@@ -26,6 +27,10 @@ def load_prompts(quant, source_spec: str = "") -> list:
         prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
         if not prompts:
             raise DiffaccelError(f"{path} holds no prompts; write one prompt per line")
+    elif source_spec == "tinyshapes":   # in-distribution captions from the training split (never the held-out pairs)
+        from diffaccel.eval import shapes
+
+        prompts = [shapes.caption(s) for s in shapes.sample_scenes(quant.calib_size, seed=quant.calib_seed)]
     else:
         prompts = [ln.strip() for ln in DEFAULT_PROMPTS.read_text().splitlines() if ln.strip()]
     reps = -(-quant.calib_size // len(prompts))

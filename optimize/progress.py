@@ -9,8 +9,8 @@ from .stages import Reporter
 class ConsoleReporter(Reporter):
     """Draws one tqdm bar per stage on stderr; prints per-item and per-stage times."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr   # looked up now, not at import
         self.bar = None
         self.times: dict = {}
 
