@@ -45,8 +45,10 @@ def _cmd_microbench(args) -> int:
 
 def register(sub) -> None:
     from .bench_cli import add_bench   # argparse wiring only; heavy imports stay inside the commands
+    from .demo_cli import add_demo
     from .eval_cli import add_eval
 
+    add_demo(sub)
     add_eval(sub)
     add_microbench(sub)
     add_bench(sub)

@@ -39,7 +39,7 @@ def _ints(values, what: str, low: int) -> tuple:
 class EvalConfig:
     """How to evaluate. Validated on construction; recorded in full in report.json."""
 
-    prompts: tuple = ()                   # () = the shipped default prompts (eval/data/prompts.txt)
+    prompts: tuple = ()                   # () = shipped defaults (eval/data/prompts.txt; tinyshapes: its eval set)
     seeds: tuple = (0, 1)
     steps: tuple = (20,)                  # several = a steps sweep; the largest is the headline
     height: "int | None" = None           # None = the model's native size
@@ -91,7 +91,17 @@ class EvalConfig:
         return dataclasses.asdict(self)
 
 
-def default_prompts() -> tuple:
+TINYSHAPES_DEFAULT_PROMPTS = 16
+
+
+def default_prompts(source_spec: str = "") -> tuple:
+    """The shipped prompts; for tinyshapes, an even spread of its evaluation prompts (seen and held-out pairs)."""
+    if source_spec == "tinyshapes":
+        from . import shapes
+
+        every = shapes.eval_prompts()
+        step = max(1, len(every) // TINYSHAPES_DEFAULT_PROMPTS)
+        return tuple(p.prompt for p in every[::step][:TINYSHAPES_DEFAULT_PROMPTS])
     lines = (ln.strip() for ln in PROMPTS_FILE.read_text().splitlines())
     return tuple(ln for ln in lines if ln and not ln.startswith("#"))
 
@@ -143,7 +153,7 @@ def evaluate(artifacts=(), baseline: "str | None" = None, config: EvalConfig = E
     source = resolve_source(var.baseline_spec(manifests, baseline), trust_pickle=trust_pickle,
                             single_file_config=single_file_config)
     var.check_sources(manifests, source, config.allow_different_source)
-    prompts = list(config.prompts or default_prompts())
+    prompts = list(config.prompts or default_prompts(source.spec))
     adherence_on, adherence_why = quality.adherence_enabled(config.adherence, source.spec, prompts)
     learned = quality.Learned(config.clip_model, config.inception, config.lpips)
     out = rep.check_out_dir(out_dir)

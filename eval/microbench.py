@@ -16,7 +16,6 @@ from pathlib import Path
 
 from diffaccel.optimize.errors import DiffaccelError
 
-from .timing import measure
 
 log = logging.getLogger(__name__)
 EAGER = {"torch/fp32": "float32", "torch/bf16": "bfloat16"}   # run from the source pipeline, no artifact needed
@@ -88,36 +87,46 @@ def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, reporter
 
 
 def run_unet_bench(cfg: UNetBenchConfig, reporter=None) -> dict:
-    """Build what is missing, then time every variant on identical inputs. Returns a JSON-able record."""
+    """Build what is missing, then time every variant on identical inputs. Timed calls are interleaved (one call of
+    each variant per round), so drift in machine load hits every variant alike. Returns a JSON-able record."""
     from diffaccel.optimize.sources import resolve_source
 
     from .host import host_info
+    from .timing import Clock, LatencyStats
 
     source = resolve_source(cfg.src)
-    variants = [parse_variant(v) for v in cfg.variants]
     pipe = source.load()
     inputs = _inputs(pipe, cfg)
-    rows = []
-    for backend, precision in variants:
+    runners, setup = {}, {}
+    for backend, precision in (parse_variant(v) for v in cfg.variants):
         name = f"{backend}/{precision}"
         t0 = time.perf_counter()
-        runner = _eager(pipe, EAGER[name]) if name in EAGER else _engine(cfg, source, backend, precision, reporter)
-        ready = time.perf_counter() - t0
-        log.info("timing %s", name)
-        stats, samples = measure(lambda: runner(inputs), warmup=cfg.warmup, repeat=cfg.repeat)
-        rows.append({"variant": name, "setup_seconds": round(ready, 2), "stats": stats.to_dict(),
-                     "samples": samples})
+        runners[name] = (_eager(pipe, EAGER[name]) if name in EAGER
+                         else _engine(cfg, source, backend, precision, reporter))
+        setup[name] = round(time.perf_counter() - t0, 2)
+    for name, run in runners.items():
+        log.info("warming up %s", name)
+        for _ in range(cfg.warmup):
+            run(inputs)
+    clock, samples = Clock("cpu"), {name: [] for name in runners}
+    for _ in range(cfg.repeat):
+        for name, run in runners.items():
+            with clock.span() as span:
+                run(inputs)
+            samples[name].append(span.seconds)
+    rows = [{"variant": n, "setup_seconds": setup[n], "stats": LatencyStats.from_samples(samples[n]).to_dict(),
+             "samples": samples[n]} for n in runners]
     base = rows[0]["stats"]["p50"]
     for r in rows:
         r["speedup_vs_first"] = base / r["stats"]["p50"]
     return {"benchmark": "unet-step", "config": dataclasses.asdict(cfg), "source": source.to_dict(),
-            "host": host_info(), "rows": rows}
+            "host": host_info(), "timing": "interleaved rounds, perf_counter", "rows": rows}
 
 
 def format_table(result: dict) -> str:
     cfg = result["config"]
     lines = [f"U-Net step, {result['source']['spec']}, {cfg['height']}x{cfg['width']}, U-Net batch {cfg['batch']}, "
-             f"{cfg['repeat']} timed runs after {cfg['warmup']} warm-up",
+             f"{cfg['repeat']} interleaved timed rounds after {cfg['warmup']} warm-up",
              f"{'variant':<22} {'mean ms':>9} {'p50 ms':>9} {'p90 ms':>9} {'min ms':>9} {'x vs ' + result['rows'][0]['variant']:>18}"]
     for r in result["rows"]:
         s = r["stats"]

@@ -23,7 +23,7 @@ from .manifest import Manifest
 from .sources import Source, resolve_source
 from .specs import COMPONENTS
 from .plans import plans, stages_for, supported_pairs
-from .stages import Context, Reporter, record_files
+from .stages import Context, Reporter, record_files, sweep_scratch
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,7 @@ def _prepare_workdir(out: Path, source: Source, force: bool) -> tuple:
             same = False
         if same and not force:
             log.info("resuming interrupted work in %s", partial)
+            sweep_scratch(partial)
             return partial, False
         shutil.rmtree(partial)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .config import Exporter
 from .errors import DiffaccelError, one_line
+from .stages import TMP_PREFIX
 
 log = logging.getLogger(__name__)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights above which we store them in one external file
@@ -60,7 +61,7 @@ def export_onnx(spec, module, dst: Path, *, exporter: Exporter = Exporter.DYNAMO
     external = param_bytes(module) > EXTERNAL_DATA_THRESHOLD
     names = dict(input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs])
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".export-") as tmp:
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=TMP_PREFIX + "export-") as tmp:
         raw = Path(tmp) / "model.onnx"
         try:
             with torch.no_grad(), _quiet_exporter():

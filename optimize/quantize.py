@@ -7,9 +7,7 @@ Everything is seeded; the same QuantConfig on the same source gives a byte-ident
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -71,30 +69,15 @@ def _method(quant):
 
 
 def preprocess(src: Path, dst: Path, *, external: bool) -> Path:
-    """ONNX Runtime's recommended pre-processing: symbolic shape inference and graph clean-up, so the quantizer sees
-    every tensor's shape and fuses what it can."""
+    """ONNX Runtime's recommended pre-processing (ONNX shape inference and graph clean-up), so the quantizer sees
+    tensor shapes and fused patterns. Symbolic shape inference is skipped: it gives up on exported U-Nets anyway,
+    doubles peak memory (14 GB instead of 7 GB on SD 1.5) and dumps debug files into the working directory."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    kwargs = dict(skip_optimization=False, save_as_external_data=external, all_tensors_to_one_file=True,
-                  external_data_location=dst.name + ".data")
-    src, dst = Path(src).resolve(), Path(dst).resolve()
-    with _working_dir(dst.parent):   # on failure ORT dumps sym_shape_infer_temp.onnx + *.data into the cwd
-        try:
-            quant_pre_process(str(src), str(dst), **kwargs)
-        except Exception as e:  # symbolic inference gives up on some dynamic graphs; ONNX's own inference still runs
-            log.info("symbolic shape inference failed on %s (%s); pre-processing without it", src.name, e)
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, **kwargs)
+    quant_pre_process(str(src), str(dst), skip_optimization=False, skip_symbolic_shape=True,
+                      save_as_external_data=external, all_tensors_to_one_file=True,
+                      external_data_location=dst.name + ".data")
     return dst
-
-
-@contextlib.contextmanager
-def _working_dir(path: Path):
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def quantize_static_qdq(src: Path, dst: Path, samples: list, quant, *, external: bool,

@@ -9,7 +9,7 @@ from pathlib import Path
 from .export import onnx_files
 from .quantize import preprocess, quantize_static_qdq
 from .stage_onnx import _timed, latest_model
-from .stages import Stage, fresh_dir
+from .stages import TMP_PREFIX, Stage, fresh_dir
 
 log = logging.getLogger(__name__)
 UNET_TOLERANCE = {"kind": "l2", "rtol": 0.3, "atol": 0.0}   # a sanity bound; image quality is measured by eval
@@ -52,7 +52,10 @@ class QuantizeStage(Stage):
                                       seed=q.calib_seed, height=opt["height"] * scale, width=opt["width"] * scale)
         src = latest_model(ctx, "unet", self.name)
         external = len(onnx_files(src)) > 1
-        with fresh_dir(ctx.root / "unet" / "quantized") as d, tempfile.TemporaryDirectory(dir=ctx.root) as tmp:
+        if external:
+            ctx.release_pipe()   # ONNX Runtime's quantizer holds ~4 copies of a >2 GB model at its peak
+        with fresh_dir(ctx.root / "unet" / "quantized") as d, \
+                tempfile.TemporaryDirectory(dir=ctx.root, prefix=TMP_PREFIX) as tmp:
             pre = preprocess(src, Path(tmp) / "pre.onnx", external=external)
             smoothing = None
             if q.smoothquant is not None:
@@ -77,7 +80,7 @@ class QuantizeStage(Stage):
 
         src = latest_model(ctx, comp, self.name)
         spec = ctx.specs[comp]
-        with tempfile.TemporaryDirectory(dir=ctx.root) as tmp:
+        with tempfile.TemporaryDirectory(dir=ctx.root, prefix=TMP_PREFIX) as tmp:
             cand = Path(tmp) / "model.onnx"
             src = preprocess(src, Path(tmp) / "pre.onnx", external=len(onnx_files(src)) > 1)
             quantize_dynamic(str(src), str(cand), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,

@@ -19,6 +19,16 @@ from .manifest import Manifest, atomic_write_text, file_entry
 from .specs import COMPONENTS, ModelGeometry, sd_specs
 
 log = logging.getLogger(__name__)
+TMP_PREFIX = ".tmp-"     # every scratch file/folder inside a work dir starts with this; stale ones are swept on resume
+
+
+def sweep_scratch(root: Path) -> None:
+    """Remove scratch left by a killed run (a temp dir is only cleaned up by the process that made it)."""
+    for p in sorted(Path(root).rglob(f"{TMP_PREFIX}*"), key=lambda q: len(q.parts), reverse=True):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 class Reporter:
@@ -57,6 +67,13 @@ class Context:
             self._pipe = self.source.load()
             self.reporter.stage_end("load", time.perf_counter() - t0, False)
         return self._pipe
+
+    def release_pipe(self) -> None:
+        """Free the PyTorch pipeline (GBs for real checkpoints) before a memory-hungry step; reloaded on demand."""
+        import gc
+
+        self._pipe = None
+        gc.collect()
 
     @property
     def geometry(self) -> ModelGeometry:
@@ -141,11 +158,11 @@ def fresh_dir(final: Path):
     """Yield a new temporary directory beside ``final``; on success it replaces ``final`` (never written in place,
     so files hard-linked from a previous artifact are never modified)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{TMP_PREFIX}{final.name}-"))
     try:
         yield tmp
         if final.exists():
-            trash = final.with_name(f".{final.name}-old-{time.time_ns()}")
+            trash = final.with_name(f"{TMP_PREFIX}old-{final.name}-{time.time_ns()}")
             final.rename(trash)
             shutil.rmtree(trash)
         tmp.rename(final)
