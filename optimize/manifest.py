@@ -45,19 +45,24 @@ def tree_sha256(root: "str | Path") -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: "str | Path", text: str) -> None:
+def atomic_write_bytes(path: "str | Path", data: bytes) -> None:
     """Write via a temporary file in the same directory and rename, so readers never see half a file."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: "str | Path", text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: "str | Path", obj) -> None:

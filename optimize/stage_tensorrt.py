@@ -28,7 +28,8 @@ from .parity import check_parity
 from .specs import COMPONENTS, export_module
 from .stage_onnx import ExportStage, _named, _timed, latest_model
 from .stages import Stage, fresh_dir
-from .trt_cache import (BuildFlags, BuildLog, atomic_write_bytes, build_flags, default_timing_cache, engine_identity,
+from .manifest import atomic_write_bytes
+from .trt_cache import (BuildFlags, BuildLog, build_flags, default_timing_cache, engine_identity,
                         failure_log_path, format_build_error, import_tensorrt, key_of_identity, make_logger,
                         probe_environment, profile_to_json, rebuild_command, trt_profile)
 

@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -268,17 +267,3 @@ def format_build_error(component: str, sink: BuildLog, parser_errors: list, log_
 def failure_log_path(component: str) -> Path:
     """Where the log of a failed build goes (OUT is not written when a build fails)."""
     return default_timing_cache().parent / "logs" / f"{component}-{time.strftime('%Y%m%d-%H%M%S')}.build.log"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
