@@ -52,7 +52,7 @@ class QuantizeStage(Stage):
                                       seed=q.calib_seed, height=opt["height"] * scale, width=opt["width"] * scale)
         src = latest_model(ctx, "unet", self.name)
         external = len(onnx_files(src)) > 1
-        if external:
+        if external and q.quality_target is None:
             ctx.release_pipe()   # ONNX Runtime's quantizer holds ~4 copies of a >2 GB model at its peak
         with fresh_dir(ctx.root / "unet" / "quantized") as d, \
                 tempfile.TemporaryDirectory(dir=ctx.root, prefix=TMP_PREFIX) as tmp:
@@ -63,8 +63,11 @@ class QuantizeStage(Stage):
 
                 smoothing = smooth(pre, Path(tmp) / "smooth.onnx", samples, q.smoothquant, external=external)
                 pre = Path(tmp) / "smooth.onnx"
-            report = quantize_static_qdq(pre, d / "model.onnx", samples, q, external=external)
+            report = quantize_static_qdq(pre, d / "model.onnx", samples, q, external=external,
+                                         cache=Path(tmp) / "calibration.json")
             report["smoothquant"] = smoothing
+            if q.quality_target is not None:
+                report["quality_target"] = self._meet_target(ctx, pre, d, Path(tmp), samples, external)
             keep = [samples[0], samples[len(samples) // 2], samples[-1]]   # noisy, middle and late steps
             torch.save(keep, d / "validation_inputs.pt")
             written = [p.name for p in onnx_files(d / "model.onnx")] + ["validation_inputs.pt"]
@@ -73,6 +76,33 @@ class QuantizeStage(Stage):
         ctx.stage_info["unet"] = report
         ctx.stage_outputs["unet"] = "unet/quantized/model.onnx"
         return [ctx.root / "unet" / "quantized" / n for n in written]
+
+    def _meet_target(self, ctx, pre: Path, d: Path, tmp: Path, samples: list, external: bool) -> dict:
+        """Keep the most sensitive layers in float until images reach --quality-target (judged on the
+        calibration prompts); the chosen model replaces d/model.onnx."""
+        import shutil
+
+        from .calibration import load_prompts
+        from .quality_target import ImageJudge, meet_target
+
+        q, spec, scale = ctx.config.quant, ctx.specs["unet"], ctx.geometry.vae_scale_factor
+        opt = spec.opt_values()
+        judge = ImageJudge(ctx.pipe, spec, load_prompts(q, ctx.source.spec), q.calib_steps, q.guidance_scale,
+                           q.calib_seed, (opt["height"] * scale, opt["width"] * scale))
+
+        def quantize(extra):
+            out = tmp / f"candidate-{len(extra)}" / "model.onnx"
+            out.parent.mkdir()
+            quantize_static_qdq(pre, out, samples, q, external=external, extra_exclude=extra,
+                                cache=tmp / "calibration.json")
+            return out
+
+        result = meet_target(quantize, judge, d / "model.onnx", samples, q.quality_target, ctx.config.threads)
+        chosen = Path(result.pop("model"))
+        if chosen != d / "model.onnx":
+            for p in onnx_files(chosen):
+                shutil.copyfile(p, d / p.name)
+        return result
 
     # ---- other components: dynamic int8 only where measured to pay ----------------------------------------
     def _maybe_dynamic(self, ctx, comp: str) -> list:

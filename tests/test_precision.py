@@ -146,3 +146,27 @@ def test_unsupported_pair_lists_supported():
         OptimizeConfig(backend="onnxruntime", precision="bf16")
     msg = str(e.value)
     assert "onnxruntime/int8" in msg and "torch/bf16" in msg and json.dumps(msg)
+
+
+def test_quality_target_keeps_sensitive_layers_in_float(tmp_path):
+    q = QuantConfig(quality_target=35.0, **QUICK)
+    m = optimize("random:tiny", tmp_path / "qt", OptimizeConfig(precision="int8", quant=q, components=("unet",),
+                                                               **FAST))
+    result = m.components["unet"]["quantize"]["quality_target"]
+    trail = result["trail"]
+    assert result["reached"] and trail[-1]["psnr"] >= 35.0
+    assert trail[-1]["kept_float_extra"] == len(result["extra_kept_float"]) >= 1 or trail[0]["psnr"] >= 35.0
+
+
+def test_unreachable_quality_target_says_what_to_try(int8, tiny_pipe):
+    from diffaccel.optimize.calibration import capture_unet_inputs
+    from diffaccel.optimize.quality_target import meet_target
+
+    class Stubborn:                      # a judge whose images never get better
+        def psnr(self, path, threads=None):
+            return 20.0
+
+    samples = capture_unet_inputs(tiny_pipe, ["a star"], steps=2, guidance_scale=7.5, seed=0, height=64, width=64)
+    model = int8 / "unet" / "quantized" / "model.onnx"
+    with pytest.raises(DiffaccelError, match="not reachable: the best was 20.00 dB.*lower the target"):
+        meet_target(lambda extra: model, Stubborn(), model, samples, 30.0)
