@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffaccel.optimize.specs import SOURCE_MODEL, export_module
+from diffaccel.optimize.components import SOURCE_MODEL, export_module
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

@@ -57,7 +57,7 @@ def _inputs(pipe, cfg: UNetBenchConfig):
 def _eager(pipe, dtype_name: str):
     import torch
 
-    from diffaccel.optimize.specs import export_module
+    from diffaccel.optimize.components import export_module
 
     dtype = getattr(torch, dtype_name)
     module = export_module("unet", pipe).to(dtype)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import num
+from .tables import num
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,6 @@ rebuilds the Markdown, the HTML and the plots from report.json alone (plus the i
 
 >>> json_safe({"psnr": float("inf"), "x": [float("nan"), 1.5]})
 {'psnr': 'inf', 'x': [None, 1.5]}
->>> num("inf")
-inf
 """
 from __future__ import annotations
 
@@ -40,13 +38,6 @@ def json_safe(obj):
         if math.isinf(obj):
             return "inf" if obj > 0 else "-inf"
     return obj
-
-
-def num(x) -> "float | None":
-    """A number read back from report.json ("inf" -> inf; None stays None)."""
-    if x is None:
-        return None
-    return float(x) if isinstance(x, (int, float, str)) else None
 
 
 # ---- writing -------------------------------------------------------------------------------------------------

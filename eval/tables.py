@@ -10,9 +10,19 @@ from __future__ import annotations
 import json
 import math
 
-from .report import num
 
 LEARNED = (("lpips", "LPIPS"), ("clip_score", "CLIP score"), ("fid", "FID"))
+
+
+def num(x) -> "float | None":
+    """A number read back from report.json ("inf" -> inf; None stays None).
+
+    >>> num("inf"), num(None)
+    (inf, None)
+    """
+    if x is None:
+        return None
+    return float(x) if isinstance(x, (int, float, str)) else None
 
 
 def fmt(x, spec: str = ".3g", scale: float = 1.0) -> str:

@@ -21,7 +21,7 @@ from .config import Backend, Exporter, Precision, QuantConfig, ShapeRange, Tenso
 from .errors import ArtifactError, DiffaccelError
 from .manifest import Manifest
 from .sources import Source, resolve_source
-from .specs import COMPONENTS
+from .components import COMPONENTS
 from .plans import plans, stages_for, supported_pairs
 from .stages import Context, Reporter, record_files, sweep_scratch
 

@@ -87,7 +87,7 @@ def _cmd_optimize(args) -> int:
     from .api import OptimizeConfig, optimize
     from .config import QuantConfig, ShapeRange, TensorRTConfig
     from .progress import ConsoleReporter
-    from .specs import COMPONENTS
+    from .components import COMPONENTS
 
     try:
         quant = QuantConfig(calib_prompts=args.calib_prompts, calib_size=args.calib_size,

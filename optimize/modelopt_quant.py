@@ -186,7 +186,7 @@ class ModeloptQuantStage(Stage):
         import torch
 
         from .calibration import capture_unet_inputs, load_prompts
-        from .specs import export_module
+        from .components import export_module
 
         quant, spec = ctx.config.quant, ctx.specs["unet"]
         recipe = recipe_for(ctx.config.precision, quant)

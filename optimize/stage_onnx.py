@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .export import export_onnx, onnx_files
 from .parity import check_parity
-from .specs import export_module
+from .components import export_module
 from .stages import Context, Stage, fresh_dir
 
 ADVICE_EXPORT = ("Try --exporter torchscript, another --opset, or a smaller --height/--width range; "

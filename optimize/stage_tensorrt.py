@@ -25,7 +25,7 @@ from pathlib import Path
 from .errors import BackendUnavailableError, DiffaccelError
 from .modelopt_quant import FP16_TOL, _modelopt_version, autocast_fp16, has_trt_ops
 from .parity import check_parity
-from .specs import COMPONENTS, export_module
+from .components import COMPONENTS, export_module
 from .stage_onnx import ExportStage, _named, _timed, latest_model
 from .stages import Stage, fresh_dir
 from .manifest import atomic_write_bytes

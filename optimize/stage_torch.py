@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .parity import check_parity
-from .specs import SOURCE_MODEL, export_module
+from .components import SOURCE_MODEL, export_module
 from .stage_onnx import _named, _timed
 from .stages import Stage, fresh_dir
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import config_hash
 from .manifest import Manifest, atomic_write_text, file_entry
-from .specs import COMPONENTS, ModelGeometry, sd_specs
+from .components import COMPONENTS, ModelGeometry, sd_specs
 
 log = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"     # every scratch file/folder inside a work dir starts with this; stale ones are swept on resume

@@ -7,7 +7,8 @@ import torch
 from diffaccel.engines import AcceleratedStableDiffusionPipeline, load_engine
 from diffaccel.optimize.manifest import Manifest
 from diffaccel.optimize.parity import compare
-from diffaccel.optimize.specs import ComponentSpec, export_module
+from diffaccel.optimize.components import export_module
+from diffaccel.optimize.specs import ComponentSpec
 
 from .conftest import psnr
 

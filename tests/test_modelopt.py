@@ -70,7 +70,7 @@ def int8_tiny(tmp_path_factory):
     from diffaccel.optimize.calibration import capture_unet_inputs
     from diffaccel.optimize.config import ShapeRange
     from diffaccel.optimize.modelopt_quant import export_qdq, quantize_unet
-    from diffaccel.optimize.specs import ModelGeometry, export_module, sd_specs
+    from diffaccel.optimize.components import ModelGeometry, export_module, sd_specs
 
     torch.set_num_threads(1)
     pipe = BUILTINS["random:tiny"]()
@@ -103,7 +103,7 @@ def test_qdq_onnx_runs_on_ort_cpu_and_matches_fake_quant(int8_tiny):
     import onnx
 
     from diffaccel.optimize.modelopt_quant import validate_qdq
-    from diffaccel.optimize.specs import export_module
+    from diffaccel.optimize.components import export_module
 
     ops = collections.Counter(n.op_type for n in onnx.load(str(int8_tiny["path"])).graph.node)
     assert ops["QuantizeLinear"] > 50 and ops["QuantizeLinear"] == ops["DequantizeLinear"]

@@ -107,7 +107,8 @@ def test_fp16_conversion_runs_and_guards(tmp_path, artifacts, tiny_pipe):
     from diffaccel.engines.onnxruntime_backend import OrtEngine
     from diffaccel.optimize.parity import check_parity
     from diffaccel.optimize.stage_fp16 import FP16_TOLERANCE, convert_fp16
-    from diffaccel.optimize.specs import ComponentSpec, export_module
+    from diffaccel.optimize.components import export_module
+    from diffaccel.optimize.specs import ComponentSpec
 
     art = artifacts("random:tiny", "onnxruntime", **FAST)
     convert_fp16(art / "unet/export/model.onnx", tmp_path / "unet16.onnx")

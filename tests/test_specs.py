@@ -2,7 +2,8 @@ import pytest
 
 from diffaccel.optimize.config import ShapeRange
 from diffaccel.optimize.errors import ShapeError
-from diffaccel.optimize.specs import AxisRange, ComponentSpec, ModelGeometry, TensorSpec, sd_specs
+from diffaccel.optimize.components import ModelGeometry, sd_specs
+from diffaccel.optimize.specs import AxisRange, ComponentSpec, TensorSpec
 
 GEO = ModelGeometry(vocab_size=1000, max_length=77, text_hidden=32, latent_channels=4, unet_in_channels=4,
                     cross_attention_dim=32, vae_scale_factor=8, latent_multiple=8, default_size=512,

@@ -9,7 +9,7 @@ import pytest
 
 from diffaccel.optimize.config import ShapeRange
 from diffaccel.optimize.errors import ArtifactError, BackendUnavailableError
-from diffaccel.optimize.specs import ModelGeometry, sd_specs
+from diffaccel.optimize.components import ModelGeometry, sd_specs
 from diffaccel.optimize.trt_cache import (BuildLog, TrtEnvironment, build_flags, check_engine_compatible,
                                           default_timing_cache, engine_cache_key, engine_identity, format_build_error,
                                           key_of_identity, ort_trt_cache_dir, rebuild_command, trt_profile)
@@ -253,7 +253,8 @@ def test_engines_match_torch_on_fresh_inputs(artifacts, precision):
     from diffaccel.optimize.manifest import Manifest
     from diffaccel.optimize.parity import compare
     from diffaccel.optimize.sources import resolve_source
-    from diffaccel.optimize.specs import ComponentSpec, export_module
+    from diffaccel.optimize.components import export_module
+    from diffaccel.optimize.specs import ComponentSpec
 
     out = artifacts(_src(), "tensorrt", precision)
     m = Manifest.load(out)
@@ -345,7 +346,8 @@ def test_unet_step_latency_tensorrt_fp16_vs_torch_fp16_eager(artifacts, capsys):
     from diffaccel.eval.timing import measure
     from diffaccel.optimize.manifest import Manifest
     from diffaccel.optimize.sources import resolve_source
-    from diffaccel.optimize.specs import ComponentSpec, export_module
+    from diffaccel.optimize.components import export_module
+    from diffaccel.optimize.specs import ComponentSpec
 
     out = artifacts(_src(), "tensorrt", "fp16", components=("unet",))
     entry = Manifest.load(out).components["unet"]
