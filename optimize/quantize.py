@@ -22,6 +22,7 @@ DEFAULT_KEEP_FP32 = {
     r"^conv_out$": "the last conv's error is the model's output error",
 }
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
+ALGORITHM_VERSION = 2      # part of the quantize stage's key: bump when what a config produces changes
 
 
 def node_scope(node) -> str:
@@ -41,6 +42,35 @@ def excluded_nodes(model, patterns) -> list:
     regexes = [re.compile(p) for p in patterns]
     return sorted(n.name for n in model.graph.node
                   if n.op_type in QUANT_OPS and any(r.search(node_scope(n)) for r in regexes))
+
+
+def attention_score_matmuls(model, depth: int = 3) -> list:
+    """MatMuls whose output reaches a Softmax through at most ``depth`` elementwise ops (the QK^T of attention).
+
+    Kept in float on purpose: with their outputs quantized, ONNX Runtime fuses DequantizeLinear -> Softmax ->
+    QuantizeLinear into QLinearSoftmax, which on the SD 1.5 U-Net (256x256, one thread) took 200 ms per step against
+    87 ms for the float Softmax; keeping these MatMuls float made the whole int8 U-Net 2.68x fp32 instead of 2.19x
+    at the same error (reproduce: python tools/bench_int8_variants.py).
+    """
+    consumers: dict = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def reaches_softmax(node) -> bool:
+        frontier = list(node.output)
+        for _ in range(depth):
+            nxt = []
+            for t in frontier:
+                for c in consumers.get(t, []):
+                    if c.op_type == "Softmax":
+                        return True
+                    if c.op_type in ("Mul", "Add", "Div", "Where", "Cast"):
+                        nxt += list(c.output)
+            frontier = nxt
+        return False
+
+    return sorted(n.name for n in model.graph.node if n.op_type == "MatMul" and reaches_softmax(n))
 
 
 class CalibrationReader:
@@ -81,15 +111,17 @@ def preprocess(src: Path, dst: Path, *, external: bool) -> Path:
 
 
 def quantize_static_qdq(src: Path, dst: Path, samples: list, quant, *, external: bool,
-                        extra_exclude: tuple = (), cache: "Path | None" = None) -> dict:
+                        extra_exclude: tuple = (), cache: "Path | None" = None,
+                        float_attention_scores: bool = True) -> dict:
     """QDQ int8 (uint8 activations, int8 per-channel weights: the VNNI-friendly U8S8 layout ORT recommends)."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(src), load_external_data=False)
     patterns = tuple(DEFAULT_KEEP_FP32) + tuple(quant.keep_fp32)
-    exclude = sorted(set(excluded_nodes(model, patterns)) | set(extra_exclude))
-    quantized = [n.name for n in model.graph.node if n.op_type in QUANT_OPS and n.name not in exclude]
+    scores = attention_score_matmuls(model) if float_attention_scores else []
+    exclude = sorted(set(excluded_nodes(model, patterns)) | set(scores) | set(extra_exclude))
+    quantized = [n.name for n in model.graph.node if n.op_type in QUANT_OPS and n.name not in set(exclude)]
     if not quantized:
         raise DiffaccelError("every Conv/MatMul/Gemm of the U-Net is excluded by --keep-fp32; loosen the pattern")
     # (not CalibMaxIntermediateOutputs: in onnxruntime 1.32 it discards collected ranges instead of merging them)
@@ -101,4 +133,5 @@ def quantize_static_qdq(src: Path, dst: Path, samples: list, quant, *, external:
                     calibration_cache_path=str(cache) if cache else None)
     return {"method": "static-qdq-u8s8", "calibration": str(quant.method), "per_channel": quant.per_channel,
             "calibration_samples": len(samples), "kept_float": exclude, "quantized_nodes": len(quantized),
+            "attention_scores_kept_float": len(scores),
             "default_keep_fp32": DEFAULT_KEEP_FP32, "user_keep_fp32": list(quant.keep_fp32)}

@@ -22,10 +22,10 @@ class QuantizeStage(Stage):
     def settings(self, ctx):
         import dataclasses
 
-        from .quantize import DEFAULT_KEEP_FP32
+        from .quantize import ALGORITHM_VERSION, DEFAULT_KEEP_FP32
 
         return {"precision": str(ctx.config.precision), "quant": dataclasses.asdict(ctx.config.quant),
-                "defaults": sorted(DEFAULT_KEEP_FP32), "threads": ctx.config.threads}
+                "defaults": sorted(DEFAULT_KEEP_FP32), "algorithm": ALGORITHM_VERSION, "threads": ctx.config.threads}
 
     def run(self, ctx):
         files = []
