@@ -56,6 +56,8 @@ def add_eval(sub) -> None:
                                                                          "weights than the baseline")
     p.add_argument("--trust-pickle", action="store_true", help="allow a pickle checkpoint as --baseline")
     p.add_argument("--config", default=None, help="diffusers config folder for a single-file --baseline")
+    p.add_argument("--bench", action="append", default=[], metavar="BENCH_DIR",
+                   help="link a diffaccel bench result folder into the report (repeatable)")
     p.add_argument("--render-only", action="store_true", help="only rebuild report.md/.html from REPORT_DIR's "
                                                               "report.json")
     p.set_defaults(func=_cmd_eval)
@@ -83,7 +85,7 @@ def config_from_args(args):
             guidance_scale=args.guidance, peers=tuple(x.strip() for x in args.peers.split(",") if x.strip()),
             warmup=args.warmup, repeat=args.repeat, device=args.device, provider=args.provider, threads=args.threads,
             clip_model=args.clip_model, inception=args.inception, lpips=args.lpips, adherence=args.adherence,
-            allow_different_source=args.allow_different_source)
+            allow_different_source=args.allow_different_source, bench=tuple(args.bench))
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
 

@@ -58,6 +58,7 @@ class EvalConfig:
     lpips: "str | None" = None            # local TorchScript LPIPS -> LPIPS
     adherence: "bool | None" = None       # None = on for the tinyshapes baseline
     allow_different_source: bool = False
+    bench: tuple = ()                     # diffaccel bench output folders to link into the report
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -65,6 +66,7 @@ class EvalConfig:
         if any(not str(p).strip() for p in prompts):
             raise ValueError("empty prompt given; every prompt needs some text")
         set_("prompts", tuple(str(p) for p in prompts))
+        set_("bench", tuple(str(b) for b in ((self.bench,) if isinstance(self.bench, str) else self.bench)))
         set_("seeds", _ints(self.seeds, "seed", 0))
         set_("steps", tuple(sorted(_ints(self.steps, "step count", 1))))
         set_("batch_sizes", tuple(sorted(_ints(self.batch_sizes, "batch size", 1))))
@@ -157,6 +159,9 @@ def evaluate(artifacts=(), baseline: "str | None" = None, config: EvalConfig = E
     adherence_on, adherence_why = quality.adherence_enabled(config.adherence, source.spec, prompts)
     learned = quality.Learned(config.clip_model, config.inception, config.lpips)
     out = rep.check_out_dir(out_dir)
+    from .benchlinks import bench_summaries
+
+    benches = bench_summaries(config.bench, out)
     rp = RunPlan(prompts, config.seeds, config.steps, config.batch_sizes, config.height, config.width,
                  config.guidance_scale, config.warmup, config.repeat, config.device,
                  scheduler_cls=var.scheduler_class(config.scheduler))
@@ -165,6 +170,8 @@ def evaluate(artifacts=(), baseline: "str | None" = None, config: EvalConfig = E
         runs = [run_variant(v, rp, reporter)
                 for v in var.plan(source, manifests, config.peers, config.device, config.provider, config.threads)]
         report, images = assemble(config, source, rp, runs, learned, adherence_on, adherence_why)
+    if benches:
+        report["load_benchmarks"] = benches
     return rep.write_report(report, images, out)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html as _html
 import json
+import re
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;
@@ -46,9 +47,15 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+def cell(value) -> str:
+    """A table cell; a Markdown link ``[text](relative/path)`` becomes a local link (never an external URL)."""
+    m = re.fullmatch(r"\[([^\]]+)\]\(([^)\s:]+)\)", str(value))
+    return f'<a href="{esc(m.group(2))}">{esc(m.group(1))}</a>' if m else esc(value)
+
+
 def table(rows: list) -> str:
     head = "".join(f"<th>{esc(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

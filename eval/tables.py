@@ -186,6 +186,14 @@ def _per_image(report) -> list:
     return rows
 
 
+def _load_benchmarks(report) -> list:
+    if not report.get("load_benchmarks"):
+        return []
+    from .benchlinks import bench_rows
+
+    return [("Load benchmark (diffaccel bench)", bench_rows(report))]
+
+
 def sections(report: dict) -> list:
     """(title, rows or text) for every detail section, in report order."""
     notes = "\n".join(f"- **{k}**: {v}" for k, v in report["metrics"].items())
@@ -195,5 +203,5 @@ def sections(report: dict) -> list:
             ("Throughput vs batch size", _throughput(report)), ("Setup and memory", _setup(report)),
             ("Quality vs baseline (same prompts, seeds, scheduler)", _quality(report)),
             ("Prompt adherence", _adherence(report)), ("Steps sweep", _sweep(report)),
-            ("Per image", _per_image(report)), ("Metric notes", notes),
+            ("Per image", _per_image(report)), *_load_benchmarks(report), ("Metric notes", notes),
             ("Configuration", "```json\n" + json.dumps(report["config"], indent=1) + "\n```")]

@@ -172,3 +172,25 @@ def test_write_report_replaces_a_report_but_not_other_folders(stored, tmp_path):
 def test_pareto_front():
     assert pareto_front([(1.0, 30.0), (2.0, 40.0), (3.0, 35.0), (0.5, 20.0)]) == [3, 0, 1]
     assert pareto_front([(1.0, math.inf), (1.0, 10.0)]) == [0]
+
+
+def test_load_benchmarks_are_linked(tmp_path):
+    from diffaccel.eval.benchlinks import bench_summaries
+    from diffaccel.optimize.errors import DiffaccelError
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    row = {"rate_label": "1x", "concurrency": None, "max_batch": 4, "timeout_ms": 100.0, "p50_s": 0.15,
+           "p95_s": 0.22, "p99_s": 0.24, "throughput_img_min": 586.0, "predicted_img_min": 608.0}
+    (bench / "bench.json").write_text(json.dumps({"schema_version": 1, "engine": "onnxruntime/fp32",
+                                                  "table": [row], "slo": None}))
+    out = tmp_path / "report"
+    report = synthetic_report()
+    report["load_benchmarks"] = bench_summaries([bench], out)
+    write_report(report, _images(report), out)
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "[bench.md](../bench/bench.md)" in md and "586" in md
+    assert '<a href="../bench/bench.md">bench.md</a>' in page
+    assert not re.search(r"https?://", page)
+    with pytest.raises(DiffaccelError, match="no readable bench.json"):
+        bench_summaries([tmp_path / "missing"], out)
