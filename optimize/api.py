@@ -191,10 +191,19 @@ def _prepare_workdir(out: Path, source: Source, force: bool) -> tuple:
         shutil.rmtree(partial)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not force:
-        shutil.copytree(out, partial, copy_function=os.link)
+        shutil.copytree(out, partial, copy_function=_link_or_copy)
         return partial, False
     partial.mkdir()
     return partial, True
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link (cheap; stages replace files, never write through them), except ONNX external-data files: onnx
+    refuses to read a weights file with several hard links (its guard against hard-link attacks)."""
+    if src.endswith(".data"):
+        shutil.copy2(src, dst)
+    else:
+        os.link(src, dst)
 
 
 def _swap_into_place(work: Path, out: Path) -> None:

@@ -134,3 +134,22 @@ def test_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
     with pytest.raises(ParityError):
         optimize("random:tiny", tmp_path / "x", OptimizeConfig(**FAST))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_rebuild_of_a_model_with_external_weights(tmp_path, monkeypatch):
+    """Models over 2 GB keep weights in model.onnx.data; a rebuild must still read them (onnx refuses hard-linked
+    external data). Forced here on the tiny model by lowering the threshold."""
+    import diffaccel.optimize.export as export
+
+    from diffaccel.optimize.config import QuantConfig
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "big"
+    q = dict(calib_size=1, calib_steps=2)
+    optimize("random:tiny", out, OptimizeConfig(precision="int8", components=("unet",), quant=QuantConfig(**q),
+                                                **FAST))
+    assert (out / "unet" / "export" / "model.onnx.data").is_file()
+    m = optimize("random:tiny", out, OptimizeConfig(precision="int8", components=("unet",),
+                                                    quant=QuantConfig(calib_seed=1, **q), **FAST))
+    m.verify()
+    assert (out / "unet" / "export" / "model.onnx.data").stat().st_nlink == 1
