@@ -31,6 +31,7 @@ def test_wheel_contains_the_shipped_model(wheel):
     shipped = {f"diffaccel/optimize/assets/{p.relative_to(assets).as_posix()}" for p in assets.rglob("*")
                if p.is_file()}
     names = set(zipfile.ZipFile(wheel).namelist())
+    assert "diffaccel/optimize/assets/tinyshapes/model_index.json" in shipped
     assert shipped <= names, sorted(shipped - names)
 
 

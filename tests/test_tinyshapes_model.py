@@ -1,8 +1,6 @@
 """The shipped tinyshapes pipeline: loads offline, has the SD 1.x layout diffaccel expects, is small, runs."""
 import json
-import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -73,25 +71,14 @@ def test_two_step_generation_runs(pipe):
     assert 0.0 <= image.min() and image.max() <= 1.0
 
 
-@pytest.mark.slow
-def test_wheel_ships_the_weights(tmp_path):
-    """A non-editable install gets the weights: they are in the built wheel as package data."""
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-           str(ROOT)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-    (wheel,) = tmp_path.glob("diffaccel-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    for f in MODEL.rglob("*"):
-        if f.is_file():
-            assert f"diffaccel/optimize/assets/tinyshapes/{f.relative_to(MODEL).as_posix()}" in names
-
-
 def _train_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_tinyshapes", ROOT / "tools" / "train_tinyshapes.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules.setdefault("train_tinyshapes", module)  # dataclasses look their module up while building
+    spec.loader.exec_module(sys.modules["train_tinyshapes"])
+    module = sys.modules["train_tinyshapes"]
     return module
 
 

@@ -1,0 +1,351 @@
+"""Train the tinyshapes model from scratch: a Stable Diffusion pipeline for the procedural shapes world.
+
+Two stages, each seeded, checkpointed and resumable:
+1. the AutoencoderKL, on fresh renders each step (64x64 RGB -> 16x16x4 latents);
+2. the CLIP text encoder and the U-Net together, on the cached latents of a pool of training renders, with
+   caption dropout (classifier-free guidance), v-prediction on a zero-terminal-SNR schedule, extra loss weight on
+   the latent pixels around the object (its outline is what tells the shapes apart) and an EMA of the weights.
+The data for step k comes from a generator seeded by (seed, stage, k), so a resumed run sees what an unbroken run
+would have seen. The result is written in diffusers format (safetensors) to ``--out``.
+
+    python tools/train_tinyshapes.py                      # from scratch, into optimize/assets/tinyshapes
+    python tools/train_tinyshapes.py --resume             # continue from runs/tinyshapes/checkpoint.pt
+    python tools/train_tinyshapes.py --threads 1 --unet-steps 200 --out runs/tiny-try   # a quick try
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffaccel.eval.shapes import WORDS, caption, render, sample_scenes
+from diffaccel.optimize.tokenizer import word_tokenizer
+
+log = logging.getLogger("train_tinyshapes")
+ROOT = Path(__file__).resolve().parents[1]
+CA, DB = "CrossAttnDownBlock2D", "DownBlock2D"
+VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64),
+                  down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                  layers_per_block=1, norm_num_groups=8, sample_size=64)
+UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128),
+                   layers_per_block=1, down_block_types=(CA, CA, DB),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                   cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16)
+TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3,
+                   projection_dim=64)
+# Zero terminal SNR (with v-prediction and trailing timesteps): the flat background is the image's mean color,
+# which SD's schedule leaks into the last training step but not into pure-noise sampling (Lin et al., 2023).
+SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        num_train_timesteps=1000, steps_offset=1, clip_sample=False, set_alpha_to_one=False,
+                        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    vae_steps: int = 2000
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-9
+    object_weight: float = 4.0      # extra reconstruction weight on object pixels (they are few, and matter)
+    pool: int = 24000
+    unet_steps: int = 5000
+    batch: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    caption_dropout: float = 0.1
+    omit_prob: float = 0.2          # chance that a caption leaves out the size (and, separately, the position)
+    # min-SNR weighting (snr_gamma > 0) starves the noisiest steps, which decide the layout and the shape: runs
+    # with it learned color and background but drew shapes at chance after 1500 steps. 0: plain v-prediction MSE.
+    snr_gamma: float = 0.0
+    snr_floor: float = 0.1
+    object_loss_weight: float = 2.0  # extra weight on latent pixels within one pixel of the object
+    ema_decay: float = 0.999
+    # Token positions of the text encoder. 16 hold the longest caption (12 words + BOS/EOS) and cost ~25% less
+    # per step than SD's 77, whose padding tokens (each a causal summary of the whole caption) may carry global
+    # attributes such as the background to the U-Net's cross-attention.
+    text_tokens: int = 16
+
+    def __post_init__(self):
+        for name in ("vae_steps", "vae_batch", "pool", "unet_steps", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+
+def step_rng(cfg: TrainConfig, stage: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([cfg.seed, stage, step])
+
+
+def to_tensor(images: list) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def build_models(cfg: TrainConfig):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = word_tokenizer(WORDS, max_length=cfg.text_tokens)
+    text = CLIPTextConfig(**TEXT_CONFIG, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                          max_position_embeddings=cfg.text_tokens)
+    return dict(tokenizer=tokenizer, vae=AutoencoderKL(**VAE_CONFIG), text_encoder=CLIPTextModel(text),
+                unet=UNet2DConditionModel(**UNET_CONFIG))
+
+
+class Progress:
+    """Log lines with loss, rate and ETA every ``every`` steps."""
+
+    def __init__(self, name: str, total: int, start: int, every: int = 25):
+        self.name, self.total, self.start, self.every = name, total, start, every
+        self.t0, self.losses = time.time(), []
+
+    def update(self, step: int, loss: float):
+        self.losses.append(loss)
+        done = step + 1
+        if done % self.every and done != self.total:
+            return
+        rate = (time.time() - self.t0) / max(1, done - self.start)
+        log.info("%s step %d/%d  loss %.5f  %.2fs/step  elapsed %.0fs  eta %.0fs", self.name, done, self.total,
+                 float(np.mean(self.losses)), rate, time.time() - self.t0, rate * (self.total - done))
+        self.losses = []
+
+
+def vae_loss(cfg: TrainConfig, vae, x: torch.Tensor) -> torch.Tensor:
+    posterior = vae.encode(x).latent_dist
+    recon = vae.decode(posterior.sample()).sample
+    on_object = ((x - x[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.05).float()  # corners are background
+    weight = 1 + cfg.object_weight * on_object
+    rec = (weight * ((recon - x).pow(2) + 0.5 * (recon - x).abs())).mean() / weight.mean()
+    return rec + cfg.kl_weight * posterior.kl().mean()
+
+
+def train_vae(cfg: TrainConfig, models: dict, state: dict, save):
+    vae = models["vae"].train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    if "vae_opt" in state:
+        opt.load_state_dict(state["vae_opt"])
+    progress = Progress("vae", cfg.vae_steps, state["vae_step"])
+    for step in range(state["vae_step"], cfg.vae_steps):
+        rng = step_rng(cfg, 1, step)
+        x = to_tensor([render(s) for s in sample_scenes(cfg.vae_batch, seed=int(rng.integers(2**31)))])
+        torch.manual_seed(int(rng.integers(2**31)))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup)
+        loss = vae_loss(cfg, vae, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress.update(step, loss.item())
+        state["vae_step"] = step + 1
+        if save.due(step + 1) or step + 1 == cfg.vae_steps:
+            state["vae_opt"] = opt.state_dict()
+            save(state)
+    vae.eval().requires_grad_(False)
+
+
+def object_mask(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Latent-resolution mask (N, 1, h, w) of the object in renders ``x`` (N, 3, H, W), grown by one latent pixel."""
+    on_object = ((x - x[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.05).float()
+    coarse = torch.nn.functional.max_pool2d(on_object, factor)
+    return torch.nn.functional.max_pool2d(coarse, 3, stride=1, padding=1).to(torch.uint8)
+
+
+def make_pool(cfg: TrainConfig, models: dict):
+    """Latent moments, object masks and caption token ids for ``cfg.pool`` training scenes; sets the VAE scaling
+    factor."""
+    vae, tok = models["vae"], models["tokenizer"]
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    scenes = sample_scenes(cfg.pool, seed=cfg.seed + 1000, split="train")
+    moments, masks = [], []
+    with torch.no_grad():
+        for i in range(0, len(scenes), 256):
+            x = to_tensor([render(s) for s in scenes[i:i + 256]])
+            dist = vae.encode(x).latent_dist
+            moments.append(torch.cat([dist.mean, dist.std], 1))
+            masks.append(object_mask(x, factor))
+    moments, masks = torch.cat(moments), torch.cat(masks)
+    variants = [(True, True), (False, True), (True, False), (False, False)]
+    texts = [caption(s, size, pos) for s in scenes for size, pos in variants]
+    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.view(len(scenes), len(variants), -1)
+    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    noise = torch.randn(moments[:, 4:].shape, generator=torch.Generator().manual_seed(cfg.seed))
+    std = float((moments[:, :4] + moments[:, 4:] * noise).std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    log.info("pool of %d scenes encoded; latent std %.4f -> scaling_factor %.4f", cfg.pool, std, 1 / std)
+    return moments, masks, ids, empty[0]
+
+
+def caption_ids(cfg: TrainConfig, ids: torch.Tensor, empty: torch.Tensor, idx, rng) -> torch.Tensor:
+    """Token ids for pool items ``idx``: a random caption variant each, the empty caption with dropout."""
+    n = len(idx)
+    variant = (rng.random(n) < cfg.omit_prob).astype(int) + 2 * (rng.random(n) < cfg.omit_prob).astype(int)
+    out = ids[torch.as_tensor(idx), torch.as_tensor(variant)].clone()
+    out[torch.as_tensor(rng.random(n) < cfg.caption_dropout)] = empty
+    return out
+
+
+class Ema:
+    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, params, decay: float):
+        self.params, self.decay = list(params), decay
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def copy_to_params(self):
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+def unet_loss(cfg: TrainConfig, models: dict, pool, step: int, alphas: torch.Tensor) -> torch.Tensor:
+    moments, masks, ids, empty = pool
+    rng = step_rng(cfg, 2, step)
+    idx = rng.integers(len(moments), size=cfg.batch)
+    g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    m = moments[torch.as_tensor(idx)]
+    latents = (m[:, :4] + m[:, 4:] * torch.randn(m[:, 4:].shape, generator=g)) * models["vae"].config.scaling_factor
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, len(alphas), (cfg.batch,), generator=g)
+    a = alphas[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * latents  # v-prediction
+    cond = models["text_encoder"](caption_ids(cfg, ids, empty, idx, rng))[0]
+    pred = models["unet"](noisy, t, cond).sample
+    pixel_weight = 1 + cfg.object_loss_weight * masks[torch.as_tensor(idx)].float()
+    per_sample = (pixel_weight * (pred - target).pow(2)).mean(dim=(1, 2, 3)) / pixel_weight.mean(dim=(1, 2, 3))
+    if cfg.snr_gamma > 0:  # min-SNR weights for v-prediction
+        snr = alphas[t] / (1 - alphas[t])
+        per_sample = per_sample * snr.clamp(min=cfg.snr_floor, max=cfg.snr_gamma) / (snr + 1)
+    return per_sample.mean()
+
+
+def train_unet(cfg: TrainConfig, models: dict, state: dict, save, pool):
+    from diffusers import DDIMScheduler
+
+    alphas = DDIMScheduler(**SCHEDULER_CONFIG).alphas_cumprod.float()
+    params = list(models["unet"].parameters()) + list(models["text_encoder"].parameters())
+    models["unet"].train(), models["text_encoder"].train()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    ema = Ema(params, cfg.ema_decay)
+    if "unet_opt" in state:
+        opt.load_state_dict(state["unet_opt"])
+        ema.shadow = state["ema"]
+    progress = Progress("unet", cfg.unet_steps, state["unet_step"])
+    for step in range(state["unet_step"], cfg.unet_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.unet_steps, cfg.lr, cfg.warmup)
+        loss = unet_loss(cfg, models, pool, step, alphas)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(step)
+        progress.update(step, loss.item())
+        state["unet_step"] = step + 1
+        if save.due(step + 1) or step + 1 == cfg.unet_steps:
+            state.update(unet_opt=opt.state_dict(), ema=ema.shadow)
+            save(state)
+    ema.copy_to_params()
+    models["unet"].eval(), models["text_encoder"].eval()
+
+
+class Checkpoint:
+    """Saves models and training state to ``path`` every ``every`` steps (atomically), and loads them back."""
+
+    def __init__(self, path: Path, models: dict, every: int):
+        self.path, self.models, self.every = path, models, every
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def __call__(self, state: dict):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        weights = {k: self.models[k].state_dict() for k in ("vae", "text_encoder", "unet")}
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({**state, "weights": weights}, tmp)
+        tmp.replace(self.path)
+
+    def load(self) -> dict:
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {self.path}; run without --resume to start from scratch")
+        state = torch.load(self.path, weights_only=False)
+        for k, sd in state.pop("weights").items():
+            self.models[k].load_state_dict(sd)
+        log.info("resumed from %s at vae step %d, unet step %d", self.path, state["vae_step"], state["unet_step"])
+        return state
+
+
+def save_pipeline(models: dict, out: Path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=models["vae"], text_encoder=models["text_encoder"],
+                                   tokenizer=models["tokenizer"], unet=models["unet"],
+                                   scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    log.info("pipeline written to %s (%.1f MB)", out, size / 1e6)
+
+
+def train(cfg: TrainConfig, work: Path, out: Path, resume: bool, every: int, vae: "Path | None" = None):
+    t0 = time.time()
+    models = build_models(cfg)
+    if vae is not None:  # reuse a trained autoencoder: stage 1 is skipped
+        from diffusers import AutoencoderKL
+
+        models["vae"] = AutoencoderKL.from_pretrained(vae, local_files_only=True)
+    save = Checkpoint(work / "checkpoint.pt", models, every)
+    state = save.load() if resume else {"vae_step": 0 if vae is None else cfg.vae_steps, "unet_step": 0,
+                                        "config": dataclasses.asdict(cfg)}
+    if state.get("config", dataclasses.asdict(cfg)) != dataclasses.asdict(cfg):
+        raise ValueError(f"checkpoint {save.path} was made with another config: {state['config']}")
+    train_vae(cfg, models, state, save)
+    pool = make_pool(cfg, models)
+    state["scaling_factor"] = models["vae"].config.scaling_factor
+    train_unet(cfg, models, state, save, pool)
+    save_pipeline(models, out)
+    log.info("done in %.1f min", (time.time() - t0) / 60)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "optimize" / "assets" / "tinyshapes",
+                   help="where the diffusers pipeline is written (default: the shipped assets)")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "tinyshapes", help="checkpoint folder")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--vae", type=Path, help="a trained AutoencoderKL folder to reuse (skips stage 1)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    for f in dataclasses.fields(TrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    train(cfg, args.work, args.out, args.resume, args.checkpoint_every, args.vae)
+
+
+if __name__ == "__main__":
+    main()
