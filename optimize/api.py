@@ -20,8 +20,8 @@ from pathlib import Path
 from .config import Backend, Exporter, Precision, QuantConfig, ShapeRange, TensorRTConfig, config_hash
 from .errors import ArtifactError, DiffaccelError
 from .manifest import Manifest
-from .sources import Source, resolve_source
-from .components import COMPONENTS
+from .sources import Source, check_configs, resolve_source
+from .components import COMPONENTS, check_pixel_range, size_factors
 from .plans import plans, stages_for, supported_pairs
 from .stages import Context, Reporter, record_files, sweep_scratch
 
@@ -63,7 +63,7 @@ class OptimizeConfig:
         if self.graph_level not in ("disable", "basic", "extended", "all"):
             raise ValueError(f"unknown graph level {self.graph_level!r}; choose one of: disable, basic, extended, all")
         if not 14 <= int(self.opset) <= 23:
-            raise ValueError(f"opset {self.opset} is out of range; choose 17-20 (18 is the default)")
+            raise ValueError(f"opset {self.opset} is out of range; choose 14-23 (18 is the default)")
 
     def to_dict(self) -> dict:
         return json_ready(dataclasses.asdict(self))
@@ -89,6 +89,7 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
     source = src if isinstance(src, Source) else resolve_source(
         src, trust_pickle=trust_pickle, single_file_config=single_file_config)
     out = Path(out)
+    _check_before_loading(source, config)
     stage_classes = stages_for(config.backend, config.precision)
     for cls in stage_classes:
         cls.preflight(config)
@@ -105,6 +106,21 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
         raise
     _swap_into_place(work, out)
     return Manifest.load(out)
+
+
+def _check_before_loading(source: Source, config: OptimizeConfig) -> None:
+    """Refuse an unsupported U-Net and image-size ranges the model cannot serve before loading it (where its
+    configs can be read without the weights)."""
+    configs = source.configs()
+    if configs is None:
+        return
+    unet_cfg, vae_cfg = configs
+    check_configs(unet_cfg.get("_class_name", "UNet2DConditionModel"), unet_cfg, vae_cfg, source.spec)
+    scale, latent_multiple = size_factors(unet_cfg, vae_cfg)
+    for what in ("height", "width"):
+        rng = getattr(config.shapes, what)
+        if rng is not None:
+            check_pixel_range(rng, scale * latent_multiple, what)
 
 
 def _drop_foreign_stages(ctx: Context) -> None:

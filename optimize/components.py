@@ -40,7 +40,7 @@ class ModelGeometry:
     @classmethod
     def from_pipeline(cls, pipe) -> "ModelGeometry":
         unet, vae, te = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
-        vae_scale = 2 ** (len(vae.block_out_channels) - 1)
+        vae_scale, latent_multiple = size_factors(unet, vae)
         sample = unet.sample_size if isinstance(unet.sample_size, int) else unet.sample_size[0]
         return cls(
             vocab_size=int(te.vocab_size),
@@ -50,10 +50,40 @@ class ModelGeometry:
             unet_in_channels=int(unet.in_channels),
             cross_attention_dim=int(unet.cross_attention_dim),
             vae_scale_factor=vae_scale,
-            latent_multiple=2 ** (len(unet.down_block_types) - 1),
+            latent_multiple=latent_multiple,
             default_size=int(sample) * vae_scale,
             num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
         )
+
+
+def size_factors(unet_config, vae_config) -> tuple:
+    """(VAE scale factor, latent multiple the U-Net needs) from the U-Net and VAE configs (dicts or diffusers
+    FrozenDicts; diffusers' defaults where a key is absent: 4 blocks each).
+
+    >>> size_factors({"down_block_types": ["A", "B", "C"]}, {"block_out_channels": [16, 32, 64]})
+    (4, 4)
+    >>> size_factors({}, {})   # SD 1.x/2.x
+    (8, 8)
+    """
+    vae_blocks = len(vae_config.get("block_out_channels") or (0,) * 4)
+    unet_blocks = len(unet_config.get("down_block_types") or (0,) * 4)
+    return 2 ** (vae_blocks - 1), 2 ** (unet_blocks - 1)
+
+
+def check_pixel_range(rng, multiple: int, what: str) -> None:
+    """Refuse an image-size range (lo, hi) that is not made of multiples of ``multiple``.
+
+    >>> check_pixel_range((64, 128), 16, "height")
+    >>> check_pixel_range((64, 72), 16, "height")
+    Traceback (most recent call last):
+    ...
+    diffaccel.optimize.errors.ShapeError: height range 64-72 is not a multiple of 16: this model's U-Net needs image sizes divisible by 16; try 64-64
+    """
+    lo, hi = rng
+    if lo % multiple or hi % multiple:
+        raise ShapeError(f"{what} range {lo}-{hi} is not a multiple of {multiple}: this model's U-Net needs image "
+                         f"sizes divisible by {multiple}; try {max(multiple, lo // multiple * multiple)}-"
+                         f"{max(multiple, hi // multiple * multiple)}")
 
 
 def _pixel_axis(rng, geo: ModelGeometry, what: str) -> AxisRange:
@@ -63,9 +93,7 @@ def _pixel_axis(rng, geo: ModelGeometry, what: str) -> AxisRange:
         lo, hi = max(m, (geo.default_size // 2) // m * m), (geo.default_size * 3 // 2) // m * m
     else:
         lo, hi = rng
-        if lo % m or hi % m:
-            raise ShapeError(f"{what} range {lo}-{hi} is not a multiple of {m}: this model's U-Net needs image "
-                             f"sizes divisible by {m}; try {max(m, lo // m * m)}-{max(m, hi // m * m)}")
+        check_pixel_range(rng, m, what)
     opt = min(max(geo.default_size, lo), hi) // m * m
     s = geo.vae_scale_factor
     return AxisRange(lo // s, max(opt, lo) // s, hi // s, geo.latent_multiple)

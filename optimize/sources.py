@@ -16,7 +16,7 @@ import re
 import struct
 from pathlib import Path
 
-from .builtins import BUILTINS, builtin_hash, builtin_location
+from .builtins import BUILTINS, RECIPES, builtin_hash, builtin_location
 from .errors import SourceError, one_line
 from .manifest import file_sha256, tree_sha256
 
@@ -36,6 +36,19 @@ class Source:
 
     def to_dict(self) -> dict:
         return {"spec": self.spec, "kind": self.kind, "location": self.location, "sha256": self.sha256}
+
+    def configs(self) -> "tuple[dict, dict] | None":
+        """The U-Net and VAE configs, read without loading any weights (None where only loading can tell: a
+        single-file checkpoint without ``--config``). Lets size checks run before any work."""
+        if self.kind == "builtin" and self.spec in RECIPES:
+            return RECIPES[self.spec]["unet"], RECIPES[self.spec]["vae"]
+        folder = self.single_file_config if self.kind == "single_file" else self.location
+        if folder is None:
+            return None
+        try:
+            return tuple(json.loads((Path(folder) / c / "config.json").read_text()) for c in ("unet", "vae"))
+        except (OSError, json.JSONDecodeError):
+            return None   # loading will say what is wrong
 
     def load(self):
         """The diffusers ``StableDiffusionPipeline`` (fp32, CPU, eval mode) behind this source."""
@@ -186,17 +199,27 @@ _LOADERS = {"builtin": _load_builtin, "folder": _load_folder, "hub": _load_folde
 def check_architecture(pipe, spec: str) -> None:
     """Refuse pipelines whose U-Net is not a plain SD 1.x/2.x text-conditioned U-Net."""
     unet = getattr(pipe, "unet", None)
-    cfg = getattr(unet, "config", None)
+    check_configs(type(unet).__name__, getattr(unet, "config", None), pipe.vae.config, spec)
+
+
+def check_configs(unet_class: str, unet_cfg, vae_cfg, spec: str) -> None:
+    """The check of :func:`check_architecture` on configs alone (dicts), so folders are refused before loading.
+
+    >>> check_configs("UNet2DConditionModel", {"in_channels": 9}, {"latent_channels": 4}, "x")
+    Traceback (most recent call last):
+    ...
+    diffaccel.optimize.errors.SourceError: unsupported architecture in x: in_channels=9 (inpainting/depth variants); diffaccel supports Stable Diffusion 1.x/2.x text-to-image U-Nets
+    """
     problems = []
-    if cfg is None or type(unet).__name__ != "UNet2DConditionModel":
-        problems.append(f"denoiser is {type(unet).__name__}, not UNet2DConditionModel")
+    if unet_cfg is None or unet_class != "UNet2DConditionModel":
+        problems.append(f"denoiser is {unet_class}, not UNet2DConditionModel")
     else:
-        if cfg.get("addition_embed_type"):
-            problems.append(f"addition_embed_type={cfg.addition_embed_type} (SDXL-style conditioning)")
-        if cfg.get("time_cond_proj_dim"):
+        if unet_cfg.get("addition_embed_type"):
+            problems.append(f"addition_embed_type={unet_cfg['addition_embed_type']} (SDXL-style conditioning)")
+        if unet_cfg.get("time_cond_proj_dim"):
             problems.append("time_cond_proj_dim (LCM-distilled guidance embedding)")
-        if cfg.in_channels != pipe.vae.config.latent_channels:
-            problems.append(f"in_channels={cfg.in_channels} (inpainting/depth variants)")
+        if unet_cfg.get("in_channels", 4) != vae_cfg.get("latent_channels", 4):
+            problems.append(f"in_channels={unet_cfg.get('in_channels', 4)} (inpainting/depth variants)")
     if problems:
         raise SourceError(f"unsupported architecture in {spec}: {'; '.join(problems)}; diffaccel supports Stable "
                           "Diffusion 1.x/2.x text-to-image U-Nets")

@@ -75,6 +75,12 @@ class OrtEngineStage(Stage):
 
     name = "engine"
 
+    @classmethod
+    def preflight(cls, config) -> None:
+        from diffaccel.engines.onnxruntime_backend import check_provider
+
+        check_provider(config.provider)   # --provider cuda on a machine without it fails before the export
+
     def settings(self, ctx):
         c = ctx.config
         return {"provider": c.provider, "graph_level": c.graph_level, "precision": str(c.precision)}

@@ -44,6 +44,19 @@ def test_truncated_safetensors(capsys, tmp_path, tiny_folder):
     f.write_bytes((tiny_folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()[:5000])
     code, _, err = run(capsys, "optimize", str(f), "-o", str(tmp_path / "out"))
     assert_one_line_error(code, err, "truncated", "again")
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_safetensors(capsys, tmp_path, tiny_folder):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes((tiny_folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() + b"junk")
+    code, _, err = run(capsys, "optimize", str(f), "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "corrupt", "again")
+    assert not (tmp_path / "out").exists()
+    f.write_bytes(b"\xff" * 64)
+    code, _, err = run(capsys, "optimize", str(f), "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "not a valid safetensors file")
+    assert not (tmp_path / "out").exists()
 
 
 def test_unsupported_architecture(capsys, tmp_path, tiny_folder):
@@ -53,12 +66,25 @@ def test_unsupported_architecture(capsys, tmp_path, tiny_folder):
     (src / "model_index.json").write_text(json.dumps({**idx, "_class_name": "FluxPipeline"}))
     code, _, err = run(capsys, "optimize", str(src), "-o", str(tmp_path / "out"))
     assert_one_line_error(code, err, "unsupported architecture", "FluxPipeline")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_unet_is_refused_before_loading(capsys, tmp_path, tiny_folder):
+    """An SDXL-style U-Net config is refused from its config.json alone: no progress lines, nothing written."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_folder, src)
+    cfg = json.loads((src / "unet" / "config.json").read_text())
+    (src / "unet" / "config.json").write_text(json.dumps({**cfg, "addition_embed_type": "text_time"}))
+    code, _, err = run(capsys, "optimize", str(src), "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "unsupported architecture", "addition_embed_type=text_time")
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 
 def test_pickle_without_trust_flag(capsys, tmp_path):
     (tmp_path / "m.ckpt").write_bytes(b"\x80\x04N.")
     code, _, err = run(capsys, "optimize", str(tmp_path / "m.ckpt"), "-o", str(tmp_path / "out"))
     assert_one_line_error(code, err, "pickle", "--trust-pickle")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("flag,value,needle", [
@@ -66,6 +92,10 @@ def test_pickle_without_trust_flag(capsys, tmp_path):
     ("--precision", "int3", "choose one of: fp32, fp16, bf16, int8, fp8"),
     ("--height", "100", "multiples of 8"),
     ("--width", "abc", "bad width"),
+    # a multiple of 8 but not of random:tiny's 16 (VAE factor 8 x one U-Net downsampler): refused from the configs,
+    # before the model is loaded (a single stderr line proves no stage started)
+    ("--height", "64-72", "multiple of 16"),
+    ("--provider", "cuda", "execution provider cuda"),
 ])
 def test_bad_options(capsys, tmp_path, flag, value, needle):
     code, _, err = run(capsys, "optimize", "random:tiny", "-o", str(tmp_path / "out"), flag, value)
@@ -78,6 +108,7 @@ def test_out_holding_another_source(capsys, tmp_path, tiny_ort, tiny_folder):
     shutil.copytree(tiny_ort, out)
     code, _, err = run(capsys, "optimize", str(tiny_folder), "-o", str(out))
     assert_one_line_error(code, err, "another source (random:tiny)", "--force")
+    assert (out / "manifest.json").read_bytes() == (tiny_ort / "manifest.json").read_bytes()
 
 
 def test_modified_engine_is_refused(capsys, tmp_path, tiny_ort):
