@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from pathlib import Path
 
+from .entropy import ENTROPY_BINS
 from .errors import DiffaccelError
 
 log = logging.getLogger(__name__)
@@ -22,7 +24,7 @@ DEFAULT_KEEP_FP32 = {
     r"^conv_out$": "the last conv's error is the model's output error",
 }
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
-ALGORITHM_VERSION = 2      # part of the quantize stage's key: bump when what a config produces changes
+ALGORITHM_VERSION = 3      # part of the quantize stage's key: bump when what a config produces changes
 
 
 def node_scope(node) -> str:
@@ -126,12 +128,19 @@ def quantize_static_qdq(src: Path, dst: Path, samples: list, quant, *, external:
         raise DiffaccelError("every Conv/MatMul/Gemm of the U-Net is excluded by --keep-fp32; loosen the pattern")
     # (not CalibMaxIntermediateOutputs: in onnxruntime 1.32 it discards collected ranges instead of merging them)
     extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "CalibPercentile": quant.percentile}
-    quantize_static(str(src), str(dst), CalibrationReader(samples), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(QUANT_OPS), per_channel=quant.per_channel, reduce_range=False,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                    use_external_data_format=external, calibrate_method=_method(quant), extra_options=extra,
-                    calibration_cache_path=str(cache) if cache else None)
+    with tempfile.TemporaryDirectory(prefix="diffaccel-calib-") as tmp:
+        cache = Path(cache) if cache else Path(tmp) / "calibration.json"
+        if str(quant.method) == "entropy" and not cache.is_file():   # ORT's own entropy path is min-max: see entropy
+            from .entropy import write_entropy_cache
+
+            write_entropy_cache(src, samples, QUANT_OPS, cache, external=external)
+        quantize_static(str(src), str(dst), CalibrationReader(samples), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(QUANT_OPS), per_channel=quant.per_channel, reduce_range=False,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                        use_external_data_format=external, calibrate_method=_method(quant), extra_options=extra,
+                        calibration_cache_path=str(cache))
     return {"method": "static-qdq-u8s8", "calibration": str(quant.method), "per_channel": quant.per_channel,
+            **({"entropy_bins": ENTROPY_BINS} if str(quant.method) == "entropy" else {}),
             "calibration_samples": len(samples), "kept_float": exclude, "quantized_nodes": len(quantized),
             "attention_scores_kept_float": len(scores),
             "default_keep_fp32": DEFAULT_KEEP_FP32, "user_keep_fp32": list(quant.keep_fp32)}

@@ -32,12 +32,68 @@ def test_int8_manifest_records_calibration_and_decisions(int8):
     assert unet["precision"] == "int8" and q["method"] == "static-qdq-u8s8"
     assert q["calibration_samples"] == QUICK["calib_size"] * QUICK["calib_steps"]
     assert q["quantized_nodes"] > 20
-    kept = " ".join(q["kept_float"])
-    assert kept, "the documented defaults keep the time embedding and first/last convs in float"
+    assert set(q["default_keep_fp32"]) >= {r"^conv_in$", r"^conv_out$", r"^time_embedding(\.|$)"}
     assert unet["validation"]["kind"] == "l2" and unet["validation"]["inputs"] == "captured pipeline inputs"
     for comp in ("text_encoder", "vae_decoder", "vae_encoder"):
         d = m.components[comp]["quantize"]
         assert d["decision"] in ("int8", "fp32") and d["speedup"] > 0 and "reason" in d
+
+
+def test_default_float_layers_are_not_quantized(int8):
+    """The documented defaults: time embedding, per-block time projections, first and last conv stay float; the
+    rest of the Convs and MatMuls get int8 weights."""
+    import onnx
+
+    from diffaccel.optimize.quantize import node_scope
+
+    model = onnx.load(str(int8 / "unet/quantized/model.onnx"))
+    produced_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    int8_weight = {n.name: produced_by.get(n.input[1]) == "DequantizeLinear"
+                   for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")}
+    scope = {n.name: node_scope(n) for n in model.graph.node}
+    kept = set(Manifest.load(int8).components["unet"]["quantize"]["kept_float"])
+    for prefix in ("conv_in", "conv_out", "time_embedding"):
+        nodes = [n for n in int8_weight if scope[n] == prefix or scope[n].startswith(prefix + ".")]
+        assert nodes and all(not int8_weight[n] and n in kept for n in nodes), prefix
+    assert sum(int8_weight.values()) >= 20     # everything else with weights is int8
+
+
+def test_calibration_captures_every_step_with_guidance(tiny_pipe):
+    from diffaccel.optimize.calibration import capture_unet_inputs
+
+    kw = dict(steps=3, seed=0, height=64, width=64)
+    samples = capture_unet_inputs(tiny_pipe, ["a red circle", "a blue star"], guidance_scale=7.5, **kw)
+    assert len(samples) == 2 * 3
+    for s in samples:   # classifier-free guidance: the U-Net sees the unconditional and the conditional half
+        assert s["sample"].shape[0] == s["encoder_hidden_states"].shape[0] == s["timestep"].shape[0] == 2
+        assert not torch.equal(s["encoder_hidden_states"][0], s["encoder_hidden_states"][1])
+    assert len({float(s["timestep"][0]) for s in samples[:3]}) == 3          # every denoising step
+    assert torch.equal(samples[0]["encoder_hidden_states"][0], samples[3]["encoder_hidden_states"][0])  # uncond
+    no_cfg = capture_unet_inputs(tiny_pipe, ["a red circle"], guidance_scale=1.0, **kw)
+    assert len(no_cfg) == 3 and no_cfg[0]["sample"].shape[0] == 1
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibration_methods(tmp_path, method):
+    """Percentile and entropy calibration build, are reproducible, and give other ranges than min-max."""
+    import onnx
+    from onnx import numpy_helper
+
+    def scales(path):
+        m = onnx.load(str(path))
+        inits = {i.name: i for i in m.graph.initializer}
+        return sorted(float(numpy_helper.to_array(inits[n.input[1]]).max()) for n in m.graph.node
+                      if n.op_type == "QuantizeLinear" and n.input[1] in inits and "weight" not in n.input[0])
+
+    runs = []
+    for name, m in (("a", method), ("b", method), ("minmax", "minmax")):
+        out = tmp_path / name
+        optimize("random:tiny", out, OptimizeConfig(precision="int8", components=("unet",),
+                                                    quant=QuantConfig(method=m, **QUICK), **FAST))
+        runs.append(out / "unet/quantized/model.onnx")
+        assert Manifest.load(out).components["unet"]["quantize"]["calibration"] == m
+    assert file_sha256(runs[0]) == file_sha256(runs[1])
+    assert scales(runs[0]) and scales(runs[0]) != scales(runs[2])
 
 
 def test_int8_is_byte_identical_for_the_same_config(int8, tmp_path):
