@@ -2,10 +2,14 @@
 
 Each variant is ``backend/precision``: ``torch/fp32`` runs the source's U-Net eagerly; any other pair that
 ``diffaccel optimize`` supports is built (U-Net only, cached under ``work``; re-runs skip finished stages) and loaded
-as an engine. Every variant gets the same inputs and the same timing wrapper.
+as an engine. ``backend/precision@exporter`` picks the ONNX exporter (dynamo, the default, or torchscript), so both
+exporters can be timed side by side; engine rows also give the node count of their graph. Every variant gets the
+same inputs and the same timing wrapper.
 
 >>> parse_variant("onnxruntime/int8")
-('onnxruntime', 'int8')
+('onnxruntime', 'int8', None)
+>>> parse_variant("onnxruntime/fp32@torchscript")
+('onnxruntime', 'fp32', 'torchscript')
 """
 from __future__ import annotations
 
@@ -22,10 +26,13 @@ EAGER = {"torch/fp32": "float32", "torch/bf16": "bfloat16"}   # run from the sou
 
 
 def parse_variant(text: str) -> tuple:
-    backend, _, precision = text.strip().partition("/")
-    if not backend or not precision:
-        raise DiffaccelError(f"bad variant {text!r}: write backend/precision, e.g. onnxruntime/fp32 or torch/fp32")
-    return backend, precision
+    """(backend, precision, exporter or None) from ``backend/precision[@exporter]``."""
+    pair, _, exporter = text.strip().partition("@")
+    backend, _, precision = pair.partition("/")
+    if not backend or not precision or (_ and not exporter):
+        raise DiffaccelError(f"bad variant {text!r}: write backend/precision[@exporter], e.g. onnxruntime/fp32, "
+                             "onnxruntime/fp32@torchscript or torch/fp32")
+    return backend, precision, exporter or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +75,8 @@ def _eager(pipe, dtype_name: str):
     return run
 
 
-def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, reporter):
+def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, exporter, reporter):
+    """(runner, facts) for an engine built by diffaccel optimize (U-Net only, cached under ``cfg.work``)."""
     from diffaccel.engines import load_engine
     from diffaccel.optimize import OptimizeConfig, optimize
     from diffaccel.optimize.config import ShapeRange
@@ -77,13 +85,25 @@ def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, reporter
     try:
         ocfg = OptimizeConfig(backend=backend, precision=precision, components=("unet",), threads=cfg.threads,
                               shapes=ShapeRange(batch=(1, images), height=(cfg.height, cfg.height),
-                                                width=(cfg.width, cfg.width)))
+                                                width=(cfg.width, cfg.width)),
+                              **({"exporter": exporter} if exporter else {}))
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
-    out = Path(cfg.work) / f"{source.spec.replace(':', '_').replace('/', '_')}-unet-{backend}-{precision}"
+    out = Path(cfg.work) / (f"{source.spec.replace(':', '_').replace('/', '_')}-unet-{backend}-{precision}"
+                            + (f"-{exporter}" if exporter else ""))
     manifest = optimize(source, out, ocfg, reporter=reporter)
-    engine = load_engine(backend, out, "unet", manifest.components["unet"], threads=cfg.threads)
-    return lambda inputs: engine(**inputs)
+    entry = manifest.components["unet"]
+    engine = load_engine(backend, out, "unet", entry, threads=cfg.threads)
+    facts = {"exporter": str(ocfg.exporter), "graph_nodes": _node_count(out / entry["engine"])}
+    return (lambda inputs: engine(**inputs)), facts
+
+
+def _node_count(path: Path) -> "int | None":
+    if path.suffix != ".onnx":
+        return None
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def run_unet_bench(cfg: UNetBenchConfig, reporter=None) -> dict:
@@ -97,12 +117,15 @@ def run_unet_bench(cfg: UNetBenchConfig, reporter=None) -> dict:
     source = resolve_source(cfg.src)
     pipe = source.load()
     inputs = _inputs(pipe, cfg)
-    runners, setup = {}, {}
-    for backend, precision in (parse_variant(v) for v in cfg.variants):
-        name = f"{backend}/{precision}"
+    runners, setup, facts = {}, {}, {}
+    for backend, precision, exporter in (parse_variant(v) for v in cfg.variants):
+        pair = f"{backend}/{precision}"
+        name = pair + (f"@{exporter}" if exporter else "")
         t0 = time.perf_counter()
-        runners[name] = (_eager(pipe, EAGER[name]) if name in EAGER
-                         else _engine(cfg, source, backend, precision, reporter))
+        if pair in EAGER:
+            runners[name], facts[name] = _eager(pipe, EAGER[pair]), {}
+        else:
+            runners[name], facts[name] = _engine(cfg, source, backend, precision, exporter, reporter)
         setup[name] = round(time.perf_counter() - t0, 2)
     for name, run in runners.items():
         log.info("warming up %s", name)
@@ -115,7 +138,7 @@ def run_unet_bench(cfg: UNetBenchConfig, reporter=None) -> dict:
                 run(inputs)
             samples[name].append(span.seconds)
     rows = [{"variant": n, "setup_seconds": setup[n], "stats": LatencyStats.from_samples(samples[n]).to_dict(),
-             "samples": samples[n]} for n in runners]
+             "samples": samples[n], **facts[n]} for n in runners]
     base = rows[0]["stats"]["p50"]
     for r in rows:
         r["speedup_vs_first"] = base / r["stats"]["p50"]
@@ -127,9 +150,11 @@ def format_table(result: dict) -> str:
     cfg = result["config"]
     lines = [f"U-Net step, {result['source']['spec']}, {cfg['height']}x{cfg['width']}, U-Net batch {cfg['batch']}, "
              f"{cfg['repeat']} interleaved timed rounds after {cfg['warmup']} warm-up",
-             f"{'variant':<22} {'mean ms':>9} {'p50 ms':>9} {'p90 ms':>9} {'min ms':>9} {'x vs ' + result['rows'][0]['variant']:>18}"]
+             f"{'variant':<30} {'mean ms':>9} {'p50 ms':>9} {'p90 ms':>9} {'min ms':>9} {'nodes':>6} "
+             f"{'x vs ' + result['rows'][0]['variant']:>18}"]
     for r in result["rows"]:
         s = r["stats"]
-        lines.append(f"{r['variant']:<22} {s['mean'] * 1e3:9.1f} {s['p50'] * 1e3:9.1f} {s['p90'] * 1e3:9.1f} "
-                     f"{s['min'] * 1e3:9.1f} {r['speedup_vs_first']:17.2f}x")
+        nodes = r.get("graph_nodes") or "-"
+        lines.append(f"{r['variant']:<30} {s['mean'] * 1e3:9.1f} {s['p50'] * 1e3:9.1f} {s['p90'] * 1e3:9.1f} "
+                     f"{s['min'] * 1e3:9.1f} {nodes:>6} {r['speedup_vs_first']:17.2f}x")
     return "\n".join(lines)

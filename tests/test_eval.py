@@ -145,19 +145,9 @@ def test_instrument_times_components_and_restores_everything(tiny_pipe, artifact
 
 # ---- bad input: one line, before any work ------------------------------------------------------------------------
 @pytest.fixture
-def cli(monkeypatch):
-    """diffaccel's main(), with the eval subcommand registered (until eval/cli.py registers it itself)."""
-    from diffaccel.eval import cli as measuring
-    from diffaccel.eval.eval_cli import add_eval
+def cli():
     from diffaccel.optimize.cli import main
 
-    original = measuring.register
-
-    def register(sub):
-        original(sub)
-        if "eval" not in sub.choices:
-            add_eval(sub)
-    monkeypatch.setattr(measuring, "register", register)
     return main
 
 
@@ -200,7 +190,35 @@ def test_cli_run_and_render_only(cli, capsys, tmp_path):
                 "--seeds", "3", "--batch-sizes", "1", "--repeat", "1", "-o", str(out)])
     stdout = capsys.readouterr().out
     assert code == 0 and "torch-fp32 (baseline)" in stdout and f"report: {out / 'report.html'}" in stdout
-    assert json.loads((out / "report.json").read_text())["config"]["seeds"] == [3]
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["seeds"] == [3]
+    from diffaccel.eval.metrics import NOT_COMPUTED   # no local weights given: each column says why and what to pass
+
+    assert report["metrics"] == {**report["metrics"], **NOT_COMPUTED}
+    assert "not computed (pass --lpips PATH" in (out / "report.md").read_text()
     (out / "report.html").unlink()
     assert cli(["eval", "--render-only", "-o", str(out)]) == 0
     assert (out / "report.html").is_file() and "rebuilt from" in capsys.readouterr().out
+
+
+# ---- microbench: side by side, both exporters --------------------------------------------------------------------
+def test_microbench_times_variants_side_by_side(tmp_path):
+    from diffaccel.eval.microbench import UNetBenchConfig, format_table, run_unet_bench
+    from diffaccel.optimize.errors import DiffaccelError
+
+    cfg = UNetBenchConfig(src="random:tiny", variants=("torch/fp32", "onnxruntime/fp32",
+                                                       "onnxruntime/fp32@torchscript"),
+                          height=64, width=64, warmup=1, repeat=2, work=str(tmp_path), threads=1)
+    result = run_unet_bench(cfg)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == list(cfg.variants) and rows["torch/fp32"]["speedup_vs_first"] == 1.0
+    assert all(len(r["samples"]) == 2 and r["stats"]["p50"] > 0 for r in rows.values())
+    assert rows["onnxruntime/fp32"]["exporter"] == "dynamo"
+    assert rows["onnxruntime/fp32@torchscript"]["exporter"] == "torchscript"
+    assert rows["onnxruntime/fp32"]["graph_nodes"] > 0 and rows["onnxruntime/fp32@torchscript"]["graph_nodes"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["random_tiny-unet-onnxruntime-fp32",
+                                                          "random_tiny-unet-onnxruntime-fp32-torchscript"]
+    table = format_table(result)
+    assert "onnxruntime/fp32@torchscript" in table and str(rows["onnxruntime/fp32"]["graph_nodes"]) in table
+    with pytest.raises(DiffaccelError, match="backend/precision"):
+        run_unet_bench(UNetBenchConfig(src="random:tiny", variants=("onnxruntime/fp32@",), work=str(tmp_path)))

@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffaccel.eval import cli as eval_cli
 from diffaccel.eval.batching import Request
-from diffaccel.eval.bench_cli import add_bench
 from diffaccel.eval.bench_runner import LoadBench, SweepConfig
 from diffaccel.eval.loadbench import LoadConfig, poisson_arrivals, serve
 from diffaccel.optimize.cli import main
@@ -127,13 +125,6 @@ def test_real_run_on_tiny_every_image_returned_to_its_request(tiny):
 
 
 def _cli(monkeypatch, capsys, *argv):
-    original = eval_cli.register
-
-    def register(sub):                      # until eval/cli.py registers `bench` itself
-        original(sub)
-        if "bench" not in sub.choices:
-            add_bench(sub)
-    monkeypatch.setattr(eval_cli, "register", register)
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err

@@ -112,6 +112,21 @@ def test_mismatched_gpu_or_tensorrt_fails_with_one_line_that_says_how_to_rebuild
                         "--batch 1-4 --force")
 
 
+def test_backend_load_checks_the_gpu_before_reading_the_plan(monkeypatch, tmp_path):
+    """engines.tensorrt_backend.load() refuses an engine from another GPU before touching the plan or CUDA."""
+    from diffaccel.engines import tensorrt_backend
+    from diffaccel.optimize import trt_cache
+
+    here = TrtEnvironment(tensorrt="10.13.0.35", gpu="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
+    monkeypatch.setattr(trt_cache, "probe_environment", lambda device=0: here)
+    entry = {"engine": "unet/engine/model.plan", "tensorrt": _entry()}    # the plan file does not even exist
+    with pytest.raises(ArtifactError) as e:
+        tensorrt_backend.load(tmp_path, "unet", entry, device="cpu")
+    assert "built for NVIDIA L4 (sm_89)" in str(e.value) and "NVIDIA A100-SXM4-80GB (sm_80)" in str(e.value)
+    with pytest.raises(ArtifactError, match="no TensorRT build record"):
+        tensorrt_backend.load(tmp_path, "unet", {"engine": "x"}, device="cpu")
+
+
 def test_edited_manifest_entry_is_refused():
     entry = _entry()
     entry["identity"]["compute_capability"] = "9.0"       # claims another GPU without rebuilding
