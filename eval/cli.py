@@ -1,4 +1,4 @@
-"""Subcommands of ``diffaccel`` that measure: ``microbench`` (and, as they land, ``eval`` and ``bench``).
+"""Subcommands of ``diffaccel`` that measure: ``microbench``, ``eval``, ``bench`` and ``demo``.
 
 Only argparse wiring lives here; heavy imports happen inside the commands."""
 from __future__ import annotations

@@ -92,11 +92,29 @@ def probe_environment_lenient(device: int = 0) -> TrtEnvironment:
         version = "unknown"
     import torch
 
-    if not torch.cuda.is_available():
-        return TrtEnvironment(tensorrt=version, gpu="unknown", compute_capability="0.0")
+    if not torch.cuda.is_available():   # e.g. onnxruntime-gpu beside a CPU build of torch: ask the driver (NVML)
+        gpu, cc = _nvml_gpu(device) or ("unknown", "0.0")
+        return TrtEnvironment(tensorrt=version, gpu=gpu, compute_capability=cc)
     major, minor = torch.cuda.get_device_capability(device)
     return TrtEnvironment(tensorrt=version, gpu=torch.cuda.get_device_name(device),
                           compute_capability=f"{major}.{minor}")
+
+
+def _nvml_gpu(device: int) -> "tuple | None":
+    """(GPU name, "major.minor") from NVML (package nvidia-ml-py, in the gpu extra), or None where it is absent."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device)
+            name = pynvml.nvmlDeviceGetName(handle)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # ImportError, NVMLError (no driver): the key then says "unknown"
+        return None
+    return (name.decode() if isinstance(name, bytes) else str(name)), f"{major}.{minor}"
 
 
 def profile_to_json(profile: dict) -> dict:

@@ -127,6 +127,27 @@ def test_backend_load_checks_the_gpu_before_reading_the_plan(monkeypatch, tmp_pa
         tensorrt_backend.load(tmp_path, "unet", {"engine": "x"}, device="cpu")
 
 
+def test_ort_trt_cache_key_asks_nvml_when_torch_sees_no_gpu(monkeypatch):
+    """onnxruntime-gpu beside a CPU build of torch: the EP cache key still names the GPU (from NVML)."""
+    import types
+
+    import torch
+
+    from diffaccel.optimize import trt_cache
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fake = types.SimpleNamespace(nvmlInit=lambda: None, nvmlShutdown=lambda: None,
+                                 nvmlDeviceGetHandleByIndex=lambda i: ("handle", i),
+                                 nvmlDeviceGetName=lambda h: b"NVIDIA L4",
+                                 nvmlDeviceGetCudaComputeCapability=lambda h: (8, 9))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    env = trt_cache.probe_environment_lenient(0)
+    assert (env.gpu, env.compute_capability) == ("NVIDIA L4", "8.9")
+    monkeypatch.setitem(sys.modules, "pynvml", None)          # not installed
+    env = trt_cache.probe_environment_lenient(0)
+    assert (env.gpu, env.compute_capability) == ("unknown", "0.0")
+
+
 def test_edited_manifest_entry_is_refused():
     entry = _entry()
     entry["identity"]["compute_capability"] = "9.0"       # claims another GPU without rebuilding
