@@ -402,3 +402,43 @@ def test_unet_step_latency_tensorrt_fp16_vs_torch_fp16_eager(artifacts, capsys):
         print(f"\nU-Net step {spec.opt_values()}: torch fp16 eager p50 {t_torch.p50 * 1e3:.2f} ms, TensorRT fp16 "
               f"p50 {t_trt.p50 * 1e3:.2f} ms ({t_torch.p50 / t_trt.p50:.2f}x)")
     assert t_trt.n == t_torch.n == 20
+
+
+# ---- the TensorRT API surface we call, against the installed bindings (no GPU needed) ----------------------------
+# Every attribute the build stage (optimize/stage_tensorrt.py), the runtime (engines/tensorrt_backend.py) and the
+# logger (optimize/trt_cache.py) use. Runs wherever `import tensorrt` works (the bindings import without a GPU);
+# CI has no tensorrt and skips it. Keep this list in step with those files.
+TRT_API = {
+    "Builder": ("create_network", "create_builder_config", "create_optimization_profile",
+                "build_serialized_network"),
+    "IBuilderConfig": ("builder_optimization_level", "set_memory_pool_limit", "clear_flag",
+                       "add_optimization_profile", "create_timing_cache", "set_timing_cache", "get_timing_cache"),
+    "OnnxParser": ("parse_from_file", "num_errors", "get_error"),
+    "IOptimizationProfile": ("set_shape",),
+    "ITimingCache": ("serialize",),
+    "Runtime": ("deserialize_cuda_engine",),
+    "ICudaEngine": ("num_io_tensors", "get_tensor_name", "get_tensor_mode", "get_tensor_dtype",
+                    "device_memory_size_v2", "create_execution_context"),
+    "IExecutionContext": ("set_device_memory", "set_input_shape", "set_tensor_address", "get_tensor_shape",
+                          "execute_async_v3"),
+    "ParserError": ("desc", "node_name", "node_operator"),
+    "ILogger": ("log",),
+    "Dims": (),
+}
+TRT_ENUMS = {"MemoryPoolType": ("WORKSPACE",), "TensorIOMode": ("INPUT", "OUTPUT"),
+             "ExecutionContextAllocationStrategy": ("USER_MANAGED",)}
+
+
+def test_tensorrt_api_surface_exists_in_the_installed_bindings():
+    trt = pytest.importorskip("tensorrt", reason="the tensorrt bindings are not installed (pip install tensorrt)")
+    missing = [f"{cls}.{attr}" if attr else cls for cls, attrs in TRT_API.items()
+               for attr in (attrs or ("",)) if not hasattr(trt, cls) or (attr and not hasattr(getattr(trt, cls), attr))]
+    missing += [f"{enum}.{m}" for enum, members in TRT_ENUMS.items() for m in members
+                if not hasattr(getattr(trt, enum, None), m)]
+    assert not missing, f"TensorRT {trt.__version__} lacks {missing}"
+    from diffaccel.engines.tensorrt_backend import torch_dtype_name
+
+    for dtype in ("FLOAT", "HALF", "INT32", "INT64", "BOOL"):     # what our engines' I/O tensors can be
+        assert torch_dtype_name(getattr(trt.DataType, dtype))
+    for flag in ("TF32",):                                         # cleared for fp32 builds (hasattr-guarded)
+        assert hasattr(trt.BuilderFlag, flag), flag
