@@ -27,11 +27,11 @@ EAGER = {"torch/fp32": "float32", "torch/bf16": "bfloat16"}   # run from the sou
 
 def parse_variant(text: str) -> tuple:
     """(backend, precision, exporter or None) from ``backend/precision[@exporter]``."""
-    pair, _, exporter = text.strip().partition("@")
-    backend, _, precision = pair.partition("/")
-    if not backend or not precision or (_ and not exporter):
+    pair, at, exporter = text.strip().partition("@")
+    backend, _slash, precision = pair.partition("/")
+    if not backend or not precision or (at and not exporter) or (exporter and pair in EAGER):
         raise DiffaccelError(f"bad variant {text!r}: write backend/precision[@exporter], e.g. onnxruntime/fp32, "
-                             "onnxruntime/fp32@torchscript or torch/fp32")
+                             "onnxruntime/fp32@torchscript or torch/fp32 (eager PyTorch has no exporter)")
     return backend, precision, exporter or None
 
 
@@ -114,11 +114,12 @@ def run_unet_bench(cfg: UNetBenchConfig, reporter=None) -> dict:
     from .host import host_info
     from .timing import Clock, LatencyStats
 
+    variants = [parse_variant(v) for v in cfg.variants]     # a typo fails before the model loads
     source = resolve_source(cfg.src)
     pipe = source.load()
     inputs = _inputs(pipe, cfg)
     runners, setup, facts = {}, {}, {}
-    for backend, precision, exporter in (parse_variant(v) for v in cfg.variants):
+    for backend, precision, exporter in variants:
         pair = f"{backend}/{precision}"
         name = pair + (f"@{exporter}" if exporter else "")
         t0 = time.perf_counter()

@@ -58,14 +58,17 @@ class ModelGeometry:
 
 def size_factors(unet_config, vae_config) -> tuple:
     """(VAE scale factor, latent multiple the U-Net needs) from the U-Net and VAE configs (dicts or diffusers
-    FrozenDicts; diffusers' defaults where a key is absent: 4 blocks each).
+    FrozenDicts), with diffusers' defaults where a key is absent (AutoencoderKL: one block; UNet2DConditionModel:
+    four down blocks).
 
     >>> size_factors({"down_block_types": ["A", "B", "C"]}, {"block_out_channels": [16, 32, 64]})
     (4, 4)
-    >>> size_factors({}, {})   # SD 1.x/2.x
+    >>> size_factors({}, {"block_out_channels": [128, 256, 512, 512]})   # SD 1.x/2.x
     (8, 8)
+    >>> size_factors({}, {})
+    (1, 8)
     """
-    vae_blocks = len(vae_config.get("block_out_channels") or (0,) * 4)
+    vae_blocks = len(vae_config.get("block_out_channels") or (64,))
     unet_blocks = len(unet_config.get("down_block_types") or (0,) * 4)
     return 2 ** (vae_blocks - 1), 2 ** (unet_blocks - 1)
 

@@ -3,8 +3,9 @@
 ONNX Runtime's ``quantize_static(calibrate_method=Entropy)`` builds its histograms with 128 bins and searches
 thresholds over 128 quantized bins, so the only candidate is the full range: the result is byte-identical to
 min-max (measured on random:tiny with onnxruntime 1.32; ``tests/test_precision.py`` guards it). Here ORT's own
-histogram collector runs with TensorRT's 2048 bins, the threshold search (TensorRT's KL method) is vectorized, and
-the ranges reach ``quantize_static`` through its calibration cache.
+histogram collector runs with TensorRT's 2048 bins, the KL threshold search (TensorRT's method, with MXNet's
+handling of the window's last bins and 255 levels for the two-sided window) is vectorized, and the ranges reach
+``quantize_static`` through its calibration cache.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -25,7 +26,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 ENTROPY_BINS = 2048          # TensorRT's histogram size for KL calibration
-QUANTIZED_BINS = 128         # int8 levels on one side of zero
+QUANTIZED_BINS = 255         # levels of an 8-bit quantizer over the two-sided window (MXNet's choice for int8)
 
 
 def _smooth(p: np.ndarray, eps: float = 1e-4) -> "np.ndarray | None":
@@ -60,11 +61,14 @@ def kl_threshold(hist, edges, lowest, highest, quantized_bins: int = QUANTIZED_B
         merged = sliced.size // quantized_bins
         used = merged * quantized_bins
         q_bins = sliced[:used].reshape(quantized_bins, merged).sum(1)
-        q_bins[-1] += sliced[used:].sum()
+        q_bins[-1] += sliced[used:].sum()          # the last quantized bin stretches to the window's end
         nonzero = (p != 0)
         counts = nonzero[:used].reshape(quantized_bins, merged).sum(1)
-        q = np.zeros_like(p)
-        q[:used] = np.repeat(np.divide(q_bins, counts, out=np.zeros_like(q_bins), where=counts > 0), merged)
+        counts[-1] += nonzero[used:].sum()
+        level = np.divide(q_bins, counts, out=np.zeros_like(q_bins), where=counts > 0)
+        q = np.empty_like(p)
+        q[:used] = np.repeat(level, merged)
+        q[used:] = level[-1]
         q[~nonzero] = 0
         kl = _kl(p, q)
         if kl < best_kl:
@@ -82,7 +86,7 @@ def write_entropy_cache(src: Path, samples: list, op_types, cache: Path, *, exte
 
     from .quantize import CalibrationReader
 
-    with tempfile.TemporaryDirectory(prefix="diffaccel-entropy-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="diffaccel-entropy-", dir=Path(cache).parent) as tmp:
         calibrator = create_calibrator(Path(src), list(op_types), augmented_model_path=str(Path(tmp) / "aug.onnx"),
                                        calibrate_method=CalibrationMethod.Entropy,
                                        use_external_data_format=external,

@@ -107,7 +107,7 @@ def _nvml_gpu(device: int) -> "tuple | None":
 
         pynvml.nvmlInit()
         try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(device)
+            handle = _nvml_handle(pynvml, device)
             name = pynvml.nvmlDeviceGetName(handle)
             major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
         finally:
@@ -115,6 +115,17 @@ def _nvml_gpu(device: int) -> "tuple | None":
     except Exception:  # ImportError, NVMLError (no driver): the key then says "unknown"
         return None
     return (name.decode() if isinstance(name, bytes) else str(name)), f"{major}.{minor}"
+
+
+def _nvml_handle(pynvml, device: int):
+    """NVML numbers GPUs physically; CUDA numbers the ones CUDA_VISIBLE_DEVICES lists (indices or UUIDs)."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if device < len(visible):
+        chosen = visible[device]
+        if chosen.isdigit():
+            return pynvml.nvmlDeviceGetHandleByIndex(int(chosen))
+        return pynvml.nvmlDeviceGetHandleByUUID(chosen)
+    return pynvml.nvmlDeviceGetHandleByIndex(device)
 
 
 def profile_to_json(profile: dict) -> dict:

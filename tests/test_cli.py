@@ -95,11 +95,19 @@ def test_pickle_without_trust_flag(capsys, tmp_path):
     # a multiple of 8 but not of random:tiny's 16 (VAE factor 8 x one U-Net downsampler): refused from the configs,
     # before the model is loaded (a single stderr line proves no stage started)
     ("--height", "64-72", "multiple of 16"),
-    ("--provider", "cuda", "execution provider cuda"),
 ])
 def test_bad_options(capsys, tmp_path, flag, value, needle):
     code, _, err = run(capsys, "optimize", "random:tiny", "-o", str(tmp_path / "out"), flag, value)
     assert_one_line_error(code, err, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_execution_provider_fails_before_export(capsys, tmp_path, monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    code, _, err = run(capsys, "optimize", "random:tiny", "-o", str(tmp_path / "out"), "--provider", "cuda")
+    assert_one_line_error(code, err, "execution provider cuda", "not available", "--provider cpu")
     assert list(tmp_path.iterdir()) == []
 
 

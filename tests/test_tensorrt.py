@@ -136,13 +136,22 @@ def test_ort_trt_cache_key_asks_nvml_when_torch_sees_no_gpu(monkeypatch):
     from diffaccel.optimize import trt_cache
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gpus = {("index", 0): (b"NVIDIA L4", (8, 9)), ("index", 1): (b"NVIDIA H100", (9, 0)),
+            ("uuid", "GPU-1234"): ("NVIDIA A100", (8, 0))}
     fake = types.SimpleNamespace(nvmlInit=lambda: None, nvmlShutdown=lambda: None,
-                                 nvmlDeviceGetHandleByIndex=lambda i: ("handle", i),
-                                 nvmlDeviceGetName=lambda h: b"NVIDIA L4",
-                                 nvmlDeviceGetCudaComputeCapability=lambda h: (8, 9))
+                                 nvmlDeviceGetHandleByIndex=lambda i: ("index", i),
+                                 nvmlDeviceGetHandleByUUID=lambda u: ("uuid", u),
+                                 nvmlDeviceGetName=lambda h: gpus[h][0],
+                                 nvmlDeviceGetCudaComputeCapability=lambda h: gpus[h][1])
     monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     env = trt_cache.probe_environment_lenient(0)
     assert (env.gpu, env.compute_capability) == ("NVIDIA L4", "8.9")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")                # CUDA's device 0 is the second GPU
+    assert trt_cache.probe_environment_lenient(0).gpu == "NVIDIA H100"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1234,0")
+    assert trt_cache.probe_environment_lenient(0).gpu == "NVIDIA A100"
+    assert trt_cache.probe_environment_lenient(1).gpu == "NVIDIA L4"
     monkeypatch.setitem(sys.modules, "pynvml", None)          # not installed
     env = trt_cache.probe_environment_lenient(0)
     assert (env.gpu, env.compute_capability) == ("unknown", "0.0")
@@ -442,3 +451,16 @@ def test_tensorrt_api_surface_exists_in_the_installed_bindings():
         assert torch_dtype_name(getattr(trt.DataType, dtype))
     for flag in ("TF32",):                                         # cleared for fp32 builds (hasattr-guarded)
         assert hasattr(trt.BuilderFlag, flag), flag
+
+
+def test_api_list_covers_every_tensorrt_name_the_code_uses():
+    """Keeps TRT_API honest: every ``trt.Name`` in the TensorRT glue is listed above (checked without tensorrt)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    used = set()
+    for rel in ("optimize/stage_tensorrt.py", "optimize/trt_cache.py", "engines/tensorrt_backend.py"):
+        used |= set(re.findall(r"\btrt\.([A-Za-z_]\w*)", (root / rel).read_text()))
+    listed = set(TRT_API) | set(TRT_ENUMS) | {"__version__", "DataType", "BuilderFlag", "NetworkDefinitionCreationFlag"}
+    assert used and used <= listed, sorted(used - listed)
