@@ -215,6 +215,31 @@ def test_quality_target_keeps_sensitive_layers_in_float(tmp_path):
     assert trail[-1]["kept_float_extra"] == len(result["extra_kept_float"]) >= 1 or trail[0]["psnr"] >= 35.0
 
 
+def test_quality_target_search_returns_the_least_robust_nodes_to_float(int8, tiny_pipe):
+    """meet_target ranks nodes by measured activation SQNR and doubles how many it keeps in float (2, 4, ...) until
+    the judge's PSNR reaches the target; here a judge that gains 3 dB per float node needs 4."""
+    from diffaccel.optimize.calibration import capture_unet_inputs
+    from diffaccel.optimize.quality_target import activation_sqnr, meet_target
+
+    samples = capture_unet_inputs(tiny_pipe, ["a star"], steps=2, guidance_scale=7.5, seed=0, height=64, width=64)
+    model = int8 / "unet" / "quantized" / "model.onnx"
+    asked = []
+
+    def quantize(extra):
+        asked.append(extra)
+        return model
+
+    class Judge:
+        def psnr(self, path, threads=None):
+            return 25.0 + 3 * (len(asked[-1]) if asked else 0)
+
+    result = meet_target(quantize, Judge(), model, samples, 36.0)
+    assert [len(a) for a in asked] == [2, 4] and [r["psnr"] for r in result["trail"]] == [25.0, 31.0, 37.0]
+    ranking = sorted(activation_sqnr(model, samples[:4]).items(), key=lambda kv: kv[1])
+    assert result["reached"] and result["extra_kept_float"] == [name for name, _ in ranking[:4]]
+    assert ranking[0][1] <= ranking[-1][1] and len(ranking) > 4
+
+
 def test_unreachable_quality_target_says_what_to_try(int8, tiny_pipe):
     from diffaccel.optimize.calibration import capture_unet_inputs
     from diffaccel.optimize.quality_target import meet_target
