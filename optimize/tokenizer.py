@@ -9,6 +9,8 @@ the list). Nothing is downloaded.
 >>> ids = tok("a red circle", padding="max_length", max_length=8).input_ids
 >>> len(ids), ids[0] == tok.bos_token_id, ids[4] == tok.eos_token_id
 (8, True, True)
+>>> word_tokenizer(["right", "triangle"]).tokenize("triangle right")      # every listed word is one token
+['triangle</w>', 'right</w>']
 """
 from __future__ import annotations
 
@@ -49,4 +51,21 @@ def word_tokenizer(words=DEFAULT_WORDS, max_length: int = 77, pad_token: str = E
             vocab.setdefault(cur, len(vocab))
     for special in (BOS, EOS):
         vocab.setdefault(special, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, pad_token=pad_token)
+    # BPE applies the lowest-ranked merge first, wherever it is, so one word's chain can be cut by another's: with
+    # "right" before "triangle", r+i merges first and "triangle" fell apart into 7 pieces. Chain each broken
+    # word's actual pieces with extra (later) merges until every word is one token.
+    targets = {w: w + "</w>" for w in set(w.lower() for w in words)}
+    for _ in range(len(targets) + 1):
+        tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, pad_token=pad_token)
+        broken = {w: tok.tokenize(w) for w, t in sorted(targets.items()) if tok.tokenize(w) != [t]}
+        if not broken:
+            return tok
+        for pieces in broken.values():
+            cur = pieces[0]
+            for nxt in pieces[1:]:
+                if (cur, nxt) not in seen:
+                    seen.add((cur, nxt))
+                    merges.append((cur, nxt))
+                cur = cur + nxt
+                vocab.setdefault(cur, len(vocab))
+    raise RuntimeError(f"cannot build merges that spell {sorted(broken)} as single tokens")

@@ -57,6 +57,25 @@ def test_tokenizer_knows_every_word(pipe):
     assert pipe.tokenizer.unk_token_id not in ids
 
 
+def test_training_tokenizer_spells_every_word_as_one_token():
+    from diffaccel.eval.shapes import WORDS, eval_prompts
+    from diffaccel.optimize.tokenizer import word_tokenizer
+
+    tok = word_tokenizer(WORDS, max_length=16)
+    assert [w for w in WORDS if tok.tokenize(w) != [w + "</w>"]] == []
+    assert max(len(tok(p.prompt).input_ids) for p in eval_prompts()) <= 16     # no caption is truncated
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped weights were trained with a tokenizer whose BPE merges split "
+                   "'triangle' into 7 pieces, so triangle captions with a position (19-20 tokens) lost their "
+                   "background words to the 16-token limit; retrain (docs/tinyshapes.md)")
+def test_shipped_tokenizer_fits_every_eval_prompt(pipe):
+    from diffaccel.eval.shapes import eval_prompts
+
+    longest = max(len(pipe.tokenizer(p.prompt).input_ids) for p in eval_prompts())
+    assert longest <= pipe.tokenizer.model_max_length
+
+
 def test_builtin_name_loads_the_same_weights(pipe):
     builtin = BUILTINS["tinyshapes"]()
     for a, b in zip(builtin.unet.parameters(), pipe.unet.parameters()):
