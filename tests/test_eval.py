@@ -68,6 +68,7 @@ def test_quality_against_the_baseline(result):
     per = r["onnxruntime-fp32"]["quality"]["per_image"]
     assert [(p["prompt"], p["seed"]) for p in per] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert min(p["psnr"] for p in per) == ort["psnr_min"]
+    assert ort["psnr_mean"] == pytest.approx(np.mean([p["psnr"] for p in per])) and ort["psnr_mean"] >= ort["psnr"]
 
 
 def test_latency_is_measured_alike(result):
