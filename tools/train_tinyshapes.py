@@ -67,9 +67,9 @@ class TrainConfig:
     snr_floor: float = 0.1
     object_loss_weight: float = 2.0  # extra weight on latent pixels within one pixel of the object
     ema_decay: float = 0.999
-    # Token positions of the text encoder. 16 hold the longest caption (12 words + BOS/EOS) and cost ~25% less
-    # per step than SD's 77, whose padding tokens (each a causal summary of the whole caption) may carry global
-    # attributes such as the background to the U-Net's cross-attention.
+    # Token positions of the text encoder. 16 hold the longest caption (12 words + BOS/EOS: every word is one token
+    # since the tokenizer fix) and cost ~40% less per step than SD's 77. Before that fix "triangle" took 7 tokens
+    # and 16 positions truncated the background of positioned triangle captions (docs/tinyshapes.md).
     text_tokens: int = 16
 
     def __post_init__(self):
