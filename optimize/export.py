@@ -1,9 +1,11 @@
 """Export one component to ONNX from its :class:`~diffaccel.optimize.specs.ComponentSpec`.
 
 Two exporters are offered. ``dynamo`` (``torch.onnx.export(dynamo=True)``, the default) gives the cleaner graph: on
-the SD 1.5 U-Net it emits less than half the nodes of the legacy tracer and one external-data file, and ONNX Runtime
-runs both equally fast (see tools/bench_exporters.py). ``torchscript`` (the legacy tracer) exports faster and is kept
-for models the dynamo exporter cannot trace.
+the SD 1.5 U-Net (256x256, batch 2, torch 2.13, onnxruntime 1.32) it emitted 1887 nodes against the legacy tracer's
+4493 (1807 vs 2352 after ORT's optimizations) and ran 4% faster in ONNX Runtime (1962 vs 2043 ms per step); both
+wrote one external-data file. ``torchscript`` (the legacy tracer) exports faster (40 s vs 70 s) and is kept for
+models the dynamo exporter cannot trace. Reproduce: ``diffaccel microbench random:sd15 --variants
+onnxruntime/fp32,onnxruntime/fp32@torchscript``.
 
 Weights stay inside ``model.onnx`` below 2 GB; above, they go to one ``model.onnx.data`` file beside it.
 """
