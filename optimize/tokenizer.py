@@ -41,14 +41,7 @@ def word_tokenizer(words=DEFAULT_WORDS, max_length: int = 77, pad_token: str = E
     merges: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
     for word in sorted(set(w.lower() for w in words)):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        cur = pieces[0]
-        for nxt in pieces[1:]:
-            if (cur, nxt) not in seen:
-                seen.add((cur, nxt))
-                merges.append((cur, nxt))
-            cur = cur + nxt
-            vocab.setdefault(cur, len(vocab))
+        _chain(list(word[:-1]) + [word[-1] + "</w>"], merges, seen, vocab)
     for special in (BOS, EOS):
         vocab.setdefault(special, len(vocab))
     # BPE applies the lowest-ranked merge first, wherever it is, so one word's chain can be cut by another's: with
@@ -61,11 +54,16 @@ def word_tokenizer(words=DEFAULT_WORDS, max_length: int = 77, pad_token: str = E
         if not broken:
             return tok
         for pieces in broken.values():
-            cur = pieces[0]
-            for nxt in pieces[1:]:
-                if (cur, nxt) not in seen:
-                    seen.add((cur, nxt))
-                    merges.append((cur, nxt))
-                cur = cur + nxt
-                vocab.setdefault(cur, len(vocab))
+            _chain(pieces, merges, seen, vocab)
     raise RuntimeError(f"cannot build merges that spell {sorted(broken)} as single tokens")
+
+
+def _chain(pieces: list, merges: list, seen: set, vocab: dict) -> None:
+    """Append the merges (and vocabulary entries) that join ``pieces`` left to right into one token."""
+    cur = pieces[0]
+    for nxt in pieces[1:]:
+        if (cur, nxt) not in seen:
+            seen.add((cur, nxt))
+            merges.append((cur, nxt))
+        cur = cur + nxt
+        vocab.setdefault(cur, len(vocab))
