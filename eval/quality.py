@@ -64,7 +64,8 @@ def aggregate(per_image: list) -> dict:
     col = lambda k: [r[k] for r in per_image if r.get(k) is not None]  # noqa: E731
     # two views of PSNR: pooled (PSNR of the mean MSE, dominated by the worst images) and the mean of per-image PSNRs
     out = {"n": len(per_image), "psnr": metrics.psnr_from_mse(float(np.mean(col("mse")))),
-           "psnr_mean": float(np.mean(col("psnr"))), "psnr_min": min(col("psnr")), "ssim": float(np.mean(col("ssim"))), "ssim_min": min(col("ssim")),
+           "psnr_mean": float(np.mean(col("psnr"))), "psnr_min": min(col("psnr")),
+           "ssim": float(np.mean(col("ssim"))), "ssim_min": min(col("ssim")),
            "latent_rel_error": float(np.mean(col("latent_rel_error"))),
            "latent_rel_error_max": max(col("latent_rel_error"))}
     for k in ("lpips", "clip_score"):

@@ -139,7 +139,8 @@ def _quality(report) -> list:
              "latent err max"] + [label for _, label in LEARNED]]
     for v in _ok(report):
         a = v["quality"]["aggregate"]
-        cells = [fmt(a["psnr"], ".2f"), fmt(a.get("psnr_mean"), ".2f"), fmt(a["psnr_min"], ".2f"), fmt(a["ssim"], ".4f"), fmt(a["ssim_min"], ".4f"),
+        cells = [fmt(a["psnr"], ".2f"), fmt(a.get("psnr_mean"), ".2f"), fmt(a["psnr_min"], ".2f"),
+                 fmt(a["ssim"], ".4f"), fmt(a["ssim_min"], ".4f"),
                  fmt(a["latent_rel_error"], ".2e"), fmt(a["latent_rel_error_max"], ".2e")]
         learned = [fmt(a.get(k), ".4g") if not status[k].startswith("not computed") else "not computed"
                    for k, _ in LEARNED]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 BUILTINS: dict[str, Callable] = {}
-RECIPE_VERSION = 2          # bump when a random:* recipe changes, so its source hash changes (2: tokenizer merges fixed)
+RECIPE_VERSION = 2          # bump when a random:* recipe (or its tokenizer) changes, so its source hash changes
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
