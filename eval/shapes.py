@@ -166,9 +166,9 @@ def _position_phrase(position: str) -> str:
     return f"at the {position}"
 
 
-def caption(scene: Scene, with_size: bool = True, with_position: bool = True) -> str:
-    """Plain-English caption; size and position may be left out (training varies this)."""
-    parts = ["a"] + ([scene.size] if with_size else []) + [scene.color, scene.shape]
+def caption(scene: Scene, with_size: bool = True, with_position: bool = True, with_color: bool = True) -> str:
+    """Plain-English caption; size, position and the object's color may be left out (training varies this)."""
+    parts = ["a"] + ([scene.size] if with_size else []) + ([scene.color] if with_color else []) + [scene.shape]
     if with_position:
         parts.append(_position_phrase(scene.position))
     return " ".join(parts + [f"on a {scene.background} background"])

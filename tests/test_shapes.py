@@ -68,6 +68,13 @@ def test_parse_round_trips_captions(with_size, with_position):
                                  scene.size if with_size else None, scene.position if with_position else None)
 
 
+def test_caption_can_leave_out_the_color():
+    scene = Scene("circle", "yellow", "navy", "small", "top left")
+    assert caption(scene) == "a small yellow circle at the top left on a navy background"
+    assert caption(scene, with_color=False) == "a small circle at the top left on a navy background"
+    assert caption(scene, False, False, False) == "a circle on a navy background"
+
+
 def test_parse_refuses_what_it_cannot_read():
     with pytest.raises(ValueError, match="cannot parse prompt"):
         parse("a photo of an astronaut riding a horse")

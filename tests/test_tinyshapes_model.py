@@ -101,6 +101,23 @@ def _train_module():
     return module
 
 
+def test_training_captions_leave_out_attributes_at_the_configured_rates():
+    """caption_ids picks variant size + 2*position + 4*color (1 = left out) and the empty caption for dropout."""
+    import numpy as np
+
+    train = _train_module()
+    cfg = train.TrainConfig(omit_prob=0.2, omit_color_prob=0.25, caption_dropout=0.1)
+    n, length = 4000, 3
+    ids = torch.arange(8).view(1, 8, 1).expand(n, 8, length).clone()      # token value = variant index
+    empty = torch.full((length,), -1)
+    out = train.caption_ids(cfg, ids, empty, np.arange(n), np.random.default_rng(0))[:, 0].numpy()
+    kept = out[out >= 0]
+    assert abs((out < 0).mean() - 0.1) < 0.02
+    assert abs((kept & 1).astype(bool).mean() - 0.2) < 0.03
+    assert abs((kept & 2).astype(bool).mean() - 0.2) < 0.03
+    assert abs((kept & 4).astype(bool).mean() - 0.25) < 0.03
+
+
 def test_training_resumes_where_it_stopped(tmp_path, monkeypatch):
     """An interrupted run, resumed, ends with the same weights as an unbroken one (a few tiny steps)."""
     train = _train_module()
