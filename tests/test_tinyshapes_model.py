@@ -66,9 +66,6 @@ def test_training_tokenizer_spells_every_word_as_one_token():
     assert max(len(tok(p.prompt).input_ids) for p in eval_prompts()) <= 16     # no caption is truncated
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped weights were trained with a tokenizer whose BPE merges split "
-                   "'triangle' into 7 pieces, so triangle captions with a position (19-20 tokens) lost their "
-                   "background words to the 16-token limit; retrain (docs/tinyshapes.md)")
 def test_shipped_tokenizer_fits_every_eval_prompt(pipe):
     from diffaccel.eval.shapes import eval_prompts
 
