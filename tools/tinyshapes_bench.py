@@ -89,7 +89,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=ROOT / "optimize" / "assets" / "tinyshapes")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=4.0)
+    # 2.0 was picked on seeds 2 and 3 (not the bar's 0 and 1) from 1.5, 2, 2.5, 3, 4: best "all three" for both the
+    # current and the previous weights there. Shapes blur toward the shape a color was trained with as guidance rises.
+    p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--batch", type=int, default=40, help="images per pipeline call")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

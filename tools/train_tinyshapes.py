@@ -36,7 +36,7 @@ VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_ch
 UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128),
                    layers_per_block=1, down_block_types=(CA, CA, DB),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                   cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16)
+                   cross_attention_dim=64, attention_head_dim=2, norm_num_groups=16)
 TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3,
                    projection_dim=64)
 # Zero terminal SNR (with v-prediction and trailing timesteps): the flat background is the image's mean color,
@@ -55,8 +55,8 @@ class TrainConfig:
     kl_weight: float = 1e-9
     object_weight: float = 4.0      # extra reconstruction weight on object pixels (they are few, and matter)
     pool: int = 24000
-    unet_steps: int = 5000
-    batch: int = 64
+    unet_steps: int = 4800
+    batch: int = 48
     lr: float = 1e-3
     warmup: int = 100
     caption_dropout: float = 0.1
