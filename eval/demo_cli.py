@@ -23,27 +23,43 @@ def add_demo(sub) -> None:
     p.add_argument("--seeds", default="0,1", help="seeds (default 0,1)")
     p.add_argument("--peers", default="torch-bf16", help="extra PyTorch rows (default torch-bf16; '' for none)")
     p.add_argument("--batch-sizes", default="1,2,4", help="throughput batch sizes (default 1,2,4)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the built-in's recommended one, 2.0 for "
+                        "tinyshapes; 7.5 for other sources)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for every variant")
     p.set_defaults(func=_cmd_demo)
 
 
-def _cmd_demo(args) -> int:
-    from diffaccel.optimize import OptimizeConfig, optimize
-    from diffaccel.optimize.progress import ConsoleReporter
+def demo_configs(args):
+    """The demo's optimize configs (one per precision) and its evaluation config, from the parsed arguments."""
+    from diffaccel.optimize import OptimizeConfig
+    from diffaccel.optimize.builtins import recommended_guidance
 
     from .eval_cli import int_list
-    from .harness import EvalConfig, evaluate
-    from .tables import format_summary
+    from .harness import EvalConfig
 
-    out = Path(args.out)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    guidance = recommended_guidance(args.src) if args.guidance is None else args.guidance
     try:
         configs = {p: OptimizeConfig(precision=p, threads=args.threads) for p in precisions}
         eval_cfg = EvalConfig(steps=int_list(args.steps, "--steps"), seeds=int_list(args.seeds, "--seeds"),
                               peers=tuple(x.strip() for x in args.peers.split(",") if x.strip()),
-                              batch_sizes=int_list(args.batch_sizes, "--batch-sizes"), threads=args.threads)
+                              batch_sizes=int_list(args.batch_sizes, "--batch-sizes"), threads=args.threads,
+                              guidance_scale=guidance)
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
+    return configs, eval_cfg
+
+
+def _cmd_demo(args) -> int:
+    from diffaccel.optimize import optimize
+    from diffaccel.optimize.progress import ConsoleReporter
+
+    from .harness import evaluate
+    from .tables import format_summary
+
+    out = Path(args.out)
+    configs, eval_cfg = demo_configs(args)
     reporter = ConsoleReporter()
     artifacts, t0 = [], time.perf_counter()
     try:

@@ -111,6 +111,18 @@ def _tinyshapes():
         str(ASSETS / "tinyshapes"), safety_checker=None, requires_safety_checker=False, local_files_only=True)
 
 
+# Classifier-free guidance a trained built-in is meant to run at (diffusers' 7.5 otherwise). tinyshapes: 2.0 gave
+# the best prompt adherence on seeds kept apart from its benchmark's (docs/tinyshapes.md); higher guidance pulls a
+# shape toward the one its color was trained with.
+RECOMMENDED_GUIDANCE = {"tinyshapes": 2.0}
+DEFAULT_GUIDANCE = 7.5
+
+
+def recommended_guidance(source: str) -> float:
+    """The guidance scale ``diffaccel demo`` uses for ``source`` when none is given."""
+    return RECOMMENDED_GUIDANCE.get(source, DEFAULT_GUIDANCE)
+
+
 def builtin_hash(name: str) -> str:
     """Content hash of a built-in: the recipe (random weights) or the shipped files (trained weights)."""
     import torch

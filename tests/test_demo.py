@@ -1,6 +1,10 @@
 """``diffaccel demo`` (the README's main command) end to end, on random:tiny with the smallest settings."""
 import json
 
+import pytest
+
+from diffaccel.optimize.errors import DiffaccelError
+
 from diffaccel.optimize.cli import main
 
 
@@ -20,3 +24,20 @@ def test_demo_builds_fp32_and_int8_and_reports(tmp_path, capsys):
     assert rows["onnxruntime-int8"]["latency"]["unet_step"]["p50"] > 0
     for name in names:                      # the summary table has one row per variant
         assert name in out
+    assert report["config"]["guidance_scale"] == 7.5   # random:tiny has no recommended guidance
+
+
+def test_demo_runs_tinyshapes_at_its_recommended_guidance_unless_told():
+    """The demo evaluates at the built-in's recommended guidance (2.0 for tinyshapes), 7.5 for other sources, or at
+    --guidance when given."""
+    from diffaccel.eval.demo_cli import demo_configs
+    from diffaccel.optimize.cli import build_parser
+
+    def guidance(*argv):
+        return demo_configs(build_parser().parse_args(["demo", *argv]))[1].guidance_scale
+
+    assert guidance() == 2.0
+    assert guidance("--src", "random:tiny") == 7.5
+    assert guidance("--guidance", "5") == 5.0
+    with pytest.raises(DiffaccelError, match="guidance"):
+        guidance("--guidance", "-1")
