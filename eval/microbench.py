@@ -93,7 +93,10 @@ def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, exporter
                             + (f"-{exporter}" if exporter else ""))
     manifest = optimize(source, out, ocfg, reporter=reporter)
     entry = manifest.components["unet"]
-    engine = load_engine(backend, out, "unet", entry, threads=cfg.threads)
+    # Interleaved rounds put every variant on the same cores back to back: ORT's intra-op threads must not keep
+    # spinning after their run, or they slow the variant timed next (PyTorch's U-Net step on tinyshapes: 17 ms
+    # alone, 99 ms right after ORT sessions with spinning on).
+    engine = load_engine(backend, out, "unet", entry, threads=cfg.threads, spin=False)
     facts = {"exporter": str(ocfg.exporter), "graph_nodes": _node_count(out / entry["engine"])}
     return (lambda inputs: engine(**inputs)), facts
 
@@ -144,7 +147,8 @@ def run_unet_bench(cfg: UNetBenchConfig, reporter=None) -> dict:
     for r in rows:
         r["speedup_vs_first"] = base / r["stats"]["p50"]
     return {"benchmark": "unet-step", "config": dataclasses.asdict(cfg), "source": source.to_dict(),
-            "host": host_info(), "timing": "interleaved rounds, perf_counter", "rows": rows}
+            "host": host_info(), "timing": "interleaved rounds, perf_counter, ONNX Runtime intra-op spinning off",
+            "rows": rows}
 
 
 def format_table(result: dict) -> str:

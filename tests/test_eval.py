@@ -203,9 +203,14 @@ def test_cli_run_and_render_only(cli, capsys, tmp_path):
 
 
 # ---- microbench: side by side, both exporters --------------------------------------------------------------------
-def test_microbench_times_variants_side_by_side(tmp_path):
+def test_microbench_times_variants_side_by_side(tmp_path, monkeypatch):
+    import diffaccel.engines
     from diffaccel.eval.microbench import UNetBenchConfig, format_table, run_unet_bench
     from diffaccel.optimize.errors import DiffaccelError
+
+    loaded, real_load = [], diffaccel.engines.load_engine
+    monkeypatch.setattr(diffaccel.engines, "load_engine", lambda *a, **k: loaded.append(real_load(*a, **k)) or
+                        loaded[-1])
 
     cfg = UNetBenchConfig(src="random:tiny", variants=("torch/fp32", "onnxruntime/fp32",
                                                        "onnxruntime/fp32@torchscript"),
@@ -219,6 +224,9 @@ def test_microbench_times_variants_side_by_side(tmp_path):
     assert rows["onnxruntime/fp32"]["graph_nodes"] > 0 and rows["onnxruntime/fp32@torchscript"]["graph_nodes"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["random_tiny-unet-onnxruntime-fp32",
                                                           "random_tiny-unet-onnxruntime-fp32-torchscript"]
+    # ORT threads must not spin between interleaved rounds (they would slow the variant timed next)
+    assert len(loaded) == 2 and all(e.session.get_session_options().get_session_config_entry(
+        "session.intra_op.allow_spinning") == "0" for e in loaded)
     table = format_table(result)
     assert "onnxruntime/fp32@torchscript" in table and str(rows["onnxruntime/fp32"]["graph_nodes"]) in table
     with pytest.raises(DiffaccelError, match="backend/precision"):
