@@ -123,7 +123,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: 2.0 for a tinyshapes artifact, else 7.5)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
@@ -131,6 +132,17 @@ def _add_generate(sub) -> None:
     p.add_argument("--provider", default=None, help="ONNX Runtime provider (default: the one built for)")
     p.add_argument("-o", "--output", default="image.png", help="output PNG (index appended for several images)")
     p.set_defaults(func=_cmd_generate)
+
+
+def artifact_guidance(source: dict) -> float:
+    """Default guidance for an artifact, from the source recorded in its manifest: a built-in's recommended one.
+
+    >>> artifact_guidance({"spec": "tinyshapes", "kind": "builtin"}), artifact_guidance({"spec": "x", "kind": "folder"})
+    (2.0, 7.5)
+    """
+    from .builtins import recommended_guidance
+
+    return recommended_guidance(source.get("spec", "") if source.get("kind") == "builtin" else "")
 
 
 def _cmd_generate(args) -> int:
@@ -150,6 +162,8 @@ def _cmd_generate(args) -> int:
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if (args.height is None) != (args.width is None):   # diffusers would silently reset both to the default
         args.height, args.width = args.height or native, args.width or native
+    if args.guidance is None:
+        args.guidance = artifact_guidance(pipe.manifest.source)
     t0 = time.perf_counter()
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, height=args.height, width=args.width,
@@ -159,7 +173,7 @@ def _cmd_generate(args) -> int:
     for img, path in zip(images, paths):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         img.save(path)
-    print(f"{len(images)} image(s) in {seconds:.2f}s -> {', '.join(paths)}")
+    print(f"{len(images)} image(s) in {seconds:.2f}s (guidance {args.guidance:g}) -> {', '.join(paths)}")
     return 0
 
 

@@ -140,6 +140,10 @@ def test_generate_and_info(capsys, tmp_path, tiny_ort):
     code, out, _ = run(capsys, "generate", str(tiny_ort), "a red circle", "--steps", "3", "--num-images", "2",
                        "--scheduler", "EulerDiscreteScheduler", "-o", str(tmp_path / "img.png"))
     assert code == 0 and (tmp_path / "img-0.png").is_file() and (tmp_path / "img-1.png").is_file()
+    assert "(guidance 7.5)" in out                       # random:tiny has no recommended guidance
+    code, out, _ = run(capsys, "generate", str(tiny_ort), "a red circle", "--steps", "2", "--guidance", "3",
+                       "-o", str(tmp_path / "g3.png"))
+    assert code == 0 and "(guidance 3)" in out and (tmp_path / "g3.png").is_file()
     code, out, _ = run(capsys, "info", str(tiny_ort), "--verify")
     assert code == 0 and "unet" in out and "verified" in out and "onnxruntime" in out
 
