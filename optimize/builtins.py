@@ -119,7 +119,12 @@ DEFAULT_GUIDANCE = 7.5
 
 
 def recommended_guidance(source: str) -> float:
-    """The guidance scale ``diffaccel demo`` uses for ``source`` when none is given."""
+    """The guidance scale ``diffaccel demo`` and ``diffaccel generate`` use for built-in ``source`` when none is
+    given.
+
+    >>> recommended_guidance("tinyshapes"), recommended_guidance("random:tiny")
+    (2.0, 7.5)
+    """
     return RECOMMENDED_GUIDANCE.get(source, DEFAULT_GUIDANCE)
 
 

@@ -3,9 +3,8 @@ import json
 
 import pytest
 
-from diffaccel.optimize.errors import DiffaccelError
-
 from diffaccel.optimize.cli import main
+from diffaccel.optimize.errors import DiffaccelError
 
 
 def test_demo_builds_fp32_and_int8_and_reports(tmp_path, capsys):
