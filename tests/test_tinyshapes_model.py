@@ -118,13 +118,15 @@ def test_training_captions_leave_out_attributes_at_the_configured_rates():
 def test_shipped_weights_have_the_training_recipes_architecture(pipe):
     """The shipped model was built by tools/train_tinyshapes.py as it stands: every architecture setting the script
     passes to diffusers/transformers is what the shipped configs say (catches a recipe edited without retraining)."""
+    def plain(value):  # configs store tuples as lists once saved
+        return list(value) if isinstance(value, (list, tuple)) else value
+
     train = _train_module()
     for settings, config in ((train.UNET_CONFIG, pipe.unet.config), (train.VAE_CONFIG, pipe.vae.config),
                              (train.TEXT_CONFIG, pipe.text_encoder.config)):
         for key, value in settings.items():
             got = config[key] if isinstance(config, dict) else getattr(config, key)
-            assert (list(got) if isinstance(got, (list, tuple)) else got) == (
-                list(value) if isinstance(value, (list, tuple)) else value), key
+            assert plain(got) == plain(value), key
     assert pipe.tokenizer.model_max_length == train.TrainConfig().text_tokens
 
 
