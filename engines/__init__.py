@@ -9,7 +9,7 @@ from __future__ import annotations
 __all__ = ["AcceleratedStableDiffusionPipeline", "AcceleratedStableDiffusionImg2ImgPipeline", "load_engine",
            "BACKENDS", "Engine"]
 
-_LAZY = {"AcceleratedStableDiffusionPipeline": ".pipelines", "AcceleratedStableDiffusionImg2ImgPipeline": ".pipelines",
+_LAZY = {"AcceleratedStableDiffusionPipeline": ".pipelines.sd", "AcceleratedStableDiffusionImg2ImgPipeline": ".pipelines.sd",
          "load_engine": ".base", "BACKENDS": ".base", "Engine": ".base"}
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import importlib
 from typing import Protocol, runtime_checkable
 
-from diffaccel.optimize.errors import BackendUnavailableError
+from diffaccel.optimize.artifact.errors import BackendUnavailableError
 
 # backend name -> module that defines `load(component_dir, entry, **options) -> Engine`
 BACKENDS = {
-    "onnxruntime": "diffaccel.engines.onnxruntime_backend",
-    "torch": "diffaccel.engines.torch_backend",
-    "tensorrt": "diffaccel.engines.tensorrt_backend",
+    "onnxruntime": "diffaccel.engines.backends.onnxruntime",
+    "torch": "diffaccel.engines.backends.torch",
+    "tensorrt": "diffaccel.engines.backends.tensorrt",
 }
 
 

@@ -12,10 +12,10 @@ __all__ = ["evaluate", "EvalConfig", "render_report", "load_report", "format_sum
            "latent_rel_error", "frechet_distance", "LatencyStats", "measure", "host_info"]
 
 _LAZY = {
-    "evaluate": ".harness", "EvalConfig": ".harness", "render_report": ".report", "load_report": ".report",
-    "format_summary": ".tables", "PEERS": ".variants", "psnr": ".metrics", "ssim": ".metrics",
-    "latent_rel_error": ".metrics", "frechet_distance": ".metrics", "LatencyStats": ".timing", "measure": ".timing",
-    "host_info": ".host",
+    "evaluate": ".harness.evaluate", "EvalConfig": ".harness.evaluate", "render_report": ".report.write", "load_report": ".report.write",
+    "format_summary": ".report.tables", "PEERS": ".harness.variants", "psnr": ".metrics.images", "ssim": ".metrics.images",
+    "latent_rel_error": ".metrics.images", "frechet_distance": ".metrics.images", "LatencyStats": ".harness.timing", "measure": ".harness.timing",
+    "host_info": ".harness.host",
 }
 
 

@@ -10,8 +10,8 @@ __all__ = ["optimize", "OptimizeConfig", "ShapeRange", "Backend", "Precision", "
 
 _LAZY = {
     "optimize": ".api", "OptimizeConfig": ".api", "ShapeRange": ".config", "Backend": ".config",
-    "Precision": ".config", "Exporter": ".config", "resolve_source": ".sources", "Manifest": ".manifest",
-    "DiffaccelError": ".errors",
+    "Precision": ".config", "Exporter": ".config", "resolve_source": ".sources", "Manifest": ".artifact.manifest",
+    "DiffaccelError": ".artifact.errors",
 }
 
 

@@ -17,13 +17,14 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import Backend, Exporter, Precision, QuantConfig, ShapeRange, TensorRTConfig, config_hash
-from .errors import ArtifactError, DiffaccelError
-from .manifest import Manifest
-from .sources import Source, check_configs, resolve_source
-from .components import COMPONENTS, check_pixel_range, size_factors
-from .plans import plans, stages_for, supported_pairs
-from .stages import Context, Reporter, record_files, sweep_scratch
+from diffaccel.optimize.config import Backend, Exporter, Precision, QuantConfig, ShapeRange, TensorRTConfig, config_hash
+from diffaccel.optimize.artifact.errors import ArtifactError, DiffaccelError
+from diffaccel.optimize.artifact.files import recover_dir, replace_dir, sweep_scratch
+from diffaccel.optimize.artifact.manifest import Manifest
+from diffaccel.optimize.sources import Source, check_configs, resolve_source
+from diffaccel.optimize.families.sd import COMPONENTS, check_pixel_range, size_factors
+from diffaccel.optimize.stages.plans import plans, stages_for, supported_pairs
+from diffaccel.optimize.stages.base import Context, Reporter, record_files
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
     except DiffaccelError:
         shutil.rmtree(work, ignore_errors=True)   # OUT (if any) is untouched; nothing half-written is left
         raise
-    _swap_into_place(work, out)
+    replace_dir(work, out)
     return Manifest.load(out)
 
 
@@ -168,7 +169,7 @@ def _open_manifest(work: Path, source: Source, config: OptimizeConfig) -> Manife
                           "provider": config.provider if config.backend == Backend.ONNXRUNTIME else None,
                           "shapes": config.shapes.to_dict(), "optimize_config": config.to_dict(),
                           "source": source.to_dict()})
-    from .manifest import tool_versions
+    from diffaccel.optimize.artifact.manifest import tool_versions
 
     manifest.data["tools"] = tool_versions()
     manifest.save()
@@ -184,7 +185,7 @@ def _prepare_workdir(out: Path, source: Source, force: bool) -> tuple:
     """Return (work dir, fresh?). OUT is never modified in place: an existing OUT is hard-linked into the work dir,
     stages replace files rather than rewrite them, and the work dir is swapped in at the end."""
     partial = _partial_of(out)
-    _recover_interrupted_swap(out)
+    recover_dir(out)
     if out.exists() and not (out / "manifest.json").is_file():
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
@@ -220,21 +221,3 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
     else:
         os.link(src, dst)
-
-
-def _swap_into_place(work: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old"
-    if out.exists():
-        out.rename(old)
-    work.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _recover_interrupted_swap(out: Path) -> None:
-    old = out.parent / f".{out.name}.old"
-    if old.exists():
-        if out.exists():
-            shutil.rmtree(old)
-        else:
-            old.rename(out)

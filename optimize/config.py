@@ -116,7 +116,7 @@ class CalibMethod(_StrEnum):
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """int8 quantization with calibration data captured from the real pipeline (see diffaccel.optimize.quantize).
+    """int8 quantization with calibration data captured from the real pipeline (see diffaccel.optimize.quant.ort_static).
 
     The same QuantConfig on the same source gives a byte-identical model."""
 
@@ -145,7 +145,7 @@ class QuantConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TensorRTConfig:
-    """TensorRT builder settings (see diffaccel.optimize.stage_tensorrt)."""
+    """TensorRT builder settings (see diffaccel.optimize.stages.tensorrt)."""
 
     opt_level: int = 3                   # builder optimization level 0-5
     workspace_gb: "float | None" = None  # memory pool limit for tactics (None: TensorRT's default)

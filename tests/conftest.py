@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """The diffusers reference pipeline of random:tiny (fp32 PyTorch)."""
-    from diffaccel.optimize.builtins import BUILTINS
+    from diffaccel.optimize.sources.builtins import BUILTINS
 
     pipe = BUILTINS["random:tiny"]()
     pipe.set_progress_bar_config(disable=True)

@@ -93,7 +93,7 @@ def tiny_sd1_pipeline():
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffaccel.optimize.tokenizer import word_tokenizer
+    from diffaccel.optimize.sources.tokenizer import word_tokenizer
 
     torch.manual_seed(0)
     tok = word_tokenizer()

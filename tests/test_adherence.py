@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from diffaccel.eval.adherence import check, format_table, score
-from diffaccel.eval.shapes import BACKGROUNDS, Scene, caption, eval_prompts, render, sample_scenes
+from diffaccel.eval.metrics.adherence import check, format_table, score
+from diffaccel.optimize.sources.tinyshapes import BACKGROUNDS, Scene, caption, eval_prompts, render, sample_scenes
 
 
 def _degrade(img: np.ndarray, rng, blur: float, shift: float, noise: float) -> np.ndarray:

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from diffaccel.eval.batching import BatchPolicy, BatchQueue, FakeClock, Request, simulate
+from diffaccel.eval.loadbench.batching import BatchPolicy, BatchQueue, FakeClock, Request, simulate
 
 
 def _queue(max_batch, timeout_s):

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from diffaccel.engines import AcceleratedStableDiffusionPipeline, load_engine
-from diffaccel.optimize.manifest import Manifest
-from diffaccel.optimize.parity import compare
-from diffaccel.optimize.components import export_module
-from diffaccel.optimize.specs import ComponentSpec
+from diffaccel.optimize.artifact.manifest import Manifest
+from diffaccel.optimize.export.parity import compare
+from diffaccel.optimize.families.sd import export_module
+from diffaccel.optimize.artifact.specs import ComponentSpec
 
 from .conftest import psnr
 

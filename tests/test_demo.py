@@ -4,7 +4,7 @@ import json
 import pytest
 
 from diffaccel.optimize.cli import main
-from diffaccel.optimize.errors import DiffaccelError
+from diffaccel.optimize.artifact.errors import DiffaccelError
 
 
 def test_demo_builds_fp32_and_int8_and_reports(tmp_path, capsys):
@@ -29,7 +29,7 @@ def test_demo_builds_fp32_and_int8_and_reports(tmp_path, capsys):
 def test_demo_runs_tinyshapes_at_its_recommended_guidance_unless_told():
     """The demo evaluates at the built-in's recommended guidance (2.0 for tinyshapes), 7.5 for other sources, or at
     --guidance when given."""
-    from diffaccel.eval.demo_cli import demo_configs
+    from diffaccel.eval.cli.demo import demo_configs
     from diffaccel.optimize.cli import build_parser
 
     def guidance(*argv):

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from diffaccel.eval import EvalConfig, evaluate
-from diffaccel.eval import variants as var
-from diffaccel.eval.instrument import instrument
-from diffaccel.eval.timing import Clock
-from diffaccel.optimize.errors import DiffaccelError
+from diffaccel.eval.harness import variants as var
+from diffaccel.eval.harness.instrument import instrument
+from diffaccel.eval.harness.timing import Clock
+from diffaccel.optimize.artifact.errors import DiffaccelError
 
 from .test_metrics import FakeInception, FakeLpips, make_tiny_clip
 
@@ -193,7 +193,7 @@ def test_cli_run_and_render_only(cli, capsys, tmp_path):
     assert code == 0 and "torch-fp32 (baseline)" in stdout and f"report: {out / 'report.html'}" in stdout
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["seeds"] == [3]
-    from diffaccel.eval.metrics import NOT_COMPUTED   # no local weights given: each column says why and what to pass
+    from diffaccel.eval.metrics.images import NOT_COMPUTED   # no local weights given: each column says why and what to pass
 
     assert report["metrics"] == {**report["metrics"], **NOT_COMPUTED}
     assert "not computed (pass --lpips PATH" in (out / "report.md").read_text()
@@ -205,8 +205,8 @@ def test_cli_run_and_render_only(cli, capsys, tmp_path):
 # ---- microbench: side by side, both exporters --------------------------------------------------------------------
 def test_microbench_times_variants_side_by_side(tmp_path, monkeypatch):
     import diffaccel.engines
-    from diffaccel.eval.microbench import UNetBenchConfig, format_table, run_unet_bench
-    from diffaccel.optimize.errors import DiffaccelError
+    from diffaccel.eval.harness.microbench import UNetBenchConfig, format_table, run_unet_bench
+    from diffaccel.optimize.artifact.errors import DiffaccelError
 
     loaded, real_load = [], diffaccel.engines.load_engine
     monkeypatch.setattr(diffaccel.engines, "load_engine", lambda *a, **k: loaded.append(real_load(*a, **k)) or

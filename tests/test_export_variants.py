@@ -5,11 +5,11 @@ import torch
 
 from diffaccel.engines import AcceleratedStableDiffusionPipeline
 from diffaccel.optimize import OptimizeConfig, optimize
-from diffaccel.optimize.builtins import RECIPES, _assemble
-from diffaccel.optimize.components import ModelGeometry, sd_specs
+from diffaccel.optimize.sources.builtins import RECIPES, _assemble
+from diffaccel.optimize.families.sd import ModelGeometry, sd_specs
 from diffaccel.optimize.config import ShapeRange
-from diffaccel.optimize.errors import ParityError
-from diffaccel.optimize.parity import check_parity
+from diffaccel.optimize.artifact.errors import ParityError
+from diffaccel.optimize.export.parity import check_parity
 
 from .conftest import psnr
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffaccel.eval.batching import Request
-from diffaccel.eval.bench_runner import LoadBench, SweepConfig
-from diffaccel.eval.loadbench import LoadConfig, poisson_arrivals, serve
+from diffaccel.eval.loadbench.batching import Request
+from diffaccel.eval.loadbench.runner import LoadBench, SweepConfig
+from diffaccel.eval.loadbench.loop import LoadConfig, poisson_arrivals, serve
 from diffaccel.optimize.cli import main
-from diffaccel.optimize.errors import ShapeError
+from diffaccel.optimize.artifact.errors import ShapeError
 
 
 def _fake_engine(seconds_per_batch=0.005, log=None):

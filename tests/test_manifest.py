@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from diffaccel.optimize.errors import ArtifactError
-from diffaccel.optimize.manifest import Manifest, atomic_write_json, file_entry, tree_sha256
+from diffaccel.optimize.artifact.errors import ArtifactError
+from diffaccel.optimize.artifact.manifest import Manifest, file_entry
+from diffaccel.optimize.artifact.files import atomic_write_json, tree_sha256
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):

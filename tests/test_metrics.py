@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffaccel.eval import metrics
-from diffaccel.optimize.errors import DiffaccelError
+from diffaccel.eval.metrics import images as metrics
+from diffaccel.optimize.artifact.errors import DiffaccelError
 
 
 def rand_image(seed, shape=(64, 48, 3), lo=0.0, hi=1.0):
@@ -154,7 +154,7 @@ def make_tiny_clip(folder):
     """A random tiny CLIP model + processor saved like a Hugging Face folder (offline)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from diffaccel.optimize.tokenizer import word_tokenizer
+    from diffaccel.optimize.sources.tokenizer import word_tokenizer
 
     tok = word_tokenizer(max_length=16)
     small = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1)

@@ -6,8 +6,8 @@ import importlib.util
 import pytest
 
 from diffaccel.optimize.config import QuantConfig
-from diffaccel.optimize.errors import DiffaccelError
-from diffaccel.optimize.modelopt_quant import KEEP_FLOAT, recipe_for, recipe_hash
+from diffaccel.optimize.artifact.errors import DiffaccelError
+from diffaccel.optimize.quant.modelopt import KEEP_FLOAT, recipe_for, recipe_hash
 
 HAS_MODELOPT = importlib.util.find_spec("modelopt") is not None
 needs_modelopt = pytest.mark.skipif(not HAS_MODELOPT, reason="nvidia-modelopt is not installed (on CPU: pip "
@@ -48,7 +48,7 @@ def test_recipe_hash_covers_recipe_and_calibration():
 def test_builtin_configs_are_copied_not_modified():
     import modelopt.torch.quantization as mtq
 
-    from diffaccel.optimize.modelopt_quant import modelopt_config
+    from diffaccel.optimize.quant.modelopt import modelopt_config
 
     before = repr(mtq.INT8_DEFAULT_CFG)
     cfg = modelopt_config(mtq, recipe_for("int8", QuantConfig(per_channel=False)))
@@ -66,11 +66,11 @@ def int8_tiny(tmp_path_factory):
 
     import torch
 
-    from diffaccel.optimize.builtins import BUILTINS
-    from diffaccel.optimize.calibration import capture_unet_inputs
+    from diffaccel.optimize.sources.builtins import BUILTINS
+    from diffaccel.optimize.quant.calibration import capture_unet_inputs
     from diffaccel.optimize.config import ShapeRange
-    from diffaccel.optimize.modelopt_quant import export_qdq, quantize_unet
-    from diffaccel.optimize.components import ModelGeometry, export_module, sd_specs
+    from diffaccel.optimize.quant.modelopt import export_qdq, quantize_unet
+    from diffaccel.optimize.families.sd import ModelGeometry, export_module, sd_specs
 
     torch.set_num_threads(1)
     pipe = BUILTINS["random:tiny"]()
@@ -102,8 +102,8 @@ def test_qdq_onnx_runs_on_ort_cpu_and_matches_fake_quant(int8_tiny):
 
     import onnx
 
-    from diffaccel.optimize.modelopt_quant import validate_qdq
-    from diffaccel.optimize.components import export_module
+    from diffaccel.optimize.quant.modelopt import validate_qdq
+    from diffaccel.optimize.families.sd import export_module
 
     ops = collections.Counter(n.op_type for n in onnx.load(str(int8_tiny["path"])).graph.node)
     assert ops["QuantizeLinear"] > 50 and ops["QuantizeLinear"] == ops["DequantizeLinear"]
@@ -121,9 +121,9 @@ def test_autocast_makes_fp16_weights_with_fp32_io(int8_tiny, tmp_path):
     import onnx
     import torch
 
-    from diffaccel.engines.onnxruntime_backend import OrtEngine
-    from diffaccel.optimize.modelopt_quant import autocast_fp16
-    from diffaccel.optimize.parity import check_parity
+    from diffaccel.engines.backends.onnxruntime import OrtEngine
+    from diffaccel.optimize.quant.modelopt import autocast_fp16
+    from diffaccel.optimize.export.parity import check_parity
 
     spec = int8_tiny["spec"]
     calib = int8_tiny["calib"]
@@ -146,12 +146,13 @@ def test_quantize_and_fp16_stages_run_through_the_orchestrator(tmp_path):
     import onnx
 
     from diffaccel.optimize.api import OptimizeConfig, _run_stages
-    from diffaccel.optimize.manifest import Manifest
-    from diffaccel.optimize.modelopt_quant import ModeloptQuantStage
+    from diffaccel.optimize.artifact.manifest import Manifest
+    from diffaccel.optimize.quant.modelopt import ModeloptQuantStage
     from diffaccel.optimize.sources import resolve_source
-    from diffaccel.optimize.stage_onnx import ExportStage
-    from diffaccel.optimize.stage_tensorrt import AutoCastStage
-    from diffaccel.optimize.stages import AssetsStage, Context, Reporter
+    from diffaccel.optimize.stages.onnx_export import ExportStage
+    from diffaccel.optimize.stages.tensorrt import AutoCastStage
+    from diffaccel.optimize.stages.base import Context, Reporter
+    from diffaccel.optimize.stages.assets import AssetsStage
 
     src = resolve_source("random:tiny")
     cfg = OptimizeConfig(backend="tensorrt", precision="int8", components=("unet", "text_encoder"),

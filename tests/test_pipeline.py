@@ -6,7 +6,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscrete
                        StableDiffusionImg2ImgPipeline)
 
 from diffaccel.engines import AcceleratedStableDiffusionImg2ImgPipeline, AcceleratedStableDiffusionPipeline
-from diffaccel.optimize.errors import ShapeError
+from diffaccel.optimize.artifact.errors import ShapeError
 
 from .conftest import psnr
 

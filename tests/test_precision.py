@@ -8,8 +8,9 @@ import torch
 from diffaccel.engines import AcceleratedStableDiffusionPipeline
 from diffaccel.optimize import OptimizeConfig, optimize
 from diffaccel.optimize.config import QuantConfig
-from diffaccel.optimize.errors import BackendUnavailableError, DiffaccelError, ParityError
-from diffaccel.optimize.manifest import Manifest, file_sha256
+from diffaccel.optimize.artifact.errors import BackendUnavailableError, DiffaccelError, ParityError
+from diffaccel.optimize.artifact.manifest import Manifest
+from diffaccel.optimize.artifact.files import file_sha256
 
 from .conftest import psnr
 
@@ -44,7 +45,7 @@ def test_default_float_layers_are_not_quantized(int8):
     rest of the Convs and MatMuls get int8 weights."""
     import onnx
 
-    from diffaccel.optimize.quantize import node_scope
+    from diffaccel.optimize.quant.ort_static import node_scope
 
     model = onnx.load(str(int8 / "unet/quantized/model.onnx"))
     produced_by = {o: n.op_type for n in model.graph.node for o in n.output}
@@ -59,7 +60,7 @@ def test_default_float_layers_are_not_quantized(int8):
 
 
 def test_calibration_captures_every_step_with_guidance(tiny_pipe):
-    from diffaccel.optimize.calibration import capture_unet_inputs
+    from diffaccel.optimize.quant.calibration import capture_unet_inputs
 
     kw = dict(steps=3, seed=0, height=64, width=64)
     samples = capture_unet_inputs(tiny_pipe, ["a red circle", "a blue star"], guidance_scale=7.5, **kw)
@@ -126,7 +127,7 @@ def test_keep_fp32_pattern_and_smoothquant(tmp_path):
     info = m.components["unet"]["quantize"]
     assert info["smoothquant"]["balanced_layernorms"] > 0
     model = onnx.load(str(out / "unet/quantized/model.onnx"))
-    from diffaccel.optimize.quantize import node_scope
+    from diffaccel.optimize.quant.ort_static import node_scope
 
     convs = [n for n in model.graph.node if n.op_type == "Conv" and node_scope(n).startswith("down_blocks.0.")]
     produced_by = {o: n.op_type for n in model.graph.node for o in n.output}
@@ -136,8 +137,8 @@ def test_keep_fp32_pattern_and_smoothquant(tmp_path):
 def test_smoothquant_preserves_the_float_function(tmp_path, tiny_pipe, artifacts):
     import onnxruntime as ort
 
-    from diffaccel.optimize.calibration import capture_unet_inputs
-    from diffaccel.optimize.smoothquant import smooth
+    from diffaccel.optimize.quant.calibration import capture_unet_inputs
+    from diffaccel.optimize.quant.smoothquant import smooth
 
     src = artifacts("random:tiny", "onnxruntime", **FAST) / "unet" / "export" / "model.onnx"
     samples = capture_unet_inputs(tiny_pipe, ["a star"], steps=2, guidance_scale=7.5, seed=0, height=64, width=64)
@@ -160,11 +161,11 @@ def test_bad_calibration_prompts(tmp_path):
 
 
 def test_fp16_conversion_runs_and_guards(tmp_path, artifacts, tiny_pipe):
-    from diffaccel.engines.onnxruntime_backend import OrtEngine
-    from diffaccel.optimize.parity import check_parity
-    from diffaccel.optimize.stage_fp16 import FP16_TOLERANCE, convert_fp16
-    from diffaccel.optimize.components import export_module
-    from diffaccel.optimize.specs import ComponentSpec
+    from diffaccel.engines.backends.onnxruntime import OrtEngine
+    from diffaccel.optimize.export.parity import check_parity
+    from diffaccel.optimize.stages.fp16 import FP16_TOLERANCE, convert_fp16
+    from diffaccel.optimize.families.sd import export_module
+    from diffaccel.optimize.artifact.specs import ComponentSpec
 
     art = artifacts("random:tiny", "onnxruntime", **FAST)
     convert_fp16(art / "unet/export/model.onnx", tmp_path / "unet16.onnx")
@@ -218,8 +219,8 @@ def test_quality_target_keeps_sensitive_layers_in_float(tmp_path):
 def test_quality_target_search_returns_the_least_robust_nodes_to_float(int8, tiny_pipe):
     """meet_target ranks nodes by measured activation SQNR and doubles how many it keeps in float (2, 4, ...) until
     the judge's PSNR reaches the target; here a judge that gains 3 dB per float node needs 4."""
-    from diffaccel.optimize.calibration import capture_unet_inputs
-    from diffaccel.optimize.quality_target import activation_sqnr, meet_target
+    from diffaccel.optimize.quant.calibration import capture_unet_inputs
+    from diffaccel.optimize.quant.quality_target import activation_sqnr, meet_target
 
     samples = capture_unet_inputs(tiny_pipe, ["a star"], steps=2, guidance_scale=7.5, seed=0, height=64, width=64)
     model = int8 / "unet" / "quantized" / "model.onnx"
@@ -241,8 +242,8 @@ def test_quality_target_search_returns_the_least_robust_nodes_to_float(int8, tin
 
 
 def test_unreachable_quality_target_says_what_to_try(int8, tiny_pipe):
-    from diffaccel.optimize.calibration import capture_unet_inputs
-    from diffaccel.optimize.quality_target import meet_target
+    from diffaccel.optimize.quant.calibration import capture_unet_inputs
+    from diffaccel.optimize.quant.quality_target import meet_target
 
     class Stubborn:                      # a judge whose images never get better
         def psnr(self, path, threads=None):

@@ -6,10 +6,10 @@ import re
 import numpy as np
 import pytest
 
-from diffaccel.eval.plots import pareto_front
-from diffaccel.eval.report import json_safe, load_report, render_report, write_report
-from diffaccel.eval.tables import format_summary, summary_rows
-from diffaccel.optimize.errors import DiffaccelError
+from diffaccel.eval.report.plots import pareto_front
+from diffaccel.eval.report.write import json_safe, load_report, render_report, write_report
+from diffaccel.eval.report.tables import format_summary, summary_rows
+from diffaccel.optimize.artifact.errors import DiffaccelError
 
 PROMPTS = ["a small red circle at the top left on a white background", "a large blue star in the center on a "
            "black background"]
@@ -175,8 +175,8 @@ def test_pareto_front():
 
 
 def test_load_benchmarks_are_linked(tmp_path):
-    from diffaccel.eval.benchlinks import bench_summaries
-    from diffaccel.optimize.errors import DiffaccelError
+    from diffaccel.eval.report.benchlinks import bench_summaries
+    from diffaccel.optimize.artifact.errors import DiffaccelError
 
     bench = tmp_path / "bench"
     bench.mkdir()

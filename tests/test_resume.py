@@ -10,10 +10,10 @@ import time
 import pytest
 
 from diffaccel.optimize import OptimizeConfig, optimize
-from diffaccel.optimize.errors import ArtifactError
-from diffaccel.optimize.manifest import Manifest
-from diffaccel.optimize.stage_onnx import OrtEngineStage
-from diffaccel.optimize.stages import Reporter
+from diffaccel.optimize.artifact.errors import ArtifactError
+from diffaccel.optimize.artifact.manifest import Manifest
+from diffaccel.optimize.stages.onnx_export import OrtEngineStage
+from diffaccel.optimize.stages.base import Reporter
 
 FAST = dict(exporter="torchscript")   # the exporter is not under test here; the legacy one is 15x faster on tiny
 
@@ -125,7 +125,7 @@ def test_kill_9_never_leaves_a_complete_looking_out(tmp_path):
 
 
 def test_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
-    from diffaccel.optimize.errors import ParityError
+    from diffaccel.optimize.artifact.errors import ParityError
 
     def fail(self, ctx):
         raise ParityError("unet does not match")
@@ -139,7 +139,7 @@ def test_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
 def test_rebuild_of_a_model_with_external_weights(tmp_path, monkeypatch):
     """Models over 2 GB keep weights in model.onnx.data; a rebuild must still read them (onnx refuses hard-linked
     external data). Forced here on the tiny model by lowering the threshold."""
-    import diffaccel.optimize.export as export
+    import diffaccel.optimize.export.onnx_export as export
 
     from diffaccel.optimize.config import QuantConfig
 

@@ -4,8 +4,8 @@ import itertools
 import numpy as np
 import pytest
 
-from diffaccel.eval import shapes
-from diffaccel.eval.shapes import (BACKGROUNDS, COLORS, HELD_OUT, POSITIONS, SHAPES, SIZES, Attributes, Scene,
+from diffaccel.optimize.sources import tinyshapes as shapes
+from diffaccel.optimize.sources.tinyshapes import (BACKGROUNDS, COLORS, HELD_OUT, POSITIONS, SHAPES, SIZES, Attributes, Scene,
                                    caption, eval_prompts, parse, render, sample_scenes)
 
 
@@ -91,7 +91,7 @@ def test_eval_prompts_cover_every_pair_and_mark_held_out():
 
 
 def test_captions_fit_the_tokenizer_and_stay_distinct():
-    from diffaccel.optimize.tokenizer import word_tokenizer
+    from diffaccel.optimize.sources.tokenizer import word_tokenizer
 
     tok = word_tokenizer(shapes.WORDS)
     texts = [p.prompt for p in eval_prompts()]

@@ -3,8 +3,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffaccel.optimize.errors import SourceError
-from diffaccel.optimize.manifest import Manifest
+from diffaccel.optimize.artifact.errors import SourceError
+from diffaccel.optimize.artifact.manifest import Manifest
 from diffaccel.optimize.sources import resolve_source
 
 from .ldm_format import pipeline_to_ldm, tiny_sd1_pipeline

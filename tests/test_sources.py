@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from diffaccel.optimize.errors import SourceError
+from diffaccel.optimize.artifact.errors import SourceError
 from diffaccel.optimize.sources import check_architecture, resolve_source
 
 
@@ -20,7 +20,7 @@ def test_unknown_builtin_lists_known():
 
 
 def test_random_builtin_is_deterministic():
-    from diffaccel.optimize.builtins import BUILTINS
+    from diffaccel.optimize.sources.builtins import BUILTINS
 
     a, b = BUILTINS["random:tiny"](), BUILTINS["random:tiny"]()
     for (k, v), (_, w) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):

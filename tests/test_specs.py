@@ -1,9 +1,9 @@
 import pytest
 
 from diffaccel.optimize.config import ShapeRange
-from diffaccel.optimize.errors import ShapeError
-from diffaccel.optimize.components import ModelGeometry, sd_specs
-from diffaccel.optimize.specs import AxisRange, ComponentSpec, TensorSpec
+from diffaccel.optimize.artifact.errors import ShapeError
+from diffaccel.optimize.families.sd import ModelGeometry, sd_specs
+from diffaccel.optimize.artifact.specs import AxisRange, ComponentSpec, TensorSpec
 
 GEO = ModelGeometry(vocab_size=1000, max_length=77, text_hidden=32, latent_channels=4, unet_in_channels=4,
                     cross_attention_dim=32, vae_scale_factor=8, latent_multiple=8, default_size=512,

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from diffaccel.optimize.config import ShapeRange
-from diffaccel.optimize.errors import ArtifactError, BackendUnavailableError
-from diffaccel.optimize.components import ModelGeometry, sd_specs
-from diffaccel.optimize.trt_cache import (BuildLog, TrtEnvironment, build_flags, check_engine_compatible,
+from diffaccel.optimize.artifact.errors import ArtifactError, BackendUnavailableError
+from diffaccel.optimize.families.sd import ModelGeometry, sd_specs
+from diffaccel.engines.backends.tensorrt_cache import (BuildLog, TrtEnvironment, build_flags, check_engine_compatible,
                                           default_timing_cache, engine_cache_key, engine_identity, format_build_error,
                                           key_of_identity, ort_trt_cache_dir, rebuild_command, trt_profile)
 
@@ -114,8 +114,8 @@ def test_mismatched_gpu_or_tensorrt_fails_with_one_line_that_says_how_to_rebuild
 
 def test_backend_load_checks_the_gpu_before_reading_the_plan(monkeypatch, tmp_path):
     """engines.tensorrt_backend.load() refuses an engine from another GPU before touching the plan or CUDA."""
-    from diffaccel.engines import tensorrt_backend
-    from diffaccel.optimize import trt_cache
+    from diffaccel.engines.backends import tensorrt as tensorrt_backend
+    from diffaccel.engines.backends import tensorrt_cache as trt_cache
 
     here = TrtEnvironment(tensorrt="10.13.0.35", gpu="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
     monkeypatch.setattr(trt_cache, "probe_environment", lambda device=0: here)
@@ -133,7 +133,7 @@ def test_ort_trt_cache_key_asks_nvml_when_torch_sees_no_gpu(monkeypatch):
 
     import torch
 
-    from diffaccel.optimize import trt_cache
+    from diffaccel.engines.backends import tensorrt_cache as trt_cache
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     gpus = {("index", 0): (b"NVIDIA L4", (8, 9)), ("index", 1): (b"NVIDIA H100", (9, 0)),
@@ -194,8 +194,8 @@ def test_build_error_is_one_line_with_the_first_parser_error_and_the_log_path(tm
 
 # ---- ONNX Runtime TensorRT EP: same key ----------------------------------------------------------------------------
 def test_ort_tensorrt_ep_cache_is_keyed_and_profiled(tmp_path):
-    from diffaccel.engines.onnxruntime_backend import provider_options
-    from diffaccel.optimize.manifest import Manifest
+    from diffaccel.engines.backends.onnxruntime import provider_options
+    from diffaccel.optimize.artifact.manifest import Manifest
 
     Manifest.new(tmp_path, source={"spec": "random:tiny", "sha256": "c" * 64}).save()
     entry = {"spec": _unet().to_dict(), "precision": "fp32", "backend": "onnxruntime", "provider": "tensorrt"}
@@ -214,10 +214,10 @@ def test_ort_tensorrt_ep_cache_is_keyed_and_profiled(tmp_path):
 # ---- no TensorRT here: clean refusals, lazy imports ----------------------------------------------------------------
 def test_importing_diffaccel_never_imports_tensorrt_or_modelopt():
     code = ("import sys, diffaccel.engines, diffaccel.optimize\n"
-            "from diffaccel.optimize.plans import plans\n"
+            "from diffaccel.optimize.stages.plans import plans\n"
             "plans()\n"
-            "import diffaccel.engines.tensorrt_backend, diffaccel.optimize.stage_tensorrt\n"
-            "import diffaccel.optimize.modelopt_quant, diffaccel.optimize.trt_cache\n"
+            "import diffaccel.engines.backends.tensorrt, diffaccel.optimize.stages.tensorrt\n"
+            "import diffaccel.optimize.quant.modelopt, diffaccel.engines.backends.tensorrt_cache\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'modelopt', 'pycuda', 'cuda'))\n"
             "assert not bad, bad\n"
             "print('ok')\n")
@@ -227,7 +227,7 @@ def test_importing_diffaccel_never_imports_tensorrt_or_modelopt():
 
 def test_tensorrt_plans_are_registered():
     from diffaccel.optimize.api import OptimizeConfig
-    from diffaccel.optimize.plans import stages_for
+    from diffaccel.optimize.stages.plans import stages_for
 
     names = {p: [s.name for s in stages_for(OptimizeConfig(backend="tensorrt", precision=p).backend, p)]
              for p in ("fp32", "fp16", "int8", "fp8")}
@@ -239,7 +239,7 @@ def test_tensorrt_plans_are_registered():
 @no_trt
 def test_preflight_refuses_without_tensorrt_or_cuda():
     from diffaccel.optimize.api import OptimizeConfig
-    from diffaccel.optimize.plans import stages_for
+    from diffaccel.optimize.stages.plans import stages_for
 
     for precision in ("fp32", "fp16", "int8"):
         cfg = OptimizeConfig(backend="tensorrt", precision=precision)
@@ -271,8 +271,8 @@ def test_loading_a_tensorrt_engine_here_fails_in_one_line(tmp_path):
 
 
 def test_tensorrt_dtypes_map_to_torch():
-    from diffaccel.engines.tensorrt_backend import torch_dtype_name
-    from diffaccel.optimize.errors import DiffaccelError
+    from diffaccel.engines.backends.tensorrt import torch_dtype_name
+    from diffaccel.optimize.artifact.errors import DiffaccelError
 
     assert [torch_dtype_name(n) for n in ("FLOAT", "HALF", "BF16", "INT32", "INT64", "BOOL")] == [
         "float32", "float16", "bfloat16", "int32", "int64", "bool"]
@@ -283,7 +283,7 @@ def test_tensorrt_dtypes_map_to_torch():
 
 # ---- GPU + TensorRT ------------------------------------------------------------------------------------------------
 def _src() -> str:
-    from diffaccel.optimize.builtins import ASSETS
+    from diffaccel.optimize.sources.builtins import ASSETS
 
     return "tinyshapes" if (ASSETS / "tinyshapes" / "model_index.json").is_file() else "random:tiny"
 
@@ -295,11 +295,11 @@ def test_engines_match_torch_on_fresh_inputs(artifacts, precision):
     import torch
 
     from diffaccel.engines import load_engine
-    from diffaccel.optimize.manifest import Manifest
-    from diffaccel.optimize.parity import compare
+    from diffaccel.optimize.artifact.manifest import Manifest
+    from diffaccel.optimize.export.parity import compare
     from diffaccel.optimize.sources import resolve_source
-    from diffaccel.optimize.components import export_module
-    from diffaccel.optimize.specs import ComponentSpec
+    from diffaccel.optimize.families.sd import export_module
+    from diffaccel.optimize.artifact.specs import ComponentSpec
 
     out = artifacts(_src(), "tensorrt", precision)
     m = Manifest.load(out)
@@ -347,7 +347,7 @@ def test_int8_engine_pipeline_runs_and_records_its_quantization(artifacts):
     import torch
 
     from diffaccel.engines import AcceleratedStableDiffusionPipeline
-    from diffaccel.optimize.manifest import Manifest
+    from diffaccel.optimize.artifact.manifest import Manifest
 
     out = artifacts(_src(), "tensorrt", "int8")
     unet = Manifest.load(out).components["unet"]
@@ -366,8 +366,8 @@ def test_cuda_graph_replay_matches_direct_execution(artifacts):
 
     from diffaccel.engines import load_engine
     from diffaccel.optimize.config import TensorRTConfig
-    from diffaccel.optimize.manifest import Manifest
-    from diffaccel.optimize.specs import ComponentSpec
+    from diffaccel.optimize.artifact.manifest import Manifest
+    from diffaccel.optimize.artifact.specs import ComponentSpec
 
     out = artifacts("random:tiny", "tensorrt", "fp16", components=("unet",), shapes=ShapeRange.parse("1", "64", "64"),
                     tensorrt=TensorRTConfig(static_shapes=True, cuda_graph=True))
@@ -388,11 +388,11 @@ def test_unet_step_latency_tensorrt_fp16_vs_torch_fp16_eager(artifacts, capsys):
     import torch
 
     from diffaccel.engines import load_engine
-    from diffaccel.eval.timing import measure
-    from diffaccel.optimize.manifest import Manifest
+    from diffaccel.eval.harness.timing import measure
+    from diffaccel.optimize.artifact.manifest import Manifest
     from diffaccel.optimize.sources import resolve_source
-    from diffaccel.optimize.components import export_module
-    from diffaccel.optimize.specs import ComponentSpec
+    from diffaccel.optimize.families.sd import export_module
+    from diffaccel.optimize.artifact.specs import ComponentSpec
 
     out = artifacts(_src(), "tensorrt", "fp16", components=("unet",))
     entry = Manifest.load(out).components["unet"]
@@ -445,7 +445,7 @@ def test_tensorrt_api_surface_exists_in_the_installed_bindings():
     missing += [f"{enum}.{m}" for enum, members in TRT_ENUMS.items() for m in members
                 if not hasattr(getattr(trt, enum, None), m)]
     assert not missing, f"TensorRT {trt.__version__} lacks {missing}"
-    from diffaccel.engines.tensorrt_backend import torch_dtype_name
+    from diffaccel.engines.backends.tensorrt import torch_dtype_name
 
     for dtype in ("FLOAT", "HALF", "INT32", "INT64", "BOOL"):     # what our engines' I/O tensors can be
         assert torch_dtype_name(getattr(trt.DataType, dtype))

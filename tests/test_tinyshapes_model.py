@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffaccel.optimize.builtins import ASSETS, BUILTINS
+from diffaccel.optimize.sources.builtins import ASSETS, BUILTINS
 
 MODEL = ASSETS / "tinyshapes"
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,15 +51,15 @@ def test_architecture_is_plain_sd1(pipe):
 
 
 def test_tokenizer_knows_every_word(pipe):
-    from diffaccel.eval.shapes import WORDS
+    from diffaccel.optimize.sources.tinyshapes import WORDS
 
     ids = pipe.tokenizer(" ".join(WORDS)).input_ids[1:-1]
     assert pipe.tokenizer.unk_token_id not in ids
 
 
 def test_training_tokenizer_spells_every_word_as_one_token():
-    from diffaccel.eval.shapes import WORDS, eval_prompts
-    from diffaccel.optimize.tokenizer import word_tokenizer
+    from diffaccel.optimize.sources.tinyshapes import WORDS, eval_prompts
+    from diffaccel.optimize.sources.tokenizer import word_tokenizer
 
     tok = word_tokenizer(WORDS, max_length=16)
     assert [w for w in WORDS if tok.tokenize(w) != [w + "</w>"]] == []
@@ -67,7 +67,7 @@ def test_training_tokenizer_spells_every_word_as_one_token():
 
 
 def test_shipped_tokenizer_fits_every_eval_prompt(pipe):
-    from diffaccel.eval.shapes import eval_prompts
+    from diffaccel.optimize.sources.tinyshapes import eval_prompts
 
     longest = max(len(pipe.tokenizer(p.prompt).input_ids) for p in eval_prompts())
     assert longest <= pipe.tokenizer.model_max_length

@@ -29,9 +29,9 @@ def main() -> None:
     import torch
 
     from diffaccel.optimize import OptimizeConfig, optimize
-    from diffaccel.optimize.calibration import capture_unet_inputs, load_prompts
+    from diffaccel.optimize.quant.calibration import capture_unet_inputs, load_prompts
     from diffaccel.optimize.config import QuantConfig, ShapeRange
-    from diffaccel.optimize.quantize import preprocess, quantize_static_qdq
+    from diffaccel.optimize.quant.ort_static import preprocess, quantize_static_qdq
     from diffaccel.optimize.sources import resolve_source
 
     work = Path(args.work)

@@ -1,7 +1,7 @@
 """The tinyshapes Bar: prompt adherence of the fp32 PyTorch pipeline, scored by the deterministic checker.
 
-Generates every prompt of :func:`diffaccel.eval.shapes.eval_prompts` (held-out color+shape pairs included) with
-each seed, reads each image with :func:`diffaccel.eval.adherence.check` and prints background / object color /
+Generates every prompt of :func:`diffaccel.optimize.sources.tinyshapes.eval_prompts` (held-out color+shape pairs included) with
+each seed, reads each image with :func:`diffaccel.eval.metrics.adherence.check` and prints background / object color /
 shape / all-three accuracy overall, for seen and for held-out pairs.
 
     python tools/tinyshapes_bench.py                                   # the Bar: 20 steps, 2 seeds
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffaccel.eval.adherence import check, format_table, score
-from diffaccel.eval.shapes import eval_prompts
-from diffaccel.optimize.builtins import recommended_guidance
+from diffaccel.eval.metrics.adherence import check, format_table, score
+from diffaccel.optimize.sources.tinyshapes import eval_prompts
+from diffaccel.optimize.sources.builtins import recommended_guidance
 
 log = logging.getLogger("tinyshapes_bench")
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffaccel.eval.shapes import WORDS, caption, render, sample_scenes
-from diffaccel.optimize.tokenizer import word_tokenizer
+from diffaccel.optimize.sources.tinyshapes import WORDS, caption, render, sample_scenes
+from diffaccel.optimize.sources.tokenizer import word_tokenizer
 
 log = logging.getLogger("train_tinyshapes")
 ROOT = Path(__file__).resolve().parents[1]

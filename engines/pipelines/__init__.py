@@ -1,0 +1,1 @@
+"""diffaccel.engines.pipelines.sd."""

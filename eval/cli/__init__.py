@@ -1,0 +1,54 @@
+"""Subcommands of ``diffaccel`` that measure: ``microbench``, ``eval``, ``bench`` and ``demo``.
+
+Only argparse wiring lives here; heavy imports happen inside the commands."""
+from __future__ import annotations
+
+import json
+
+
+def add_microbench(sub) -> None:
+    p = sub.add_parser("microbench", help="U-Net step latency of several variants, side by side",
+                       description="Time one U-Net denoising step for each variant (backend/precision) on identical "
+                                   "inputs in one run, and print the ratio of each to the first.")
+    p.add_argument("src", nargs="?", default="random:sd15", help="checkpoint or built-in (default random:sd15)")
+    p.add_argument("--variants", default="torch/fp32,onnxruntime/fp32",
+                   help="comma-separated backend/precision list; the first is the reference")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--batch", type=int, default=2, help="U-Net input batch (2 = one image with guidance)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--work", default="runs/microbench", help="where engines are built and cached")
+    p.add_argument("--json", default=None, help="also write the full record (samples, host, config) here")
+    p.set_defaults(func=_cmd_microbench)
+
+
+def _cmd_microbench(args) -> int:
+    from diffaccel.optimize.cli.progress import ConsoleReporter
+
+    from diffaccel.eval.harness.host import describe
+    from diffaccel.eval.harness.microbench import UNetBenchConfig, format_table, run_unet_bench
+
+    cfg = UNetBenchConfig(src=args.src, variants=tuple(v for v in args.variants.split(",") if v.strip()),
+                          height=args.height, width=args.width, batch=args.batch, warmup=args.warmup,
+                          repeat=args.repeat, work=args.work, threads=args.threads)
+    result = run_unet_bench(cfg, reporter=ConsoleReporter())
+    print(format_table(result))
+    print(f"host: {describe(result['host'])}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"record: {args.json}")
+    return 0
+
+
+def register(sub) -> None:
+    from diffaccel.eval.cli.bench import add_bench   # argparse wiring only; heavy imports stay inside the commands
+    from diffaccel.eval.cli.demo import add_demo
+    from diffaccel.eval.cli.evaluate import add_eval
+
+    add_demo(sub)
+    add_eval(sub)
+    add_microbench(sub)
+    add_bench(sub)

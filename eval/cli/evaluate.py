@@ -1,0 +1,119 @@
+"""``diffaccel eval``: argparse wiring and console output; the measurement lives in :mod:`diffaccel.eval.harness.evaluate`.
+
+Heavy imports happen inside the command, so ``diffaccel --help`` stays fast."""
+from __future__ import annotations
+
+import sys
+
+from diffaccel.optimize.artifact.errors import DiffaccelError
+
+EXAMPLE = ("Example: diffaccel eval out/tiny-fp32 out/tiny-int8 --steps 10,20 --peers torch-bf16 -o runs/eval   "
+           "(docs/eval.md)")
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="latency and quality of artifacts against the diffusers baseline, side by side",
+        description="Generate the same prompts with the same seeds and scheduler on the diffusers fp32 baseline, "
+                    "optional peers (torch bf16/fp16/compile) and each artifact; report the U-Net per-step latency "
+                    "distribution, stage times, throughput per batch size and memory next to PSNR/SSIM/latent error "
+                    "against the baseline (LPIPS, CLIP score, FID with local weights; prompt adherence on "
+                    "tinyshapes). Writes report.json, report.md and a self-contained report.html.",
+        epilog=EXAMPLE)
+    p.add_argument("artifacts", nargs="*", metavar="OUT", help="artifact directories made by diffaccel optimize")
+    p.add_argument("-o", "--out", required=True, metavar="REPORT_DIR", help="report folder (replaced if it holds a "
+                                                                            "report)")
+    p.add_argument("--baseline", default=None, metavar="SRC", help="the checkpoint to compare with (default: the "
+                                                                   "source recorded in the first OUT)")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="text file, one prompt per line (default: 8 "
+                                                                   "shipped prompts)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    p.add_argument("--steps", default="20", help="denoising steps; several (10,20,30,50) make a steps sweep, the "
+                                                 "largest is the headline (default 20)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    p.add_argument("--batch-sizes", default="1,2,4", help="throughput batch sizes (default 1,2,4)")
+    p.add_argument("--scheduler", default=None, help="a diffusers scheduler class for every variant, e.g. "
+                                                     "EulerDiscreteScheduler (default: the baseline's)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--peers", default="", help="extra rows a user might try instead: torch-bf16, torch-fp16, "
+                                               "torch-compile (comma-separated)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant before timing (default 1)")
+    p.add_argument("--repeat", type=int, default=3, help="timed calls per batch size (default 3)")
+    p.add_argument("--device", default="cpu", help="where the PyTorch baseline and peers run: cpu | cuda")
+    p.add_argument("--provider", default=None, help="ONNX Runtime provider for artifacts (default: as built)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads for torch and ONNX Runtime alike")
+    q = p.add_argument_group("learned metrics (local weights only; nothing is downloaded)")
+    q.add_argument("--clip-model", default=None, metavar="DIR", help="Hugging Face CLIP folder -> CLIP score")
+    q.add_argument("--inception", default=None, metavar="PATH", help="TorchScript Inception (inception-2015-12-05"
+                                                                     ".pt) -> FID")
+    q.add_argument("--lpips", default=None, metavar="PATH", help="TorchScript LPIPS module -> LPIPS")
+    a = q.add_mutually_exclusive_group()
+    a.add_argument("--adherence", dest="adherence", action="store_true", default=None,
+                   help="score prompt adherence with the tinyshapes checker (default: on for tinyshapes)")
+    a.add_argument("--no-adherence", dest="adherence", action="store_false")
+    p.add_argument("--allow-different-source", action="store_true", help="compare artifacts built from other "
+                                                                         "weights than the baseline")
+    p.add_argument("--trust-pickle", action="store_true", help="allow a pickle checkpoint as --baseline")
+    p.add_argument("--config", default=None, help="diffusers config folder for a single-file --baseline")
+    p.add_argument("--bench", action="append", default=[], metavar="BENCH_DIR",
+                   help="link a diffaccel bench result folder into the report (repeatable)")
+    p.add_argument("--render-only", action="store_true", help="only rebuild report.md/.html from REPORT_DIR's "
+                                                              "report.json")
+    p.set_defaults(func=_cmd_eval)
+
+
+def int_list(text: str, flag: str) -> tuple:
+    """'0,1' -> (0, 1); a one-line DiffaccelError that shows the expected form otherwise."""
+    try:
+        values = tuple(int(t) for t in str(text).split(",") if t.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise DiffaccelError(f"bad {flag} {text!r}: give comma-separated integers, e.g. {flag} 1,2")
+    return values
+
+
+def config_from_args(args):
+    from diffaccel.eval.harness.evaluate import EvalConfig
+    from diffaccel.optimize.sources.prompts import read_prompts
+
+    try:
+        return EvalConfig(
+            prompts=read_prompts(args.prompts) if args.prompts else (), seeds=int_list(args.seeds, "--seeds"),
+            steps=int_list(args.steps, "--steps"), height=args.height, width=args.width,
+            batch_sizes=int_list(args.batch_sizes, "--batch-sizes"), scheduler=args.scheduler,
+            guidance_scale=args.guidance, peers=tuple(x.strip() for x in args.peers.split(",") if x.strip()),
+            warmup=args.warmup, repeat=args.repeat, device=args.device, provider=args.provider, threads=args.threads,
+            clip_model=args.clip_model, inception=args.inception, lpips=args.lpips, adherence=args.adherence,
+            allow_different_source=args.allow_different_source, bench=tuple(args.bench))
+    except ValueError as e:
+        raise DiffaccelError(str(e)) from None
+
+
+def _cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from diffaccel.eval.report.write import load_report, render_report
+    from diffaccel.eval.report.tables import format_summary
+
+    out = Path(args.out)
+    if args.render_only:
+        paths = render_report(out / "report.json", out)
+        print(format_summary(load_report(out)))
+        print(f"report: {paths['html']}  (rebuilt from {out / 'report.json'})")
+        return 0
+    from diffaccel.optimize.cli.progress import ConsoleReporter
+
+    from diffaccel.eval.harness.evaluate import evaluate
+
+    config = config_from_args(args)
+    reporter = ConsoleReporter(stream=sys.stderr)     # the current stderr, not the one bound at import time
+    try:
+        report = evaluate(args.artifacts, args.baseline, config, out, reporter=reporter,
+                          trust_pickle=args.trust_pickle, single_file_config=args.config)
+    finally:
+        reporter.close()
+    print(format_summary(report))
+    print(f"report: {out / 'report.html'}  (also report.md, report.json, images/)")
+    return 0

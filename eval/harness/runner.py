@@ -1,0 +1,213 @@
+"""Measure one variant: load, warm up, generate every prompt x seed at every step count, then time batches.
+
+Every variant goes through the same code with the same :class:`~diffaccel.eval.harness.timing.Clock`: the same initial
+latents (drawn in fp32 from ``torch.Generator().manual_seed(seed)`` and cast to the variant's dtype), the same
+scheduler (a fresh copy of the baseline's), the same prompts; the final latents are captured with
+``callback_on_step_end``, so one call gives both the image and its latents.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import time
+
+import numpy as np
+
+from diffaccel.optimize.artifact.errors import DiffaccelError, one_line
+
+from diffaccel.eval.harness.instrument import MemoryMonitor, instrument
+from diffaccel.eval.harness.timing import Clock, LatencyStats
+from diffaccel.eval.harness.variants import use_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """Resolved settings shared by every variant. ``scheduler`` is set from the baseline when it loads."""
+
+    prompts: list
+    seeds: tuple
+    steps: tuple                 # ascending; the largest is the headline
+    batch_sizes: tuple
+    height: "int | None"
+    width: "int | None"
+    guidance_scale: float
+    warmup: int
+    repeat: int
+    device: str
+    scheduler_cls: "type | None" = None
+    scheduler: "object | None" = None
+
+    @property
+    def top(self) -> int:
+        return max(self.steps)
+
+
+@dataclasses.dataclass
+class Run:
+    row: dict
+    outputs: dict = dataclasses.field(default_factory=dict)   # (steps, prompt, seed) -> (image, latents)
+
+
+def stats(samples) -> "dict | None":
+    return LatencyStats.from_samples(samples).to_dict() if len(samples) else None
+
+
+def generate(pipe, rp: RunPlan, prompts: list, seeds: list, steps: int, size: tuple):
+    """(images float NHWC in [0, 1], final latents) for one pipeline call."""
+    import torch
+
+    c = pipe.unet.config.in_channels
+    f = pipe.vae_scale_factor
+    latents = torch.cat([torch.randn((1, c, size[0] // f, size[1] // f), generator=torch.Generator().manual_seed(s))
+                         for s in seeds]).to(pipe.unet.dtype)
+    captured = {}
+
+    def on_step_end(_pipe, _i, _t, kwargs):
+        captured["latents"] = kwargs["latents"]
+        return kwargs
+
+    out = pipe(list(prompts), num_inference_steps=steps, guidance_scale=rp.guidance_scale, height=size[0],
+               width=size[1], latents=latents, generator=[torch.Generator().manual_seed(s) for s in seeds],
+               output_type="np", callback_on_step_end=on_step_end)
+    return np.asarray(out.images, dtype=np.float32), captured["latents"].float().cpu().numpy()
+
+
+def _call(pipe, rp, clock, timings, prompts, seeds, steps, size) -> tuple:
+    timings.clear()
+    with clock.span() as span:
+        images, latents = generate(pipe, rp, prompts, seeds, steps, size)
+    totals = timings.totals()
+    record = {"e2e": span.seconds, "unet": timings.samples("unet"), "text_encoder": totals["text_encoder"],
+              "vae_decode": totals["vae_decode"]}
+    return images, latents, record
+
+
+def _latency(calls: list, steps: int) -> dict:
+    e2e = [c["e2e"] for c in calls]
+    te, vae = [c["text_encoder"] for c in calls], [c["vae_decode"] for c in calls]
+    unet_total = [sum(c["unet"]) for c in calls]
+    other = [e - t - u - v for e, t, u, v in zip(e2e, te, unet_total, vae)]
+    loop = [e - t - v for e, t, v in zip(e2e, te, vae)]
+    samples = [s for c in calls for s in c["unet"]]
+    return {"unet_step": stats(samples), "unet_step_samples": samples, "text_encoder": stats(te),
+            "vae_decode": stats(vae), "other": stats(other), "end_to_end": stats(e2e),
+            "steps_per_second": steps / float(np.mean(loop)),
+            "breakdown": {"text_encoder": float(np.mean(te)), "unet": float(np.mean(unet_total)),
+                          "vae_decode": float(np.mean(vae)), "other": float(np.mean(other))}}
+
+
+def _load(variant, rp: RunPlan) -> tuple:
+    t0 = time.perf_counter()
+    pipe = variant.load()
+    t1 = time.perf_counter()
+    if variant.prepare is not None:
+        pipe = variant.prepare(pipe, rp.device)
+    t2 = time.perf_counter()
+    pipe.set_progress_bar_config(disable=True)
+    if rp.scheduler is None:     # the baseline: its scheduler (or --scheduler's class on its config) is the reference
+        cls = rp.scheduler_cls or type(pipe.scheduler)
+        rp.scheduler = cls.from_config(pipe.scheduler.config)
+    use_scheduler(pipe, rp.scheduler)
+    return pipe, {"load_seconds": t1 - t0, "prepare_seconds": t2 - t1}
+
+
+def _measure(pipe, rp: RunPlan, reporter, name: str, row: dict) -> dict:
+    """Warm up, then every prompt x seed at every step count (batch 1), then each batch size; fills ``row``."""
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = (rp.height or native, rp.width or native)
+    clock = Clock(str(pipe.device))
+    row.update(size=list(size), clock=clock.name, sweep=[])
+    outputs = {}
+    with instrument(pipe, clock) as timings:
+        reporter.item(name, "warm-up")
+        t0 = time.perf_counter()
+        for i in range(rp.warmup):
+            _call(pipe, rp, clock, timings, rp.prompts[:1], rp.seeds[:1], rp.top, size)
+            if i == 0:
+                row["setup"]["first_call_seconds"] = time.perf_counter() - t0
+        reporter.item_done(name, "warm-up", time.perf_counter() - t0)
+        for steps in sorted(rp.steps, reverse=True):
+            t0 = time.perf_counter()
+            reporter.item(name, f"{steps} steps")
+            calls = _images_at(pipe, rp, clock, timings, steps, size, outputs)
+            if steps == rp.top:
+                row["latency"] = _latency(calls, steps)
+            e2e = [c["e2e"] for c in calls]
+            row["sweep"].insert(0, {"steps": steps, "end_to_end": stats(e2e), "images_per_second": 1 / np.mean(e2e),
+                                    "unet_step_p50": float(np.median([s for c in calls for s in c["unet"]]))})
+            reporter.item_done(name, f"{steps} steps", time.perf_counter() - t0)
+        row["throughput"] = [_throughput(pipe, rp, clock, timings, b, size, reporter, name) for b in rp.batch_sizes]
+    return outputs
+
+
+def _images_at(pipe, rp: RunPlan, clock, timings, steps: int, size, outputs: dict) -> list:
+    """Every prompt x seed at ``steps`` (batch 1) into ``outputs``; returns the per-call time records."""
+    calls = []
+    for p, prompt in enumerate(rp.prompts):
+        for seed in rp.seeds:
+            images, latents, rec = _call(pipe, rp, clock, timings, [prompt], [seed], steps, size)
+            outputs[(steps, p, seed)] = (images[0], latents[0])
+            calls.append(rec)
+    return calls
+
+
+def _throughput(pipe, rp, clock, timings, batch: int, size, reporter, name) -> dict:
+    t0 = time.perf_counter()
+    reporter.item(name, f"batch {batch}")
+    prompts = [rp.prompts[i % len(rp.prompts)] for i in range(batch)]
+    seeds = [rp.seeds[0] + i for i in range(batch)]
+    _call(pipe, rp, clock, timings, prompts, seeds, rp.top, size)       # warm-up for this batch shape
+    recs = [_call(pipe, rp, clock, timings, prompts, seeds, rp.top, size)[2] for _ in range(rp.repeat)]
+    e2e = [r["e2e"] for r in recs]
+    reporter.item_done(name, f"batch {batch}", time.perf_counter() - t0)
+    return {"batch_size": batch, "end_to_end": stats(e2e), "images_per_second": batch / float(np.mean(e2e)),
+            "unet_step_p50": float(np.median([s for r in recs for s in r["unet"]]))}
+
+
+def preimport() -> None:
+    """Import the libraries every variant needs, so no variant's load time includes Python imports."""
+    import diffusers  # noqa: F401
+    from diffusers import StableDiffusionPipeline  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+    from diffaccel.engines.pipelines import sd as pipelines  # noqa: F401
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        pass
+
+
+def run_variant(variant, rp: RunPlan, reporter) -> Run:
+    """Measure ``variant``. A failing peer or artifact gives a row with status "failed" and the reason; a failing
+    baseline (nothing to compare with) raises."""
+    items = ["load", "warm-up"] + [f"{s} steps" for s in sorted(rp.steps, reverse=True)] + \
+            [f"batch {b}" for b in rp.batch_sizes]
+    reporter.stage_start(variant.name, items)
+    row = {"name": variant.name, "kind": variant.kind, "status": "ok", "error": None, "info": variant.info,
+           "setup": {"load_seconds": None, "prepare_seconds": None, "first_call_seconds": None}}
+    t_all = time.perf_counter()
+    pipe = None
+    try:
+        with MemoryMonitor(variant.info.get("device", rp.device)) as mem:
+            reporter.item(variant.name, "load")
+            pipe, setup = _load(variant, rp)
+            row["setup"].update(setup)
+            mem.mark_loaded()
+            reporter.item_done(variant.name, "load", setup["load_seconds"] + setup["prepare_seconds"])
+            outputs = _measure(pipe, rp, reporter, variant.name, row)
+        row["memory"] = mem.result()
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run here is a finding, not a crash
+        if variant.kind == "baseline" or isinstance(e, DiffaccelError):
+            raise
+        log.warning("variant %s failed", variant.name, exc_info=True)
+        row.update(status="failed", error=f"{type(e).__name__}: {one_line(e)[:300]}")
+        reporter.stage_end(variant.name, time.perf_counter() - t_all, True, f"failed: {row['error']}")
+        return Run(row)
+    finally:
+        del pipe
+        gc.collect()
+    reporter.stage_end(variant.name, time.perf_counter() - t_all, False)
+    return Run(row, outputs)

@@ -1,0 +1,141 @@
+"""What is evaluated: the baseline, the peers a user would try instead, and diffaccel artifacts.
+
+Each :class:`Variant` knows how to load its pipeline (timed as *load*) and how to prepare it (a dtype cast or
+``torch.compile``, timed as *prepare*). The baseline is the diffusers pipeline at fp32 eager; peers are built from
+a fresh copy of it; artifacts load as :class:`~diffaccel.engines.AcceleratedStableDiffusionPipeline`. Peers are a
+plain registry: ``PEERS[name](pipe, device) -> pipe``.
+
+>>> sorted(PEERS)
+['torch-bf16', 'torch-compile', 'torch-fp16']
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Callable
+
+from diffaccel.optimize.artifact.errors import DiffaccelError
+
+log = logging.getLogger(__name__)
+BASELINE = "torch-fp32"
+
+
+def _cast(dtype_name: str):
+    def prepare(pipe, device):
+        import torch
+
+        return pipe.to(device=device, dtype=getattr(torch, dtype_name))
+    return prepare
+
+
+def _compile(pipe, device):
+    """The U-Net under ``torch.compile`` (default mode), as diffusers' docs show; compilation happens on the first
+    calls, so it shows up in the warm-up time."""
+    import torch
+
+    pipe = pipe.to(device)
+    pipe.unet = torch.compile(pipe.unet)
+    return pipe
+
+
+PEERS: "dict[str, Callable]" = {
+    "torch-bf16": _cast("bfloat16"),
+    "torch-fp16": _cast("float16"),
+    "torch-compile": _compile,
+}
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    kind: str                       # baseline | peer | artifact
+    load: Callable                  # () -> pipeline
+    prepare: "Callable | None"      # (pipeline, device) -> pipeline
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def check_peers(names) -> tuple:
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise DiffaccelError(f"unknown peer(s) {', '.join(unknown)}; choose from: {', '.join(sorted(PEERS))}")
+    return tuple(names)
+
+
+def load_manifests(artifacts) -> list:
+    """(path, Manifest) per artifact, each complete and unmodified (one-line errors otherwise)."""
+    from diffaccel.optimize.artifact.manifest import Manifest
+
+    out = []
+    for a in artifacts:
+        m = Manifest.load(a)
+        m.verify()
+        out.append((Path(a), m))
+    return out
+
+
+def baseline_spec(manifests, baseline: "str | None") -> str:
+    """The baseline SRC: the given one, else the source recorded in the first artifact's manifest."""
+    if baseline is not None:
+        return str(baseline)
+    if not manifests:
+        raise DiffaccelError("nothing to compare: give artifact directories, or --baseline SRC (with --peers)")
+    src = manifests[0][1].source
+    return src["spec"] if src.get("kind") in ("builtin", "hub") else src.get("location", src["spec"])
+
+
+def check_sources(manifests, source, allow_different: bool) -> None:
+    """Refuse artifacts built from other weights than the baseline's: their images are not comparable."""
+    bad = [f"{path} (built from {m.source.get('spec')})" for path, m in manifests
+           if m.source.get("sha256") != source.sha256]
+    if bad and not allow_different:
+        raise DiffaccelError(f"{', '.join(bad)} not built from the baseline {source.spec} (source hashes differ); "
+                             "pass the right --baseline, or --allow-different-source to compare anyway")
+
+
+def _artifact_names(manifests) -> list:
+    names = [f"{m['backend']}-{m['precision']}" for _, m in manifests]
+    return [f"{n}:{p.name}" if names.count(n) > 1 else n for n, (p, _) in zip(names, manifests)]
+
+
+def plan(source, manifests, peers, device="cpu", provider=None, threads=None) -> list:
+    """The variants in run order: baseline, peers, artifacts. ``info["device"]`` is where each one runs."""
+    variants = [Variant(BASELINE, "baseline", source.load, lambda pipe, dev: pipe.to(dev),
+                        {"source": source.to_dict(), "backend": "torch", "precision": "fp32", "device": device})]
+    for name in peers:
+        variants.append(Variant(name, "peer", source.load, PEERS[name], {"source": source.to_dict(),
+                                                                         "device": device}))
+    for name, (path, m) in zip(_artifact_names(manifests), manifests):
+        prov = provider or m.get("provider")
+        gpu = m["backend"] == "tensorrt" or prov in ("cuda", "tensorrt")
+        variants.append(Variant(name, "artifact", _artifact_loader(path, provider, threads), None, {
+            "artifact": str(path), "backend": m["backend"], "precision": m["precision"], "provider": prov,
+            "device": "cuda" if gpu else "cpu", "source": m.source,
+            "components": {c: e.get("precision") for c, e in m.components.items()}}))
+    return variants
+
+
+def _artifact_loader(path: Path, provider, threads):
+    def load():
+        from diffaccel.engines import AcceleratedStableDiffusionPipeline
+
+        return AcceleratedStableDiffusionPipeline.from_pretrained(path, provider=provider, threads=threads)
+    return load
+
+
+def scheduler_class(name: "str | None"):
+    """The diffusers scheduler class called ``name`` (None: keep the baseline's)."""
+    if name is None:
+        return None
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        raise DiffaccelError(f"unknown scheduler {name!r}; give a diffusers scheduler class name such as "
+                             "DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler")
+    return cls
+
+
+def use_scheduler(pipe, reference) -> None:
+    """Give ``pipe`` a fresh scheduler of the reference's class and config, so every variant denoises alike."""
+    pipe.scheduler = type(reference).from_config(reference.config)

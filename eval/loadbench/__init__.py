@@ -1,0 +1,1 @@
+"""diffaccel.eval.loadbench.loop."""

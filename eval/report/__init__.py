@@ -1,0 +1,1 @@
+"""diffaccel.eval.report.write."""

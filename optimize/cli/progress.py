@@ -1,0 +1,77 @@
+"""Console rendering for the CLI: stage progress bars with per-item and per-stage times, and the info summary."""
+from __future__ import annotations
+
+import sys
+
+from diffaccel.optimize.stages.base import Reporter
+
+
+class ConsoleReporter(Reporter):
+    """Draws one tqdm bar per stage on stderr; prints per-item and per-stage times."""
+
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr   # looked up now, not at import
+        self.bar = None
+        self.times: dict = {}
+
+    def stage_start(self, name, items):
+        from tqdm import tqdm
+
+        self._close_bar()
+        self.times[name] = []
+        if items:
+            self.bar = tqdm(total=len(items), desc=f"{name:>8}", unit="part", file=self.stream, leave=False,
+                            bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} {postfix} [{elapsed}]")
+        else:
+            print(f"{name:>8} ...", file=self.stream, flush=True)
+
+    def item(self, stage, item):
+        if self.bar is not None:
+            self.bar.set_postfix_str(item)
+
+    def item_done(self, stage, item, seconds):
+        self.times.setdefault(stage, []).append(f"{item} {seconds:.1f}s")
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def stage_end(self, name, seconds, skipped, reason=""):
+        self._close_bar()
+        if skipped:
+            print(f"{name:>8}: skipped ({reason})", file=self.stream, flush=True)
+        else:
+            detail = f"  [{', '.join(self.times.get(name, []))}]" if self.times.get(name) else ""
+            print(f"{name:>8}: done in {seconds:.1f}s{detail}", file=self.stream, flush=True)
+
+    def _close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self):
+        self._close_bar()
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def format_info(m) -> str:
+    src = m.source
+    lines = [f"artifact   {m.root}",
+             f"status     {m.get('status')}",
+             f"source     {src.get('spec')} ({src.get('kind')}, sha256 {src.get('sha256', '')[:12]})",
+             f"backend    {m.get('backend')}" + (f" / provider {m.get('provider')}" if m.get("provider") else ""),
+             f"precision  {m.get('precision')}",
+             f"shapes     batch {m['shapes']['batch']}, height {m['shapes']['height'] or 'default'}, "
+             f"width {m['shapes']['width'] or 'default'}",
+             "", f"{'component':<13} {'precision':<9} {'size':>10}  {'parity (max abs err)':<24} engine"]
+    for name, c in m.components.items():
+        size = sum(f["bytes"] for f in c.get("files", []))
+        val = c.get("validation", {})
+        errs = [o.get("max_abs", float("nan")) for p in val.get("points", []) for o in p["outputs"].values()]
+        parity = (("ok " if val.get("passed") else "FAIL ") + f"{max(errs):.2g}") if errs else "n/a"
+        lines.append(f"{name:<13} {c.get('precision', '?'):<9} {_mb(size):>10}  {parity:<24} {c.get('engine')}")
+    lines += ["", "stages: " + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in m.stages.items())]
+    tools = m.get("tools", {})
+    lines.append("tools:  " + ", ".join(f"{k} {v}" for k, v in tools.items() if k != "platform"))
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""diffaccel.optimize.export.onnx_export."""

@@ -1,0 +1,87 @@
+"""Parity of an exported or optimized component with PyTorch, on fresh random inputs at two shapes.
+
+A failure lists every failing output at every shape with its max abs / relative error and tolerance, then says what
+to try, in one line.
+
+>>> import torch
+>>> r = compare({"y": torch.ones(3)}, {"y": torch.ones(3) + 1e-6}, atol=1e-4, rtol=0)
+>>> r["y"]["passed"]
+True
+"""
+from __future__ import annotations
+
+import math
+
+from diffaccel.optimize.artifact.errors import ParityError
+
+
+def compare(ref: dict, got: dict, atol: float, rtol: float, kind: str = "max") -> dict:
+    """Per-output error stats. ``kind="max"`` (float parity) passes when ``max|got-ref| <= atol + rtol * max|ref|``;
+    ``kind="l2"`` (quantized engines) when ``||got-ref|| / ||ref|| <= rtol``. NaN/inf never pass."""
+    import numpy as np
+
+    out = {}
+    for name, r in ref.items():
+        r = np.asarray(r.detach().float().cpu() if hasattr(r, "detach") else r, dtype=np.float64)
+        g = got[name]
+        g = np.asarray(g.detach().float().cpu() if hasattr(g, "detach") else g, dtype=np.float64)
+        finite = bool(np.isfinite(g).all())
+        if r.shape != g.shape:
+            out[name] = {"passed": False, "error": f"shape {g.shape} != {r.shape}"}
+            continue
+        err = float(np.abs(g - r).max()) if r.size else 0.0
+        scale = float(np.abs(r).max()) if r.size else 0.0
+        rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
+        norm = float(np.linalg.norm(r))
+        rel_l2 = float(np.linalg.norm(g - r)) / norm if norm > 0 else (0.0 if err == 0 else math.inf)
+        ok = rel_l2 <= rtol if kind == "l2" else err <= atol + rtol * scale
+        collapsed = bool(r.size > 1 and r.std() > 1e-3 and g.std() < 0.01 * r.std())   # e.g. a black image
+        out[name] = {"max_abs": err, "max_rel": rel, "rel_l2": rel_l2, "ref_max": scale, "atol": atol,
+                     "rtol": rtol, "kind": kind, "finite": finite, "collapsed": collapsed,
+                     "passed": finite and ok and not collapsed}
+    return out
+
+
+def check_parity(spec, reference, candidate, *, seed: int = 1234, atol: "float | None" = None,
+                 rtol: "float | None" = None, kind: str = "max", samples: "list | None" = None,
+                 advice: str = "") -> dict:
+    """Run ``reference`` and ``candidate`` (callables taking the spec's named torch inputs and returning named
+    outputs) on random inputs at the spec's opt shape and a second shape, or on ``samples`` (realistic inputs, for
+    quantized engines). Returns a JSON-able report; raises :class:`ParityError` listing every failing output."""
+    import torch
+
+    atol = spec.atol if atol is None else atol
+    rtol = spec.rtol if rtol is None else rtol
+    gen = torch.Generator().manual_seed(seed)
+    report = {"atol": atol, "rtol": rtol, "kind": kind, "seed": seed, "points": [],
+              "inputs": "captured pipeline inputs" if samples else "random"}
+    failures = []
+    if samples:
+        cases = [(spec.axis_values({k: tuple(v.shape) for k, v in s.items()}), s) for s in samples]
+    else:
+        points = [spec.opt_values(), spec.alt_values()]
+        cases = [(v, None) for v in (points if points[0] != points[1] else points[:1])]
+    for values, given in cases:
+        inputs = given if given is not None else spec.random_inputs(gen, **values)
+        with torch.no_grad():
+            ref = reference(**inputs)
+        got = candidate(**inputs)
+        stats = compare(ref, got, atol, rtol, kind)
+        report["points"].append({"shape": values, "outputs": stats})
+        for name, s in stats.items():
+            if not s["passed"]:
+                shape = "x".join(str(v) for v in values.values())
+                if s.get("error"):
+                    detail = s["error"]
+                elif kind == "l2":
+                    detail = f"relative L2 error {s['rel_l2']:.3g} > {rtol:g}"
+                else:
+                    detail = (f"max abs {s['max_abs']:.3g}, rel {s['max_rel']:.3g} > tol "
+                              f"{atol:g}+{rtol:g}*{s['ref_max']:.3g}")
+                detail += "" if s.get("finite", True) else ", non-finite values (NaN/inf)"
+                detail += ", constant output (black image)" if s.get("collapsed") else ""
+                failures.append(f"{name}@{shape}: {detail}")
+    report["passed"] = not failures
+    if failures:
+        raise ParityError(f"{spec.name} does not match PyTorch: {'; '.join(failures)}. {advice}".strip())
+    return report

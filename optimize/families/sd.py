@@ -1,0 +1,192 @@
+"""The Stable Diffusion 1.x/2.x components as :class:`~diffaccel.optimize.artifact.specs.ComponentSpec` instances, and torch
+modules with exactly their named inputs and outputs (used by export, validation and the torch backend).
+
+>>> COMPONENTS
+('text_encoder', 'unet', 'vae_decoder', 'vae_encoder')
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from diffaccel.optimize.artifact.errors import ShapeError
+from diffaccel.optimize.artifact.specs import AxisRange, ComponentSpec, TensorSpec
+
+# ----------------------------------------------------------------------------------------------------------
+# Stable Diffusion components
+# ----------------------------------------------------------------------------------------------------------
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelGeometry:
+    """What the specs need to know about a loaded pipeline (read from its configs, JSON-able)."""
+
+    vocab_size: int
+    max_length: int
+    text_hidden: int
+    latent_channels: int
+    unet_in_channels: int
+    cross_attention_dim: int
+    vae_scale_factor: int
+    latent_multiple: int      # the U-Net needs latent sizes divisible by this (2 ** number of downsamplers)
+    default_size: int         # the model's native image size in pixels
+    num_train_timesteps: int
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.vae_scale_factor * self.latent_multiple
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> "ModelGeometry":
+        unet, vae, te = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
+        vae_scale, latent_multiple = size_factors(unet, vae)
+        sample = unet.sample_size if isinstance(unet.sample_size, int) else unet.sample_size[0]
+        return cls(
+            vocab_size=int(te.vocab_size),
+            max_length=int(pipe.tokenizer.model_max_length),
+            text_hidden=int(te.hidden_size),
+            latent_channels=int(vae.latent_channels),
+            unet_in_channels=int(unet.in_channels),
+            cross_attention_dim=int(unet.cross_attention_dim),
+            vae_scale_factor=vae_scale,
+            latent_multiple=latent_multiple,
+            default_size=int(sample) * vae_scale,
+            num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
+        )
+
+
+def size_factors(unet_config, vae_config) -> tuple:
+    """(VAE scale factor, latent multiple the U-Net needs) from the U-Net and VAE configs (dicts or diffusers
+    FrozenDicts), with diffusers' defaults where a key is absent (AutoencoderKL: one block; UNet2DConditionModel:
+    four down blocks).
+
+    >>> size_factors({"down_block_types": ["A", "B", "C"]}, {"block_out_channels": [16, 32, 64]})
+    (4, 4)
+    >>> size_factors({}, {"block_out_channels": [128, 256, 512, 512]})   # SD 1.x/2.x
+    (8, 8)
+    >>> size_factors({}, {})
+    (1, 8)
+    """
+    vae_blocks = len(vae_config.get("block_out_channels") or (64,))
+    unet_blocks = len(unet_config.get("down_block_types") or (0,) * 4)
+    return 2 ** (vae_blocks - 1), 2 ** (unet_blocks - 1)
+
+
+def check_pixel_range(rng, multiple: int, what: str) -> None:
+    """Refuse an image-size range (lo, hi) that is not made of multiples of ``multiple``.
+
+    >>> check_pixel_range((64, 128), 16, "height")
+    >>> check_pixel_range((64, 72), 16, "height")
+    Traceback (most recent call last):
+    ...
+    diffaccel.optimize.artifact.errors.ShapeError: height range 64-72 is not a multiple of 16: this model's U-Net needs image sizes divisible by 16; try 64-64
+    """
+    lo, hi = rng
+    if lo % multiple or hi % multiple:
+        raise ShapeError(f"{what} range {lo}-{hi} is not a multiple of {multiple}: this model's U-Net needs image "
+                         f"sizes divisible by {multiple}; try {max(multiple, lo // multiple * multiple)}-"
+                         f"{max(multiple, hi // multiple * multiple)}")
+
+
+def _pixel_axis(rng, geo: ModelGeometry, what: str) -> AxisRange:
+    """Latent-space axis range from a pixel range (None = around the model's native size)."""
+    m = geo.pixel_multiple
+    if rng is None:
+        lo, hi = max(m, (geo.default_size // 2) // m * m), (geo.default_size * 3 // 2) // m * m
+    else:
+        lo, hi = rng
+        check_pixel_range(rng, m, what)
+    opt = min(max(geo.default_size, lo), hi) // m * m
+    s = geo.vae_scale_factor
+    return AxisRange(lo // s, max(opt, lo) // s, hi // s, geo.latent_multiple)
+
+
+def sd_specs(geo: ModelGeometry, shapes) -> dict:
+    """The four component specs of a Stable Diffusion 1.x/2.x pipeline for an image :class:`ShapeRange`."""
+    bmin, bmax = shapes.batch
+    bopt = min(max(1, bmin), bmax)
+    lat_h = _pixel_axis(shapes.height, geo, "height")
+    lat_w = _pixel_axis(shapes.width, geo, "width")
+    images = AxisRange(bmin, bopt, bmax)
+    # classifier-free guidance doubles the U-Net batch; batch 1 without guidance is also served
+    unet_batch = AxisRange(1, 2 * bopt, 2 * bmax)
+    lat = {"height": lat_h, "width": lat_w}
+    L, D, C = geo.max_length, geo.text_hidden, geo.latent_channels
+    return {
+        "text_encoder": ComponentSpec(
+            "text_encoder",
+            inputs=(TensorSpec("input_ids", ("batch", L), "int64", "tokens", geo.vocab_size),),
+            outputs=(TensorSpec("last_hidden_state", ("batch", L, D)), TensorSpec("pooler_output", ("batch", D))),
+            axes={"batch": AxisRange(1, bopt, 2 * bmax)}, atol=2e-3, rtol=1e-3),
+        "unet": ComponentSpec(
+            "unet",
+            inputs=(TensorSpec("sample", ("batch", geo.unet_in_channels, "height", "width")),
+                    TensorSpec("timestep", ("batch",), "float32", "timestep", geo.num_train_timesteps),
+                    TensorSpec("encoder_hidden_states", ("batch", L, geo.cross_attention_dim))),
+            outputs=(TensorSpec("out_sample", ("batch", C, "height", "width")),),
+            axes={"batch": unet_batch, **lat}, atol=2e-3, rtol=2e-3),
+        "vae_decoder": ComponentSpec(
+            "vae_decoder",
+            inputs=(TensorSpec("latent_sample", ("batch", C, "height", "width")),),
+            outputs=(TensorSpec("sample", ("batch", 3, f"{geo.vae_scale_factor}*height",
+                                           f"{geo.vae_scale_factor}*width")),),
+            axes={"batch": images, **lat}, atol=5e-3, rtol=2e-3),
+        "vae_encoder": ComponentSpec(
+            "vae_encoder",
+            inputs=(TensorSpec("sample", ("batch", 3, f"{geo.vae_scale_factor}*height",
+                                          f"{geo.vae_scale_factor}*width")),),
+            outputs=(TensorSpec("latent_parameters", ("batch", 2 * C, "height", "width")),),
+            axes={"batch": images, **lat}, atol=5e-3, rtol=2e-3),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch modules with exactly the spec's named inputs and outputs (used by export, validation and the torch backend)
+# ----------------------------------------------------------------------------------------------------------
+def export_module(component: str, pipe_or_models: Any):
+    """Wrap the diffusers/transformers model(s) of ``component`` as an nn.Module with the spec's signature."""
+    import torch
+
+    get = (lambda n: pipe_or_models[n]) if isinstance(pipe_or_models, dict) else (
+        lambda n: getattr(pipe_or_models, n))
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = get("text_encoder")
+
+        def forward(self, input_ids):
+            out = self.model(input_ids, return_dict=True)
+            return out.last_hidden_state, out.pooler_output
+
+    class UNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = get("unet")
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = get("vae")
+
+        def forward(self, latent_sample):
+            return self.model.decode(latent_sample, return_dict=False)[0]
+
+    class VaeEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = get("vae")
+
+        def forward(self, sample):
+            return self.model.encode(sample, return_dict=True).latent_dist.parameters
+
+    table: dict[str, Callable] = {"text_encoder": TextEncoder, "unet": UNet,
+                                  "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
+    return table[component]().eval()
+
+
+SOURCE_MODEL = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}

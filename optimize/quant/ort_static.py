@@ -1,0 +1,146 @@
+"""int8 for ONNX Runtime: static QDQ quantization of the U-Net, calibrated on the real pipeline's inputs; the text
+encoder and VAE are quantized only where a measurement says it pays.
+
+Defaults keep in float what costs quality and gains no speed (documented in ``DEFAULT_KEEP_FP32``); users add
+patterns with ``--keep-fp32`` (matched against each node's module path, e.g. ``down_blocks.0.resnets.0.conv1``).
+Everything is seeded; the same QuantConfig on the same source gives a byte-identical model.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from pathlib import Path
+
+from diffaccel.optimize.quant.entropy import ENTROPY_BINS
+from diffaccel.optimize.artifact.errors import DiffaccelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEEP_FP32 = {
+    r"^time_embedding(\.|$)": "the timestep MLP is tiny and its error reaches every block",
+    r"\.time_emb_proj$": "per-block timestep projections act on one vector per image: nothing to gain",
+    r"^conv_in$": "the first conv sees raw latents (4 channels: no int8 speed-up)",
+    r"^conv_out$": "the last conv's error is the model's output error",
+}
+QUANT_OPS = ("Conv", "MatMul", "Gemm")
+ALGORITHM_VERSION = 3      # part of the quantize stage's key: bump when what a config produces changes
+
+
+def node_scope(node) -> str:
+    """The torch module path a node came from (``down_blocks.0.resnets.0.conv1``), for both exporters."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = [s.strip(" '\"") for s in prop.value.strip("[]").split(",")]
+            path = scopes[-2] if len(scopes) > 1 else scopes[-1]
+            return re.sub(r"^model\.?", "", path)
+    parts = [p for p in node.name.split("/") if p]          # legacy: /model/down_blocks.0/resnets.0/conv1/Conv
+    if parts and parts[0] == "model":
+        parts = parts[1:]
+    return ".".join(parts[:-1]) if len(parts) > 1 else node.name
+
+
+def excluded_nodes(model, patterns) -> list:
+    regexes = [re.compile(p) for p in patterns]
+    return sorted(n.name for n in model.graph.node
+                  if n.op_type in QUANT_OPS and any(r.search(node_scope(n)) for r in regexes))
+
+
+def attention_score_matmuls(model, depth: int = 3) -> list:
+    """MatMuls whose output reaches a Softmax through at most ``depth`` elementwise ops (the QK^T of attention).
+
+    Kept in float on purpose: with their outputs quantized, ONNX Runtime fuses DequantizeLinear -> Softmax ->
+    QuantizeLinear into QLinearSoftmax, which on the SD 1.5 U-Net (256x256, one thread) took 200 ms per step against
+    87 ms for the float Softmax; keeping these MatMuls float made the whole int8 U-Net 2.68x fp32 instead of 2.19x
+    at the same error (reproduce: python tools/bench_int8_variants.py).
+    """
+    consumers: dict = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def reaches_softmax(node) -> bool:
+        frontier = list(node.output)
+        for _ in range(depth):
+            nxt = []
+            for t in frontier:
+                for c in consumers.get(t, []):
+                    if c.op_type == "Softmax":
+                        return True
+                    if c.op_type in ("Mul", "Add", "Div", "Where", "Cast"):
+                        nxt += list(c.output)
+            frontier = nxt
+        return False
+
+    return sorted(n.name for n in model.graph.node if n.op_type == "MatMul" and reaches_softmax(n))
+
+
+class CalibrationReader:
+    """ONNX Runtime CalibrationDataReader over captured U-Net inputs (numpy, fixed order)."""
+
+    def __init__(self, samples: list):
+        self.samples = samples
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.samples):
+            return None
+        s = self.samples[self.i]
+        self.i += 1
+        return {k: v.numpy() for k, v in s.items()}
+
+    def rewind(self):
+        self.i = 0
+
+
+def _method(quant):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+            "entropy": CalibrationMethod.Entropy}[str(quant.method)]
+
+
+def preprocess(src: Path, dst: Path, *, external: bool) -> Path:
+    """ONNX Runtime's recommended pre-processing (ONNX shape inference and graph clean-up), so the quantizer sees
+    tensor shapes and fused patterns. Symbolic shape inference is skipped: it gives up on exported U-Nets anyway,
+    doubles peak memory (14 GB instead of 7 GB on SD 1.5) and dumps debug files into the working directory."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(src), str(dst), skip_optimization=False, skip_symbolic_shape=True,
+                      save_as_external_data=external, all_tensors_to_one_file=True,
+                      external_data_location=dst.name + ".data")
+    return dst
+
+
+def quantize_static_qdq(src: Path, dst: Path, samples: list, quant, *, external: bool,
+                        extra_exclude: tuple = (), cache: "Path | None" = None,
+                        float_attention_scores: bool = True) -> dict:
+    """QDQ int8 (uint8 activations, int8 per-channel weights: the VNNI-friendly U8S8 layout ORT recommends)."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    model = onnx.load(str(src), load_external_data=False)
+    patterns = tuple(DEFAULT_KEEP_FP32) + tuple(quant.keep_fp32)
+    scores = attention_score_matmuls(model) if float_attention_scores else []
+    exclude = sorted(set(excluded_nodes(model, patterns)) | set(scores) | set(extra_exclude))
+    quantized = [n.name for n in model.graph.node if n.op_type in QUANT_OPS and n.name not in set(exclude)]
+    if not quantized:
+        raise DiffaccelError("every Conv/MatMul/Gemm of the U-Net is excluded by --keep-fp32; loosen the pattern")
+    # (not CalibMaxIntermediateOutputs: in onnxruntime 1.32 it discards collected ranges instead of merging them)
+    extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "CalibPercentile": quant.percentile}
+    with tempfile.TemporaryDirectory(prefix="diffaccel-calib-") as tmp:
+        cache = Path(cache) if cache else Path(tmp) / "calibration.json"
+        if str(quant.method) == "entropy" and not cache.is_file():   # ORT's own entropy path is min-max: see entropy
+            from diffaccel.optimize.quant.entropy import write_entropy_cache
+
+            write_entropy_cache(src, samples, QUANT_OPS, cache, external=external)
+        quantize_static(str(src), str(dst), CalibrationReader(samples), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(QUANT_OPS), per_channel=quant.per_channel, reduce_range=False,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                        use_external_data_format=external, calibrate_method=_method(quant), extra_options=extra,
+                        calibration_cache_path=str(cache))
+    return {"method": "static-qdq-u8s8", "calibration": str(quant.method), "per_channel": quant.per_channel,
+            **({"entropy_bins": ENTROPY_BINS} if str(quant.method) == "entropy" else {}),
+            "calibration_samples": len(samples), "kept_float": exclude, "quantized_nodes": len(quantized),
+            "attention_scores_kept_float": len(scores),
+            "default_keep_fp32": DEFAULT_KEEP_FP32, "user_keep_fp32": list(quant.keep_fp32)}

@@ -1,0 +1,225 @@
+"""Resolve what the user calls SRC into a :class:`Source`: a kind, a location, a content hash and a loader.
+
+SRC may be a built-in name (``random:tiny``, ``tinyshapes``...), a diffusers-format folder, a single-file
+checkpoint (``.safetensors``; pickle files only with ``trust_pickle=True``) or a hub id. Every check that can fail on
+bad input runs here, before anything is written.
+
+>>> src = resolve_source("random:tiny")
+>>> src.kind, len(src.sha256)
+('builtin', 64)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import struct
+from pathlib import Path
+
+from diffaccel.optimize.sources.builtins import BUILTINS, RECIPES, builtin_hash, builtin_location
+from diffaccel.optimize.artifact.errors import SourceError, one_line
+from diffaccel.optimize.artifact.files import file_sha256, tree_sha256
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    spec: str                 # what the user typed
+    kind: str                 # builtin | folder | single_file | hub
+    location: str             # resolved path (or recipe name)
+    sha256: str               # content hash, independent of the path
+    single_file_config: "str | None" = None
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "kind": self.kind, "location": self.location, "sha256": self.sha256}
+
+    def configs(self) -> "tuple[dict, dict] | None":
+        """The U-Net and VAE configs, read without loading any weights (None where only loading can tell: a
+        single-file checkpoint without ``--config``). Lets size checks run before any work."""
+        if self.kind == "builtin" and self.spec in RECIPES:
+            return RECIPES[self.spec]["unet"], RECIPES[self.spec]["vae"]
+        folder = self.single_file_config if self.kind == "single_file" else self.location
+        if folder is None:
+            return None
+        try:
+            return tuple(json.loads((Path(folder) / c / "config.json").read_text()) for c in ("unet", "vae"))
+        except (OSError, json.JSONDecodeError):
+            return None   # loading will say what is wrong
+
+    def load(self):
+        """The diffusers ``StableDiffusionPipeline`` (fp32, CPU, eval mode) behind this source."""
+        import torch
+
+        with torch.no_grad():
+            try:
+                pipe = _LOADERS[self.kind](self)
+            except SourceError:
+                raise
+            except Exception as e:  # diffusers/transformers raise many kinds; show the first line, say what to do
+                raise SourceError(f"cannot load {self.spec}: {one_line(e)[:300]}") from e
+        check_architecture(pipe, self.spec)
+        return pipe
+
+
+def resolve_source(spec: str, *, trust_pickle: bool = False, single_file_config: "str | None" = None) -> Source:
+    """Check SRC and hash its content. Raises :class:`SourceError` with a one-line, actionable message."""
+    spec = str(spec)
+    if spec in BUILTINS:
+        if spec == "tinyshapes" and not Path(builtin_location(spec), "model_index.json").is_file():
+            raise SourceError("the tinyshapes weights are not installed with this copy of diffaccel; "
+                              "reinstall diffaccel or train them with tools/train_tinyshapes.py")
+        return Source(spec, "builtin", builtin_location(spec), builtin_hash(spec))
+    if spec.startswith("random:"):
+        raise SourceError(f"unknown built-in {spec!r}; built-ins are: {', '.join(sorted(BUILTINS))}")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        _check_folder(path)
+        return Source(spec, "folder", str(path.resolve()), _folder_hash(path))
+    if path.is_file():
+        return _single_file(path, spec, trust_pickle, single_file_config)
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        return _hub(spec)
+    raise SourceError(f"{spec}: no such file or folder; give a diffusers folder, a .safetensors checkpoint, a hub "
+                      f"id or a built-in ({', '.join(sorted(BUILTINS))})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+def _check_folder(path: Path) -> None:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise SourceError(f"{path} has no model_index.json; give a diffusers-format pipeline folder "
+                          "(model_index.json plus unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    try:
+        info = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{index} is not valid JSON ({e}); restore it from the original checkpoint") from None
+    cls = info.get("_class_name", "?")
+    if cls not in SUPPORTED_PIPELINES:
+        raise SourceError(f"unsupported architecture: {path} is a {cls}; diffaccel supports Stable Diffusion "
+                          f"1.x/2.x pipelines ({', '.join(SUPPORTED_PIPELINES)})")
+    missing = [c for c in REQUIRED if not (path / c).is_dir() or not any((path / c).iterdir())]
+    if missing:
+        raise SourceError(f"{path} is missing component folder(s) {', '.join(missing)}; copy the complete "
+                          "pipeline (model_index.json lists what it needs)")
+
+
+def _folder_hash(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256(file_sha256(path / "model_index.json").encode())
+    for comp in REQUIRED:
+        h.update(f"{comp}:{tree_sha256(path / comp)}".encode())
+    return h.hexdigest()
+
+
+def check_safetensors(path: Path) -> None:
+    """Cheap integrity check of a .safetensors file: a parseable header whose tensors fit the file exactly."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length exceeds the file")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path} is not a valid safetensors file ({one_line(e)[:80]}); "
+                          "download or copy it again") from None
+    if 8 + n + end != size:
+        state = "truncated" if 8 + n + end > size else "corrupt (trailing bytes)"
+        raise SourceError(f"{path} is {state}: header promises {8 + n + end} bytes, file has {size}; "
+                          "download or copy it again")
+
+
+def _single_file(path: Path, spec: str, trust_pickle: bool, config: "str | None") -> Source:
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not trust_pickle:
+            raise SourceError(f"{path} is a pickle checkpoint, which can run arbitrary code when loaded; convert it "
+                              "to .safetensors, or pass --trust-pickle if you trust its origin")
+    elif suffix != ".safetensors":
+        raise SourceError(f"{path}: unknown checkpoint type {suffix or '(no suffix)'}; give a .safetensors file or "
+                          "a diffusers folder")
+    else:
+        check_safetensors(path)
+    if config is not None:
+        _check_folder(Path(config))
+    return Source(spec, "single_file", str(path.resolve()), file_sha256(path), config)
+
+
+def _hub(repo_id: str) -> Source:
+    try:
+        from diffusers import StableDiffusionPipeline
+
+        folder = StableDiffusionPipeline.download(repo_id)
+    except Exception as e:
+        raise SourceError(f"cannot fetch hub id {repo_id} ({one_line(e)[:160]}); check the id and the network, or "
+                          "give a local diffusers folder") from None
+    folder = Path(folder)
+    _check_folder(folder)
+    return Source(repo_id, "hub", str(folder), _folder_hash(folder))
+
+
+# ----------------------------------------------------------------------------------------------------------
+def _load_builtin(src: Source):
+    return BUILTINS[src.spec]()
+
+
+def _load_folder(src: Source):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(src.location, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+
+
+def _load_single_file(src: Source):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = dict(torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+    if src.single_file_config:
+        kwargs.update(config=src.single_file_config, local_files_only=True)
+    try:
+        return StableDiffusionPipeline.from_single_file(src.location, **kwargs)
+    except OSError as e:
+        if not src.single_file_config:
+            raise SourceError(f"cannot load {src.spec} without its diffusers configuration ({one_line(e)[:120]}); "
+                              "pass --config DIR (a diffusers folder of the same architecture) or run online") from e
+        raise
+
+
+_LOADERS = {"builtin": _load_builtin, "folder": _load_folder, "hub": _load_folder, "single_file": _load_single_file}
+
+
+def check_architecture(pipe, spec: str) -> None:
+    """Refuse pipelines whose U-Net is not a plain SD 1.x/2.x text-conditioned U-Net."""
+    unet = getattr(pipe, "unet", None)
+    check_configs(type(unet).__name__, getattr(unet, "config", None), pipe.vae.config, spec)
+
+
+def check_configs(unet_class: str, unet_cfg, vae_cfg, spec: str) -> None:
+    """The check of :func:`check_architecture` on configs alone (dicts), so folders are refused before loading.
+
+    >>> check_configs("UNet2DConditionModel", {"in_channels": 9}, {"latent_channels": 4}, "x")
+    Traceback (most recent call last):
+    ...
+    diffaccel.optimize.artifact.errors.SourceError: unsupported architecture in x: in_channels=9 (inpainting/depth variants); diffaccel supports Stable Diffusion 1.x/2.x text-to-image U-Nets
+    """
+    problems = []
+    if unet_cfg is None or unet_class != "UNet2DConditionModel":
+        problems.append(f"denoiser is {unet_class}, not UNet2DConditionModel")
+    else:
+        if unet_cfg.get("addition_embed_type"):
+            problems.append(f"addition_embed_type={unet_cfg['addition_embed_type']} (SDXL-style conditioning)")
+        if unet_cfg.get("time_cond_proj_dim"):
+            problems.append("time_cond_proj_dim (LCM-distilled guidance embedding)")
+        if unet_cfg.get("in_channels", 4) != vae_cfg.get("latent_channels", 4):
+            problems.append(f"in_channels={unet_cfg.get('in_channels', 4)} (inpainting/depth variants)")
+    if problems:
+        raise SourceError(f"unsupported architecture in {spec}: {'; '.join(problems)}; diffaccel supports Stable "
+                          "Diffusion 1.x/2.x text-to-image U-Nets")

@@ -1,0 +1,166 @@
+"""The quantize stage (onnxruntime int8): calibrate on the real pipeline, QDQ the U-Net, and for the text encoder
+and VAE measure whether dynamic MatMul-only int8 pays before using it (the decision goes into the manifest)."""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from diffaccel.optimize.export.onnx_export import onnx_files
+from diffaccel.optimize.quant.ort_static import preprocess, quantize_static_qdq
+from diffaccel.optimize.stages.onnx_export import _timed, latest_model
+from diffaccel.optimize.stages.base import Stage
+from diffaccel.optimize.artifact.files import TMP_PREFIX, fresh_dir
+
+log = logging.getLogger(__name__)
+UNET_TOLERANCE = {"kind": "l2", "rtol": 0.3, "atol": 0.0}   # a sanity bound; image quality is measured by eval
+MIN_SPEEDUP = 1.10            # dynamic int8 must beat fp32 by this much to be kept
+
+
+class QuantizeStage(Stage):
+    name = "quantize"
+
+    def settings(self, ctx):
+        import dataclasses
+
+        from diffaccel.optimize.quant.ort_static import ALGORITHM_VERSION, DEFAULT_KEEP_FP32
+
+        return {"precision": str(ctx.config.precision), "quant": dataclasses.asdict(ctx.config.quant),
+                "defaults": sorted(DEFAULT_KEEP_FP32), "algorithm": ALGORITHM_VERSION, "threads": ctx.config.threads}
+
+    def run(self, ctx):
+        files = []
+        for comp in ctx.components:
+            with _timed(ctx, self.name, comp):
+                if comp == "unet":
+                    files += self._unet(ctx)
+                else:
+                    files += self._maybe_dynamic(ctx, comp)
+        return files
+
+    # ---- U-Net: static QDQ on captured inputs -------------------------------------------------------------
+    def _unet(self, ctx) -> list:
+        import torch
+
+        from diffaccel.optimize.quant.calibration import capture_unet_inputs, load_prompts
+
+        q = ctx.config.quant
+        spec = ctx.specs["unet"]
+        opt = spec.opt_values()
+        scale = ctx.geometry.vae_scale_factor
+        prompts = load_prompts(q, ctx.source.spec)
+        samples = capture_unet_inputs(ctx.pipe, prompts, steps=q.calib_steps, guidance_scale=q.guidance_scale,
+                                      seed=q.calib_seed, height=opt["height"] * scale, width=opt["width"] * scale)
+        src = latest_model(ctx, "unet", self.name)
+        external = len(onnx_files(src)) > 1
+        if external and q.quality_target is None:
+            ctx.release_pipe()   # ONNX Runtime's quantizer holds ~4 copies of a >2 GB model at its peak
+        with fresh_dir(ctx.root / "unet" / "quantized") as d, \
+                tempfile.TemporaryDirectory(dir=ctx.root, prefix=TMP_PREFIX) as tmp:
+            pre = preprocess(src, Path(tmp) / "pre.onnx", external=external)
+            smoothing = None
+            if q.smoothquant is not None:
+                from diffaccel.optimize.quant.smoothquant import smooth
+
+                smoothing = smooth(pre, Path(tmp) / "smooth.onnx", samples, q.smoothquant, external=external)
+                pre = Path(tmp) / "smooth.onnx"
+            report = quantize_static_qdq(pre, d / "model.onnx", samples, q, external=external,
+                                         cache=Path(tmp) / "calibration.json")
+            report["smoothquant"] = smoothing
+            if q.quality_target is not None:
+                report["quality_target"] = self._meet_target(ctx, pre, d, Path(tmp), samples, external)
+            keep = [samples[0], samples[len(samples) // 2], samples[-1]]   # noisy, middle and late steps
+            torch.save(keep, d / "validation_inputs.pt")
+            written = [p.name for p in onnx_files(d / "model.onnx")] + ["validation_inputs.pt"]
+        report.update(prompts=len(prompts), steps=q.calib_steps, tolerance=UNET_TOLERANCE,
+                      validation_inputs="unet/quantized/validation_inputs.pt")
+        ctx.stage_info["unet"] = report
+        ctx.stage_outputs["unet"] = "unet/quantized/model.onnx"
+        return [ctx.root / "unet" / "quantized" / n for n in written]
+
+    def _meet_target(self, ctx, pre: Path, d: Path, tmp: Path, samples: list, external: bool) -> dict:
+        """Keep the most sensitive layers in float until images reach --quality-target (judged on the
+        calibration prompts); the chosen model replaces d/model.onnx."""
+        import shutil
+
+        from diffaccel.optimize.quant.calibration import load_prompts
+        from diffaccel.optimize.quant.quality_target import ImageJudge, meet_target
+
+        q, spec, scale = ctx.config.quant, ctx.specs["unet"], ctx.geometry.vae_scale_factor
+        opt = spec.opt_values()
+        judge = ImageJudge(ctx.pipe, spec, load_prompts(q, ctx.source.spec), q.calib_steps, q.guidance_scale,
+                           q.calib_seed, (opt["height"] * scale, opt["width"] * scale))
+
+        def quantize(extra):
+            out = tmp / f"candidate-{len(extra)}" / "model.onnx"
+            out.parent.mkdir()
+            quantize_static_qdq(pre, out, samples, q, external=external, extra_exclude=extra,
+                                cache=tmp / "calibration.json")
+            return out
+
+        result = meet_target(quantize, judge, d / "model.onnx", samples, q.quality_target, ctx.config.threads)
+        chosen = Path(result.pop("model"))
+        if chosen != d / "model.onnx":
+            for p in onnx_files(chosen):
+                shutil.copyfile(p, d / p.name)
+        return result
+
+    # ---- other components: dynamic int8 only where measured to pay ----------------------------------------
+    def _maybe_dynamic(self, ctx, comp: str) -> list:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        src = latest_model(ctx, comp, self.name)
+        spec = ctx.specs[comp]
+        with tempfile.TemporaryDirectory(dir=ctx.root, prefix=TMP_PREFIX) as tmp:
+            cand = Path(tmp) / "model.onnx"
+            src = preprocess(src, Path(tmp) / "pre.onnx", external=len(onnx_files(src)) > 1)
+            quantize_dynamic(str(src), str(cand), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                             per_channel=False, extra_options={"MatMulConstBOnly": True},
+                             use_external_data_format=len(onnx_files(src)) > 1)
+            decision = _measure(src, cand, spec, ctx.config.threads)
+            if decision["decision"] != "int8":
+                ctx.stage_info[comp] = decision
+                return []
+            with fresh_dir(ctx.root / comp / "quantized") as d:
+                for p in onnx_files(cand):
+                    p.rename(d / p.name)
+            written = [p.name for p in onnx_files(ctx.root / comp / "quantized" / "model.onnx")]
+        decision["tolerance"] = {"kind": "l2", "rtol": 0.1, "atol": 0.0}
+        ctx.stage_info[comp] = decision
+        ctx.stage_outputs[comp] = f"{comp}/quantized/model.onnx"
+        return [ctx.root / comp / "quantized" / n for n in written]
+
+
+def _measure(fp32: Path, int8: Path, spec, threads) -> dict:
+    """Latency (same inputs, same loop) and error of the dynamic-int8 candidate against fp32."""
+    import torch
+
+    from diffaccel.engines.backends.onnxruntime import OrtEngine
+    from diffaccel.eval.harness.timing import measure
+
+    from diffaccel.optimize.export.parity import compare
+
+    inputs = spec.random_inputs(torch.Generator().manual_seed(0), **spec.opt_values())
+    a, b = OrtEngine(fp32, threads=threads), OrtEngine(int8, threads=threads)
+    ta, _ = measure(lambda: a(**inputs), warmup=1, repeat=5)
+    tb, _ = measure(lambda: b(**inputs), warmup=1, repeat=5)
+    stats = compare(a(**inputs), b(**inputs), atol=0.0, rtol=0.1, kind="l2")
+    err = max(s["rel_l2"] for s in stats.values())
+    speedup = ta.p50 / tb.p50
+    ok = speedup >= MIN_SPEEDUP and all(s["passed"] for s in stats.values())
+    reason = (f"dynamic int8 MatMul is {speedup:.2f}x fp32 with relative L2 error {err:.3g}" +
+              ("" if ok else f"; kept fp32 (needs >= {MIN_SPEEDUP}x and error <= 0.1)"))
+    return {"method": "dynamic-int8-matmul" if ok else "none", "decision": "int8" if ok else "fp32",
+            "fp32_ms": ta.p50 * 1e3, "int8_ms": tb.p50 * 1e3, "speedup": speedup, "rel_l2": err, "reason": reason}
+
+
+def _register():
+    from diffaccel.optimize.stages.plans import register_plan
+    from diffaccel.optimize.stages.onnx_export import ExportStage, OrtEngineStage
+    from diffaccel.optimize.stages.assets import AssetsStage
+
+    register_plan("onnxruntime", "int8", [AssetsStage, ExportStage, QuantizeStage, OrtEngineStage],
+                  "static QDQ int8 U-Net calibrated on the pipeline; dynamic int8 elsewhere only where it pays")
+
+
+_register()

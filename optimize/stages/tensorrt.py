@@ -1,0 +1,231 @@
+"""TensorRT engines, built with the TensorRT Python API from the ONNX model the stages before this one wrote.
+
+Precision lives in the ONNX graph, never in builder flags: every network is created strongly typed, so TensorRT runs
+each layer in the type the graph gives it. fp32 builds the exported model as is (TF32 off, so it is a reference);
+fp16 builds the model that Model Optimizer's AutoCast rewrote to fp16 (fp32 kept where values would overflow); int8
+and fp8 build a U-Net with Q/DQ nodes from Model Optimizer (other components fp16). TensorRT 11 removed the
+FP16/INT8/FP8 builder flags and TensorRT 10 rejects them on strongly typed networks, so this is the one path that
+works on both.
+
+One optimization profile per component comes from its spec (``spec.profile()``; static shapes: min = opt = max).
+The timing cache is loaded from and saved (atomically) to ``TensorRTConfig.timing_cache``. Builder messages go to
+``OUT/<component>/engine/build.log``; a failed build raises a one-line error naming the first parser or last builder
+error and where the full log is. Only :func:`build_engine` and the stage's ``run`` need tensorrt and a GPU; the rest
+is plain Python (and tested on CPU).
+
+The precision -> build mapping, profiles, the cache key, the log capture and error formatting are plain Python in
+:mod:`diffaccel.engines.backends.tensorrt_cache`; the fp16 conversion and int8/fp8 quantization in
+:mod:`diffaccel.optimize.quant.modelopt`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from diffaccel.optimize.artifact.errors import BackendUnavailableError, DiffaccelError
+from diffaccel.optimize.quant.modelopt import FP16_TOL, _modelopt_version, autocast_fp16, has_trt_ops
+from diffaccel.optimize.export.parity import check_parity
+from diffaccel.optimize.families.sd import COMPONENTS, export_module
+from diffaccel.optimize.stages.onnx_export import ExportStage, _named, _timed, latest_model
+from diffaccel.optimize.stages.base import Stage
+from diffaccel.optimize.artifact.files import fresh_dir
+from diffaccel.optimize.artifact.files import atomic_write_bytes
+from diffaccel.engines.backends.tensorrt_cache import (BuildFlags, BuildLog, build_flags, default_timing_cache, engine_identity,
+                        failure_log_path, format_build_error, import_tensorrt, key_of_identity, make_logger,
+                        probe_environment, profile_to_json, rebuild_command, trt_profile)
+
+log = logging.getLogger(__name__)
+
+
+class BuildFailed(Exception):
+    def __init__(self, parser_errors: list):
+        super().__init__("TensorRT build failed")
+        self.parser_errors = parser_errors
+
+
+# ---- GPU glue --------------------------------------------------------------------------------------------------------
+def build_engine(onnx_path: Path, profile: dict, trt_config, flags: BuildFlags, sink: BuildLog,
+                 timing_cache: Path) -> bytes:
+    """Parse ``onnx_path`` and build a serialized engine (TensorRT Python API). Raises :class:`BuildFailed`."""
+    trt = import_tensorrt()
+    logger = make_logger(trt, sink)
+    builder = trt.Builder(logger)
+    net_flags = 0
+    for name in flags.network:
+        if hasattr(trt.NetworkDefinitionCreationFlag, name):   # accepted (and implied) on TensorRT 11
+            net_flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+    network = builder.create_network(net_flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise BuildFailed([_parser_error(parser.get_error(i)) for i in range(parser.num_errors)])
+    config = builder.create_builder_config()
+    config.builder_optimization_level = int(trt_config.opt_level)
+    if trt_config.workspace_gb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(trt_config.workspace_gb * (1 << 30)))
+    for name in flags.clear:
+        if hasattr(trt.BuilderFlag, name):
+            config.clear_flag(getattr(trt.BuilderFlag, name))
+    opt_profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile.items():
+        opt_profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
+    config.add_optimization_profile(opt_profile)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    if not config.set_timing_cache(cache, False):
+        log.warning("timing cache %s was made for another GPU or TensorRT; starting a new one", timing_cache)
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BuildFailed([])
+    atomic_write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+    return bytes(memoryview(plan))
+
+
+def _parser_error(err) -> str:
+    node = f" at node {err.node_name()} ({err.node_operator()})" if err.node_name() else ""
+    return f"{err.desc()}{node}"
+
+
+# ---- the stage -------------------------------------------------------------------------------------------------------
+class TensorRTBuildStage(Stage):
+    """One engine per component from the latest ONNX model, parity-checked against PyTorch on the GPU."""
+
+    name = "engine"
+
+    @classmethod
+    def preflight(cls, config) -> None:
+        env = probe_environment()
+        need = build_flags(config.precision).min_sm
+        have = tuple(int(v) for v in env.compute_capability.split("."))
+        if need and have < need:
+            raise BackendUnavailableError(
+                f"{config.precision} engines need a GPU of compute capability {need[0]}.{need[1]} or newer (Ada, "
+                f"Hopper, Blackwell); {env.gpu} is {env.sm}; use --precision int8 or fp16")
+
+    def settings(self, ctx):
+        t = ctx.config.tensorrt
+        return {"precision": str(ctx.config.precision), "opt_level": t.opt_level, "workspace_gb": t.workspace_gb,
+                "static_shapes": t.static_shapes, "cuda_graph": t.cuda_graph,
+                "environment": probe_environment().to_dict()}
+
+    def run(self, ctx):
+        env = probe_environment()
+        files = []
+        for comp in ctx.components:
+            with _timed(ctx, self.name, comp):
+                files += self._build_one(ctx, comp, env)
+        return files
+
+    def _build_one(self, ctx, comp: str, env) -> list:
+        from diffaccel.engines.backends.tensorrt import TrtEngine
+
+        cfg = ctx.config.tensorrt
+        spec, src = ctx.specs[comp], latest_model(ctx, comp, self.name)
+        profile = trt_profile(spec, cfg.static_shapes)
+        sink = BuildLog()
+        cache_path = Path(cfg.timing_cache).expanduser() if cfg.timing_cache else default_timing_cache()
+        try:
+            plan = build_engine(src, profile, cfg, build_flags(ctx.config.precision), sink, cache_path)
+        except BuildFailed as e:
+            path = sink.save(failure_log_path(comp))
+            raise DiffaccelError(format_build_error(comp, sink, e.parser_errors, path)) from None
+        with fresh_dir(ctx.root / comp / "engine") as d:
+            (d / "model.plan").write_bytes(plan)
+            sink.save(d / "build.log")
+            engine = TrtEngine.from_bytes(plan, comp, cuda_graph=False)
+            module = export_module(comp, ctx.pipe)
+            report = check_parity(spec, lambda **x: _named(module, spec, x), engine, **ctx.tolerance(comp),
+                                  samples=ctx.validation_samples(comp), advice=ctx.parity_advice(comp))
+            del engine
+        plan_file = ctx.root / comp / "engine" / "model.plan"
+        ctx.record_component(comp, backend="tensorrt", engine=f"{comp}/engine/model.plan", files=[plan_file],
+                             validation=report, tensorrt=self._entry(ctx, comp, profile, env, cache_path))
+        return [plan_file, ctx.root / comp / "engine" / "build.log"]
+
+    def _entry(self, ctx, comp: str, profile: dict, env, cache_path: Path) -> dict:
+        cfg = ctx.config.tensorrt
+        quant = ctx.info_of("quantize", comp).get("config_hash")
+        identity = engine_identity(ctx.source.sha256, comp, str(ctx.config.precision), quant, profile, env)
+        shapes = ctx.config.shapes.to_dict()
+        return {"cache_key": key_of_identity(identity), "identity": identity, "profile": profile_to_json(profile),
+                "strongly_typed": True, "static_shapes": cfg.static_shapes, "cuda_graph": cfg.cuda_graph,
+                "opt_level": cfg.opt_level, "timing_cache": str(cache_path), "build_log": f"{comp}/engine/build.log",
+                "onnx": build_flags(ctx.config.precision).onnx,
+                "rebuild": rebuild_command(ctx.source.spec, str(ctx.config.precision), shapes, cfg.static_shapes,
+                                           None if tuple(ctx.components) == COMPONENTS else ctx.components)}
+
+
+class AutoCastStage(Stage):
+    """fp16 ONNX for every component (Q/DQ U-Nets included), checked against its source model on ORT CPU, on inputs
+    captured from the pipeline for the U-Net and VAE decoder (random inputs for the others)."""
+
+    name = "fp16"
+
+    @classmethod
+    def preflight(cls, config) -> None:
+        if str(config.backend) == "tensorrt":
+            probe_environment()        # the plan's real requirement first: TensorRT and a GPU
+        try:
+            import modelopt.onnx.autocast  # noqa: F401
+        except ImportError as e:
+            raise BackendUnavailableError(f"fp16 conversion needs Model Optimizer's AutoCast (nvidia-modelopt with "
+                                          f"its onnx extra; import failed: {e.name or e}); install diffaccel[gpu]"
+                                          ) from None
+
+    def settings(self, ctx):
+        return {"low_precision": "fp16", "keep_io_types": True, "modelopt": _modelopt_version(),
+                "seed": ctx.config.seed}
+
+    def run(self, ctx):
+        from diffaccel.optimize.sources.prompts import default_prompts
+        from diffaccel.optimize.stages.fp16 import capture_validation_inputs
+
+        prompts = list(default_prompts(n=2))
+        samples = capture_validation_inputs(ctx.pipe, ctx.specs["unet"], ctx.geometry.vae_scale_factor, prompts)
+        files = []
+        for comp in ctx.components:
+            with _timed(ctx, self.name, comp):
+                files += self._convert(ctx, comp, samples.get(comp))
+        return files
+
+    def _convert(self, ctx, comp: str, samples: "list | None") -> list:
+        import torch
+
+        from diffaccel.engines.backends.onnxruntime import OrtEngine
+
+        spec, src = ctx.specs[comp], latest_model(ctx, comp, self.name)
+        info = {"decision": "fp16", "method": "modelopt-autocast", "tolerance": ctx.tolerance(comp) or dict(FP16_TOL)}
+        with fresh_dir(ctx.root / comp / "fp16") as d:
+            written = [p.name for p in autocast_fp16(src, d / "model.onnx", spec, samples, ctx.config.seed)]
+            if has_trt_ops(d / "model.onnx"):
+                info["validation"] = {"skipped": "TensorRT-only ops; checked on the engine after the build"}
+            else:
+                ref, got = OrtEngine(src, "cpu", level="basic"), OrtEngine(d / "model.onnx", "cpu", level="basic")
+                info["validation"] = check_parity(spec, ref, got, samples=samples, **info["tolerance"],
+                                                  advice="Try --precision fp32.")
+                del ref, got
+            if samples:
+                torch.save(samples, d / "validation_inputs.pt")
+                info["validation_inputs"] = f"{comp}/fp16/validation_inputs.pt"
+                written.append("validation_inputs.pt")
+        ctx.stage_info[comp] = info
+        ctx.stage_outputs[comp] = f"{comp}/fp16/model.onnx"
+        return [ctx.root / comp / "fp16" / n for n in written]
+
+
+def _register():
+    from diffaccel.optimize.quant.modelopt import ModeloptQuantStage
+    from diffaccel.optimize.stages.plans import register_plan
+    from diffaccel.optimize.stages.assets import AssetsStage
+
+    register_plan("tensorrt", "fp32", [AssetsStage, ExportStage, TensorRTBuildStage],
+                  "ONNX export, strongly typed fp32 TensorRT engines (TF32 off)")
+    register_plan("tensorrt", "fp16", [AssetsStage, ExportStage, AutoCastStage, TensorRTBuildStage],
+                  "ONNX export, Model Optimizer AutoCast to fp16, strongly typed TensorRT engines")
+    for precision in ("int8", "fp8"):
+        register_plan("tensorrt", precision,
+                      [AssetsStage, ExportStage, ModeloptQuantStage, AutoCastStage, TensorRTBuildStage],
+                      f"Model Optimizer {precision} Q/DQ U-Net calibrated on the pipeline, fp16 elsewhere, strongly "
+                      "typed TensorRT engines")
+
+
+_register()
