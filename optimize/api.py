@@ -17,12 +17,14 @@ import shutil
 import time
 from pathlib import Path
 
-from diffaccel.optimize.config import Backend, Exporter, Precision, QuantConfig, ShapeRange, TensorRTConfig, config_hash
+from diffaccel.optimize.artifact.keys import source_key
+from diffaccel.optimize.config import Backend, Exporter, Precision, QuantConfig, ShapeRange, TensorRTConfig
 from diffaccel.optimize.artifact.errors import ArtifactError, DiffaccelError
 from diffaccel.optimize.artifact.files import recover_dir, replace_dir, sweep_scratch
 from diffaccel.optimize.artifact.manifest import Manifest
-from diffaccel.optimize.sources import Source, check_configs, resolve_source
-from diffaccel.optimize.families.sd import COMPONENTS, check_pixel_range, size_factors
+from diffaccel.optimize.families import detect
+from diffaccel.optimize.sources import Source, resolve_source
+from diffaccel.optimize.families.sd import COMPONENTS
 from diffaccel.optimize.stages.plans import plans, stages_for, supported_pairs
 from diffaccel.optimize.stages.base import Context, Reporter, record_files
 
@@ -90,14 +92,14 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
     source = src if isinstance(src, Source) else resolve_source(
         src, trust_pickle=trust_pickle, single_file_config=single_file_config)
     out = Path(out)
-    _check_before_loading(source, config)
+    family = _check_before_loading(source, config)
     stage_classes = stages_for(config.backend, config.precision)
     for cls in stage_classes:
         cls.preflight(config)
     work, fresh = _prepare_workdir(out, source, force)
     try:
         manifest = _open_manifest(work, source, config)
-        ctx = Context(source=source, config=config, root=work, manifest=manifest, reporter=reporter)
+        ctx = Context(source=source, config=config, root=work, manifest=manifest, reporter=reporter, family=family)
         ctx.plan = [cls() for cls in stage_classes]
         _run_stages(ctx)
         manifest.data["status"] = "complete"
@@ -109,19 +111,19 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
     return Manifest.load(out)
 
 
-def _check_before_loading(source: Source, config: OptimizeConfig) -> None:
-    """Refuse an unsupported U-Net and image-size ranges the model cannot serve before loading it (where its
-    configs can be read without the weights)."""
+def _check_before_loading(source: Source, config: OptimizeConfig):
+    """The model family, and refusals of an unsupported model and of image-size ranges it cannot serve, before
+    loading it (where its configs can be read without the weights; else None: the family is told after loading)."""
     configs = source.configs()
     if configs is None:
-        return
-    unet_cfg, vae_cfg = configs
-    check_configs(unet_cfg.get("_class_name", "UNet2DConditionModel"), unet_cfg, vae_cfg, source.spec)
-    scale, latent_multiple = size_factors(unet_cfg, vae_cfg)
+        return None
+    family = detect(configs, source.spec)
+    scale, latent_multiple = family.size_factors(configs["unet"], configs["vae"])
     for what in ("height", "width"):
         rng = getattr(config.shapes, what)
         if rng is not None:
-            check_pixel_range(rng, scale * latent_multiple, what)
+            family.check_pixel_range(rng, scale * latent_multiple, what)
+    return family
 
 
 def _drop_foreign_stages(ctx: Context) -> None:
@@ -137,7 +139,7 @@ def _drop_foreign_stages(ctx: Context) -> None:
 
 def _run_stages(ctx: Context) -> None:
     _drop_foreign_stages(ctx)
-    upstream = config_hash({"source": ctx.source.sha256})
+    upstream = source_key(ctx.source.sha256)
     for stage in ctx.plan:
         key = stage.key(ctx, upstream)
         upstream = key
@@ -148,14 +150,14 @@ def _run_stages(ctx: Context) -> None:
         ctx.manifest.save()
         ctx.reporter.stage_start(stage.name, list(ctx.components) if stage.name != "assets" else [])
         t0 = time.perf_counter()
-        ctx.stage_outputs, ctx.stage_info = {}, {}
-        files = stage.run(ctx)
+        result = stage.run(ctx)
         seconds = time.perf_counter() - t0
-        ctx.manifest.record_stage(stage.name, stage.settings(ctx), key, seconds, record_files(ctx.root, files))
-        if ctx.stage_outputs:
-            ctx.manifest.stages[stage.name]["outputs"] = ctx.stage_outputs
-        if ctx.stage_info:
-            ctx.manifest.stages[stage.name]["components"] = ctx.stage_info
+        ctx.manifest.record_stage(stage.name, stage.settings(ctx), key, seconds, record_files(ctx.root, result.files))
+        record = ctx.manifest.stages[stage.name]
+        if result.outputs():
+            record["outputs"] = result.outputs()
+        if result.records():
+            record["components"] = result.records()
         ctx.manifest.save()
         ctx.reporter.stage_end(stage.name, seconds, False)
 

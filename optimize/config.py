@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
-import json
-from typing import Any
 
 
 class _StrEnum(str, enum.Enum):
@@ -91,21 +88,6 @@ class ShapeRange:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def config_hash(obj: Any) -> str:
-    """A stable short hash of a JSON-able config (dataclasses and enums included)."""
-    def default(o):
-        if dataclasses.is_dataclass(o):
-            return dataclasses.asdict(o)
-        if isinstance(o, enum.Enum):
-            return o.value
-        if isinstance(o, (set, frozenset)):
-            return sorted(o)
-        return str(o)
-
-    text = json.dumps(obj, sort_keys=True, default=default, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class CalibMethod(_StrEnum):

@@ -1,7 +1,8 @@
 import pytest
 
 from diffaccel.optimize import OptimizeConfig
-from diffaccel.optimize.config import Backend, Precision, ShapeRange, config_hash
+from diffaccel.optimize.artifact.keys import stable_hash as config_hash
+from diffaccel.optimize.config import Backend, Precision, ShapeRange
 
 
 def test_enums_are_strings():

@@ -27,7 +27,7 @@ def test_manifest_records_what_was_built(artifacts, backend):
         assert all(len(f["sha256"]) == 64 and (out / f["path"]).is_file() for f in c["files"])
         assert c["spec"]["axes"]["batch"]["max"] >= 4
     for stage in m.stages.values():
-        assert len(stage["config_hash"]) == 16 and stage["seconds"] >= 0
+        assert len(stage["key"]) == 16 and stage["seconds"] >= 0
     assert {"torch", "diffusers", "onnx"} <= set(m["tools"])
     m.verify()
 

@@ -162,7 +162,7 @@ def test_quantize_and_fp16_stages_run_through_the_orchestrator(tmp_path):
     ctx.plan = [AssetsStage(), ExportStage(), ModeloptQuantStage(), AutoCastStage()]
     _run_stages(ctx)
     quant = ctx.info_of("quantize", "unet")
-    assert quant["method"] == "modelopt" and len(quant["config_hash"]) == 16 and quant["validation"]["passed"]
+    assert quant["method"] == "modelopt" and len(quant["recipe_hash"]) == 16 and quant["validation"]["passed"]
     assert ctx.tolerance("unet")["rtol"] == 0.3 and len(ctx.validation_samples("unet")) == 3
     for comp in ("unet", "text_encoder"):
         fp16 = ctx.info_of("fp16", comp)

@@ -163,7 +163,9 @@ def test_bad_calibration_prompts(tmp_path):
 def test_fp16_conversion_runs_and_guards(tmp_path, artifacts, tiny_pipe):
     from diffaccel.engines.backends.onnxruntime import OrtEngine
     from diffaccel.optimize.export.parity import check_parity
-    from diffaccel.optimize.stages.fp16 import FP16_TOLERANCE, convert_fp16
+    from diffaccel.optimize.artifact.specs import tolerance
+    from diffaccel.optimize.stages.fp16 import convert_fp16
+    FP16_TOLERANCE = tolerance("fp16")
     from diffaccel.optimize.families.sd import export_module
     from diffaccel.optimize.artifact.specs import ComponentSpec
 

@@ -4,7 +4,8 @@ import shutil
 import pytest
 
 from diffaccel.optimize.artifact.errors import SourceError
-from diffaccel.optimize.sources import check_architecture, resolve_source
+from diffaccel.optimize.families import configs_of, detect
+from diffaccel.optimize.sources import resolve_source
 
 
 def test_builtins_resolve_without_download():
@@ -82,7 +83,7 @@ def test_unsupported_architecture_by_unet_config(tiny_pipe):
         unet = UNet2DConditionModel(**{**tiny_pipe.unet.config, "in_channels": 9})
         vae = tiny_pipe.vae
     with pytest.raises(SourceError, match="in_channels=9"):
-        check_architecture(Fake(), "inpaint")
+        detect(configs_of(Fake()), "inpaint")
 
 
 def test_truncated_and_corrupt_safetensors(tiny_folder, tmp_path):

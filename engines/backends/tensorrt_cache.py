@@ -199,7 +199,7 @@ def ort_trt_cache_dir(root, component: str, entry: dict, env: "TrtEnvironment | 
     env = env or TrtEnvironment(tensorrt="unknown", gpu="unknown", compute_capability="0.0")
     manifest = Manifest.load(root)
     source = manifest.source.get("sha256", "")
-    quant = (entry.get("quantize") or {}).get("config_hash") or manifest.stages.get("quantize", {}).get("config_hash")
+    quant = (entry.get("quantize") or {}).get("recipe_hash") or manifest.stages.get("quantize", {}).get("recipe_hash")
     key = engine_cache_key(source, component, entry.get("precision", "fp32"), quant, spec.profile(), env)
     return Path(root) / component / "trt_cache" / key
 

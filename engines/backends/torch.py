@@ -1,13 +1,13 @@
 """PyTorch engines: the reference backend (eager, fp32 or bf16), running the same named signature as the exports.
 
-The artifact stores each model with ``save_pretrained`` (safetensors); the engine wraps it with the export wrapper of
-:mod:`diffaccel.optimize.artifact.specs`, so inputs and outputs are named exactly as in the ONNX engines.
+The artifact stores each model with ``save_pretrained`` (safetensors); the engine wraps it with the export wrapper of its
+model family (:mod:`diffaccel.optimize.families`), so inputs and outputs are named exactly as in the ONNX engines.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from diffaccel.optimize.families.sd import SOURCE_MODEL, export_module
+from diffaccel.optimize.families import family
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -52,7 +52,8 @@ class TorchEngine:
 def load(root, component: str, entry: dict, device: str = "cpu", compile: bool = False, **_ignored) -> TorchEngine:
     cls = _model_class(entry["model_class"])
     model = cls.from_pretrained(str(Path(root) / entry["engine"]))
-    engine = TorchEngine(export_module(component, {SOURCE_MODEL[component]: model}),
+    fam = family(entry.get("family", "sd"))
+    engine = TorchEngine(fam.export_module(component, {fam.SOURCE_MODEL[component]: model}),
                          _DTYPES[entry.get("precision", "fp32")], device, compile)
     engine.output_names = tuple(t["name"] for t in entry["spec"]["outputs"])
     return engine

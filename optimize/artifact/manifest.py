@@ -93,15 +93,16 @@ class Manifest:
 
     # ---- stages -------------------------------------------------------------------------------------------
     def stage_is_current(self, name: str, key: str) -> bool:
-        """True when ``name`` ran with config hash ``key`` and every file it produced is still intact."""
+        """True when ``name`` ran with stage key ``key`` (see :mod:`~diffaccel.optimize.artifact.keys`) and every file it
+        produced is still intact."""
         st = self.stages.get(name)
-        if not st or st.get("config_hash") != key:
+        if not st or st.get("key") != key:
             return False
         return all((self.root / f["path"]).is_file() and (self.root / f["path"]).stat().st_size == f["bytes"]
                    for f in st.get("files", []))
 
     def record_stage(self, name: str, config: dict, key: str, seconds: float, files: list) -> None:
-        self.stages[name] = {"config": config, "config_hash": key, "seconds": round(seconds, 3),
+        self.stages[name] = {"config": config, "key": key, "seconds": round(seconds, 3),
                              "completed": now(), "files": files}
 
     def invalidate_from(self, names: list) -> None:

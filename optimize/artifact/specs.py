@@ -197,3 +197,23 @@ class ComponentSpec:
             if t.name == name:
                 return t
         raise KeyError(f"{self.name} has no tensor {name!r}")
+
+
+# Parity tolerances of engines that are not fp32, against the fp32 PyTorch component (fp32 engines are held to their
+# spec's atol/rtol). "l2" compares ||got - ref|| / ||ref|| with rtol; see diffaccel.optimize.export.parity.
+TOLERANCES = {
+    "bf16": {"kind": "l2", "rtol": 0.1, "atol": 0.0},          # PyTorch bf16
+    "fp16": {"kind": "l2", "rtol": 0.05, "atol": 0.0},         # fp16 graphs and engines (ONNX Runtime, TensorRT)
+    "int8": {"kind": "l2", "rtol": 0.3, "atol": 0.0},          # a quantized U-Net: a sanity bound (eval measures quality)
+    "int8-dynamic": {"kind": "l2", "rtol": 0.1, "atol": 0.0},  # dynamic int8 MatMuls (text encoder, VAE)
+    "qdq-vs-fake-quant": {"kind": "l2", "rtol": 0.1, "atol": 0.0},  # Q/DQ ONNX against Model Optimizer's fake-quant
+}
+
+
+def tolerance(name: str) -> dict:
+    """A copy of the named tolerance.
+
+    >>> tolerance("fp16")["rtol"]
+    0.05
+    """
+    return dict(TOLERANCES[name])

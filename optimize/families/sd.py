@@ -1,21 +1,58 @@
-"""The Stable Diffusion 1.x/2.x components as :class:`~diffaccel.optimize.artifact.specs.ComponentSpec` instances, and torch
-modules with exactly their named inputs and outputs (used by export, validation and the torch backend).
+"""The Stable Diffusion 1.x/2.x family: detection, component specs, torch export wrappers with exactly the specs'
+named inputs and outputs (used by export, validation and the torch backend), and the calibration capture.
 
 >>> COMPONENTS
 ('text_encoder', 'unet', 'vae_decoder', 'vae_encoder')
+>>> mismatches({"unet": {"in_channels": 9}, "vae": {"latent_channels": 4}})
+['in_channels=9 (inpainting/depth variants)']
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Callable
 
+import logging
+
 from diffaccel.optimize.artifact.errors import ShapeError
 from diffaccel.optimize.artifact.specs import AxisRange, ComponentSpec, TensorSpec
 
-# ----------------------------------------------------------------------------------------------------------
-# Stable Diffusion components
-# ----------------------------------------------------------------------------------------------------------
+log = logging.getLogger(__name__)
+
+NAME = "sd"
+TITLE = "Stable Diffusion 1.x/2.x"
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")   # diffusers pipelines it covers
+PIPELINE_CLASS = "StableDiffusionPipeline"                                    # what sources load
+DROP_INS = ("diffaccel.engines.pipelines.sd:AcceleratedStableDiffusionPipeline",
+            "diffaccel.engines.pipelines.sd:AcceleratedStableDiffusionImg2ImgPipeline")
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+SOURCE_MODEL = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# detection
+# ----------------------------------------------------------------------------------------------------------
+def mismatches(configs: dict) -> list:
+    """What in ``configs`` (see :func:`diffaccel.optimize.families.detect`) this family cannot export; [] = fits."""
+    problems = []
+    unet, vae = configs.get("unet"), configs.get("vae") or {}
+    pipeline = configs.get("pipeline")
+    if pipeline and pipeline not in PIPELINES:
+        problems.append(f"pipeline is {pipeline}, not one of {', '.join(PIPELINES)}")
+    unet_class = (unet or {}).get("_class_name", "UNet2DConditionModel")
+    if unet is None or unet_class != "UNet2DConditionModel":
+        problems.append(f"denoiser is {unet_class}, not UNet2DConditionModel")
+    else:
+        if unet.get("addition_embed_type"):
+            problems.append(f"addition_embed_type={unet['addition_embed_type']} (SDXL-style conditioning)")
+        if unet.get("time_cond_proj_dim"):
+            problems.append(f"time_cond_proj_dim={unet['time_cond_proj_dim']} (LCM-distilled guidance embedding)")
+        if unet.get("in_channels", 4) != vae.get("latent_channels", 4):
+            problems.append(f"in_channels={unet.get('in_channels', 4)} (inpainting/depth variants)")
+    vae_class = vae.get("_class_name", "AutoencoderKL")
+    if vae_class != "AutoencoderKL":
+        problems.append(f"vae is {vae_class}, not AutoencoderKL (the exporter needs its latent distribution; "
+                        "replace the VAE with an AutoencoderKL)")
+    return problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +139,7 @@ def _pixel_axis(rng, geo: ModelGeometry, what: str) -> AxisRange:
     return AxisRange(lo // s, max(opt, lo) // s, hi // s, geo.latent_multiple)
 
 
-def sd_specs(geo: ModelGeometry, shapes) -> dict:
+def specs(geo: ModelGeometry, shapes) -> dict:
     """The four component specs of a Stable Diffusion 1.x/2.x pipeline for an image :class:`ShapeRange`."""
     bmin, bmax = shapes.batch
     bopt = min(max(1, bmin), bmax)
@@ -189,4 +226,38 @@ def export_module(component: str, pipe_or_models: Any):
     return table[component]().eval()
 
 
-SOURCE_MODEL = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+# ----------------------------------------------------------------------------------------------------------
+# calibration capture: the U-Net's inputs at every denoising step of real sampling
+# ----------------------------------------------------------------------------------------------------------
+def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: float, seed: int, height: int,
+                        width: int) -> list:
+    """Run ``pipe`` once per prompt and return the U-Net's inputs at every step, as dicts of CPU tensors named
+    ``sample``, ``timestep`` (one per batch row) and ``encoder_hidden_states``."""
+    import torch
+
+    captured = []
+
+    def hook(module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        ehs = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(sample.shape[0]).clone()
+        captured.append({"sample": sample.detach().float().cpu().clone(), "timestep": t,
+                         "encoder_hidden_states": ehs.detach().float().cpu().clone()})
+
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        for i, prompt in enumerate(prompts):
+            log.info("calibration prompt %d/%d: %s", i + 1, len(prompts), prompt)
+            with torch.no_grad():
+                pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+                     generator=torch.Generator().manual_seed(seed + i), output_type="latent")
+    finally:
+        handle.remove()
+        pipe.set_progress_bar_config(disable=was_disabled)
+    return captured
+
+
+sd_specs = specs   # the name the tests and tools know

@@ -2,50 +2,50 @@
 
 Diffusion U-Nets see very different activations early (pure noise) and late (nearly clean latents) in sampling, and
 classifier-free guidance doubles every batch with an unconditional half. Calibrating on random tensors or on one
-timestep misses both; we run the pipeline itself, with the configured guidance, and record what the U-Net receives.
-Everything is seeded: the same QuantConfig on the same source gives the same tensors.
+timestep misses both; we run the pipeline itself, with the configured guidance, and record what the U-Net receives
+(each model family knows how: ``family.capture_unet_inputs``). Everything is seeded: the same QuantConfig on the same
+source gives the same tensors.
 """
 from __future__ import annotations
 
-import logging
+
+def calibration_prompts(ctx) -> list:
+    """The calibration prompts of the build's :class:`QuantConfig` (see
+    :func:`~diffaccel.optimize.sources.prompts.calibration_prompts`)."""
+    from diffaccel.optimize.sources.prompts import calibration_prompts as prompts
+
+    q = ctx.config.quant
+    return prompts(ctx.source.spec, q.calib_size, q.calib_seed, q.calib_prompts)
 
 
-log = logging.getLogger(__name__)
+def calibration_size(ctx) -> tuple:
+    """(height, width) in pixels calibration runs at: the U-Net spec's typical (opt) latent size."""
+    opt, scale = ctx.specs["unet"].opt_values(), ctx.geometry.vae_scale_factor
+    return opt["height"] * scale, opt["width"] * scale
 
 
-def load_prompts(quant, source_spec: str = "") -> list:
-    """The calibration prompts of a :class:`QuantConfig` (see :func:`~diffaccel.optimize.sources.prompts.calibration_prompts`)."""
-    from diffaccel.optimize.sources.prompts import calibration_prompts
+def calibration_samples(ctx) -> tuple:
+    """(prompts, the U-Net's inputs at every step of sampling each prompt with the configured guidance)."""
+    q, (height, width) = ctx.config.quant, calibration_size(ctx)
+    prompts = calibration_prompts(ctx)
+    samples = ctx.family.capture_unet_inputs(ctx.pipe, prompts, steps=q.calib_steps, guidance_scale=q.guidance_scale,
+                                             seed=q.calib_seed, height=height, width=width)
+    return prompts, samples
 
-    return calibration_prompts(source_spec, quant.calib_size, quant.calib_seed, quant.calib_prompts)
 
+class CalibrationReader:
+    """ONNX Runtime CalibrationDataReader over captured U-Net inputs (numpy, fixed order)."""
 
-def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: float, seed: int, height: int,
-                        width: int) -> list:
-    """Run ``pipe`` once per prompt and return the U-Net's inputs at every step, as dicts of CPU tensors named
-    ``sample``, ``timestep`` (one per batch row) and ``encoder_hidden_states``."""
-    import torch
+    def __init__(self, samples: list):
+        self.samples = samples
+        self.i = 0
 
-    captured = []
+    def get_next(self):
+        if self.i >= len(self.samples):
+            return None
+        s = self.samples[self.i]
+        self.i += 1
+        return {k: v.numpy() for k, v in s.items()}
 
-    def hook(module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        ehs = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
-        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(sample.shape[0]).clone()
-        captured.append({"sample": sample.detach().float().cpu().clone(), "timestep": t,
-                         "encoder_hidden_states": ehs.detach().float().cpu().clone()})
-
-    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
-    was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        for i, prompt in enumerate(prompts):
-            log.info("calibration prompt %d/%d: %s", i + 1, len(prompts), prompt)
-            with torch.no_grad():
-                pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-                     generator=torch.Generator().manual_seed(seed + i), output_type="latent")
-    finally:
-        handle.remove()
-        pipe.set_progress_bar_config(disable=was_disabled)
-    return captured
+    def rewind(self):
+        self.i = 0

@@ -84,7 +84,7 @@ def write_entropy_cache(src: Path, samples: list, op_types, cache: Path, *, exte
     from onnxruntime.quantization.calibrate import (CalibrationMethod, TensorsData, create_calibrator,
                                                     save_tensors_data)
 
-    from diffaccel.optimize.quant.ort_static import CalibrationReader
+    from diffaccel.optimize.quant.calibration import CalibrationReader
 
     with tempfile.TemporaryDirectory(prefix="diffaccel-entropy-", dir=Path(cache).parent) as tmp:
         calibrator = create_calibrator(Path(src), list(op_types), augmented_model_path=str(Path(tmp) / "aug.onnx"),

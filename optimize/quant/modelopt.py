@@ -27,19 +27,17 @@ import re
 import tempfile
 from pathlib import Path
 
-from diffaccel.optimize.config import QuantConfig, config_hash
 from diffaccel.optimize.artifact.errors import BackendUnavailableError, DiffaccelError
-from diffaccel.optimize.export.parity import check_parity
-from diffaccel.optimize.stages.onnx_export import _timed
-from diffaccel.optimize.stages.base import Stage
 from diffaccel.optimize.artifact.files import fresh_dir
+from diffaccel.optimize.artifact.keys import stable_hash
+from diffaccel.optimize.artifact.specs import tolerance
+from diffaccel.optimize.config import QuantConfig
+from diffaccel.optimize.export.parity import check_parity
+from diffaccel.optimize.stages.base import ComponentOutcome, Stage, StageResult, named_outputs
 
 log = logging.getLogger(__name__)
 # what Model Optimizer's diffusers example (examples/diffusers/quantization, filter_func_default) keeps in float
 KEEP_FLOAT = ("time_emb_proj", "time_embedding", "conv_in", "conv_out", "conv_shortcut", "add_embedding")
-FP16_TOL = {"kind": "l2", "rtol": 0.05, "atol": 0.0}   # fp16 graphs and engines, as for ONNX Runtime fp16
-QDQ_TOL = {"kind": "l2", "rtol": 0.1, "atol": 0.0}     # Q/DQ ONNX (ORT CPU) against Model Optimizer's fake-quant model
-UNET_TOL = {"kind": "l2", "rtol": 0.3, "atol": 0.0}    # quantized U-Net vs fp32: a sanity bound (eval measures quality)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +76,7 @@ def recipe_hash(recipe: ModeloptRecipe, quant: QuantConfig) -> str:
         from diffaccel.optimize.artifact.files import file_sha256
 
         calib["calib_prompts"] = file_sha256(quant.calib_prompts)
-    return config_hash({"recipe": recipe, "calibration": calib})
+    return stable_hash({"recipe": recipe, "calibration": calib})
 
 
 def _set_entry(quant_cfg, pattern: str, **attrs):
@@ -174,42 +172,43 @@ class ModeloptQuantStage(Stage):
 
     def settings(self, ctx):
         recipe = recipe_for(ctx.config.precision, ctx.config.quant)
-        return {"recipe": dataclasses.asdict(recipe), "config_hash": recipe_hash(recipe, ctx.config.quant),
+        return {"recipe": dataclasses.asdict(recipe), "recipe_hash": recipe_hash(recipe, ctx.config.quant),
                 "modelopt": _modelopt_version(), "opset": ctx.config.opset}
 
     def run(self, ctx):
         if "unet" not in ctx.components:
             return []
-        with _timed(ctx, self.name, "unet"):
-            return self._quantize(ctx)
+        with ctx.timed(self.name, "unet"):
+            outcome, files = self._quantize(ctx)
+        result = StageResult()
+        result.add("unet", outcome, files)
+        return result
 
     def _quantize(self, ctx) -> list:
         import torch
 
-        from diffaccel.optimize.quant.calibration import capture_unet_inputs, load_prompts
-        from diffaccel.optimize.families.sd import export_module
+        from diffaccel.optimize.quant.calibration import calibration_samples, calibration_size
 
         quant, spec = ctx.config.quant, ctx.specs["unet"]
         recipe = recipe_for(ctx.config.precision, quant)
-        scale = ctx.geometry.vae_scale_factor
-        size = dict(height=spec.axes["height"].opt * scale, width=spec.axes["width"].opt * scale)
-        calib = capture_unet_inputs(ctx.pipe, load_prompts(quant, ctx.source.spec), steps=quant.calib_steps,
-                                    guidance_scale=quant.guidance_scale, seed=quant.calib_seed, **size)
+        size = dict(zip(("height", "width"), calibration_size(ctx)))
+        _, calib = calibration_samples(ctx)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         unet = quantize_unet(copy.deepcopy(ctx.pipe.unet), recipe, calib, device)
-        module = export_module("unet", {"unet": unet})
+        module = ctx.family.export_module("unet", {"unet": unet})
         keep = [calib[0], calib[len(calib) // 2], calib[-1]]       # noisy, middle and late steps
         with fresh_dir(ctx.root / "unet" / "quantize") as d:
             written = [p.name for p in export_qdq(module, spec, d / "model.onnx", ctx.config.opset)]
-            report = validate_qdq(spec, module, export_module("unet", ctx.pipe), d / "model.onnx", keep, recipe)
+            report = validate_qdq(spec, module, ctx.family.export_module("unet", ctx.pipe), d / "model.onnx", keep,
+                                  recipe)
             torch.save(keep, d / "validation_inputs.pt")
-        ctx.stage_info["unet"] = {
-            "method": "modelopt", "precision": recipe.precision, "recipe": dataclasses.asdict(recipe),
-            "config_hash": recipe_hash(recipe, quant), "modelopt": _modelopt_version(),
-            "calibration": {"samples": len(calib), **size}, "validation": report, "tolerance": dict(UNET_TOL),
-            "validation_inputs": "unet/quantize/validation_inputs.pt"}
-        ctx.stage_outputs = {"unet": "unet/quantize/model.onnx"}
-        return [ctx.root / "unet" / "quantize" / n for n in written + ["validation_inputs.pt"]]
+        outcome = ComponentOutcome(
+            model="unet/quantize/model.onnx", validation=report, tolerance=tolerance("int8"),
+            validation_inputs="unet/quantize/validation_inputs.pt",
+            facts={"method": "modelopt", "precision": recipe.precision, "recipe": dataclasses.asdict(recipe),
+                   "recipe_hash": recipe_hash(recipe, quant), "modelopt": _modelopt_version(),
+                   "calibration": {"samples": len(calib), **size}})
+        return outcome, [ctx.root / "unet" / "quantize" / n for n in written + ["validation_inputs.pt"]]
 
 
 def validate_qdq(spec, fake_quant, fp32, path: Path, samples: list, recipe: ModeloptRecipe) -> dict:
@@ -219,12 +218,11 @@ def validate_qdq(spec, fake_quant, fp32, path: Path, samples: list, recipe: Mode
         return {"skipped": "ONNX Runtime cannot run TensorRT fp8 Q/DQ ops; checked on the engine after the build"}
     from diffaccel.engines.backends.onnxruntime import OrtEngine
 
-    from diffaccel.optimize.stages.onnx_export import _named
-
     engine = OrtEngine(path, provider="cpu", level="basic")
-    report = check_parity(spec, lambda **x: _named(fake_quant, spec, x), engine, samples=samples, **QDQ_TOL,
+    report = check_parity(spec, lambda **x: named_outputs(fake_quant, spec, x), engine, samples=samples,
+                          **tolerance("qdq-vs-fake-quant"),
                           advice="Keep more layers in float with --keep-fp32, or use --precision fp16.")
-    drift = check_parity(spec, lambda **x: _named(fp32, spec, x), engine, samples=samples, kind="l2", rtol=math.inf,
+    drift = check_parity(spec, lambda **x: named_outputs(fp32, spec, x), engine, samples=samples, kind="l2", rtol=math.inf,
                          atol=0.0)
     report["vs_fp32_rel_l2"] = [p["outputs"]["out_sample"]["rel_l2"] for p in drift["points"]]
     return report

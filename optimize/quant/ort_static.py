@@ -12,6 +12,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from diffaccel.optimize.quant.calibration import CalibrationReader
 from diffaccel.optimize.quant.entropy import ENTROPY_BINS
 from diffaccel.optimize.artifact.errors import DiffaccelError
 
@@ -73,24 +74,6 @@ def attention_score_matmuls(model, depth: int = 3) -> list:
         return False
 
     return sorted(n.name for n in model.graph.node if n.op_type == "MatMul" and reaches_softmax(n))
-
-
-class CalibrationReader:
-    """ONNX Runtime CalibrationDataReader over captured U-Net inputs (numpy, fixed order)."""
-
-    def __init__(self, samples: list):
-        self.samples = samples
-        self.i = 0
-
-    def get_next(self):
-        if self.i >= len(self.samples):
-            return None
-        s = self.samples[self.i]
-        self.i += 1
-        return {k: v.numpy() for k, v in s.items()}
-
-    def rewind(self):
-        self.i = 0
 
 
 def _method(quant):

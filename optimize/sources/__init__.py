@@ -16,13 +16,13 @@ import re
 import struct
 from pathlib import Path
 
-from diffaccel.optimize.sources.builtins import BUILTINS, RECIPES, builtin_hash, builtin_location
 from diffaccel.optimize.artifact.errors import SourceError, one_line
 from diffaccel.optimize.artifact.files import file_sha256, tree_sha256
+from diffaccel.optimize.families import configs_of, detect, family, supported_pipelines
+from diffaccel.optimize.sources.builtins import BUILTINS, RECIPES, builtin_hash, builtin_location
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -37,21 +37,24 @@ class Source:
     def to_dict(self) -> dict:
         return {"spec": self.spec, "kind": self.kind, "location": self.location, "sha256": self.sha256}
 
-    def configs(self) -> "tuple[dict, dict] | None":
-        """The U-Net and VAE configs, read without loading any weights (None where only loading can tell: a
-        single-file checkpoint without ``--config``). Lets size checks run before any work."""
+    def configs(self) -> "dict | None":
+        """``{"pipeline", "unet", "vae"}``: the pipeline class and the U-Net and VAE configs, read without loading any
+        weights (None where only loading can tell: a single-file checkpoint without ``--config``). Lets the family
+        be detected and size checks run before any work (see :func:`diffaccel.optimize.families.detect`)."""
         if self.kind == "builtin" and self.spec in RECIPES:
-            return RECIPES[self.spec]["unet"], RECIPES[self.spec]["vae"]
+            return {"pipeline": None, "unet": RECIPES[self.spec]["unet"], "vae": RECIPES[self.spec]["vae"]}
         folder = self.single_file_config if self.kind == "single_file" else self.location
         if folder is None:
             return None
         try:
-            return tuple(json.loads((Path(folder) / c / "config.json").read_text()) for c in ("unet", "vae"))
+            index = json.loads((Path(folder) / "model_index.json").read_text())
+            return {"pipeline": index.get("_class_name"),
+                    **{c: json.loads((Path(folder) / c / "config.json").read_text()) for c in ("unet", "vae")}}
         except (OSError, json.JSONDecodeError):
             return None   # loading will say what is wrong
 
     def load(self):
-        """The diffusers ``StableDiffusionPipeline`` (fp32, CPU, eval mode) behind this source."""
+        """The diffusers pipeline (fp32, CPU, eval mode) behind this source, of its family's pipeline class."""
         import torch
 
         with torch.no_grad():
@@ -61,7 +64,7 @@ class Source:
                 raise
             except Exception as e:  # diffusers/transformers raise many kinds; show the first line, say what to do
                 raise SourceError(f"cannot load {self.spec}: {one_line(e)[:300]}") from e
-        check_architecture(pipe, self.spec)
+        detect(configs_of(pipe), self.spec)
         return pipe
 
 
@@ -98,9 +101,9 @@ def _check_folder(path: Path) -> None:
     except json.JSONDecodeError as e:
         raise SourceError(f"{index} is not valid JSON ({e}); restore it from the original checkpoint") from None
     cls = info.get("_class_name", "?")
-    if cls not in SUPPORTED_PIPELINES:
+    if cls not in supported_pipelines():
         raise SourceError(f"unsupported architecture: {path} is a {cls}; diffaccel supports Stable Diffusion "
-                          f"1.x/2.x pipelines ({', '.join(SUPPORTED_PIPELINES)})")
+                          f"1.x/2.x pipelines ({', '.join(supported_pipelines())})")
     missing = [c for c in REQUIRED if not (path / c).is_dir() or not any((path / c).iterdir())]
     if missing:
         raise SourceError(f"{path} is missing component folder(s) {', '.join(missing)}; copy the complete "
@@ -171,21 +174,19 @@ def _load_builtin(src: Source):
 
 def _load_folder(src: Source):
     import torch
-    from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline.from_pretrained(src.location, torch_dtype=torch.float32, safety_checker=None,
+    return _pipeline_class(src).from_pretrained(src.location, torch_dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True)
 
 
 def _load_single_file(src: Source):
     import torch
-    from diffusers import StableDiffusionPipeline
 
     kwargs = dict(torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
     if src.single_file_config:
         kwargs.update(config=src.single_file_config, local_files_only=True)
     try:
-        return StableDiffusionPipeline.from_single_file(src.location, **kwargs)
+        return _pipeline_class(src).from_single_file(src.location, **kwargs)
     except OSError as e:
         if not src.single_file_config:
             raise SourceError(f"cannot load {src.spec} without its diffusers configuration ({one_line(e)[:120]}); "
@@ -193,33 +194,13 @@ def _load_single_file(src: Source):
         raise
 
 
+def _pipeline_class(src: Source):
+    """The diffusers pipeline class of the source's family (Stable Diffusion where the configs cannot be read)."""
+    import diffusers
+
+    configs = src.configs()
+    fam = detect(configs, src.spec) if configs else family("sd")
+    return getattr(diffusers, fam.PIPELINE_CLASS)
+
+
 _LOADERS = {"builtin": _load_builtin, "folder": _load_folder, "hub": _load_folder, "single_file": _load_single_file}
-
-
-def check_architecture(pipe, spec: str) -> None:
-    """Refuse pipelines whose U-Net is not a plain SD 1.x/2.x text-conditioned U-Net."""
-    unet = getattr(pipe, "unet", None)
-    check_configs(type(unet).__name__, getattr(unet, "config", None), pipe.vae.config, spec)
-
-
-def check_configs(unet_class: str, unet_cfg, vae_cfg, spec: str) -> None:
-    """The check of :func:`check_architecture` on configs alone (dicts), so folders are refused before loading.
-
-    >>> check_configs("UNet2DConditionModel", {"in_channels": 9}, {"latent_channels": 4}, "x")
-    Traceback (most recent call last):
-    ...
-    diffaccel.optimize.artifact.errors.SourceError: unsupported architecture in x: in_channels=9 (inpainting/depth variants); diffaccel supports Stable Diffusion 1.x/2.x text-to-image U-Nets
-    """
-    problems = []
-    if unet_cfg is None or unet_class != "UNet2DConditionModel":
-        problems.append(f"denoiser is {unet_class}, not UNet2DConditionModel")
-    else:
-        if unet_cfg.get("addition_embed_type"):
-            problems.append(f"addition_embed_type={unet_cfg['addition_embed_type']} (SDXL-style conditioning)")
-        if unet_cfg.get("time_cond_proj_dim"):
-            problems.append("time_cond_proj_dim (LCM-distilled guidance embedding)")
-        if unet_cfg.get("in_channels", 4) != vae_cfg.get("latent_channels", 4):
-            problems.append(f"in_channels={unet_cfg.get('in_channels', 4)} (inpainting/depth variants)")
-    if problems:
-        raise SourceError(f"unsupported architecture in {spec}: {'; '.join(problems)}; diffaccel supports Stable "
-                          "Diffusion 1.x/2.x text-to-image U-Nets")

@@ -1,13 +1,22 @@
 """The assets stage: tokenizer, scheduler and per-component configs, what the drop-in pipeline needs besides the
-engines."""
+engines.
+
+The scheduler config is kept as the source wrote it. diffusers fills every key a file omits with the scheduler
+class's default and remembers which ones it filled (``_use_default_values``); ``from_config`` leaves those out when
+it builds another scheduler class, which then uses *its own* defaults. A config saved with every default written out
+would swap differently (SD 1.5's file omits ``timestep_spacing``: DPM-Solver built from it uses ``linspace``, built
+from a filled-in PNDM config ``leading``), so the images would drift from diffusers' after a scheduler swap.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 from diffaccel.optimize.artifact.files import atomic_write_text, fresh_dir
-from diffaccel.optimize.families.sd import ModelGeometry
-from diffaccel.optimize.stages.base import Stage
+from diffaccel.optimize.stages.base import Stage, StageResult
+
+SCHEDULER_FILE = "scheduler_config.json"
 
 
 class AssetsStage(Stage):
@@ -24,7 +33,7 @@ class AssetsStage(Stage):
         with fresh_dir(ctx.root / "tokenizer") as d:
             pipe.tokenizer.save_pretrained(str(d))
         with fresh_dir(ctx.root / "scheduler") as d:
-            pipe.scheduler.save_config(str(d))
+            (d / SCHEDULER_FILE).write_text(scheduler_config_text(pipe.scheduler, ctx.source))
         configs = {"text_encoder": pipe.text_encoder.config.to_dict(), "unet": dict(pipe.unet.config),
                    "vae_decoder": dict(pipe.vae.config), "vae_encoder": dict(pipe.vae.config)}
         for comp, cfg in configs.items():
@@ -35,9 +44,36 @@ class AssetsStage(Stage):
             files += sorted(p for p in (ctx.root / sub).rglob("*") if p.is_file())
         files += [ctx.root / c / "config.json" for c in configs]
         ctx.manifest.data.setdefault("pipeline", {}).update({
-            "geometry": dataclasses.asdict(ModelGeometry.from_pipeline(pipe)),
+            "family": ctx.family.NAME,
+            "geometry": dataclasses.asdict(ctx.family.ModelGeometry.from_pipeline(pipe)),
             "scheduler": type(pipe.scheduler).__name__,
             "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
             "text_encoder_class": type(pipe.text_encoder).__name__,
         })
-        return files
+        return StageResult(files=files)
+
+
+def scheduler_config_text(scheduler, source=None) -> str:
+    """The scheduler config as the source wrote it: the source folder's file verbatim when there is one (a diffusers
+    folder, a hub snapshot, a shipped built-in) and it names the class loaded, else only the keys the scheduler was
+    given (built-ins made in code, single files).
+
+    >>> from diffusers import DDIMScheduler
+    >>> json.loads(scheduler_config_text(DDIMScheduler(beta_schedule="scaled_linear")))["beta_schedule"]
+    'scaled_linear'
+    >>> "timestep_spacing" in json.loads(scheduler_config_text(DDIMScheduler(beta_schedule="scaled_linear")))
+    False
+    """
+    path = Path(source.location) / "scheduler" / SCHEDULER_FILE if source is not None else None
+    if path is not None and path.is_file():
+        text = path.read_text()
+        if json.loads(text).get("_class_name") == type(scheduler).__name__:
+            return text
+    return given_config_text(scheduler)
+
+
+def given_config_text(obj) -> str:
+    """``obj.save_config``'s JSON without the keys diffusers filled with defaults (``_use_default_values``)."""
+    defaults = set(obj.config.get("_use_default_values", ()))
+    cfg = {k: v for k, v in json.loads(obj.to_json_string()).items() if k not in defaults}
+    return json.dumps(cfg, indent=2, sort_keys=True) + "\n"

@@ -1,18 +1,25 @@
-"""Stage machinery: the context every stage sees and the base class.
+"""The stage contract: the context every stage sees, what a stage returns, and the base class.
 
-A stage declares the config that determines its outputs; its key is the hash of that config chained with the key of
-the stage before it, so a changed setting redoes that stage and everything after it, and nothing before.
+A stage declares the settings that determine its outputs (its key chains them with the stage before it, see
+:mod:`~diffaccel.optimize.artifact.keys`) and returns a :class:`StageResult`: the files it wrote and, per component,
+a :class:`ComponentOutcome` (the model it wrote, its parity report, the tolerance later checks use, saved validation
+inputs, decisions). ``optimize()`` records results in the manifest; later stages read them back through the context.
+
+>>> r = StageResult()
+>>> r.add("unet", ComponentOutcome(model="unet/quantized/model.onnx", facts={"decision": "int8"}))
+>>> r.outputs(), r.records()
+({'unet': 'unet/quantized/model.onnx'}, {'unet': {'decision': 'int8'}})
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 from pathlib import Path
 
-from diffaccel.optimize.config import config_hash
+from diffaccel.optimize.artifact.keys import stage_key
 from diffaccel.optimize.artifact.manifest import Manifest, file_entry
-from diffaccel.optimize.families.sd import ModelGeometry, sd_specs
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,41 @@ class Reporter:
         log.info("stage %s %s (%.1fs)", name, f"skipped: {reason}" if skipped else "done", seconds)
 
 
+# ---- what a stage returns --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ComponentOutcome:
+    """What one stage did to one component."""
+
+    model: "str | None" = None              # the ONNX model it wrote (path under the artifact) for later stages
+    validation: "dict | None" = None        # its parity report
+    tolerance: "dict | None" = None         # the parity tolerance the component's final engine is held to
+    validation_inputs: "str | None" = None  # realistic inputs it saved (path) to check later engines on
+    facts: dict = dataclasses.field(default_factory=dict)   # decisions and measurements (method, reason, ...)
+
+    def record(self) -> dict:
+        fields = {"validation": self.validation, "tolerance": self.tolerance,
+                  "validation_inputs": self.validation_inputs}
+        return {**self.facts, **{k: v for k, v in fields.items() if v is not None}}
+
+
+@dataclasses.dataclass
+class StageResult:
+    files: list = dataclasses.field(default_factory=list)        # Paths under the work dir
+    components: dict = dataclasses.field(default_factory=dict)   # component -> ComponentOutcome
+
+    def add(self, comp: str, outcome: "ComponentOutcome | None" = None, files=()) -> None:
+        if outcome is not None:
+            self.components[comp] = outcome
+        self.files += list(files)
+
+    def outputs(self) -> dict:
+        return {c: o.model for c, o in self.components.items() if o.model}
+
+    def records(self) -> dict:
+        return {c: rec for c, o in self.components.items() if (rec := o.record())}
+
+
+# ---- what a stage sees ------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Context:
     source: "object"                 # diffaccel.optimize.sources.Source
@@ -40,10 +82,15 @@ class Context:
     root: Path                       # the work directory (renamed to OUT at the end)
     manifest: Manifest
     reporter: Reporter
+    family: "object" = None          # the model family module (None: detected from the loaded pipeline)
     plan: list = dataclasses.field(default_factory=list)
-    stage_outputs: dict = dataclasses.field(default_factory=dict)   # set by a stage: {component: model path}
-    stage_info: dict = dataclasses.field(default_factory=dict)      # set by a stage: {component: {facts}}
     _pipe: "object" = None
+
+    def __post_init__(self):
+        if self.family is None:   # configs unreadable without loading (a single-file checkpoint without --config)
+            from diffaccel.optimize.families import configs_of, detect
+
+            self.family = detect(configs_of(self.pipe), self.source.spec)
 
     @property
     def pipe(self):
@@ -62,12 +109,12 @@ class Context:
         gc.collect()
 
     @property
-    def geometry(self) -> ModelGeometry:
+    def geometry(self):
         geo = self.manifest.get("pipeline", {}).get("geometry")
         if geo is None:
-            geo = dataclasses.asdict(ModelGeometry.from_pipeline(self.pipe))
+            geo = dataclasses.asdict(self.family.ModelGeometry.from_pipeline(self.pipe))
             self.manifest.data.setdefault("pipeline", {})["geometry"] = geo
-        return ModelGeometry(**geo)
+        return self.family.ModelGeometry(**geo)
 
     @property
     def components(self) -> tuple:
@@ -75,7 +122,21 @@ class Context:
 
     @property
     def specs(self) -> dict:
-        return sd_specs(self.geometry, self.config.shapes)
+        return self.family.specs(self.geometry, self.config.shapes)
+
+    # ---- what earlier stages recorded ------------------------------------------------------------------------
+    def info_of(self, stage: str, comp: str) -> dict:
+        """What an earlier stage recorded about ``comp`` (e.g. the export's parity, the quantizer's decision)."""
+        return self.manifest.stages.get(stage, {}).get("components", {}).get(comp, {})
+
+    def latest_model(self, comp: str, before: str) -> Path:
+        """The newest ONNX model of ``comp`` written by a stage of the plan that runs before stage ``before``."""
+        names = [s.name for s in self.plan]
+        for name in reversed(names[: names.index(before)]):
+            out = self.manifest.stages.get(name, {}).get("outputs", {}).get(comp)
+            if out:
+                return self.root / out
+        raise RuntimeError(f"no model of {comp} before stage {before}")
 
     def tolerance(self, component: str) -> dict:
         """Parity tolerance of the final engine: the spec's for fp32; a precision stage may record a wider one."""
@@ -84,27 +145,6 @@ class Context:
             if tol:
                 return dict(tol)
         return {}
-
-    def parity_advice(self, component: str) -> str:
-        return ("Try keeping this component in fp32 (--precision fp32), another --opset, or a smaller shape range."
-                if str(self.config.precision) != "fp32" else
-                "Try --exporter torchscript or another --opset; if it persists, report the model.")
-
-    def info_of(self, stage: str, comp: str) -> dict:
-        """What an earlier stage recorded about ``comp`` (e.g. the export's parity, the quantizer's decision)."""
-        return self.manifest.stages.get(stage, {}).get("components", {}).get(comp, {})
-
-    def record_component(self, comp: str, *, backend: str, engine: str, files: list, validation: dict,
-                         **extra) -> None:
-        """Write the component's manifest entry afresh: the engine, its files and parity, plus the facts that
-        earlier stages of this plan recorded about it."""
-        entry = {"backend": backend, "precision": str(self.config.precision), "engine": engine,
-                 "config": f"{comp}/config.json", "spec": self.specs[comp].to_dict(),
-                 "files": record_files(self.root, files), "validation": validation, **extra}
-        for stage in self.plan:
-            if stage.name != "engine" and self.info_of(stage.name, comp):
-                entry[stage.name] = self.info_of(stage.name, comp)
-        self.manifest.components[comp] = entry
 
     def validation_samples(self, comp: str) -> "list | None":
         """Realistic inputs saved by a precision stage (quantized engines are checked on these, not on noise)."""
@@ -115,6 +155,52 @@ class Context:
             if rel:
                 return torch.load(self.root / rel, weights_only=True)
         return None
+
+    # ---- helpers every stage uses ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def timed(self, stage: str, comp: str):
+        """Report the start and (on success) the time of one item of a stage."""
+        t0 = time.perf_counter()
+        self.reporter.item(stage, comp)
+        yield
+        self.reporter.item_done(stage, comp, time.perf_counter() - t0)
+
+    def parity_advice(self, component: str) -> str:
+        return ("Try keeping this component in fp32 (--precision fp32), another --opset, or a smaller shape range."
+                if str(self.config.precision) != "fp32" else
+                "Try --exporter torchscript or another --opset; if it persists, report the model.")
+
+    def check_against_torch(self, comp: str, engine, *, module=None, final: bool = True, **overrides) -> dict:
+        """Parity of ``engine`` (named tensors in and out) with the PyTorch component (or ``module``, a torch module
+        with the spec's signature): by default the final engine's check, on the tolerance and realistic inputs that
+        earlier stages recorded; ``overrides`` (atol, rtol, kind, samples, advice) replace those."""
+        from diffaccel.optimize.export.parity import check_parity
+
+        spec = self.specs[comp]
+        module = module if module is not None else self.family.export_module(comp, self.pipe)
+        kw = {**self.tolerance(comp), "samples": self.validation_samples(comp),
+              "advice": self.parity_advice(comp)} if final else {}
+        kw.update(overrides)
+        return check_parity(spec, lambda **x: named_outputs(module, spec, x), engine, **kw)
+
+    def record_component(self, comp: str, *, backend: str, engine: str, files: list, validation: dict,
+                         **extra) -> None:
+        """Write the component's manifest entry afresh: the engine, its files and parity, plus the facts that
+        earlier stages of this plan recorded about it."""
+        entry = {"backend": backend, "precision": str(self.config.precision), "engine": engine,
+                 "family": self.family.NAME, "config": f"{comp}/config.json", "spec": self.specs[comp].to_dict(),
+                 "files": record_files(self.root, files), "validation": validation, **extra}
+        for stage in self.plan:
+            if stage.name != "engine" and self.info_of(stage.name, comp):
+                entry[stage.name] = self.info_of(stage.name, comp)
+        self.manifest.components[comp] = entry
+
+
+def named_outputs(module, spec, inputs: dict) -> dict:
+    """Call a torch module with the spec's inputs in order and name its outputs as the spec does."""
+    out = module(*(inputs[t.name] for t in spec.inputs))
+    out = out if isinstance(out, tuple) else (out,)
+    return {t.name: o for t, o in zip(spec.outputs, out)}
 
 
 class Stage:
@@ -131,12 +217,12 @@ class Stage:
         """Everything (besides upstream stages) that determines this stage's outputs."""
         return {}
 
-    def run(self, ctx: Context) -> list:
-        """Do the work; return the files written (Paths under ctx.root)."""
+    def run(self, ctx: Context) -> StageResult:
+        """Do the work; return the files written (Paths under ctx.root) and what it did per component."""
         raise NotImplementedError
 
     def key(self, ctx: Context, upstream: str) -> str:
-        return config_hash({"stage": self.name, "settings": self.settings(ctx), "upstream": upstream})
+        return stage_key(self.name, self.settings(ctx), upstream)
 
 
 def record_files(root: Path, paths: list) -> list:

@@ -1,4 +1,4 @@
-"""fp16 for ONNX Runtime's GPU providers, and bf16 for PyTorch.
+"""fp16 for ONNX Runtime's GPU providers.
 
 fp16 keeps the engines' inputs and outputs fp32 (what the pipeline passes), blocks the ops ONNX Runtime's converter
 knows to be unsafe, and keeps the VAE decoder fp32: SD VAEs overflow fp16 at large sizes (NaN or black images).
@@ -10,14 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import BackendUnavailableError
-from diffaccel.optimize.export.onnx_export import onnx_files
-from diffaccel.optimize.stages.onnx_export import _timed, latest_model
-from diffaccel.optimize.stages.base import Stage
 from diffaccel.optimize.artifact.files import fresh_dir
+from diffaccel.optimize.artifact.specs import tolerance
+from diffaccel.optimize.export.onnx_export import onnx_files
+from diffaccel.optimize.stages.base import ComponentOutcome, Stage, StageResult
 
 FP32_COMPONENTS = {"vae_decoder": "SD VAE decoders overflow fp16 at large sizes (NaN/black images); kept fp32",
                    "vae_encoder": "only used by img2img; kept fp32 with the decoder"}
-FP16_TOLERANCE = {"kind": "l2", "rtol": 0.05, "atol": 0.0}
 
 
 def convert_fp16(src: Path, dst: Path) -> list:
@@ -52,15 +51,15 @@ def _constants_to_initializers(model):
     return model
 
 
-def capture_validation_inputs(pipe, spec_unet, vae_scale: int, prompts: list, steps: int = 8) -> dict:
+def capture_validation_inputs(ctx, prompts: list, steps: int = 8) -> dict:
     """Realistic inputs: U-Net inputs early/middle/late in sampling, and final latents for the VAE decoder."""
     import torch
 
-    from diffaccel.optimize.quant.calibration import capture_unet_inputs
+    from diffaccel.optimize.quant.calibration import calibration_size
 
-    opt = spec_unet.opt_values()
-    h, w = opt["height"] * vae_scale, opt["width"] * vae_scale
-    unet = capture_unet_inputs(pipe, prompts, steps=steps, guidance_scale=7.5, seed=0, height=h, width=w)
+    pipe = ctx.pipe
+    h, w = calibration_size(ctx)
+    unet = ctx.family.capture_unet_inputs(pipe, prompts, steps=steps, guidance_scale=7.5, seed=0, height=h, width=w)
     latents = []
     for i, p in enumerate(prompts):
         with torch.no_grad():
@@ -88,35 +87,20 @@ class Fp16Stage(Stage):
 
         from diffaccel.optimize.sources.prompts import default_prompts
 
-        files = []
+        result = StageResult()
         prompts = list(default_prompts(n=2))
-        samples = capture_validation_inputs(ctx.pipe, ctx.specs["unet"], ctx.geometry.vae_scale_factor, prompts)
+        samples = capture_validation_inputs(ctx, prompts)
         for comp in ctx.components:
             if comp in FP32_COMPONENTS:
-                ctx.stage_info[comp] = {"decision": "fp32", "reason": FP32_COMPONENTS[comp]}
+                result.add(comp, ComponentOutcome(facts={"decision": "fp32", "reason": FP32_COMPONENTS[comp]}))
                 continue
-            with _timed(ctx, self.name, comp), fresh_dir(ctx.root / comp / "fp16") as d:
-                written = convert_fp16(latest_model(ctx, comp, self.name), d / "model.onnx")
-                info = {"decision": "fp16", "tolerance": FP16_TOLERANCE}
+            outcome = ComponentOutcome(model=f"{comp}/fp16/model.onnx", tolerance=tolerance("fp16"),
+                                       facts={"decision": "fp16"})
+            with ctx.timed(self.name, comp), fresh_dir(ctx.root / comp / "fp16") as d:
+                written = convert_fp16(ctx.latest_model(comp, self.name), d / "model.onnx")
                 if comp in samples:
                     torch.save(samples[comp], d / "validation_inputs.pt")
-                    info["validation_inputs"] = f"{comp}/fp16/validation_inputs.pt"
+                    outcome.validation_inputs = f"{comp}/fp16/validation_inputs.pt"
                     written.append(d / "validation_inputs.pt")
-            ctx.stage_info[comp] = info
-            ctx.stage_outputs[comp] = f"{comp}/fp16/model.onnx"
-            files += [ctx.root / comp / "fp16" / p.name for p in written]
-        return files
-
-
-def _register():
-    from diffaccel.optimize.stages.plans import register_plan
-    from diffaccel.optimize.stages.onnx_export import ExportStage, OrtEngineStage
-    from diffaccel.optimize.stages.torch_save import TorchSaveStage
-    from diffaccel.optimize.stages.assets import AssetsStage
-
-    register_plan("onnxruntime", "fp16", [AssetsStage, ExportStage, Fp16Stage, OrtEngineStage],
-                  "fp16 for the CUDA/TensorRT providers; VAE fp32; NaN/black guard")
-    register_plan("torch", "bf16", [AssetsStage, TorchSaveStage], "PyTorch eager in bfloat16 (fp32 I/O)")
-
-
-_register()
+            result.add(comp, outcome, [ctx.root / comp / "fp16" / p.name for p in written])
+        return result

@@ -6,14 +6,13 @@ import logging
 import tempfile
 from pathlib import Path
 
+from diffaccel.optimize.artifact.files import TMP_PREFIX, fresh_dir
+from diffaccel.optimize.artifact.specs import tolerance
 from diffaccel.optimize.export.onnx_export import onnx_files
 from diffaccel.optimize.quant.ort_static import preprocess, quantize_static_qdq
-from diffaccel.optimize.stages.onnx_export import _timed, latest_model
-from diffaccel.optimize.stages.base import Stage
-from diffaccel.optimize.artifact.files import TMP_PREFIX, fresh_dir
+from diffaccel.optimize.stages.base import ComponentOutcome, Stage, StageResult
 
 log = logging.getLogger(__name__)
-UNET_TOLERANCE = {"kind": "l2", "rtol": 0.3, "atol": 0.0}   # a sanity bound; image quality is measured by eval
 MIN_SPEEDUP = 1.10            # dynamic int8 must beat fp32 by this much to be kept
 
 
@@ -29,29 +28,22 @@ class QuantizeStage(Stage):
                 "defaults": sorted(DEFAULT_KEEP_FP32), "algorithm": ALGORITHM_VERSION, "threads": ctx.config.threads}
 
     def run(self, ctx):
-        files = []
+        result = StageResult()
         for comp in ctx.components:
-            with _timed(ctx, self.name, comp):
-                if comp == "unet":
-                    files += self._unet(ctx)
-                else:
-                    files += self._maybe_dynamic(ctx, comp)
-        return files
+            with ctx.timed(self.name, comp):
+                outcome, files = self._unet(ctx) if comp == "unet" else self._maybe_dynamic(ctx, comp)
+            result.add(comp, outcome, files)
+        return result
 
     # ---- U-Net: static QDQ on captured inputs -------------------------------------------------------------
-    def _unet(self, ctx) -> list:
+    def _unet(self, ctx) -> tuple:
         import torch
 
-        from diffaccel.optimize.quant.calibration import capture_unet_inputs, load_prompts
+        from diffaccel.optimize.quant.calibration import calibration_samples
 
         q = ctx.config.quant
-        spec = ctx.specs["unet"]
-        opt = spec.opt_values()
-        scale = ctx.geometry.vae_scale_factor
-        prompts = load_prompts(q, ctx.source.spec)
-        samples = capture_unet_inputs(ctx.pipe, prompts, steps=q.calib_steps, guidance_scale=q.guidance_scale,
-                                      seed=q.calib_seed, height=opt["height"] * scale, width=opt["width"] * scale)
-        src = latest_model(ctx, "unet", self.name)
+        prompts, samples = calibration_samples(ctx)
+        src = ctx.latest_model("unet", self.name)
         external = len(onnx_files(src)) > 1
         if external and q.quality_target is None:
             ctx.release_pipe()   # ONNX Runtime's quantizer holds ~4 copies of a >2 GB model at its peak
@@ -72,24 +64,22 @@ class QuantizeStage(Stage):
             keep = [samples[0], samples[len(samples) // 2], samples[-1]]   # noisy, middle and late steps
             torch.save(keep, d / "validation_inputs.pt")
             written = [p.name for p in onnx_files(d / "model.onnx")] + ["validation_inputs.pt"]
-        report.update(prompts=len(prompts), steps=q.calib_steps, tolerance=UNET_TOLERANCE,
-                      validation_inputs="unet/quantized/validation_inputs.pt")
-        ctx.stage_info["unet"] = report
-        ctx.stage_outputs["unet"] = "unet/quantized/model.onnx"
-        return [ctx.root / "unet" / "quantized" / n for n in written]
+        report.update(prompts=len(prompts), steps=q.calib_steps)
+        outcome = ComponentOutcome(model="unet/quantized/model.onnx", tolerance=tolerance("int8"),
+                                   validation_inputs="unet/quantized/validation_inputs.pt", facts=report)
+        return outcome, [ctx.root / "unet" / "quantized" / n for n in written]
 
     def _meet_target(self, ctx, pre: Path, d: Path, tmp: Path, samples: list, external: bool) -> dict:
         """Keep the most sensitive layers in float until images reach --quality-target (judged on the
         calibration prompts); the chosen model replaces d/model.onnx."""
         import shutil
 
-        from diffaccel.optimize.quant.calibration import load_prompts
+        from diffaccel.optimize.quant.calibration import calibration_prompts, calibration_size
         from diffaccel.optimize.quant.quality_target import ImageJudge, meet_target
 
-        q, spec, scale = ctx.config.quant, ctx.specs["unet"], ctx.geometry.vae_scale_factor
-        opt = spec.opt_values()
-        judge = ImageJudge(ctx.pipe, spec, load_prompts(q, ctx.source.spec), q.calib_steps, q.guidance_scale,
-                           q.calib_seed, (opt["height"] * scale, opt["width"] * scale))
+        q = ctx.config.quant
+        judge = ImageJudge(ctx.pipe, ctx.specs["unet"], calibration_prompts(ctx), q.calib_steps, q.guidance_scale,
+                           q.calib_seed, calibration_size(ctx))
 
         def quantize(extra):
             out = tmp / f"candidate-{len(extra)}" / "model.onnx"
@@ -106,10 +96,10 @@ class QuantizeStage(Stage):
         return result
 
     # ---- other components: dynamic int8 only where measured to pay ----------------------------------------
-    def _maybe_dynamic(self, ctx, comp: str) -> list:
+    def _maybe_dynamic(self, ctx, comp: str) -> tuple:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        src = latest_model(ctx, comp, self.name)
+        src = ctx.latest_model(comp, self.name)
         spec = ctx.specs[comp]
         with tempfile.TemporaryDirectory(dir=ctx.root, prefix=TMP_PREFIX) as tmp:
             cand = Path(tmp) / "model.onnx"
@@ -119,16 +109,14 @@ class QuantizeStage(Stage):
                              use_external_data_format=len(onnx_files(src)) > 1)
             decision = _measure(src, cand, spec, ctx.config.threads)
             if decision["decision"] != "int8":
-                ctx.stage_info[comp] = decision
-                return []
+                return ComponentOutcome(facts=decision), []
             with fresh_dir(ctx.root / comp / "quantized") as d:
                 for p in onnx_files(cand):
                     p.rename(d / p.name)
             written = [p.name for p in onnx_files(ctx.root / comp / "quantized" / "model.onnx")]
-        decision["tolerance"] = {"kind": "l2", "rtol": 0.1, "atol": 0.0}
-        ctx.stage_info[comp] = decision
-        ctx.stage_outputs[comp] = f"{comp}/quantized/model.onnx"
-        return [ctx.root / comp / "quantized" / n for n in written]
+        outcome = ComponentOutcome(model=f"{comp}/quantized/model.onnx", tolerance=tolerance("int8-dynamic"),
+                                   facts=decision)
+        return outcome, [ctx.root / comp / "quantized" / n for n in written]
 
 
 def _measure(fp32: Path, int8: Path, spec, threads) -> dict:
@@ -136,31 +124,31 @@ def _measure(fp32: Path, int8: Path, spec, threads) -> dict:
     import torch
 
     from diffaccel.engines.backends.onnxruntime import OrtEngine
-    from diffaccel.eval.harness.timing import measure
-
     from diffaccel.optimize.export.parity import compare
 
     inputs = spec.random_inputs(torch.Generator().manual_seed(0), **spec.opt_values())
     a, b = OrtEngine(fp32, threads=threads), OrtEngine(int8, threads=threads)
-    ta, _ = measure(lambda: a(**inputs), warmup=1, repeat=5)
-    tb, _ = measure(lambda: b(**inputs), warmup=1, repeat=5)
-    stats = compare(a(**inputs), b(**inputs), atol=0.0, rtol=0.1, kind="l2")
+    ta, tb = _median_seconds(lambda: a(**inputs)), _median_seconds(lambda: b(**inputs))
+    stats = compare(a(**inputs), b(**inputs), **tolerance("int8-dynamic"))
     err = max(s["rel_l2"] for s in stats.values())
-    speedup = ta.p50 / tb.p50
+    speedup = ta / tb
     ok = speedup >= MIN_SPEEDUP and all(s["passed"] for s in stats.values())
     reason = (f"dynamic int8 MatMul is {speedup:.2f}x fp32 with relative L2 error {err:.3g}" +
               ("" if ok else f"; kept fp32 (needs >= {MIN_SPEEDUP}x and error <= 0.1)"))
     return {"method": "dynamic-int8-matmul" if ok else "none", "decision": "int8" if ok else "fp32",
-            "fp32_ms": ta.p50 * 1e3, "int8_ms": tb.p50 * 1e3, "speedup": speedup, "rel_l2": err, "reason": reason}
+            "fp32_ms": ta * 1e3, "int8_ms": tb * 1e3, "speedup": speedup, "rel_l2": err, "reason": reason}
 
 
-def _register():
-    from diffaccel.optimize.stages.plans import register_plan
-    from diffaccel.optimize.stages.onnx_export import ExportStage, OrtEngineStage
-    from diffaccel.optimize.stages.assets import AssetsStage
+def _median_seconds(fn, warmup: int = 1, repeat: int = 5) -> float:
+    """Median wall time of ``fn()`` after ``warmup`` calls (a build-time decision, not a benchmark)."""
+    import statistics
+    import time
 
-    register_plan("onnxruntime", "int8", [AssetsStage, ExportStage, QuantizeStage, OrtEngineStage],
-                  "static QDQ int8 U-Net calibrated on the pipeline; dynamic int8 elsewhere only where it pays")
-
-
-_register()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

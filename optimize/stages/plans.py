@@ -1,46 +1,68 @@
-"""Which stages build which (backend, precision) pair: a plain dict filled by the stage modules.
+"""The plan table: which stages build which (backend, precision) pair.
 
-Adding a backend or precision = one stage module that calls :func:`register_plan`, plus its name in
-``PLAN_MODULES``; ``optimize()`` does not change. Modules are imported lazily and never import a GPU library at
-import time.
+Adding a backend or precision = its stage module(s) and rows here; ``optimize()`` does not change. Stage classes are
+named as ``module:Class`` and imported only when a plan runs, so nothing here imports a GPU library.
 
 >>> from diffaccel.optimize.config import Backend, Precision
 >>> (Backend.ONNXRUNTIME, Precision.FP32) in plans()
 True
+>>> [s.name for s in stages_for("onnxruntime", "int8")]
+['assets', 'export', 'quantize', 'engine']
 """
 from __future__ import annotations
 
 import importlib
 
-PLAN_MODULES = ("diffaccel.optimize.stages.onnx_export", "diffaccel.optimize.stages.torch_save", "diffaccel.optimize.stages.int8",
-                "diffaccel.optimize.stages.fp16",
-                "diffaccel.optimize.stages.tensorrt")
-_PLANS: dict = {}
-_loaded = False
+_S = "diffaccel.optimize.stages."
+STAGES = {  # stage name in the plan table -> "module:Class"
+    "assets": _S + "assets:AssetsStage",
+    "export": _S + "onnx_export:ExportStage",
+    "ort_engine": _S + "onnx_export:OrtEngineStage",
+    "int8": _S + "int8:QuantizeStage",
+    "fp16": _S + "fp16:Fp16Stage",
+    "torch_save": _S + "torch_save:TorchSaveStage",
+    "modelopt": "diffaccel.optimize.quant.modelopt:ModeloptQuantStage",
+    "autocast": _S + "tensorrt:AutoCastStage",
+    "trt_engine": _S + "tensorrt:TensorRTBuildStage",
+}
 
-
-def register_plan(backend, precision, stages: list, note: str = "") -> None:
-    from diffaccel.optimize.config import Backend, Precision
-
-    _PLANS[(Backend(backend), Precision(precision))] = {"stages": list(stages), "note": note}
+_TRT_QUANT = ("Model Optimizer {} Q/DQ U-Net calibrated on the pipeline, fp16 elsewhere, strongly typed TensorRT "
+              "engines")
+PLANS = {  # (backend, precision) -> (stages, note)
+    ("onnxruntime", "fp32"): (("assets", "export", "ort_engine"),
+                              "ONNX export, ORT graph optimization for the chosen provider"),
+    ("onnxruntime", "int8"): (("assets", "export", "int8", "ort_engine"),
+                              "static QDQ int8 U-Net calibrated on the pipeline; dynamic int8 elsewhere only where it "
+                              "pays"),
+    ("onnxruntime", "fp16"): (("assets", "export", "fp16", "ort_engine"),
+                              "fp16 for the CUDA/TensorRT providers; VAE fp32; NaN/black guard"),
+    ("torch", "fp32"): (("assets", "torch_save"), "PyTorch eager reference"),
+    ("torch", "bf16"): (("assets", "torch_save"), "PyTorch eager in bfloat16 (fp32 I/O)"),
+    ("tensorrt", "fp32"): (("assets", "export", "trt_engine"),
+                           "ONNX export, strongly typed fp32 TensorRT engines (TF32 off)"),
+    ("tensorrt", "fp16"): (("assets", "export", "autocast", "trt_engine"),
+                           "ONNX export, Model Optimizer AutoCast to fp16, strongly typed TensorRT engines"),
+    ("tensorrt", "int8"): (("assets", "export", "modelopt", "autocast", "trt_engine"), _TRT_QUANT.format("int8")),
+    ("tensorrt", "fp8"): (("assets", "export", "modelopt", "autocast", "trt_engine"), _TRT_QUANT.format("fp8")),
+}
 
 
 def plans() -> dict:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for name in PLAN_MODULES:
-            try:
-                importlib.import_module(name)
-            except ModuleNotFoundError as e:
-                if e.name != name:   # a stage module that exists but fails to import is a bug: surface it
-                    raise
-    return _PLANS
+    """{(Backend, Precision): {"stages": [stage names], "note": str}}."""
+    from diffaccel.optimize.config import Backend, Precision
+
+    return {(Backend(b), Precision(p)): {"stages": list(s), "note": n} for (b, p), (s, n) in PLANS.items()}
+
+
+def stage_class(name: str):
+    module, _, cls = STAGES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def stages_for(backend, precision) -> list:
-    return plans()[(backend, precision)]["stages"]
+    """The stage classes of a plan, in order (imported now)."""
+    return [stage_class(n) for n in PLANS[(str(backend), str(precision))][0]]
 
 
 def supported_pairs() -> str:
-    return ", ".join(f"{b}/{p}" for b, p in plans())
+    return ", ".join(f"{b}/{p}" for b, p in PLANS)

@@ -23,13 +23,11 @@ import logging
 from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import BackendUnavailableError, DiffaccelError
-from diffaccel.optimize.quant.modelopt import FP16_TOL, _modelopt_version, autocast_fp16, has_trt_ops
+from diffaccel.optimize.artifact.files import atomic_write_bytes, fresh_dir
+from diffaccel.optimize.artifact.specs import tolerance
 from diffaccel.optimize.export.parity import check_parity
-from diffaccel.optimize.families.sd import COMPONENTS, export_module
-from diffaccel.optimize.stages.onnx_export import ExportStage, _named, _timed, latest_model
-from diffaccel.optimize.stages.base import Stage
-from diffaccel.optimize.artifact.files import fresh_dir
-from diffaccel.optimize.artifact.files import atomic_write_bytes
+from diffaccel.optimize.quant.modelopt import _modelopt_version, autocast_fp16, has_trt_ops
+from diffaccel.optimize.stages.base import ComponentOutcome, Stage, StageResult
 from diffaccel.engines.backends.tensorrt_cache import (BuildFlags, BuildLog, build_flags, default_timing_cache, engine_identity,
                         failure_log_path, format_build_error, import_tensorrt, key_of_identity, make_logger,
                         probe_environment, profile_to_json, rebuild_command, trt_profile)
@@ -109,17 +107,17 @@ class TensorRTBuildStage(Stage):
 
     def run(self, ctx):
         env = probe_environment()
-        files = []
+        result = StageResult()
         for comp in ctx.components:
-            with _timed(ctx, self.name, comp):
-                files += self._build_one(ctx, comp, env)
-        return files
+            with ctx.timed(self.name, comp):
+                result.add(comp, files=self._build_one(ctx, comp, env))
+        return result
 
     def _build_one(self, ctx, comp: str, env) -> list:
         from diffaccel.engines.backends.tensorrt import TrtEngine
 
         cfg = ctx.config.tensorrt
-        spec, src = ctx.specs[comp], latest_model(ctx, comp, self.name)
+        spec, src = ctx.specs[comp], ctx.latest_model(comp, self.name)
         profile = trt_profile(spec, cfg.static_shapes)
         sink = BuildLog()
         cache_path = Path(cfg.timing_cache).expanduser() if cfg.timing_cache else default_timing_cache()
@@ -132,9 +130,7 @@ class TensorRTBuildStage(Stage):
             (d / "model.plan").write_bytes(plan)
             sink.save(d / "build.log")
             engine = TrtEngine.from_bytes(plan, comp, cuda_graph=False)
-            module = export_module(comp, ctx.pipe)
-            report = check_parity(spec, lambda **x: _named(module, spec, x), engine, **ctx.tolerance(comp),
-                                  samples=ctx.validation_samples(comp), advice=ctx.parity_advice(comp))
+            report = ctx.check_against_torch(comp, engine)
             del engine
         plan_file = ctx.root / comp / "engine" / "model.plan"
         ctx.record_component(comp, backend="tensorrt", engine=f"{comp}/engine/model.plan", files=[plan_file],
@@ -143,7 +139,7 @@ class TensorRTBuildStage(Stage):
 
     def _entry(self, ctx, comp: str, profile: dict, env, cache_path: Path) -> dict:
         cfg = ctx.config.tensorrt
-        quant = ctx.info_of("quantize", comp).get("config_hash")
+        quant = ctx.info_of("quantize", comp).get("recipe_hash")
         identity = engine_identity(ctx.source.sha256, comp, str(ctx.config.precision), quant, profile, env)
         shapes = ctx.config.shapes.to_dict()
         return {"cache_key": key_of_identity(identity), "identity": identity, "profile": profile_to_json(profile),
@@ -151,7 +147,7 @@ class TensorRTBuildStage(Stage):
                 "opt_level": cfg.opt_level, "timing_cache": str(cache_path), "build_log": f"{comp}/engine/build.log",
                 "onnx": build_flags(ctx.config.precision).onnx,
                 "rebuild": rebuild_command(ctx.source.spec, str(ctx.config.precision), shapes, cfg.static_shapes,
-                                           None if tuple(ctx.components) == COMPONENTS else ctx.components)}
+                                           None if tuple(ctx.components) == ctx.family.COMPONENTS else ctx.components)}
 
 
 class AutoCastStage(Stage):
@@ -180,20 +176,20 @@ class AutoCastStage(Stage):
         from diffaccel.optimize.stages.fp16 import capture_validation_inputs
 
         prompts = list(default_prompts(n=2))
-        samples = capture_validation_inputs(ctx.pipe, ctx.specs["unet"], ctx.geometry.vae_scale_factor, prompts)
-        files = []
+        samples = capture_validation_inputs(ctx, prompts)
+        result = StageResult()
         for comp in ctx.components:
-            with _timed(ctx, self.name, comp):
-                files += self._convert(ctx, comp, samples.get(comp))
-        return files
+            with ctx.timed(self.name, comp):
+                result.add(comp, *self._convert(ctx, comp, samples.get(comp)))
+        return result
 
-    def _convert(self, ctx, comp: str, samples: "list | None") -> list:
+    def _convert(self, ctx, comp: str, samples: "list | None") -> tuple:
         import torch
 
         from diffaccel.engines.backends.onnxruntime import OrtEngine
 
-        spec, src = ctx.specs[comp], latest_model(ctx, comp, self.name)
-        info = {"decision": "fp16", "method": "modelopt-autocast", "tolerance": ctx.tolerance(comp) or dict(FP16_TOL)}
+        spec, src = ctx.specs[comp], ctx.latest_model(comp, self.name)
+        info = {"decision": "fp16", "method": "modelopt-autocast", "tolerance": ctx.tolerance(comp) or tolerance("fp16")}
         with fresh_dir(ctx.root / comp / "fp16") as d:
             written = [p.name for p in autocast_fp16(src, d / "model.onnx", spec, samples, ctx.config.seed)]
             if has_trt_ops(d / "model.onnx"):
@@ -207,25 +203,7 @@ class AutoCastStage(Stage):
                 torch.save(samples, d / "validation_inputs.pt")
                 info["validation_inputs"] = f"{comp}/fp16/validation_inputs.pt"
                 written.append("validation_inputs.pt")
-        ctx.stage_info[comp] = info
-        ctx.stage_outputs[comp] = f"{comp}/fp16/model.onnx"
-        return [ctx.root / comp / "fp16" / n for n in written]
-
-
-def _register():
-    from diffaccel.optimize.quant.modelopt import ModeloptQuantStage
-    from diffaccel.optimize.stages.plans import register_plan
-    from diffaccel.optimize.stages.assets import AssetsStage
-
-    register_plan("tensorrt", "fp32", [AssetsStage, ExportStage, TensorRTBuildStage],
-                  "ONNX export, strongly typed fp32 TensorRT engines (TF32 off)")
-    register_plan("tensorrt", "fp16", [AssetsStage, ExportStage, AutoCastStage, TensorRTBuildStage],
-                  "ONNX export, Model Optimizer AutoCast to fp16, strongly typed TensorRT engines")
-    for precision in ("int8", "fp8"):
-        register_plan("tensorrt", precision,
-                      [AssetsStage, ExportStage, ModeloptQuantStage, AutoCastStage, TensorRTBuildStage],
-                      f"Model Optimizer {precision} Q/DQ U-Net calibrated on the pipeline, fp16 elsewhere, strongly "
-                      "typed TensorRT engines")
-
-
-_register()
+        outcome = ComponentOutcome(model=f"{comp}/fp16/model.onnx", validation=info.pop("validation"),
+                                   tolerance=info.pop("tolerance"), validation_inputs=info.pop("validation_inputs", None),
+                                   facts=info)
+        return outcome, [ctx.root / comp / "fp16" / n for n in written]
