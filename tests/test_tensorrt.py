@@ -10,9 +10,10 @@ import pytest
 from diffaccel.optimize.config import ShapeRange
 from diffaccel.optimize.artifact.errors import ArtifactError, BackendUnavailableError
 from diffaccel.optimize.families.sd import ModelGeometry, sd_specs
-from diffaccel.engines.backends.tensorrt_cache import (BuildLog, TrtEnvironment, build_flags, check_engine_compatible,
-                                          default_timing_cache, engine_cache_key, engine_identity, format_build_error,
-                                          key_of_identity, ort_trt_cache_dir, rebuild_command, trt_profile)
+from diffaccel.engines.backends.tensorrt_env import (BuildLog, TrtEnvironment, check_engine_compatible,
+                                                     default_timing_cache, engine_cache_key, engine_identity,
+                                                     key_of_identity, ort_trt_cache_dir)
+from diffaccel.optimize.stages.tensorrt_build import build_flags, format_build_error, rebuild_command, trt_profile
 
 from .conftest import psnr
 
@@ -115,7 +116,7 @@ def test_mismatched_gpu_or_tensorrt_fails_with_one_line_that_says_how_to_rebuild
 def test_backend_load_checks_the_gpu_before_reading_the_plan(monkeypatch, tmp_path):
     """engines.tensorrt_backend.load() refuses an engine from another GPU before touching the plan or CUDA."""
     from diffaccel.engines.backends import tensorrt as tensorrt_backend
-    from diffaccel.engines.backends import tensorrt_cache as trt_cache
+    from diffaccel.engines.backends import tensorrt_env as trt_cache
 
     here = TrtEnvironment(tensorrt="10.13.0.35", gpu="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
     monkeypatch.setattr(trt_cache, "probe_environment", lambda device=0: here)
@@ -133,7 +134,7 @@ def test_ort_trt_cache_key_asks_nvml_when_torch_sees_no_gpu(monkeypatch):
 
     import torch
 
-    from diffaccel.engines.backends import tensorrt_cache as trt_cache
+    from diffaccel.engines.backends import tensorrt_env as trt_cache
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     gpus = {("index", 0): (b"NVIDIA L4", (8, 9)), ("index", 1): (b"NVIDIA H100", (9, 0)),
@@ -217,7 +218,7 @@ def test_importing_diffaccel_never_imports_tensorrt_or_modelopt():
             "from diffaccel.optimize.stages.plans import plans\n"
             "plans()\n"
             "import diffaccel.engines.backends.tensorrt, diffaccel.optimize.stages.tensorrt\n"
-            "import diffaccel.optimize.quant.modelopt, diffaccel.engines.backends.tensorrt_cache\n"
+            "import diffaccel.optimize.quant.modelopt, diffaccel.engines.backends.tensorrt_env\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'modelopt', 'pycuda', 'cuda'))\n"
             "assert not bad, bad\n"
             "print('ok')\n")
@@ -414,8 +415,8 @@ def test_unet_step_latency_tensorrt_fp16_vs_torch_fp16_eager(artifacts, capsys):
 
 
 # ---- the TensorRT API surface we call, against the installed bindings (no GPU needed) ----------------------------
-# Every attribute the build stage (optimize/stage_tensorrt.py), the runtime (engines/tensorrt_backend.py) and the
-# logger (optimize/trt_cache.py) use. Runs wherever `import tensorrt` works (the bindings import without a GPU);
+# Every attribute the build (optimize/stages/tensorrt_build.py), the runtime (engines/backends/tensorrt.py) and the
+# logger (engines/backends/tensorrt_env.py) use. Runs wherever `import tensorrt` works (the bindings import without a GPU);
 # CI has no tensorrt and skips it. Keep this list in step with those files.
 TRT_API = {
     "Builder": ("create_network", "create_builder_config", "create_optimization_profile",
@@ -460,7 +461,7 @@ def test_api_list_covers_every_tensorrt_name_the_code_uses():
 
     root = Path(__file__).resolve().parents[1]
     used = set()
-    for rel in ("optimize/stage_tensorrt.py", "optimize/trt_cache.py", "engines/tensorrt_backend.py"):
+    for rel in ("optimize/stages/tensorrt_build.py", "engines/backends/tensorrt_env.py", "engines/backends/tensorrt.py"):
         used |= set(re.findall(r"\btrt\.([A-Za-z_]\w*)", (root / rel).read_text()))
     listed = set(TRT_API) | set(TRT_ENUMS) | {"__version__", "DataType", "BuilderFlag", "NetworkDefinitionCreationFlag"}
     assert used and used <= listed, sorted(used - listed)

@@ -80,7 +80,7 @@ def session_options(threads: "int | None" = None, level: str = "all", optimized_
 def provider_options(ort_name: str, device_id: int = 0, cache_dir: "Path | None" = None, fp16: bool = False,
                      profile: "dict | None" = None):
     """Provider options. For TensorRT: engine and timing caches in ``cache_dir`` (a folder named by the engine cache
-    key, see diffaccel.engines.backends.tensorrt_cache.ort_trt_cache_dir) and, given the spec's ``profile``, explicit min/opt/max
+    key, see diffaccel.engines.backends.tensorrt_env.ort_trt_cache_dir) and, given the spec's ``profile``, explicit min/opt/max
     shapes, so the EP builds one engine for the artifact's whole shape range instead of one per shape seen.
 
     >>> provider_options("TensorrtExecutionProvider", profile={"x": ((1, 4), (2, 4), (8, 4))})["trt_profile_opt_shapes"]
@@ -190,6 +190,6 @@ def load(root, component: str, entry: dict, provider: "str | None" = None, threa
 def _trt_cache_dir(root, component: str, entry: dict) -> Path:
     """The TensorRT EP's engine cache folder, named by the same cache key as diffaccel's own TensorRT engines (source,
     component, precision, quantization, profile shapes, TensorRT version, GPU)."""
-    from diffaccel.engines.backends.tensorrt_cache import ort_trt_cache_dir, probe_environment_lenient
+    from diffaccel.engines.backends.tensorrt_env import ort_trt_cache_dir, probe_environment_lenient
 
     return ort_trt_cache_dir(root, component, entry, probe_environment_lenient())

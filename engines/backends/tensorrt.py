@@ -8,7 +8,7 @@ one buffer sized for the largest of them (contexts are created with the USER_MAN
 that buffer with ``set_device_memory``), which is safe because they run one after another on one stream. Engines
 built with static shapes may capture a CUDA graph per input shape and replay it (``cuda_graph=True``).
 
-Loading checks that the engine was built for this GPU and TensorRT version (see diffaccel.engines.backends.tensorrt_cache) and
+Loading checks that the engine was built for this GPU and TensorRT version (see diffaccel.engines.backends.tensorrt_env) and
 fails with a one-line error that says how to rebuild. ``import`` of this module never imports tensorrt.
 
 >>> torch_dtype_name("HALF"), torch_dtype_name("INT64")
@@ -99,7 +99,7 @@ class TrtEngine:
     def from_bytes(cls, plan: bytes, name: str, device="cuda", **options) -> "TrtEngine":
         import tensorrt as trt
 
-        from diffaccel.engines.backends.tensorrt_cache import BuildLog, make_logger
+        from diffaccel.engines.backends.tensorrt_env import BuildLog, make_logger
 
         sink = BuildLog()
         logger = make_logger(trt, sink, "WARNING")
@@ -188,7 +188,7 @@ class TrtEngine:
 def load(root, component: str, entry: dict, device: "str | None" = None, cuda_graph: "bool | None" = None,
          shared_memory: bool = True, **_ignored) -> TrtEngine:
     """Load the engine of ``component`` after checking it was built for this GPU and TensorRT version."""
-    from diffaccel.engines.backends.tensorrt_cache import check_engine_compatible, probe_environment
+    from diffaccel.engines.backends.tensorrt_env import check_engine_compatible, probe_environment
 
     import torch
 

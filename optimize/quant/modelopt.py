@@ -164,7 +164,7 @@ class ModeloptQuantStage(Stage):
     @classmethod
     def preflight(cls, config) -> None:
         if str(config.backend) == "tensorrt":
-            from diffaccel.engines.backends.tensorrt_cache import probe_environment
+            from diffaccel.engines.backends.tensorrt_env import probe_environment
 
             probe_environment()
         recipe_for(config.precision, config.quant)

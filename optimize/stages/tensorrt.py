@@ -14,7 +14,8 @@ error and where the full log is. Only :func:`build_engine` and the stage's ``run
 is plain Python (and tested on CPU).
 
 The precision -> build mapping, profiles, the cache key, the log capture and error formatting are plain Python in
-:mod:`diffaccel.engines.backends.tensorrt_cache`; the fp16 conversion and int8/fp8 quantization in
+:mod:`diffaccel.optimize.stages.tensorrt_build` and
+:mod:`diffaccel.engines.backends.tensorrt_env`; the fp16 conversion and int8/fp8 quantization in
 :mod:`diffaccel.optimize.quant.modelopt`.
 """
 from __future__ import annotations
@@ -23,64 +24,17 @@ import logging
 from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import BackendUnavailableError, DiffaccelError
-from diffaccel.optimize.artifact.files import atomic_write_bytes, fresh_dir
+from diffaccel.optimize.artifact.files import fresh_dir
 from diffaccel.optimize.artifact.specs import tolerance
 from diffaccel.optimize.export.parity import check_parity
 from diffaccel.optimize.quant.modelopt import _modelopt_version, autocast_fp16, has_trt_ops
 from diffaccel.optimize.stages.base import ComponentOutcome, Stage, StageResult
-from diffaccel.engines.backends.tensorrt_cache import (BuildFlags, BuildLog, build_flags, default_timing_cache, engine_identity,
-                        failure_log_path, format_build_error, import_tensorrt, key_of_identity, make_logger,
-                        probe_environment, profile_to_json, rebuild_command, trt_profile)
+from diffaccel.engines.backends.tensorrt_env import (BuildLog, default_timing_cache, engine_identity, key_of_identity,
+                                                     probe_environment, profile_to_json)
+from diffaccel.optimize.stages.tensorrt_build import (BuildFailed, build_engine, build_flags, failure_log_path,
+                                                      format_build_error, rebuild_command, trt_profile)
 
 log = logging.getLogger(__name__)
-
-
-class BuildFailed(Exception):
-    def __init__(self, parser_errors: list):
-        super().__init__("TensorRT build failed")
-        self.parser_errors = parser_errors
-
-
-# ---- GPU glue --------------------------------------------------------------------------------------------------------
-def build_engine(onnx_path: Path, profile: dict, trt_config, flags: BuildFlags, sink: BuildLog,
-                 timing_cache: Path) -> bytes:
-    """Parse ``onnx_path`` and build a serialized engine (TensorRT Python API). Raises :class:`BuildFailed`."""
-    trt = import_tensorrt()
-    logger = make_logger(trt, sink)
-    builder = trt.Builder(logger)
-    net_flags = 0
-    for name in flags.network:
-        if hasattr(trt.NetworkDefinitionCreationFlag, name):   # accepted (and implied) on TensorRT 11
-            net_flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
-    network = builder.create_network(net_flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        raise BuildFailed([_parser_error(parser.get_error(i)) for i in range(parser.num_errors)])
-    config = builder.create_builder_config()
-    config.builder_optimization_level = int(trt_config.opt_level)
-    if trt_config.workspace_gb:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(trt_config.workspace_gb * (1 << 30)))
-    for name in flags.clear:
-        if hasattr(trt.BuilderFlag, name):
-            config.clear_flag(getattr(trt.BuilderFlag, name))
-    opt_profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profile.items():
-        opt_profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
-    config.add_optimization_profile(opt_profile)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    if not config.set_timing_cache(cache, False):
-        log.warning("timing cache %s was made for another GPU or TensorRT; starting a new one", timing_cache)
-        config.set_timing_cache(config.create_timing_cache(b""), False)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise BuildFailed([])
-    atomic_write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
-    return bytes(memoryview(plan))
-
-
-def _parser_error(err) -> str:
-    node = f" at node {err.node_name()} ({err.node_operator()})" if err.node_name() else ""
-    return f"{err.desc()}{node}"
 
 
 # ---- the stage -------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""TensorRT helpers that need no TensorRT: the engine cache key and load-time check, the precision -> build mapping,
-optimization profiles, and the builder log and its one-line error.
+"""What a TensorRT engine is valid for, in plain Python (no TensorRT needed): the environment it runs in, its cache key
+and the check at load time; and the TensorRT logger that keeps messages in order. Build-time helpers (precision
+flags, profiles, build errors) are in :mod:`diffaccel.optimize.stages.tensorrt_build`.
 
 What a TensorRT engine is valid for: its cache key, the environment it was built in, and the check at load time.
 
@@ -14,8 +15,6 @@ one-line error that says how to rebuild. Nothing here imports tensorrt at module
 >>> key = engine_cache_key("ab" * 32, "unet", "fp16", None, profile, env)
 >>> len(key), key == engine_cache_key("ab" * 32, "unet", "fp16", None, profile, env)
 (32, True)
->>> build_flags("fp32").clear, build_flags("fp16").clear
-(('TF32',), ())
 """
 from __future__ import annotations
 
@@ -23,10 +22,9 @@ import dataclasses
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 
-from diffaccel.optimize.artifact.errors import ArtifactError, BackendUnavailableError, one_line
+from diffaccel.optimize.artifact.errors import ArtifactError, BackendUnavailableError
 
 KEY_VERSION = 1     # bump when the key's recipe changes, so old keys never match new ones
 
@@ -152,23 +150,6 @@ def engine_cache_key(source_sha256: str, component: str, precision: str, quant_h
     return key_of_identity(engine_identity(source_sha256, component, precision, quant_hash, profile, env))
 
 
-def rebuild_command(source_spec: str, precision: str, shapes: dict, static: bool = False,
-                    components: "tuple | None" = None) -> str:
-    """The ``diffaccel optimize`` command that rebuilds an artifact here (OUT is filled in at load time)."""
-    def rng(v):
-        return None if v is None else (str(v[0]) if v[0] == v[1] else f"{v[0]}-{v[1]}")
-
-    parts = ["diffaccel optimize", source_spec, "-o {out}", "--backend tensorrt", f"--precision {precision}"]
-    for flag in ("batch", "height", "width"):
-        if rng(shapes.get(flag)) is not None:
-            parts.append(f"--{flag} {rng(shapes.get(flag))}")
-    if static:
-        parts.append("--static-shapes")
-    if components:
-        parts.append("--components " + ",".join(components))
-    return " ".join(parts + ["--force"])
-
-
 def check_engine_compatible(component: str, trt_entry: dict, env: TrtEnvironment, out) -> None:
     """Raise a one-line :class:`ArtifactError` unless the engine of ``component`` was built for ``env``."""
     ident = trt_entry.get("identity") or {}
@@ -204,42 +185,7 @@ def ort_trt_cache_dir(root, component: str, entry: dict, env: "TrtEnvironment | 
     return Path(root) / component / "trt_cache" / key
 
 
-# ---- build helpers (plain Python; the stage in stage_tensorrt uses them) ------------------------------------
 SEVERITIES = ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE")
-
-
-@dataclasses.dataclass(frozen=True)
-class BuildFlags:
-    """How one precision is built: network creation flags, builder flags to clear, and the GPU it needs."""
-
-    network: tuple = ("STRONGLY_TYPED",)
-    clear: tuple = ()
-    min_sm: "tuple | None" = None      # (major, minor) compute capability
-    onnx: str = ""                      # what the graph reaching the builder holds
-
-
-PRECISION_FLAGS = {
-    "fp32": BuildFlags(clear=("TF32",), onnx="fp32, as exported"),
-    "fp16": BuildFlags(onnx="fp16 from Model Optimizer AutoCast (fp32 where values would overflow), fp32 I/O"),
-    "int8": BuildFlags(onnx="U-Net with int8 Q/DQ from Model Optimizer on fp16; other components fp16"),
-    "fp8": BuildFlags(min_sm=(8, 9), onnx="U-Net with fp8 Q/DQ from Model Optimizer on fp16; other components fp16"),
-}
-
-
-def build_flags(precision) -> BuildFlags:
-    try:
-        return PRECISION_FLAGS[str(precision)]
-    except KeyError:
-        raise ValueError(f"no TensorRT build for precision {precision}; choose one of: "
-                         f"{', '.join(PRECISION_FLAGS)}") from None
-
-
-def trt_profile(spec, static: bool = False) -> dict:
-    """{input: (min, opt, max)} for one optimization profile; static shapes build for the opt shape only."""
-    prof = spec.profile()
-    if static:
-        return {name: (opt, opt, opt) for name, (_, opt, _) in prof.items()}
-    return prof
 
 
 # ---- builder log ---------------------------------------------------------------------------------------------------
@@ -280,19 +226,3 @@ def make_logger(trt, sink: BuildLog, min_severity: str = "INFO"):
     return _Logger()
 
 
-def format_build_error(component: str, sink: BuildLog, parser_errors: list, log_path) -> str:
-    """One line: what failed first, where the full log is, what to try."""
-    if parser_errors:
-        what = f"the ONNX parser rejected the model: {parser_errors[0]}"
-        if len(parser_errors) > 1:
-            what += f" (and {len(parser_errors) - 1} more)"
-    else:
-        errors = sink.errors()
-        what = f"the builder failed: {errors[-1]}" if errors else "the builder returned no engine"
-    return one_line(f"TensorRT could not build the {component} engine; {what[:400]}; full log: {log_path}. Try "
-                    "--opt-level 2, a smaller --batch/--height/--width range, or --precision fp32")
-
-
-def failure_log_path(component: str) -> Path:
-    """Where the log of a failed build goes (OUT is not written when a build fails)."""
-    return default_timing_cache().parent / "logs" / f"{component}-{time.strftime('%Y%m%d-%H%M%S')}.build.log"
