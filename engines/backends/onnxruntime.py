@@ -5,12 +5,10 @@
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import BackendUnavailableError
 
-log = logging.getLogger(__name__)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 _NP_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",

@@ -16,13 +16,11 @@ fails with a one-line error that says how to rebuild. ``import`` of this module 
 """
 from __future__ import annotations
 
-import logging
 import weakref
 from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import ArtifactError, DiffaccelError
 
-log = logging.getLogger(__name__)
 _TRT_TO_TORCH = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
                  "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
 

@@ -35,7 +35,6 @@ from diffaccel.optimize.config import QuantConfig
 from diffaccel.optimize.export.parity import check_parity
 from diffaccel.optimize.stages.base import ComponentOutcome, Stage, StageResult, named_outputs
 
-log = logging.getLogger(__name__)
 # what Model Optimizer's diffusers example (examples/diffusers/quantization, filter_func_default) keeps in float
 KEEP_FLOAT = ("time_emb_proj", "time_embedding", "conv_in", "conv_out", "conv_shortcut", "add_embedding")
 

@@ -7,7 +7,6 @@ Everything is seeded; the same QuantConfig on the same source gives a byte-ident
 """
 from __future__ import annotations
 
-import logging
 import re
 import tempfile
 from pathlib import Path
@@ -16,7 +15,6 @@ from diffaccel.optimize.quant.calibration import CalibrationReader
 from diffaccel.optimize.quant.entropy import ENTROPY_BINS
 from diffaccel.optimize.artifact.errors import DiffaccelError
 
-log = logging.getLogger(__name__)
 
 DEFAULT_KEEP_FP32 = {
     r"^time_embedding(\.|$)": "the timestep MLP is tiny and its error reaches every block",

@@ -2,7 +2,6 @@
 and VAE measure whether dynamic MatMul-only int8 pays before using it (the decision goes into the manifest)."""
 from __future__ import annotations
 
-import logging
 import tempfile
 from pathlib import Path
 
@@ -12,7 +11,6 @@ from diffaccel.optimize.export.onnx_export import onnx_files
 from diffaccel.optimize.quant.ort_static import preprocess, quantize_static_qdq
 from diffaccel.optimize.stages.base import ComponentOutcome, Stage, StageResult
 
-log = logging.getLogger(__name__)
 MIN_SPEEDUP = 1.10            # dynamic int8 must beat fp32 by this much to be kept
 
 

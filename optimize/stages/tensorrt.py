@@ -20,7 +20,6 @@ The precision -> build mapping, profiles, the cache key, the log capture and err
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import BackendUnavailableError, DiffaccelError
@@ -33,8 +32,6 @@ from diffaccel.engines.backends.tensorrt_env import (BuildLog, default_timing_ca
                                                      probe_environment, profile_to_json)
 from diffaccel.optimize.stages.tensorrt_build import (BuildFailed, build_engine, build_flags, failure_log_path,
                                                       format_build_error, rebuild_command, trt_profile)
-
-log = logging.getLogger(__name__)
 
 
 # ---- the stage -------------------------------------------------------------------------------------------------------
