@@ -4,6 +4,12 @@ An engine is loaded from one component of an artifact and called with named torc
 tensors. Backends are looked up by name and imported lazily, so ``import diffaccel.engines`` never needs onnxruntime
 or tensorrt.
 
+Each backend module defines ``load(root, component, entry, **options) -> Engine``: ``root`` is the artifact
+directory, ``component`` the component's name (``"unet"``...), ``entry`` its record in ``manifest.json`` (paths in it
+are relative to ``root``). Options a backend does not know are ignored, so one call can serve every backend:
+``onnxruntime`` takes ``provider``, ``threads``, ``spin``; ``torch`` takes ``device``, ``compile``; ``tensorrt``
+takes ``device``, ``cuda_graph``, ``shared_memory``.
+
 >>> sorted(BACKENDS)
 ['onnxruntime', 'tensorrt', 'torch']
 """
@@ -14,7 +20,7 @@ from typing import Protocol, runtime_checkable
 
 from diffaccel.optimize.artifact.errors import BackendUnavailableError
 
-# backend name -> module that defines `load(component_dir, entry, **options) -> Engine`
+# backend name -> module that defines `load(root, component, entry, **options) -> Engine` (see above)
 BACKENDS = {
     "onnxruntime": "diffaccel.engines.backends.onnxruntime",
     "torch": "diffaccel.engines.backends.torch",

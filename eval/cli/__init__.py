@@ -25,12 +25,15 @@ def add_microbench(sub) -> None:
 
 
 def _cmd_microbench(args) -> int:
+    from diffaccel.optimize.cli.args import comma_list
     from diffaccel.optimize.cli.progress import ConsoleReporter
 
     from diffaccel.eval.harness.host import describe
     from diffaccel.eval.harness.microbench import UNetBenchConfig, format_table, run_unet_bench
 
-    cfg = UNetBenchConfig(src=args.src, variants=tuple(v for v in args.variants.split(",") if v.strip()),
+    variants = comma_list(args.variants, "--variants", what="backend/precision pairs",
+                          example="torch/fp32,onnxruntime/fp32")
+    cfg = UNetBenchConfig(src=args.src, variants=variants,
                           height=args.height, width=args.width, batch=args.batch, warmup=args.warmup,
                           repeat=args.repeat, work=args.work, threads=args.threads)
     result = run_unet_bench(cfg, reporter=ConsoleReporter())

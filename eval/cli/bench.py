@@ -56,35 +56,11 @@ def add_bench(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
-def _list(text, kind, flag: str) -> tuple:
-    if text is None:
-        return ()
-    try:
-        values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise DiffaccelError(f"bad {flag} {text!r}: give a comma-separated list, e.g. 1,2,4") from None
-    if not values:
-        raise DiffaccelError(f"{flag} is empty: give a comma-separated list, e.g. 1,2,4")
-    return values
-
-
-def _prompts(path) -> tuple:
-    if path is None:
-        return ()
-    try:
-        with open(path, encoding="utf-8") as f:
-            prompts = tuple(line.strip() for line in f if line.strip())
-    except OSError as e:
-        raise DiffaccelError(f"cannot read --prompts {path} ({e.strerror}); give a text file, one prompt per line") \
-            from None
-    if not prompts:
-        raise DiffaccelError(f"--prompts {path} has no prompts; write one prompt per line")
-    return prompts
-
-
 def _configs(args):
-    from diffaccel.eval.loadbench.runner import SweepConfig
+    from diffaccel.optimize.cli.args import comma_list
+
     from diffaccel.eval.loadbench.loop import LoadConfig, parse_rate
+    from diffaccel.eval.loadbench.runner import SweepConfig
 
     try:
         rate, relative = parse_rate(args.rate or "1x") if args.concurrency is None else (None, False)
@@ -94,9 +70,10 @@ def _configs(args):
                           duration_s=args.duration, max_batch=args.max_batch, timeout_ms=args.batch_timeout,
                           steps=args.steps, height=args.height, width=args.width, guidance=args.guidance,
                           seed=args.seed, time_limit_s=args.time_limit)
-        sweep = SweepConfig(rates=_list(args.sweep_rates, str, "--sweep-rates"),
-                            max_batches=_list(args.sweep_max_batch, int, "--sweep-max-batch"),
-                            timeouts_ms=_list(args.sweep_timeout_ms, float, "--sweep-timeout-ms"),
+        sweep = SweepConfig(rates=comma_list(args.sweep_rates, "--sweep-rates", what="rates", example="0.5x,1x,2x"),
+                            max_batches=comma_list(args.sweep_max_batch, "--sweep-max-batch", int, example="1,2,4"),
+                            timeouts_ms=comma_list(args.sweep_timeout_ms, "--sweep-timeout-ms", float,
+                                                   example="0,100,500"),
                             slo_p95_s=args.slo_p95)
         sweep.points(base)
     except ValueError as e:
@@ -120,12 +97,13 @@ def _cmd_bench(args) -> int:
     from pathlib import Path
 
     from diffaccel.optimize.artifact.manifest import Manifest
+    from diffaccel.optimize.sources.prompts import read_prompts
 
     from diffaccel.eval.loadbench.report import check_out, format_console, write_bench_dir
     from diffaccel.eval.loadbench.runner import run_bench
 
     base, sweep = _configs(args)
-    prompts = _prompts(args.prompts)
+    prompts = read_prompts(args.prompts) if args.prompts is not None else ()
     Manifest.load(args.artifact)          # a missing or foreign folder fails here, in one line
     if Path(args.out).resolve() == Path(args.artifact).resolve():
         raise DiffaccelError("-o must be a new folder, not the artifact itself")

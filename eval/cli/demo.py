@@ -33,18 +33,19 @@ def add_demo(sub) -> None:
 def demo_configs(args):
     """The demo's optimize configs (one per precision) and its evaluation config, from the parsed arguments."""
     from diffaccel.optimize import OptimizeConfig
+    from diffaccel.optimize.cli.args import comma_list
     from diffaccel.optimize.sources.builtins import recommended_guidance
 
-    from diffaccel.eval.cli.evaluate import int_list
     from diffaccel.eval.harness.evaluate import EvalConfig
 
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    precisions = comma_list(args.precisions, "--precisions", empty_ok=True, what="precisions", example="fp32,int8")
     guidance = recommended_guidance(args.src) if args.guidance is None else args.guidance
     try:
         configs = {p: OptimizeConfig(precision=p, threads=args.threads) for p in precisions}
-        eval_cfg = EvalConfig(steps=int_list(args.steps, "--steps"), seeds=int_list(args.seeds, "--seeds"),
-                              peers=tuple(x.strip() for x in args.peers.split(",") if x.strip()),
-                              batch_sizes=int_list(args.batch_sizes, "--batch-sizes"), threads=args.threads,
+        eval_cfg = EvalConfig(steps=comma_list(args.steps, "--steps", int),
+                              seeds=comma_list(args.seeds, "--seeds", int),
+                              peers=comma_list(args.peers, "--peers", empty_ok=True),
+                              batch_sizes=comma_list(args.batch_sizes, "--batch-sizes", int), threads=args.threads,
                               guidance_scale=guidance)
     except ValueError as e:
         raise DiffaccelError(str(e)) from None

@@ -3,8 +3,6 @@
 Heavy imports happen inside the command, so ``diffaccel --help`` stays fast."""
 from __future__ import annotations
 
-import sys
-
 from diffaccel.optimize.artifact.errors import DiffaccelError
 
 EXAMPLE = ("Example: diffaccel eval out/tiny-fp32 out/tiny-int8 --steps 10,20 --peers torch-bf16 -o runs/eval   "
@@ -33,8 +31,8 @@ def add_eval(sub) -> None:
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--batch-sizes", default="1,2,4", help="throughput batch sizes (default 1,2,4)")
-    p.add_argument("--scheduler", default=None, help="a diffusers scheduler class for every variant, e.g. "
-                                                     "EulerDiscreteScheduler (default: the baseline's)")
+    p.add_argument("--scheduler", default=None, help="diffusers scheduler class or alias for every variant, e.g. "
+                                                     "EulerDiscreteScheduler, euler-a, dpm++ (default: the baseline's)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--peers", default="", help="extra rows a user might try instead: torch-bf16, torch-fp16, "
                                                "torch-compile (comma-separated)")
@@ -63,27 +61,18 @@ def add_eval(sub) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
-def int_list(text: str, flag: str) -> tuple:
-    """'0,1' -> (0, 1); a one-line DiffaccelError that shows the expected form otherwise."""
-    try:
-        values = tuple(int(t) for t in str(text).split(",") if t.strip())
-    except ValueError:
-        values = ()
-    if not values:
-        raise DiffaccelError(f"bad {flag} {text!r}: give comma-separated integers, e.g. {flag} 1,2")
-    return values
-
-
 def config_from_args(args):
-    from diffaccel.eval.harness.evaluate import EvalConfig
+    from diffaccel.optimize.cli.args import comma_list
     from diffaccel.optimize.sources.prompts import read_prompts
+
+    from diffaccel.eval.harness.evaluate import EvalConfig
 
     try:
         return EvalConfig(
-            prompts=read_prompts(args.prompts) if args.prompts else (), seeds=int_list(args.seeds, "--seeds"),
-            steps=int_list(args.steps, "--steps"), height=args.height, width=args.width,
-            batch_sizes=int_list(args.batch_sizes, "--batch-sizes"), scheduler=args.scheduler,
-            guidance_scale=args.guidance, peers=tuple(x.strip() for x in args.peers.split(",") if x.strip()),
+            prompts=read_prompts(args.prompts) if args.prompts else (), seeds=comma_list(args.seeds, "--seeds", int),
+            steps=comma_list(args.steps, "--steps", int), height=args.height, width=args.width,
+            batch_sizes=comma_list(args.batch_sizes, "--batch-sizes", int), scheduler=args.scheduler,
+            guidance_scale=args.guidance, peers=comma_list(args.peers, "--peers", empty_ok=True),
             warmup=args.warmup, repeat=args.repeat, device=args.device, provider=args.provider, threads=args.threads,
             clip_model=args.clip_model, inception=args.inception, lpips=args.lpips, adherence=args.adherence,
             allow_different_source=args.allow_different_source, bench=tuple(args.bench))
@@ -108,7 +97,7 @@ def _cmd_eval(args) -> int:
     from diffaccel.eval.harness.evaluate import evaluate
 
     config = config_from_args(args)
-    reporter = ConsoleReporter(stream=sys.stderr)     # the current stderr, not the one bound at import time
+    reporter = ConsoleReporter()
     try:
         report = evaluate(args.artifacts, args.baseline, config, out, reporter=reporter,
                           trust_pickle=args.trust_pickle, single_file_config=args.config)

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 from pathlib import Path
 
 from diffaccel.optimize.sources.prompts import default_prompts
 from diffaccel.optimize.stages.base import Reporter
 
-log = logging.getLogger(__name__)
 DEVICES = ("cpu", "cuda")
 
 
@@ -44,7 +42,7 @@ class EvalConfig:
     height: "int | None" = None           # None = the model's native size
     width: "int | None" = None
     batch_sizes: tuple = (1, 2, 4)        # throughput (images/s) for each
-    scheduler: "str | None" = None        # a diffusers scheduler class name; None = the baseline's
+    scheduler: "str | None" = None        # a diffusers scheduler class name or alias; None = the baseline's
     guidance_scale: float = 7.5
     peers: tuple = ()                     # extra rows: torch-bf16, torch-fp16, torch-compile
     warmup: int = 1                       # untimed calls per variant before timing
@@ -119,6 +117,7 @@ def evaluate(artifacts=(), baseline: "str | None" = None, config: EvalConfig = E
     48.1
     """
     from diffaccel.optimize.sources import resolve_source
+    from diffaccel.optimize.sources.schedulers import scheduler_class
 
     from diffaccel.eval.metrics import quality
 
@@ -141,7 +140,7 @@ def evaluate(artifacts=(), baseline: "str | None" = None, config: EvalConfig = E
     benches = bench_summaries(config.bench, out)
     rp = RunPlan(prompts, config.seeds, config.steps, config.batch_sizes, config.height, config.width,
                  config.guidance_scale, config.warmup, config.repeat, config.device,
-                 scheduler_cls=var.scheduler_class(config.scheduler))
+                 scheduler_cls=scheduler_class(config.scheduler) if config.scheduler is not None else None)
     preimport()
     with torch_threads(config.threads):
         runs = [run_variant(v, rp, reporter)

@@ -135,9 +135,7 @@ def _measure(pipe, rp: RunPlan, reporter, name: str, row: dict) -> dict:
             calls = _images_at(pipe, rp, clock, timings, steps, size, outputs)
             if steps == rp.top:
                 row["latency"] = _latency(calls, steps)
-            e2e = [c["e2e"] for c in calls]
-            row["sweep"].insert(0, {"steps": steps, "end_to_end": stats(e2e), "images_per_second": 1 / np.mean(e2e),
-                                    "unet_step_p50": float(np.median([s for c in calls for s in c["unet"]]))})
+            row["sweep"].insert(0, {"steps": steps, **_call_summary(calls, images=1)})
             reporter.item_done(name, f"{steps} steps", time.perf_counter() - t0)
         row["throughput"] = [_throughput(pipe, rp, clock, timings, b, size, reporter, name) for b in rp.batch_sizes]
     return outputs
@@ -161,10 +159,15 @@ def _throughput(pipe, rp, clock, timings, batch: int, size, reporter, name) -> d
     seeds = [rp.seeds[0] + i for i in range(batch)]
     _call(pipe, rp, clock, timings, prompts, seeds, rp.top, size)       # warm-up for this batch shape
     recs = [_call(pipe, rp, clock, timings, prompts, seeds, rp.top, size)[2] for _ in range(rp.repeat)]
-    e2e = [r["e2e"] for r in recs]
     reporter.item_done(name, f"batch {batch}", time.perf_counter() - t0)
-    return {"batch_size": batch, "end_to_end": stats(e2e), "images_per_second": batch / float(np.mean(e2e)),
-            "unet_step_p50": float(np.median([s for r in recs for s in r["unet"]]))}
+    return {"batch_size": batch, **_call_summary(recs, images=batch)}
+
+
+def _call_summary(calls: list, images: int) -> dict:
+    """End-to-end latency, images per second and U-Net step p50 of timed calls that made ``images`` images each."""
+    e2e = [c["e2e"] for c in calls]
+    return {"end_to_end": stats(e2e), "images_per_second": images / float(np.mean(e2e)),
+            "unet_step_p50": float(np.median([s for c in calls for s in c["unet"]]))}
 
 
 def preimport() -> None:

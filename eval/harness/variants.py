@@ -11,13 +11,11 @@ plain registry: ``PEERS[name](pipe, device) -> pipe``.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 from typing import Callable
 
 from diffaccel.optimize.artifact.errors import DiffaccelError
 
-log = logging.getLogger(__name__)
 BASELINE = "torch-fp32"
 
 
@@ -53,13 +51,6 @@ class Variant:
     load: Callable                  # () -> pipeline
     prepare: "Callable | None"      # (pipeline, device) -> pipeline
     info: dict = dataclasses.field(default_factory=dict)
-
-
-def check_peers(names) -> tuple:
-    unknown = [n for n in names if n not in PEERS]
-    if unknown:
-        raise DiffaccelError(f"unknown peer(s) {', '.join(unknown)}; choose from: {', '.join(sorted(PEERS))}")
-    return tuple(names)
 
 
 def load_manifests(artifacts) -> list:
@@ -121,19 +112,6 @@ def _artifact_loader(path: Path, provider, threads):
 
         return AcceleratedStableDiffusionPipeline.from_pretrained(path, provider=provider, threads=threads)
     return load
-
-
-def scheduler_class(name: "str | None"):
-    """The diffusers scheduler class called ``name`` (None: keep the baseline's)."""
-    if name is None:
-        return None
-    import diffusers
-
-    cls = getattr(diffusers, name, None)
-    if cls is None or not name.endswith("Scheduler"):
-        raise DiffaccelError(f"unknown scheduler {name!r}; give a diffusers scheduler class name such as "
-                             "DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler")
-    return cls
 
 
 def use_scheduler(pipe, reference) -> None:

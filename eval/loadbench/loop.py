@@ -17,7 +17,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import itertools
-import logging
 import math
 import threading
 import time
@@ -25,7 +24,6 @@ import time
 from diffaccel.optimize.sources.prompts import default_prompts
 from diffaccel.eval.loadbench.batching import BatchPolicy, BatchQueue, Request
 
-log = logging.getLogger(__name__)
 MAX_REQUESTS = 10_000
 
 

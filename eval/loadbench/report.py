@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 from pathlib import Path
 
 from diffaccel.optimize.artifact.files import fresh_dir
 
-log = logging.getLogger(__name__)
 OUTPUTS = ("bench.json", "bench.md", "bench.png")
 
 

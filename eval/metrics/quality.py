@@ -10,15 +10,12 @@ Outputs are dicts keyed by ``(steps, prompt_index, seed)`` holding ``(image HxWx
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import numpy as np
 
 from diffaccel.optimize.artifact.errors import DiffaccelError
 
 from diffaccel.eval.metrics import images as metrics
-
-log = logging.getLogger(__name__)
 
 
 # ---- the one adapter to the tinyshapes world (eval/shapes.py + eval/adherence.py) -------------------------------

@@ -7,15 +7,12 @@ throughput vs batch size, the steps sweep, and per prompt/seed an image grid (ba
 from __future__ import annotations
 
 import io
-import logging
 import math
 from pathlib import Path
 
 import numpy as np
 
 from diffaccel.eval.report.tables import num
-
-log = logging.getLogger(__name__)
 
 
 def _figure(w: float, h: float, ncols: int = 1):

@@ -10,14 +10,12 @@ rebuilds the Markdown, the HTML and the plots from report.json alone (plus the i
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import DiffaccelError
 from diffaccel.optimize.artifact.files import atomic_write_bytes, atomic_write_json, atomic_write_text, fresh_dir
 
-log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 REPORT = "report.json"
 

@@ -13,7 +13,8 @@ EPILOG = "Built-in sources: tinyshapes, random:tiny, random:sd15, random:sd21. D
 
 
 def _quiet_libraries(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -86,6 +87,7 @@ def _quality_target(text):
 def _cmd_optimize(args) -> int:
     from diffaccel.optimize.api import OptimizeConfig, optimize
     from diffaccel.optimize.config import QuantConfig, ShapeRange, TensorRTConfig
+    from diffaccel.optimize.cli.args import comma_list
     from diffaccel.optimize.cli.progress import ConsoleReporter
     from diffaccel.optimize.families.sd import COMPONENTS
 
@@ -96,7 +98,8 @@ def _cmd_optimize(args) -> int:
                             quality_target=_quality_target(args.quality_target))
         trt = TensorRTConfig(opt_level=args.opt_level, workspace_gb=args.workspace_gb, timing_cache=args.timing_cache,
                              static_shapes=args.static_shapes, cuda_graph=args.cuda_graph)
-        comps = tuple(c.strip() for c in args.components.split(",")) if args.components else COMPONENTS
+        comps = comma_list(args.components, "--components", what="component names",
+                           example="unet,vae_decoder") if args.components else COMPONENTS
         cfg = OptimizeConfig(backend=args.backend, precision=args.precision, provider=args.provider,
                              shapes=ShapeRange.parse(args.batch, args.height, args.width), exporter=args.exporter,
                              opset=args.opset, graph_level=args.graph_level, threads=args.threads,
@@ -128,7 +131,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--scheduler", default=None, help="a diffusers scheduler class, e.g. DPMSolverMultistepScheduler")
+    p.add_argument("--scheduler", default=None, help="a diffusers scheduler class (any case), e.g. "
+                                                     "DPMSolverMultistepScheduler, or an alias: ddim, euler, euler-a, "
+                                                     "dpm++, lcm ...")
     p.add_argument("--provider", default=None, help="ONNX Runtime provider (default: the one built for)")
     p.add_argument("-o", "--output", default="image.png", help="output PNG (index appended for several images)")
     p.set_defaults(func=_cmd_generate)
@@ -149,16 +154,12 @@ def _cmd_generate(args) -> int:
     import torch
 
     from diffaccel.engines import AcceleratedStableDiffusionPipeline
+    from diffaccel.optimize.sources.schedulers import scheduler_class
 
+    scheduler = scheduler_class(args.scheduler) if args.scheduler else None   # a typo fails before the engines load
     pipe = AcceleratedStableDiffusionPipeline.from_pretrained(args.artifact, provider=args.provider)
-    if args.scheduler:
-        import diffusers
-
-        cls = getattr(diffusers, args.scheduler, None)
-        if cls is None or not args.scheduler.endswith("Scheduler"):
-            raise DiffaccelError(f"unknown scheduler {args.scheduler!r}; give a diffusers scheduler class name such "
-                                 "as DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler")
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    if scheduler is not None:
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if (args.height is None) != (args.width is None):   # diffusers would silently reset both to the default
         args.height, args.width = args.height or native, args.width or native

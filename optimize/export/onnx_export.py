@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -23,7 +22,6 @@ from diffaccel.optimize.config import Exporter
 from diffaccel.optimize.artifact.errors import DiffaccelError, one_line
 from diffaccel.optimize.artifact.files import TMP_PREFIX
 
-log = logging.getLogger(__name__)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights above which we store them in one external file
 DATA_SUFFIX = ".data"
 
@@ -107,13 +105,3 @@ def onnx_files(model_path: Path) -> list[Path]:
     locations = {e.value for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL
                  for e in t.external_data if e.key == "location"}
     return [model_path] + [model_path.parent / loc for loc in sorted(locations)]
-
-
-def copy_onnx(src: Path, dst: Path) -> list[Path]:
-    """Copy a model and its external data, keeping the relative data location."""
-    out = []
-    for p in onnx_files(src):
-        target = dst.parent / (dst.name if p == src else p.name)
-        shutil.copyfile(p, target)
-        out.append(target)
-    return out

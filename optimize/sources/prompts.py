@@ -29,7 +29,7 @@ def read_prompts(path) -> tuple:
     p = Path(path)
     if not p.is_file():
         raise DiffaccelError(f"prompts file {path} does not exist; give a text file with one prompt per line")
-    prompts = _lines(p.read_text())
+    prompts = _lines(p.read_text(encoding="utf-8"))
     if not prompts:
         raise DiffaccelError(f"prompts file {path} holds no prompts; write one prompt per line")
     return prompts
