@@ -1,7 +1,8 @@
 """Drop-in diffusers pipelines backed by diffaccel engines.
 
 They inherit diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` and swap in engine-backed
-components, so diffusers' own ``__call__`` (schedulers, guidance, callbacks, output types) runs unchanged.
+components, so diffusers' own ``__call__`` (same signature; schedulers, guidance, callbacks, output types) runs
+unchanged. Sizes the engines cannot serve fail before any work.
 
 >>> pipe = AcceleratedStableDiffusionPipeline.from_pretrained("out/tiny")          # doctest: +SKIP
 >>> pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # doctest: +SKIP
@@ -9,6 +10,8 @@ components, so diffusers' own ``__call__`` (schedulers, guidance, callbacks, out
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import shutil
@@ -16,8 +19,8 @@ from pathlib import Path
 
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
-from diffaccel.optimize.artifact.errors import ArtifactError, ShapeError
-from diffaccel.optimize.artifact.files import fresh_dir
+from diffaccel.optimize.artifact.errors import ArtifactError, PipelineArgumentError, ShapeError
+from diffaccel.optimize.artifact.files import fresh_dir, given_config_text
 from diffaccel.optimize.artifact.manifest import Manifest
 from diffaccel.optimize.artifact.specs import ComponentSpec
 
@@ -25,6 +28,28 @@ from diffaccel.engines.base import load_engine
 from diffaccel.engines.pipelines.shims import TextEncoderShim, UNetShim, VaeShim
 
 log = logging.getLogger(__name__)
+
+# from_pretrained's keywords besides provider/threads/verify. Components diffusers lets you pass that we honour:
+COMPONENTS = ("scheduler", "tokenizer", "safety_checker", "feature_extractor", "requires_safety_checker")
+# options passed on to the backend's load() (onnxruntime: spin; torch: device, compile; tensorrt: device,
+# cuda_graph, shared_memory)
+ENGINE_OPTIONS = ("spin", "device", "compile", "cuda_graph", "shared_memory")
+# diffusers' from_pretrained keywords that mean nothing for engines: accepted with a warning that says why
+_FIXED = "engine precision and files were fixed when the artifact was built (diffaccel optimize --precision)"
+_LOCAL = "an artifact is a local directory, nothing is downloaded"
+_PLACED = "engines are loaded and placed by their runtime (choose it with provider=)"
+IGNORED = {**dict.fromkeys(("torch_dtype", "dtype", "variant", "use_safetensors", "use_onnx", "use_flashpack",
+                            "disable_mmap"), _FIXED),
+           **dict.fromkeys(("local_files_only", "cache_dir", "force_download", "proxies", "token", "revision",
+                            "resume_download", "trust_remote_code"), _LOCAL),
+           **dict.fromkeys(("low_cpu_mem_usage", "device_map", "max_memory", "offload_folder",
+                            "offload_state_dict"), _PLACED)}
+# diffusers' keywords that cannot be honoured: refused, saying what to do instead
+REFUSED = {**dict.fromkeys(("unet", "vae", "text_encoder"), "the artifact's engines replace it; run diffaccel "
+                                                            "optimize on a checkpoint that has this component"),
+           "image_encoder": "IP-Adapter image embeddings are not supported by exported U-Nets",
+           "quantization_config": "quantize when building: diffaccel optimize --precision int8",
+           "custom_pipeline": "the drop-in pipelines are diffusers' StableDiffusion(Img2Img)Pipeline"}
 
 
 def _frozen_config(path: Path):
@@ -34,7 +59,8 @@ def _frozen_config(path: Path):
 
 
 def load_components(root, manifest: Manifest, provider=None, threads=None, **engine_options) -> dict:
-    """Engine-backed ``unet``, ``vae``, ``text_encoder`` plus the artifact's tokenizer and scheduler."""
+    """Engine-backed ``unet``, ``vae``, ``text_encoder`` plus the artifact's tokenizer and scheduler; logs each at
+    INFO, as diffusers does."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTokenizer
 
@@ -49,47 +75,100 @@ def load_components(root, manifest: Manifest, provider=None, threads=None, **eng
         opts = dict(engine_options, threads=threads)
         if entry["backend"] == "onnxruntime":
             opts["provider"] = provider
-        return load_engine(entry["backend"], root, name, entry, **opts), ComponentSpec.from_dict(name, entry["spec"])
+        eng = load_engine(entry["backend"], root, name, entry, **opts)
+        log.info("Loaded %s as %s engine (%s, %s) from %s", name, entry["backend"], entry.get("precision", "fp32"),
+                 eng.device, root / entry["engine"])
+        return eng, ComponentSpec.from_dict(name, entry["spec"])
 
     te, te_spec = engine("text_encoder")
     unet, unet_spec = engine("unet")
     dec, dec_spec = engine("vae_decoder")
     enc, enc_spec = engine("vae_encoder") if "vae_encoder" in comps else (None, None)
     te_cfg = CLIPTextConfig(**json.loads((root / comps["text_encoder"]["config"]).read_text()))
-    sched_cfg = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    sched_path = root / "scheduler" / "scheduler_config.json"
+    sched_cfg = json.loads(sched_path.read_text())
     scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+    log.info("Loaded scheduler as %s from %s", type(scheduler).__name__, sched_path)
+    tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+    log.info("Loaded tokenizer as %s from %s", type(tokenizer).__name__, root / "tokenizer")
     return {
         "text_encoder": TextEncoderShim(te, te_spec, te_cfg),
         "unet": UNetShim(unet, unet_spec, _frozen_config(root / comps["unet"]["config"])),
         "vae": VaeShim(dec, dec_spec, _frozen_config(root / comps["vae_decoder"]["config"]), enc, enc_spec),
-        "tokenizer": CLIPTokenizer.from_pretrained(str(root / "tokenizer")),
+        "tokenizer": tokenizer,
         "scheduler": scheduler,
     }
 
 
+def split_kwargs(kwargs: dict) -> "tuple[dict, dict]":
+    """``from_pretrained``'s extra keywords as (components to use, engine options). Warns once about diffusers'
+    keywords that mean nothing for engines; refuses the others, and unknown ones, naming those accepted.
+
+    >>> split_kwargs({"spin": False, "scheduler": "S"})
+    ({'scheduler': 'S'}, {'spin': False})
+    >>> split_kwargs({"threds": 2})
+    Traceback (most recent call last):
+    ...
+    diffaccel.optimize.artifact.errors.PipelineArgumentError: from_pretrained got unknown keyword(s) threds;
+    it accepts provider, threads, verify, scheduler, tokenizer, ... (and ignores diffusers' cache_dir, ...)
+    """
+    refused = [f"{k}= ({REFUSED[k]})" for k in kwargs if k in REFUSED]
+    if refused:
+        raise PipelineArgumentError(f"from_pretrained cannot take {'; '.join(refused)}")
+    unknown = [k for k in kwargs if k not in (*COMPONENTS, *ENGINE_OPTIONS, *IGNORED)]
+    if unknown:
+        raise PipelineArgumentError(
+            f"from_pretrained got unknown keyword(s) {', '.join(unknown)}; it accepts provider, threads, verify, "
+            f"{', '.join(COMPONENTS + ENGINE_OPTIONS)} (and ignores diffusers' {', '.join(sorted(IGNORED))})")
+    for k in ("scheduler", "tokenizer"):
+        if k in kwargs and kwargs[k] is None:
+            raise PipelineArgumentError(f"{k}=None leaves the pipeline without a {k}; omit it to use the artifact's")
+    ignored = {}
+    for k, v in kwargs.items():
+        if k in IGNORED and v is not None:
+            ignored.setdefault(IGNORED[k], []).append(f"{k}=")
+    if ignored:
+        log.warning("from_pretrained ignores %s", "; ".join(f"{', '.join(ks)} ({why})" for why, ks in ignored.items()))
+    return ({k: v for k, v in kwargs.items() if k in COMPONENTS},
+            {k: v for k, v in kwargs.items() if k in ENGINE_OPTIONS})
+
+
 class _Accelerated:
     """What both drop-in pipelines add to their diffusers parent: loading from an artifact, saving one, shape checks
-    before any work, and the execution device of the engines."""
+    before any work, the execution device of the engines, and diffusers' pipeline-level VAE slicing/tiling switches."""
 
     artifact: "Path | None" = None
     manifest: "Manifest | None" = None
+    _artifact_tokenizer = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, provider: "str | None" = None,
-                        threads: "int | None" = None, verify: bool = True, **engine_options):
-        """Load an artifact made by ``diffaccel optimize``. ``provider`` picks the ONNX Runtime execution provider
-        (cpu | cuda | tensorrt; default: the one the artifact was built for)."""
+                        threads: "int | None" = None, verify: bool = True, **kwargs):
+        """Load an artifact made by ``diffaccel optimize``.
+
+        ``provider`` picks the ONNX Runtime execution provider (cpu | cuda | tensorrt; default: the one the artifact
+        was built for); ``threads`` its intra-op threads. As in diffusers, ``scheduler=``, ``tokenizer=`` (and
+        ``safety_checker=``, ``feature_extractor=``) replace the artifact's; ``spin``, ``device``, ``compile``,
+        ``cuda_graph``, ``shared_memory`` go to the backend. diffusers' loading keywords that mean nothing for
+        engines (``torch_dtype``, ``variant``, ``device_map``...) are ignored with a warning; any other keyword is a
+        :class:`PipelineArgumentError`."""
+        given, engine_options = split_kwargs(kwargs)
         root = Path(pretrained_model_name_or_path)
         manifest = Manifest.load(root)
         if verify:
             manifest.verify()
         parts = load_components(root, manifest, provider=provider, threads=threads, **engine_options)
-        pipe = cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.artifact, pipe.manifest = root, manifest
+        for name in ("scheduler", "tokenizer"):
+            if name in given:
+                log.info("Using the %s passed to from_pretrained (%s)", name, type(given[name]).__name__)
+        pipe = cls(**{"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False,
+                      **parts, **given})
+        pipe.artifact, pipe.manifest, pipe._artifact_tokenizer = root, manifest, parts["tokenizer"]
         return pipe
 
     def save_pretrained(self, save_directory, **kwargs):
-        """Copy the artifact (engines unchanged, so their sha256 still verifies) with the current scheduler."""
+        """Copy the artifact (engines unchanged, so their sha256 still verifies) with the current scheduler and
+        tokenizer."""
         if self.artifact is None:
             raise ArtifactError("this pipeline was not loaded from an artifact; use diffaccel optimize to make one")
         dst = Path(save_directory)
@@ -98,7 +177,25 @@ class _Accelerated:
         with fresh_dir(dst) as tmp:
             shutil.copytree(self.artifact, tmp, ignore=shutil.ignore_patterns(".*"), dirs_exist_ok=True)
             shutil.rmtree(tmp / "scheduler")
-            self.scheduler.save_config(str(tmp / "scheduler"))
+            (tmp / "scheduler").mkdir()
+            (tmp / "scheduler" / "scheduler_config.json").write_text(given_config_text(self.scheduler))
+            if self.tokenizer is not self._artifact_tokenizer:
+                shutil.rmtree(tmp / "tokenizer")
+                self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+
+    def enable_vae_slicing(self):
+        """diffusers' former pipeline-level switch (its pipelines now leave it to the VAE): ``vae.enable_slicing()``."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self):
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self):
+        """diffusers' former pipeline-level switch (its pipelines now leave it to the VAE): ``vae.enable_tiling()``."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self):
+        self.vae.disable_tiling()
 
     @property
     def _execution_device(self):
@@ -108,8 +205,9 @@ class _Accelerated:
     def device(self):
         return self.unet.device
 
-    def _check_size(self, height, width) -> None:
-        """Fail before any work when the engines cannot serve height x width (pixels)."""
+    def _check_size(self, height, width, encode: bool = False) -> None:
+        """Fail before any work when the engines cannot serve height x width (pixels), whole or, with VAE tiling
+        on, in tiles (``encode``: the image is also VAE-encoded)."""
         scale = self.vae_scale_factor
         spec = self.unet.spec
         h, w = spec.axes["height"], spec.axes["width"]
@@ -120,6 +218,15 @@ class _Accelerated:
                 f"{' and '.join(bad)} cannot be served by this artifact: height must be {h.min * scale}-"
                 f"{h.max * scale} and width {w.min * scale}-{w.max * scale}, in multiples of {scale * h.multiple}; "
                 "rebuild with diffaccel optimize --height/--width for other sizes")
+        vae = self.vae
+        if height is None or width is None or not isinstance(vae, VaeShim) or not vae.use_tiling:
+            return
+        problem = vae.tile_problem(vae.tile_sizes(height, width), vae.spec, "decoder") or (
+            encode and vae.encoder is not None and
+            vae.tile_problem(vae.tile_sizes(height, width, encode=True), vae.encoder_spec, "encoder"))
+        if problem:
+            raise ShapeError(f"with VAE tiling on, {height}x{width} is cut into {problem}; call "
+                             "pipe.vae.disable_tiling() (the engines decode this size whole) or pick another size")
 
 
 class AcceleratedStableDiffusionPipeline(_Accelerated, StableDiffusionPipeline):
@@ -130,25 +237,38 @@ class AcceleratedStableDiffusionPipeline(_Accelerated, StableDiffusionPipeline):
         return super().check_inputs(prompt, height, width, *args, **kwargs)
 
 
+_IMG2IMG_CALL = inspect.signature(StableDiffusionImg2ImgPipeline.__call__)
+
+
 class AcceleratedStableDiffusionImg2ImgPipeline(_Accelerated, StableDiffusionImg2ImgPipeline):
     """``StableDiffusionImg2ImgPipeline`` running on diffaccel engines; called exactly like diffusers'."""
 
-    def __call__(self, prompt=None, image=None, *args, **kwargs):
-        height, width = _image_size(image)
-        self._check_size(height, width)
-        return super().__call__(prompt, image, *args, **kwargs)
+    @functools.wraps(StableDiffusionImg2ImgPipeline.__call__)   # diffusers' signature and docs; body unchanged
+    def __call__(self, *args, **kwargs):
+        image = _IMG2IMG_CALL.bind(self, *args, **kwargs).arguments.get("image")
+        height, width, encode = _image_size(image, self.vae_scale_factor, self.vae.config.get("latent_channels", 4))
+        self._check_size(height, width, encode)
+        return super().__call__(*args, **kwargs)
 
 
-def _image_size(image):
-    """(height, width) in pixels of a PIL image, array or tensor (or the first of a list); (None, None) if unknown."""
+def _image_size(image, scale: int, latent_channels: int):
+    """(height, width, encoded) of what diffusers' img2img makes of ``image`` (or of the first of a list): PIL
+    images, numpy ...HWC arrays and torch ...CHW tensors are floored to multiples of ``scale`` pixels and
+    VAE-encoded; 4-D tensors with ``latent_channels`` channels are latents, used as they are. (None, None, True) if
+    unknown."""
+    import PIL.Image
+    import torch
+
     if isinstance(image, (list, tuple)) and image:
         image = image[0]
-    if hasattr(image, "size") and not callable(image.size):  # PIL
+    if isinstance(image, PIL.Image.Image):
         w, h = image.size
-        return h, w
-    shape = getattr(image, "shape", None)
-    if shape is None or len(shape) < 2:
-        return None, None
-    if len(shape) == 4:
-        return (shape[2], shape[3]) if shape[1] in (1, 3, 4) else (shape[1], shape[2])
-    return (shape[1], shape[2]) if shape[0] in (1, 3, 4) else (shape[0], shape[1])
+    elif isinstance(image, torch.Tensor) and image.ndim >= 2:
+        if image.ndim == 4 and image.shape[1] == latent_channels:
+            return image.shape[2] * scale, image.shape[3] * scale, False
+        h, w = image.shape[-2:]
+    elif getattr(image, "ndim", 0) >= 3:  # numpy
+        h, w = image.shape[-3], image.shape[-2]
+    else:
+        return None, None, True
+    return h - h % scale, w - w % scale, True

@@ -1,12 +1,16 @@
 """Engine-backed stand-ins for the models diffusers' Stable Diffusion pipelines call.
 
 Each shim honours exactly what diffusers' ``__call__`` uses: ``unet(...)[0]`` and ``unet.config``, ``vae.decode``,
-``vae.encode(...).latent_dist``, ``vae.config.scaling_factor``, ``text_encoder(ids)[0]``, and ``dtype``/``device``.
-Batches larger than an engine's maximum are run in chunks.
+``vae.encode(...).latent_dist``, ``vae.config.scaling_factor``, ``text_encoder(ids)[0]``, and ``dtype``/``device``;
+the VAE also honours ``enable_slicing``/``enable_tiling`` as ``AutoencoderKL`` does. Batches larger than an engine's
+maximum are run in chunks.
 """
 from __future__ import annotations
 
-from diffaccel.optimize.artifact.errors import DiffaccelError
+import functools
+import types
+
+from diffaccel.optimize.artifact.errors import DiffaccelError, ShapeError
 
 
 def run_chunked(engine, spec, inputs: dict) -> dict:
@@ -73,24 +77,111 @@ class UNetShim(_Shim):
 
 
 class VaeShim(_Shim):
-    """Decoder and (optional) encoder engines behind one ``AutoencoderKL``-like object."""
+    """Decoder and (optional) encoder engines behind one ``AutoencoderKL``-like object.
+
+    Slicing runs one image per engine call. Tiling runs diffusers' own ``AutoencoderKL.tiled_decode`` /
+    ``_tiled_encode`` with the engines in place of the decoder and encoder, so it blends exactly as diffusers does;
+    it needs engines whose shape range serves every tile (:meth:`tile_problem` says which do not)."""
 
     def __init__(self, decoder, decoder_spec, config, encoder=None, encoder_spec=None):
         super().__init__(decoder, decoder_spec, config)
         self.encoder, self.encoder_spec = encoder, encoder_spec
+        self.use_slicing = self.use_tiling = False
+        self.scale_factor = 2 ** (len(config["block_out_channels"]) - 1)
+        size = config.get("sample_size", 512)          # AutoencoderKL's tile sizes and overlap
+        self.tile_sample_min_size = size[0] if isinstance(size, (list, tuple)) else size
+        self.tile_latent_min_size = int(self.tile_sample_min_size / self.scale_factor)
+        self.tile_overlap_factor = 0.25
+
+    def enable_slicing(self):
+        """Decode (and encode) one image at a time: less memory for large batches, same images."""
+        self.use_slicing = True
+
+    def disable_slicing(self):
+        self.use_slicing = False
+
+    def enable_tiling(self, use_tiling: bool = True):
+        """Decode (and encode) large images in overlapping tiles, as ``AutoencoderKL.enable_tiling``. Raises
+        :class:`ShapeError` when the engines were not built for the tile size."""
+        if use_tiling:
+            tile = self.tile_latent_min_size * self.scale_factor
+            problem = self.tile_problem({tile}, self.spec, "decoder") or (
+                self.tile_problem({self.tile_sample_min_size}, self.encoder_spec, "encoder") if self.encoder else "")
+            if problem:
+                raise ShapeError(f"VAE tiling is not available: {problem}; rebuild with diffaccel optimize "
+                                 f"--height/--width ranges that include {tile}, or leave tiling off")
+        self.use_tiling = use_tiling
+
+    def disable_tiling(self):
+        self.use_tiling = False
 
     def decode(self, z, return_dict=True, generator=None, **kwargs):
+        import torch
         from diffusers.models.autoencoders.vae import DecoderOutput
 
-        image = run_chunked(self.engine, self.spec, {"latent_sample": z})["sample"].to(z.device)
+        parts = [self._decode(p) for p in (z.split(1) if self.use_slicing and z.shape[0] > 1 else (z,))]
+        image = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(z.device)
         return DecoderOutput(sample=image) if return_dict else (image,)
 
     def encode(self, x, return_dict=True, **kwargs):
+        import torch
         from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         if self.encoder is None:
             raise DiffaccelError("this artifact has no VAE encoder engine; rebuild it with diffaccel optimize")
-        moments = run_chunked(self.encoder, self.encoder_spec, {"sample": x})["latent_parameters"].to(x.device)
-        dist = DiagonalGaussianDistribution(moments)
+        parts = [self._encode(p) for p in (x.split(1) if self.use_slicing and x.shape[0] > 1 else (x,))]
+        dist = DiagonalGaussianDistribution((parts[0] if len(parts) == 1 else torch.cat(parts)).to(x.device))
         return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def _decode(self, z):
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
+            from diffusers import AutoencoderKL
+
+            return AutoencoderKL.tiled_decode(self._as_autoencoder(), z, return_dict=False)[0]
+        return self._run_decoder(z)
+
+    def _encode(self, x):
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
+            from diffusers import AutoencoderKL
+
+            return AutoencoderKL._tiled_encode(self._as_autoencoder(), x)
+        return self._run_encoder(x)
+
+    def _run_decoder(self, z):
+        return run_chunked(self.engine, self.spec, {"latent_sample": z})["sample"]
+
+    def _run_encoder(self, x):
+        return run_chunked(self.encoder, self.encoder_spec, {"sample": x})["latent_parameters"]
+
+    def _as_autoencoder(self):
+        """What ``AutoencoderKL``'s tiling methods read from ``self``; the engines include the (post-)quant convs."""
+        from diffusers import AutoencoderKL
+
+        return types.SimpleNamespace(
+            config=types.SimpleNamespace(use_quant_conv=False, use_post_quant_conv=False),
+            decoder=self._run_decoder, encoder=self._run_encoder,
+            blend_v=functools.partial(AutoencoderKL.blend_v, None),
+            blend_h=functools.partial(AutoencoderKL.blend_h, None),
+            **{k: getattr(self, k) for k in ("tile_sample_min_size", "tile_latent_min_size", "tile_overlap_factor")})
+
+    def tile_sizes(self, height: int, width: int, encode: bool = False) -> set:
+        """The tile sides in pixels that tiling cuts a ``height`` x ``width`` image into (empty: not tiled)."""
+        s = self.scale_factor
+        tile = self.tile_sample_min_size if encode else self.tile_latent_min_size * s
+        step = int(self.tile_sample_min_size * (1 - self.tile_overlap_factor)) if encode else \
+            int(self.tile_latent_min_size * (1 - self.tile_overlap_factor)) * s
+        if not self.use_tiling or max(height, width) <= tile:
+            return set()
+        return {min(tile, n - i) for n in (height, width) for i in range(0, n, step)}
+
+    def tile_problem(self, sizes: set, spec, what: str) -> str:
+        """Why the ``what`` engine (decoder | encoder) cannot serve tiles of these sides in pixels ('' if it can)."""
+        s = self.scale_factor
+        axes = [spec.axes[a] for a in ("height", "width") if a in spec.axes]
+        bad = sorted(p for p in sizes if any(p % (s * r.multiple) or not r.allows(p // s) for r in axes))
+        if not bad:
+            return ""
+        spans = " x ".join(f"{r.min * s}-{r.max * s}" for r in axes)
+        return (f"tiles of {', '.join(map(str, bad))} pixels, but the VAE {what} engine serves {spans} pixels in "
+                f"multiples of {s * max(r.multiple for r in axes)}")

@@ -24,6 +24,10 @@ class ShapeError(DiffaccelError, ValueError):
     """A requested batch/height/width lies outside what an engine was built for."""
 
 
+class PipelineArgumentError(DiffaccelError, TypeError):
+    """A keyword a drop-in pipeline's ``from_pretrained`` does not know, or knows but cannot honour."""
+
+
 class ParityError(DiffaccelError):
     """An exported or quantized component does not match PyTorch within tolerance."""
 

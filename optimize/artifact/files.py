@@ -112,3 +112,12 @@ def sweep_scratch(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+
+
+def given_config_text(obj) -> str:
+    """A diffusers config object's JSON (``save_config``) without the keys diffusers filled with defaults
+    (``_use_default_values``), so a later ``OtherScheduler.from_config`` picks the same defaults as it would from the
+    file the user wrote."""
+    defaults = set(obj.config.get("_use_default_values", ()))
+    cfg = {k: v for k, v in json.loads(obj.to_json_string()).items() if k not in defaults}
+    return json.dumps(cfg, indent=2, sort_keys=True) + "\n"

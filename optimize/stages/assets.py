@@ -13,7 +13,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from diffaccel.optimize.artifact.files import atomic_write_text, fresh_dir
+from diffaccel.optimize.artifact.files import atomic_write_text, fresh_dir, given_config_text
 from diffaccel.optimize.stages.base import Stage, StageResult
 
 SCHEDULER_FILE = "scheduler_config.json"
@@ -70,10 +70,3 @@ def scheduler_config_text(scheduler, source=None) -> str:
         if json.loads(text).get("_class_name") == type(scheduler).__name__:
             return text
     return given_config_text(scheduler)
-
-
-def given_config_text(obj) -> str:
-    """``obj.save_config``'s JSON without the keys diffusers filled with defaults (``_use_default_values``)."""
-    defaults = set(obj.config.get("_use_default_values", ()))
-    cfg = {k: v for k, v in json.loads(obj.to_json_string()).items() if k not in defaults}
-    return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
