@@ -25,7 +25,8 @@ class AssetsStage(Stage):
     name = "assets"
 
     def settings(self, ctx):
-        return {"source": ctx.source.sha256}
+        # "scheduler": artifacts made before the scheduler config was kept as written get it rewritten on resume
+        return {"source": ctx.source.sha256, "scheduler": "as written by the source"}
 
     def run(self, ctx):
         pipe = ctx.pipe
