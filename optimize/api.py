@@ -25,6 +25,7 @@ from diffaccel.optimize.artifact.manifest import Manifest
 from diffaccel.optimize.families import detect
 from diffaccel.optimize.sources import Source, resolve_source
 from diffaccel.optimize.families.sd import COMPONENTS
+from diffaccel.optimize.stages.resources import StagePeak
 from diffaccel.optimize.stages.plans import plans, stages_for, supported_pairs
 from diffaccel.optimize.stages.base import Context, Reporter, record_files
 
@@ -150,16 +151,18 @@ def _run_stages(ctx: Context) -> None:
         ctx.manifest.save()
         ctx.reporter.stage_start(stage.name, list(ctx.components) if stage.name != "assets" else [])
         t0 = time.perf_counter()
-        result = stage.run(ctx)
+        with StagePeak() as peak:
+            result = stage.run(ctx)
         seconds = time.perf_counter() - t0
         ctx.manifest.record_stage(stage.name, stage.settings(ctx), key, seconds, record_files(ctx.root, result.files))
         record = ctx.manifest.stages[stage.name]
+        record.update(peak.record())
         if result.outputs():
             record["outputs"] = result.outputs()
         if result.records():
             record["components"] = result.records()
         ctx.manifest.save()
-        ctx.reporter.stage_end(stage.name, seconds, False)
+        ctx.reporter.stage_end(stage.name, seconds, False, peak_bytes=peak.peak_bytes)
 
 
 def _open_manifest(work: Path, source: Source, config: OptimizeConfig) -> Manifest:

@@ -26,7 +26,7 @@ class Recorder(Reporter):
         if name != "load":              # loading the source is a step of whichever stage needs it
             self.ran.append(name)
 
-    def stage_end(self, name, seconds, skipped, reason=""):
+    def stage_end(self, name, seconds, skipped, reason="", **_):
         if skipped:
             self.skipped.append(name)
 

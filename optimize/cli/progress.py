@@ -34,13 +34,14 @@ class ConsoleReporter(Reporter):
         if self.bar is not None:
             self.bar.update(1)
 
-    def stage_end(self, name, seconds, skipped, reason=""):
+    def stage_end(self, name, seconds, skipped, reason="", peak_bytes=0):
         self._close_bar()
         if skipped:
             print(f"{name:>8}: skipped ({reason})", file=self.stream, flush=True)
         else:
             detail = f"  [{', '.join(self.times.get(name, []))}]" if self.times.get(name) else ""
-            print(f"{name:>8}: done in {seconds:.1f}s{detail}", file=self.stream, flush=True)
+            peak = f", peak RSS {peak_bytes / 1e9:.2f} GB" if peak_bytes else ""
+            print(f"{name:>8}: done in {seconds:.1f}s{peak}{detail}", file=self.stream, flush=True)
 
     def _close_bar(self):
         if self.bar is not None:
@@ -71,7 +72,11 @@ def format_info(m) -> str:
         errs = [o.get("max_abs", float("nan")) for p in val.get("points", []) for o in p["outputs"].values()]
         parity = (("ok " if val.get("passed") else "FAIL ") + f"{max(errs):.2g}") if errs else "n/a"
         lines.append(f"{name:<13} {c.get('precision', '?'):<9} {_mb(size):>10}  {parity:<24} {c.get('engine')}")
-    lines += ["", "stages: " + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in m.stages.items())]
+    lines += ["", f"{'stage':<13} {'time':>9} {'peak RSS':>10}"]
+    for k, v in m.stages.items():
+        peak = f"{v['peak_rss_bytes'] / 1e9:.2f} GB" if v.get("peak_rss_bytes") else "n/a"
+        lines.append(f"{k:<13} {v['seconds']:>8.1f}s {peak:>10}")
+    lines.append("")
     tools = m.get("tools", {})
     lines.append("tools:  " + ", ".join(f"{k} {v}" for k, v in tools.items() if k != "platform"))
     return "\n".join(lines)

@@ -36,8 +36,9 @@ class Reporter:
     def item_done(self, stage: str, item: str, seconds: float) -> None:
         log.info("stage %s: %s done in %.1fs", stage, item, seconds)
 
-    def stage_end(self, name: str, seconds: float, skipped: bool, reason: str = "") -> None:
-        log.info("stage %s %s (%.1fs)", name, f"skipped: {reason}" if skipped else "done", seconds)
+    def stage_end(self, name: str, seconds: float, skipped: bool, reason: str = "", peak_bytes: int = 0) -> None:
+        log.info("stage %s %s (%.1fs, peak RSS %.2f GB)", name, f"skipped: {reason}" if skipped else "done", seconds,
+                 peak_bytes / 1e9)
 
 
 # ---- what a stage returns --------------------------------------------------------------------------------------
