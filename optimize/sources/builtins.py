@@ -20,7 +20,7 @@ from typing import Callable
 
 BUILTINS: dict[str, Callable] = {}
 RECIPE_VERSION = 2          # bump when a random:* recipe (or its tokenizer) changes, so its source hash changes
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"   # optimize/assets
 
 
 def builtin(name: str):
