@@ -25,7 +25,7 @@ from diffaccel.optimize.artifact.manifest import Manifest
 from diffaccel.optimize.families import detect
 from diffaccel.optimize.sources import Source, resolve_source
 from diffaccel.optimize.families.sd import COMPONENTS
-from diffaccel.optimize.stages.resources import StagePeak
+from diffaccel.optimize.stages.resources import StagePeak, check_memory
 from diffaccel.optimize.stages.plans import plans, stages_for, supported_pairs
 from diffaccel.optimize.stages.base import Context, Reporter, record_files
 
@@ -47,6 +47,8 @@ class OptimizeConfig:
     quant: QuantConfig = QuantConfig()    # int8 calibration and quantization settings
     tensorrt: TensorRTConfig = TensorRTConfig()
     seed: int = 0
+    memory_limit: "int | None" = None     # bytes the build may use (None: what the machine has available)
+    memory_check: bool = True             # refuse, before any work, a build whose estimated peak does not fit
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -97,9 +99,11 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
     stage_classes = stages_for(config.backend, config.precision)
     for cls in stage_classes:
         cls.preflight(config)
+    memory = _check_memory(source, family, config, stage_classes)
     work, fresh = _prepare_workdir(out, source, force)
     try:
         manifest = _open_manifest(work, source, config)
+        manifest.data["memory_estimate"] = memory
         ctx = Context(source=source, config=config, root=work, manifest=manifest, reporter=reporter, family=family)
         ctx.plan = [cls() for cls in stage_classes]
         _run_stages(ctx)
@@ -125,6 +129,20 @@ def _check_before_loading(source: Source, config: OptimizeConfig):
         if rng is not None:
             family.check_pixel_range(rng, scale * latent_multiple, what)
     return family
+
+
+def _check_memory(source: Source, family, config: OptimizeConfig, stage_classes) -> "dict | None":
+    """The pre-flight memory check (see :func:`~diffaccel.optimize.stages.resources.check_memory`), where the configs
+    can be read without the weights."""
+    configs = source.configs()
+    if not config.memory_check or configs is None or family is None:
+        return None
+    weights = family.weight_bytes(configs)
+    built = [weights.get(family.SOURCE_MODEL[c], 0) for c in config.components]
+    q = config.quant
+    samples = q.calib_size * q.calib_steps if str(config.precision) == "int8" else 0
+    return check_memory([s.name for s in stage_classes], sum(weights.values()), max(built, default=0), samples,
+                        config.memory_limit)
 
 
 def _drop_foreign_stages(ctx: Context) -> None:

@@ -28,6 +28,10 @@ class PipelineArgumentError(DiffaccelError, TypeError):
     """A keyword a drop-in pipeline's ``from_pretrained`` does not know, or knows but cannot honour."""
 
 
+class MemoryBudgetError(DiffaccelError):
+    """A build would need more memory than the machine (or --memory-limit) gives; refused before any work."""
+
+
 class ParityError(DiffaccelError):
     """An exported or quantized component does not match PyTorch within tolerance."""
 

@@ -63,6 +63,10 @@ def _add_optimize(sub) -> None:
                    help="regex of node names kept in float, in addition to the defaults (repeatable)")
     q.add_argument("--quality-target", default=None, metavar="psnr=DB",
                    help="keep the most sensitive layers in float until the int8 U-Net keeps this PSNR")
+    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="memory the build may use, e.g. 16G (default: what the machine has available)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="build even when the estimated peak memory exceeds what is available")
     t = p.add_argument_group("TensorRT")
     t.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default 3)")
     t.add_argument("--workspace-gb", type=float, default=None, help="tactic memory pool limit in GiB")
@@ -90,6 +94,7 @@ def _cmd_optimize(args) -> int:
     from diffaccel.optimize.cli.args import comma_list
     from diffaccel.optimize.cli.progress import ConsoleReporter
     from diffaccel.optimize.families.sd import COMPONENTS
+    from diffaccel.optimize.stages.resources import parse_size
 
     try:
         quant = QuantConfig(calib_prompts=args.calib_prompts, calib_size=args.calib_size,
@@ -103,7 +108,9 @@ def _cmd_optimize(args) -> int:
         cfg = OptimizeConfig(backend=args.backend, precision=args.precision, provider=args.provider,
                              shapes=ShapeRange.parse(args.batch, args.height, args.width), exporter=args.exporter,
                              opset=args.opset, graph_level=args.graph_level, threads=args.threads,
-                             components=comps, quant=quant, tensorrt=trt)
+                             components=comps, quant=quant, tensorrt=trt,
+                             memory_limit=parse_size(args.memory_limit) if args.memory_limit else None,
+                             memory_check=not args.no_memory_check)
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
     reporter = ConsoleReporter()

@@ -226,6 +226,27 @@ def export_module(component: str, pipe_or_models: Any):
     return table[component]().eval()
 
 
+def weight_bytes(configs: dict) -> dict:
+    """fp32 weight bytes of each model, from its config alone (built on PyTorch's meta device: no memory, no
+    weights): what the pre-flight memory check sizes a build by. A model whose config is missing counts 0."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def clean(cfg):
+        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+    makers = {"unet": lambda c: UNet2DConditionModel.from_config(clean(c)),
+              "vae": lambda c: AutoencoderKL.from_config(clean(c)),
+              "text_encoder": lambda c: CLIPTextModel(CLIPTextConfig(**clean(c)))}
+    out = {}
+    with torch.device("meta"):
+        for name, make in makers.items():
+            cfg = configs.get(name)
+            out[name] = sum(p.numel() * 4 for p in make(cfg).parameters()) if cfg else 0
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # calibration capture: the U-Net's inputs at every denoising step of real sampling
 # ----------------------------------------------------------------------------------------------------------

@@ -38,18 +38,20 @@ class Source:
         return {"spec": self.spec, "kind": self.kind, "location": self.location, "sha256": self.sha256}
 
     def configs(self) -> "dict | None":
-        """``{"pipeline", "unet", "vae"}``: the pipeline class and the U-Net and VAE configs, read without loading any
+        """``{"pipeline", "unet", "vae", "text_encoder"}``: the pipeline class and the models' configs, read without loading any
         weights (None where only loading can tell: a single-file checkpoint without ``--config``). Lets the family
         be detected and size checks run before any work (see :func:`diffaccel.optimize.families.detect`)."""
         if self.kind == "builtin" and self.spec in RECIPES:
-            return {"pipeline": None, "unet": RECIPES[self.spec]["unet"], "vae": RECIPES[self.spec]["vae"]}
+            r = RECIPES[self.spec]
+            return {"pipeline": None, "unet": r["unet"], "vae": r["vae"], "text_encoder": r["text"]}
         folder = self.single_file_config if self.kind == "single_file" else self.location
         if folder is None:
             return None
         try:
             index = json.loads((Path(folder) / "model_index.json").read_text())
             return {"pipeline": index.get("_class_name"),
-                    **{c: json.loads((Path(folder) / c / "config.json").read_text()) for c in ("unet", "vae")}}
+                    **{c: json.loads((Path(folder) / c / "config.json").read_text())
+                       for c in ("unet", "vae", "text_encoder")}}
         except (OSError, json.JSONDecodeError):
             return None   # loading will say what is wrong
 

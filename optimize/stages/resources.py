@@ -1,4 +1,5 @@
-"""What a build costs the host: each stage's peak resident memory (recorded in the manifest beside its time).
+"""What a build costs the host: each stage's peak resident memory (recorded in the manifest beside its time), and
+the pre-flight check that refuses, before any work, a build whose estimated peak the machine cannot hold.
 
 Linux keeps a process's peak RSS (``VmHWM``) and lets the process reset it (``/proc/self/clear_refs``, "5"), so the
 peak of one stage is read without sampling threads. Elsewhere the process-lifetime peak is recorded instead, and the
@@ -62,3 +63,89 @@ class StagePeak:
 
     def record(self) -> dict:
         return {"peak_rss_bytes": self.peak_bytes, "peak_rss_scope": self.method}
+
+
+# ---- the pre-flight check: refuse a build the machine cannot hold, before any work ----------------------------------
+GB = 1e9
+BASE_BYTES = 1.0 * GB      # Python, torch, ONNX Runtime and their libraries, measured on random:tiny builds
+
+# Peak RSS of a stage beyond BASE_BYTES, in fp32 weight bytes: (of the whole pipeline, of its largest component).
+# Measured with /usr/bin/time -v and the per-stage records on the SD 1.5 architecture (random:sd15, 2-core AMD EPYC,
+# 24 GB; docs/memory.md). A stage missing here is not memory-bound and counts as holding the pipeline only.
+STAGE_FACTORS = {
+    "export": (1.0, 1.0),
+    "engine": (1.0, 1.0),
+    "quantize": (1.0, 5.2),       # ONNX Runtime's quantize_static keeps every activation of every calibration sample
+}
+CALIB_REFERENCE_SAMPLES = 4      # the quantize factor above was measured with 2 prompts x 2 steps
+
+
+def available_memory() -> tuple:
+    """(bytes this process can still use, where that limit comes from): the smaller of the memory the kernel reports
+    available and what the cgroup (container) limit leaves."""
+    import psutil
+
+    avail, where = psutil.virtual_memory().available, "available system memory"
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), int(Path(usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) - usage < avail:
+            avail, where = int(limit) - usage, f"the container's memory limit ({int(limit) / GB:.1f} GB)"
+    return avail, where
+
+
+def estimate_peak(stage_names, total: int, largest: int) -> tuple:
+    """(estimated peak RSS in bytes, the stage it happens in) of a build from its stages' names, the fp32 weight
+    bytes of the whole pipeline (``total``) and of the largest component it builds (``largest``). For the quantize
+    stage this is a lower bound when more calibration samples than CALIB_REFERENCE_SAMPLES are used (today's
+    quantizer holds all of their activations at once).
+
+    >>> need, stage = estimate_peak(["assets", "export", "quantize", "engine"], total=4.3e9, largest=3.4e9)
+    >>> stage, round(need / 1e9, 1)
+    ('quantize', 23.0)
+    """
+    best = (BASE_BYTES, "")
+    for name in stage_names:
+        whole, big = STAGE_FACTORS.get(name, (1.0, 0.0))
+        best = max(best, (BASE_BYTES + whole * total + big * largest, name))
+    return best
+
+
+def parse_size(text) -> int:
+    """Bytes from ``"16G"``, ``"512M"``, ``"2.5GB"`` or a plain number of bytes.
+
+    >>> parse_size("16G"), parse_size("512M"), parse_size(1000)
+    (16000000000, 512000000, 1000)
+    """
+    t = str(text).strip().upper().removesuffix("B")
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale != 1 else t) * scale
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise ValueError(f"memory size {text!r} is not a size; write it like 16G or 512M")
+    return int(value)
+
+
+def check_memory(stage_names, total: int, largest: int, calib_samples: int, limit: "int | None" = None) -> dict:
+    """Refuse (one line: needed, available, what lowers it) a build whose estimated peak exceeds what this machine
+    (or ``limit``) gives; else return the estimate for the manifest."""
+    from diffaccel.optimize.artifact.errors import MemoryBudgetError
+
+    need, stage = estimate_peak(stage_names, total, largest)
+    at_least = "at least " if stage == "quantize" and calib_samples > CALIB_REFERENCE_SAMPLES else "about "
+    have, where = available_memory()
+    if limit is not None and limit < have:
+        have, where = limit, "--memory-limit"
+    if need > have:
+        lower = ("--calib-size/--calib-steps (fewer calibration samples), " if stage == "quantize" else "")
+        raise MemoryBudgetError(
+            f"this build needs {at_least}{need / GB:.1f} GB of memory (its {stage or 'load'} stage, largest component "
+            f"{largest / GB:.1f} GB in fp32) but {where} gives {have / GB:.1f} GB; lower it "
+            f"with {lower}--components (one at a time), or close other programs; --no-memory-check builds anyway")
+    return {"estimated_peak_bytes": int(need), "stage": stage, "available_bytes": int(have), "limit": where}
