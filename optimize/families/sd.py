@@ -93,6 +93,19 @@ class ModelGeometry:
         )
 
 
+def latent_opt_size(configs: dict, shapes) -> tuple:
+    """(height, width) of the U-Net's typical (opt) latent for a :class:`ShapeRange`, from the configs alone (what
+    calibration runs at; the pre-flight memory check sizes the int8 build by it)."""
+    unet, vae = configs["unet"], configs["vae"]
+    scale, multiple = size_factors(unet, vae)
+    sample = unet.get("sample_size") or 64
+    sample = sample if isinstance(sample, int) else sample[0]
+    geo = ModelGeometry(vocab_size=1, max_length=1, text_hidden=1, latent_channels=1, unet_in_channels=1,
+                        cross_attention_dim=1, vae_scale_factor=scale, latent_multiple=multiple,
+                        default_size=int(sample) * scale, num_train_timesteps=1)
+    return _pixel_axis(shapes.height, geo, "height").opt, _pixel_axis(shapes.width, geo, "width").opt
+
+
 def size_factors(unet_config, vae_config) -> tuple:
     """(VAE scale factor, latent multiple the U-Net needs) from the U-Net and VAE configs (dicts or diffusers
     FrozenDicts), with diffusers' defaults where a key is absent (AutoencoderKL: one block; UNet2DConditionModel:

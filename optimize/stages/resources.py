@@ -67,17 +67,24 @@ class StagePeak:
 
 # ---- the pre-flight check: refuse a build the machine cannot hold, before any work ----------------------------------
 GB = 1e9
-BASE_BYTES = 1.0 * GB      # Python, torch, ONNX Runtime and their libraries, measured on random:tiny builds
+BASE_BYTES = 0.5 * GB      # Python, torch, ONNX Runtime and their libraries (random:sd15's assets stage: 4.74 GB
+                           # with its 4.26 GB pipeline loaded)
 
-# Peak RSS of a stage beyond BASE_BYTES, in fp32 weight bytes: (of the whole pipeline, of its largest component).
-# Measured with /usr/bin/time -v and the per-stage records on the SD 1.5 architecture (random:sd15, 2-core AMD EPYC,
-# 24 GB; docs/memory.md). A stage missing here is not memory-bound and counts as holding the pipeline only.
+# Peak RSS of a stage beyond BASE_BYTES, in fp32 weight bytes: (of the whole pipeline, of its largest component
+# built). Measured on the SD 1.5 architecture (random:sd15, default shapes, 2-core AMD EPYC, 24 GB; docs/memory.md):
+# export 17.70 GB and engine 17.55 GB peaks with a 3.44 GB U-Net and a 4.26 GB pipeline. A stage missing here
+# holds the pipeline only.
 STAGE_FACTORS = {
-    "export": (1.0, 1.0),
-    "engine": (1.0, 1.0),
-    "quantize": (1.0, 5.2),       # ONNX Runtime's quantize_static keeps every activation of every calibration sample
+    "export": (1.0, 3.8),
+    "engine": (1.0, 3.8),
+    "quantize": (1.0, 4.95),
 }
-CALIB_REFERENCE_SAMPLES = 4      # the quantize factor above was measured with 2 prompts x 2 steps
+# Today's int8 quantizer (ONNX Runtime's quantize_static) keeps every activation of every calibration sample, so its
+# peak also grows with the calibration volume (samples x latent height x latent width). Anchors: 21.8 GB at the
+# default 64 samples at 256x256 (latent 32x32, the reference volume below) and killed above 24.2 GB at 512x512
+# (4x the volume); QUANTIZE_PER_VOLUME is the smallest slope that puts the second one above 24.2 GB (a lower bound).
+REFERENCE_CALIB_VOLUME = 64 * 32 * 32
+QUANTIZE_PER_VOLUME = 0.8 * GB
 
 
 def available_memory() -> tuple:
@@ -98,20 +105,22 @@ def available_memory() -> tuple:
     return avail, where
 
 
-def estimate_peak(stage_names, total: int, largest: int) -> tuple:
+def estimate_peak(stage_names, total: int, largest: int, calib_volume: int = 0) -> tuple:
     """(estimated peak RSS in bytes, the stage it happens in) of a build from its stages' names, the fp32 weight
-    bytes of the whole pipeline (``total``) and of the largest component it builds (``largest``). For the quantize
-    stage this is a lower bound when more calibration samples than CALIB_REFERENCE_SAMPLES are used (today's
-    quantizer holds all of their activations at once).
+    bytes of the whole pipeline (``total``) and of the largest component it builds (``largest``), and for int8 the
+    calibration volume (samples x latent height x latent width).
 
-    >>> need, stage = estimate_peak(["assets", "export", "quantize", "engine"], total=4.3e9, largest=3.4e9)
+    >>> need, stage = estimate_peak(["assets", "export", "quantize", "engine"], 4.26e9, 3.44e9, 64 * 64 * 64)
     >>> stage, round(need / 1e9, 1)
-    ('quantize', 23.0)
+    ('quantize', 24.2)
     """
     best = (BASE_BYTES, "")
     for name in stage_names:
         whole, big = STAGE_FACTORS.get(name, (1.0, 0.0))
-        best = max(best, (BASE_BYTES + whole * total + big * largest, name))
+        need = BASE_BYTES + whole * total + big * largest
+        if name == "quantize":
+            need += QUANTIZE_PER_VOLUME * max(0.0, calib_volume / REFERENCE_CALIB_VOLUME - 1)
+        best = max(best, (need, name))
     return best
 
 
@@ -132,13 +141,13 @@ def parse_size(text) -> int:
     return int(value)
 
 
-def check_memory(stage_names, total: int, largest: int, calib_samples: int, limit: "int | None" = None) -> dict:
+def check_memory(stage_names, total: int, largest: int, calib_volume: int = 0, limit: "int | None" = None) -> dict:
     """Refuse (one line: needed, available, what lowers it) a build whose estimated peak exceeds what this machine
     (or ``limit``) gives; else return the estimate for the manifest."""
     from diffaccel.optimize.artifact.errors import MemoryBudgetError
 
-    need, stage = estimate_peak(stage_names, total, largest)
-    at_least = "at least " if stage == "quantize" and calib_samples > CALIB_REFERENCE_SAMPLES else "about "
+    need, stage = estimate_peak(stage_names, total, largest, calib_volume)
+    at_least = "at least " if stage == "quantize" and calib_volume > REFERENCE_CALIB_VOLUME else "about "
     have, where = available_memory()
     if limit is not None and limit < have:
         have, where = limit, "--memory-limit"
