@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny artifacts built once per session, fully offline."""
+"""Shared fixtures: tiny artifacts built once per session, fully offline. Plain helpers live in tests/helpers.py.
+
+Session artifacts are read-only: a test that changes an artifact copies it first (``shutil.copytree``). At the end
+of the session every cached artifact is verified against its manifest, so a test that wrote into one fails there.
+"""
 from __future__ import annotations
 
 import os
@@ -8,6 +12,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
+
+from .helpers import FAST, QUICK, psnr  # noqa: E402,F401  (psnr: test files import it from here too)
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +28,9 @@ def tiny_pipe():
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory):
-    """Build-on-demand cache of artifacts keyed by (source, backend, precision)."""
+    """Build-on-demand cache of artifacts keyed by (source, backend, precision, other OptimizeConfig fields):
+    ``artifacts("random:tiny", "onnxruntime", "int8", exporter="torchscript")`` builds once per session, and every
+    later call with the same arguments returns the same folder. Treat it as read-only."""
     from diffaccel.optimize import OptimizeConfig, optimize
 
     root = tmp_path_factory.mktemp("artifacts")
@@ -36,25 +44,44 @@ def artifacts(tmp_path_factory):
             cache[key] = out
         return cache[key]
 
-    return get
+    yield get
+    from diffaccel.optimize.artifact.manifest import Manifest
+
+    for out in cache.values():          # a test wrote into a shared artifact: copy it first instead
+        Manifest.load(out).verify()
 
 
 @pytest.fixture(scope="session")
 def tiny_ort(artifacts):
+    """random:tiny -> ONNX Runtime fp32 with the default (dynamo) exporter: what users get."""
     return artifacts("random:tiny", "onnxruntime")
 
 
-def psnr(a, b) -> float:
-    import numpy as np
+@pytest.fixture(scope="session")
+def tiny_ort_ts(artifacts):
+    """random:tiny -> ONNX Runtime fp32 with the legacy exporter, for tests where the exporter is not under test."""
+    return artifacts("random:tiny", "onnxruntime", **FAST)
 
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+@pytest.fixture(scope="session")
+def tiny_int8(artifacts):
+    """random:tiny -> ONNX Runtime int8, every component, the smallest calibration (QUICK)."""
+    from diffaccel.optimize.config import QuantConfig
+
+    return artifacts("random:tiny", "onnxruntime", "int8", quant=QuantConfig(**QUICK), **FAST)
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_unet(artifacts):
+    """random:tiny -> ONNX Runtime int8, U-Net only, min-max calibration (QUICK)."""
+    from diffaccel.optimize.config import QuantConfig
+
+    return artifacts("random:tiny", "onnxruntime", "int8", components=("unet",), quant=QuantConfig(**QUICK), **FAST)
 
 
 @pytest.fixture(scope="session")
 def tiny_folder(tiny_pipe, tmp_path_factory):
-    """random:tiny saved as a diffusers-format folder."""
+    """random:tiny saved as a diffusers-format folder (read-only: copy it to change it)."""
     path = tmp_path_factory.mktemp("src") / "tiny-sd"
     tiny_pipe.save_pretrained(str(path), safe_serialization=True)
     return path

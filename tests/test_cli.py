@@ -6,22 +6,8 @@ import sys
 
 import pytest
 
-from diffaccel.optimize.cli import main
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("diffaccel: error: "), err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+from .helpers import assert_one_line_error
+from .helpers import run_cli as run
 
 
 def test_nonexistent_path(capsys, tmp_path):

@@ -10,7 +10,7 @@ from diffaccel.optimize.export.parity import compare
 from diffaccel.optimize.families.sd import export_module
 from diffaccel.optimize.artifact.specs import ComponentSpec
 
-from .conftest import psnr
+from .helpers import psnr
 
 BACKENDS = ["onnxruntime", "torch"]
 

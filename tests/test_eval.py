@@ -11,17 +11,16 @@ from diffaccel.eval import EvalConfig, evaluate
 from diffaccel.eval.harness import variants as var
 from diffaccel.eval.harness.instrument import instrument
 from diffaccel.eval.harness.timing import Clock
-from diffaccel.optimize.artifact.errors import DiffaccelError
 
-from .test_metrics import FakeInception, FakeLpips, make_tiny_clip
+from .helpers import assert_one_line_error, make_tiny_clip, run_cli, save_fake_metric_models
 
 PROMPTS = ("a small red circle at the top left on a white background",
            "a large blue star in the center on a black background")
 
 
 @pytest.fixture(scope="module")
-def artifact(artifacts):
-    return artifacts("random:tiny", "onnxruntime", exporter="torchscript")
+def artifact(tiny_ort_ts):
+    return tiny_ort_ts
 
 
 def _broken_peer(pipe, device):
@@ -31,14 +30,13 @@ def _broken_peer(pipe, device):
 @pytest.fixture(scope="module")
 def result(artifact, tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
-    torch.jit.script(FakeInception()).save(str(d / "inception.pt"))
-    torch.jit.script(FakeLpips()).save(str(d / "lpips.pt"))
+    inception, lpips = save_fake_metric_models(d)
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(var.PEERS, "torch-broken", _broken_peer)
         config = EvalConfig(prompts=PROMPTS, seeds=(0, 1), steps=(3, 2), batch_sizes=(2, 1), repeat=1,
                             scheduler="EulerDiscreteScheduler", peers=("torch-bf16", "torch-broken"),
                             adherence=True, clip_model=str(make_tiny_clip(d / "clip")),
-                            inception=str(d / "inception.pt"), lpips=str(d / "lpips.pt"), threads=1)
+                            inception=str(inception), lpips=str(lpips), threads=1)
         report = evaluate([artifact], config=config, out_dir=d / "report")
     return report, d / "report"
 
@@ -78,8 +76,14 @@ def test_latency_is_measured_alike(result):
         assert lat["unet_step"]["n"] == len(lat["unet_step_samples"]) == 2 * 2 * 3   # prompts x seeds x steps
         s = lat["unet_step"]
         assert 0 < s["min"] <= s["p50"] <= s["p90"] <= s["p99"] <= s["max"]
-        assert sum(lat["breakdown"].values()) == pytest.approx(lat["end_to_end"]["mean"], rel=1e-6)
-        assert all(lat["breakdown"][k] > 0 for k in ("text_encoder", "unet", "vae_decode"))
+        # each call's parts are timed inside its end-to-end span: they fit in it, and the breakdown's U-Net is
+        # every step of a call, not one step
+        b, calls = lat["breakdown"], 2 * 2                                          # prompts x seeds
+        assert lat["end_to_end"]["n"] == calls and lat["other"]["n"] == calls and lat["other"]["min"] > 0
+        assert b["unet"] == pytest.approx(sum(lat["unet_step_samples"]) / calls, rel=1e-6)
+        assert b["text_encoder"] == pytest.approx(lat["text_encoder"]["mean"])
+        assert b["vae_decode"] == pytest.approx(lat["vae_decode"]["mean"])
+        assert all(b[k] > 0 for k in ("text_encoder", "unet", "vae_decode"))
         assert lat["steps_per_second"] > 0 and v["clock"] == "perf_counter"
         assert [t["batch_size"] for t in v["throughput"]] == [1, 2]
         assert all(t["images_per_second"] > 0 and t["end_to_end"]["n"] == 1 for t in v["throughput"])
@@ -145,51 +149,35 @@ def test_instrument_times_components_and_restores_everything(tiny_pipe, artifact
 
 
 # ---- bad input: one line, before any work ------------------------------------------------------------------------
-@pytest.fixture
-def cli():
-    from diffaccel.optimize.cli import main
+def test_bad_input(capsys, tmp_path, artifact):
+    out, art = str(tmp_path / "r"), str(artifact)
 
-    return main
+    def refused(argv, *needles):
+        code, _, err = run_cli(capsys, "eval", *argv)
+        assert_one_line_error(code, err, *needles)
 
-
-def one_line_error(capsys, code, *needles):
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("diffaccel: error: "), err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
-
-def test_bad_input(cli, capsys, tmp_path, artifact):
-    out = str(tmp_path / "r")
-    one_line_error(capsys, cli(["eval", str(tmp_path / "nope"), "-o", out]), "is not a directory",
-                   "diffaccel optimize")
-    one_line_error(capsys, cli(["eval", str(artifact), "--seeds", "0,x", "-o", out]), "bad --seeds", "e.g.")
-    one_line_error(capsys, cli(["eval", str(artifact), "--steps", "0", "-o", out]), "bad step count 0", ">= 1")
-    one_line_error(capsys, cli(["eval", str(artifact), "--steps", "", "-o", out]), "bad --steps")
-    one_line_error(capsys, cli(["eval", str(artifact), "--scheduler", "FooScheduler", "-o", out]),
-                   "unknown scheduler 'FooScheduler'", "DDIMScheduler")
-    one_line_error(capsys, cli(["eval", str(artifact), "--peers", "torch-int3", "-o", out]),
-                   "unknown peer(s) torch-int3", "torch-bf16")
-    one_line_error(capsys, cli(["eval", str(artifact), "--baseline", "random:sd15", "-o", out]),
-                   "source hashes differ", "--allow-different-source")
-    one_line_error(capsys, cli(["eval", "-o", out]), "nothing to compare", "--baseline")
+    refused([str(tmp_path / "nope"), "-o", out], "is not a directory", "diffaccel optimize")
+    refused([art, "--seeds", "0,x", "-o", out], "bad --seeds", "e.g.")
+    refused([art, "--steps", "0", "-o", out], "bad step count 0", ">= 1")
+    refused([art, "--steps", "", "-o", out], "bad --steps")
+    refused([art, "--scheduler", "FooScheduler", "-o", out], "unknown scheduler 'FooScheduler'", "DDIMScheduler")
+    refused([art, "--peers", "torch-int3", "-o", out], "unknown peer(s) torch-int3", "torch-bf16")
+    refused([art, "--baseline", "random:sd15", "-o", out], "source hashes differ", "--allow-different-source")
+    refused(["-o", out], "nothing to compare", "--baseline")
     (tmp_path / "p.txt").write_text("a photo of a cat\n")
-    one_line_error(capsys, cli(["eval", str(artifact), "--adherence", "--prompts", str(tmp_path / "p.txt"),
-                                "-o", out]), "--adherence needs tinyshapes captions")
+    refused([art, "--adherence", "--prompts", str(tmp_path / "p.txt"), "-o", out],
+            "--adherence needs tinyshapes captions")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    one_line_error(capsys, cli(["eval", str(artifact), "-o", str(tmp_path / "mine")]),
-                   "exists and is not a diffaccel report")
+    refused([art, "-o", str(tmp_path / "mine")], "exists and is not a diffaccel report")
     assert not (tmp_path / "r").exists()
 
 
-def test_cli_run_and_render_only(cli, capsys, tmp_path):
+def test_cli_run_and_render_only(capsys, tmp_path):
     (tmp_path / "p.txt").write_text("# comment\na red circle\n")
     out = tmp_path / "report"
-    code = cli(["eval", "--baseline", "random:tiny", "--prompts", str(tmp_path / "p.txt"), "--steps", "2",
-                "--seeds", "3", "--batch-sizes", "1", "--repeat", "1", "-o", str(out)])
-    stdout = capsys.readouterr().out
+    code, stdout, _ = run_cli(capsys, "eval", "--baseline", "random:tiny", "--prompts", tmp_path / "p.txt", "--steps",
+                              "2", "--seeds", "3", "--batch-sizes", "1", "--repeat", "1", "-o", out)
     assert code == 0 and "torch-fp32 (baseline)" in stdout and f"report: {out / 'report.html'}" in stdout
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["seeds"] == [3]
@@ -198,11 +186,12 @@ def test_cli_run_and_render_only(cli, capsys, tmp_path):
     assert report["metrics"] == {**report["metrics"], **NOT_COMPUTED}
     assert "not computed (pass --lpips PATH" in (out / "report.md").read_text()
     (out / "report.html").unlink()
-    assert cli(["eval", "--render-only", "-o", str(out)]) == 0
-    assert (out / "report.html").is_file() and "rebuilt from" in capsys.readouterr().out
+    code, stdout, _ = run_cli(capsys, "eval", "--render-only", "-o", out)
+    assert code == 0 and (out / "report.html").is_file() and "rebuilt from" in stdout
 
 
 # ---- microbench: side by side, both exporters --------------------------------------------------------------------
+@pytest.mark.slow
 def test_microbench_times_variants_side_by_side(tmp_path, monkeypatch):
     import diffaccel.engines
     from diffaccel.eval.harness.microbench import UNetBenchConfig, format_table, run_unet_bench

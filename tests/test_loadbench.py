@@ -10,8 +10,9 @@ from PIL import Image
 from diffaccel.eval.loadbench.batching import Request
 from diffaccel.eval.loadbench.runner import LoadBench, SweepConfig
 from diffaccel.eval.loadbench.loop import LoadConfig, poisson_arrivals, serve
-from diffaccel.optimize.cli import main
 from diffaccel.optimize.artifact.errors import ShapeError
+
+from .helpers import assert_one_line_error, run_cli
 
 
 def _fake_engine(seconds_per_batch=0.005, log=None):
@@ -102,8 +103,8 @@ def test_load_config_validation(kw, needle):
 
 # ---- real engines ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny(artifacts):
-    return artifacts("random:tiny", "onnxruntime", exporter="torchscript")
+def tiny(tiny_ort_ts):
+    return tiny_ort_ts
 
 
 def test_real_run_on_tiny_every_image_returned_to_its_request(tiny):
@@ -124,17 +125,10 @@ def test_real_run_on_tiny_every_image_returned_to_its_request(tiny):
     assert np.abs(np.asarray(alone, np.int16) - np.asarray(images[paired["id"]], np.int16)).max() <= 2
 
 
-def _cli(monkeypatch, capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_cli_sweep_writes_results_and_picks_by_slo(tiny, tmp_path, monkeypatch, capsys):
+def test_cli_sweep_writes_results_and_picks_by_slo(tiny, tmp_path, capsys):
     out = tmp_path / "bench"
-    code, stdout, err = _cli(monkeypatch, capsys, "bench", str(tiny), "-o", str(out), "--requests", "4", "--steps",
-                             "2", "--rate", "8x", "--sweep-max-batch", "1,2", "--batch-timeout", "20",
-                             "--slo-p95", "60")
+    code, stdout, err = run_cli(capsys, "bench", tiny, "-o", out, "--requests", "4", "--steps", "2", "--rate", "8x",
+                                "--sweep-max-batch", "1,2", "--batch-timeout", "20", "--slo-p95", "60")
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "bench.png"]
     result = json.loads((out / "bench.json").read_text())
@@ -146,28 +140,27 @@ def test_cli_sweep_writes_results_and_picks_by_slo(tiny, tmp_path, monkeypatch, 
     assert "SLO p95 <= 60 s: choose rate 8x" in stdout and "bench.png" in (out / "bench.md").read_text()
 
 
-def _one_line_error(monkeypatch, capsys, *argv, needle):
-    code, _, err = _cli(monkeypatch, capsys, "bench", *argv)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("diffaccel: error: ") and needle in lines[0], err
+def _one_line_error(capsys, *argv, needle):
+    code, _, err = run_cli(capsys, "bench", *argv)
+    assert_one_line_error(code, err, needle)
 
 
-def test_cli_missing_artifact(tmp_path, monkeypatch, capsys):
-    _one_line_error(monkeypatch, capsys, str(tmp_path / "nope"), "-o", str(tmp_path / "b"),
+def test_cli_missing_artifact(tmp_path, capsys):
+    _one_line_error(capsys, str(tmp_path / "nope"), "-o", str(tmp_path / "b"),
                     needle="is not a directory")
-    _one_line_error(monkeypatch, capsys, str(tmp_path), "-o", str(tmp_path / "b"), needle="has no manifest.json")
+    _one_line_error(capsys, str(tmp_path), "-o", str(tmp_path / "b"), needle="has no manifest.json")
     assert not (tmp_path / "b").exists()
 
 
-def test_cli_bad_input(tiny, tmp_path, monkeypatch, capsys):
+def test_cli_bad_input(tiny, tmp_path, capsys):
     b = str(tmp_path / "b")
-    _one_line_error(monkeypatch, capsys, str(tiny), "-o", b, "--rate=-2", needle="bad rate '-2'")
-    _one_line_error(monkeypatch, capsys, str(tiny), "-o", b, "--concurrency", "2", "--sweep-rates", "1,2",
+    _one_line_error(capsys, str(tiny), "-o", b, "--rate=-2", needle="bad rate '-2'")
+    _one_line_error(capsys, str(tiny), "-o", b, "--concurrency", "2", "--sweep-rates", "1,2",
                     needle="use --rate instead")
-    _one_line_error(monkeypatch, capsys, str(tiny), "-o", str(tiny), needle="not the artifact")
+    _one_line_error(capsys, str(tiny), "-o", str(tiny), needle="not the artifact")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("keep me")
-    _one_line_error(monkeypatch, capsys, str(tiny), "-o", str(tmp_path / "other"), needle="not a benchmark folder")
+    _one_line_error(capsys, str(tiny), "-o", str(tmp_path / "other"), needle="not a benchmark folder")
     assert not (tmp_path / "b").exists() and (tmp_path / "other" / "notes.txt").exists()
 
 

@@ -8,6 +8,8 @@ import torch
 from diffaccel.eval.metrics import images as metrics
 from diffaccel.optimize.artifact.errors import DiffaccelError
 
+from .helpers import make_tiny_clip, save_fake_metric_models
+
 
 def rand_image(seed, shape=(64, 48, 3), lo=0.0, hi=1.0):
     return np.random.default_rng(seed).uniform(lo, hi, shape)
@@ -100,25 +102,10 @@ def test_fid_from_features():
 
 
 # ---- learned metrics with in-code stand-ins (never downloaded) ---------------------------------------------------
-class FakeInception(torch.nn.Module):
-    """Channel means and stds as 'features'; refuses to run without return_features=True, like the real file."""
-
-    def forward(self, x, return_features: bool = False):
-        if not return_features:
-            raise RuntimeError("logits requested")
-        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
-
-
-class FakeLpips(torch.nn.Module):
-    def forward(self, x, y):
-        return ((x - y) ** 2).mean(dim=(1, 2, 3)).reshape(-1, 1, 1, 1)
-
-
 @pytest.fixture(scope="module")
 def scripted(tmp_path_factory):
     d = tmp_path_factory.mktemp("scripted")
-    torch.jit.script(FakeInception()).save(str(d / "inception.pt"))
-    torch.jit.script(FakeLpips()).save(str(d / "lpips.pt"))
+    save_fake_metric_models(d)
     return d
 
 
@@ -148,27 +135,6 @@ def test_bad_weight_files_are_one_line_errors(tmp_path):
         metrics.InceptionFeatures(str(tmp_path / "missing.pt"))
     with pytest.raises(DiffaccelError, match="--clip-model .*no config.json"):
         metrics.ClipScorer(str(tmp_path))
-
-
-def make_tiny_clip(folder):
-    """A random tiny CLIP model + processor saved like a Hugging Face folder (offline)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from diffaccel.optimize.sources.tokenizer import word_tokenizer
-
-    tok = word_tokenizer(max_length=16)
-    small = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1)
-    cfg = CLIPConfig(text_config=dict(small, vocab_size=len(tok), max_position_embeddings=16,
-                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.pad_token_id),
-                     vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = CLIPModel(cfg).eval()
-    model.save_pretrained(str(folder))
-    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(str(folder))
-    return folder
 
 
 def test_clip_score_with_a_local_folder(tmp_path):

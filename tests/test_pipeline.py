@@ -8,7 +8,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscrete
 from diffaccel.engines import AcceleratedStableDiffusionImg2ImgPipeline, AcceleratedStableDiffusionPipeline
 from diffaccel.optimize.artifact.errors import ShapeError
 
-from .conftest import psnr
+from .helpers import psnr
 
 
 @pytest.fixture(scope="module")

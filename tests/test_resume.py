@@ -15,7 +15,7 @@ from diffaccel.optimize.artifact.manifest import Manifest
 from diffaccel.optimize.stages.onnx_export import OrtEngineStage
 from diffaccel.optimize.stages.base import Reporter
 
-FAST = dict(exporter="torchscript")   # the exporter is not under test here; the legacy one is 15x faster on tiny
+from .helpers import FAST   # the exporter is not under test here; the legacy one is 15x faster on tiny
 
 
 class Recorder(Reporter):
@@ -32,10 +32,9 @@ class Recorder(Reporter):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("resume") / "tiny"
-    optimize("random:tiny", out, OptimizeConfig(**FAST))
-    return out
+def built(tiny_ort_ts):
+    """optimize("random:tiny", OUT, OptimizeConfig(**FAST)), shared by the session: tests change copies of it."""
+    return tiny_ort_ts
 
 
 def _copy(src, tmp_path):
@@ -101,6 +100,7 @@ def test_interrupted_rebuild_keeps_the_old_out_intact(built, tmp_path, monkeypat
     assert m.stages["engine"]["config"]["graph_level"] == "extended"
 
 
+@pytest.mark.slow
 def test_kill_9_never_leaves_a_complete_looking_out(tmp_path):
     out = tmp_path / "killed"
     partial = tmp_path / ".killed.partial"

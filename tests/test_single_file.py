@@ -7,6 +7,7 @@ from diffaccel.optimize.artifact.errors import SourceError
 from diffaccel.optimize.artifact.manifest import Manifest
 from diffaccel.optimize.sources import resolve_source
 
+from .helpers import run_cli
 from .ldm_format import pipeline_to_ldm, tiny_sd1_pipeline
 
 
@@ -33,12 +34,10 @@ def test_loads_with_the_same_weights(single_file):
 
 
 def test_cli_optimizes_a_single_file(single_file, tmp_path, capsys):
-    from diffaccel.optimize.cli import main
-
     _, path, config = single_file
-    code = main(["optimize", str(path), "--config", str(config), "-o", str(tmp_path / "out"),
-                 "--exporter", "torchscript", "--components", "unet"])
-    assert code == 0, capsys.readouterr().err
+    code, _, err = run_cli(capsys, "optimize", path, "--config", config, "-o", tmp_path / "out",
+                           "--exporter", "torchscript", "--components", "unet")
+    assert code == 0, err
     m = Manifest.load(tmp_path / "out")
     assert m.source["kind"] == "single_file" and m.components["unet"]["validation"]["passed"]
 
