@@ -8,10 +8,10 @@ Each backend module defines ``load(root, component, entry, **options) -> Engine`
 directory, ``component`` the component's name (``"unet"``...), ``entry`` its record in ``manifest.json`` (paths in it
 are relative to ``root``). Options a backend does not know are ignored, so one call can serve every backend:
 ``onnxruntime`` takes ``provider``, ``threads``, ``spin``; ``torch`` takes ``device``, ``compile``; ``tensorrt``
-takes ``device``, ``cuda_graph``, ``shared_memory``.
+takes ``device``, ``cuda_graph``, ``shared_memory``; ``openvino`` takes ``threads``, ``hint`` (LATENCY | THROUGHPUT).
 
 >>> sorted(BACKENDS)
-['onnxruntime', 'tensorrt', 'torch']
+['onnxruntime', 'openvino', 'tensorrt', 'torch']
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ BACKENDS = {
     "onnxruntime": "diffaccel.engines.backends.onnxruntime",
     "torch": "diffaccel.engines.backends.torch",
     "tensorrt": "diffaccel.engines.backends.tensorrt",
+    "openvino": "diffaccel.engines.backends.openvino",
 }
+EXTRAS = {"tensorrt": "gpu", "openvino": "openvino"}    # the pip extra that brings a backend's runtime
 
 
 @runtime_checkable
@@ -46,7 +48,7 @@ def backend_module(name: str):
         return importlib.import_module(BACKENDS[name])
     except ImportError as e:
         raise BackendUnavailableError(f"backend {name} needs a package that is not installed ({e.name or e}); "
-                                      f"install diffaccel[{'gpu' if name == 'tensorrt' else 'cpu'}]") from e
+                                      f"install diffaccel[{EXTRAS.get(name, 'cpu')}]") from e
 
 
 def load_engine(backend: str, root, component: str, entry: dict, **options) -> Engine:

@@ -28,6 +28,7 @@ class Backend(_StrEnum):
     ONNXRUNTIME = "onnxruntime"
     TORCH = "torch"
     TENSORRT = "tensorrt"
+    OPENVINO = "openvino"
 
 
 class Precision(_StrEnum):

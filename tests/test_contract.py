@@ -1,4 +1,5 @@
 """One contract for every backend that runs here: build -> load -> parity with torch -> manifest round-trip."""
+import importlib.util
 import json
 
 import pytest
@@ -12,12 +13,21 @@ from diffaccel.optimize.artifact.specs import ComponentSpec
 
 from .helpers import psnr
 
-BACKENDS = ["onnxruntime", "torch"]
+BACKENDS = ["onnxruntime", "torch",
+            pytest.param("openvino", marks=pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                                              reason="openvino is not installed (diffaccel[openvino])"))]
+# openvino compiles the same ONNX export as onnxruntime: its artifact uses the faster legacy exporter (the default
+# exporter is covered by the onnxruntime case)
+OPTIONS = {"openvino": {"exporter": "torchscript"}}
+
+
+def _built(artifacts, backend):
+    return artifacts("random:tiny", backend, **OPTIONS.get(backend, {}))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_manifest_records_what_was_built(artifacts, backend):
-    out = artifacts("random:tiny", backend)
+    out = _built(artifacts, backend)
     m = Manifest.load(out)
     assert m.complete and m["backend"] == backend and m["precision"] == "fp32"
     assert m.source["spec"] == "random:tiny" and len(m.source["sha256"]) == 64
@@ -34,7 +44,7 @@ def test_manifest_records_what_was_built(artifacts, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_engines_match_torch_on_fresh_inputs(artifacts, tiny_pipe, backend):
-    out = artifacts("random:tiny", backend)
+    out = _built(artifacts, backend)
     m = Manifest.load(out)
     gen = torch.Generator().manual_seed(99)
     for name, entry in m.components.items():
@@ -51,7 +61,7 @@ def test_engines_match_torch_on_fresh_inputs(artifacts, tiny_pipe, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pipeline_images_match_diffusers(artifacts, tiny_pipe, backend):
-    pipe = AcceleratedStableDiffusionPipeline.from_pretrained(artifacts("random:tiny", backend))
+    pipe = AcceleratedStableDiffusionPipeline.from_pretrained(_built(artifacts, backend))
     pipe.set_progress_bar_config(disable=True)
     kw = dict(prompt="a red circle", num_inference_steps=4, output_type="np")
     ref = tiny_pipe(generator=torch.Generator().manual_seed(3), **kw).images
@@ -64,7 +74,7 @@ def test_pipeline_images_match_diffusers(artifacts, tiny_pipe, backend):
 def test_save_pretrained_round_trips(artifacts, tmp_path, backend):
     from diffusers import EulerDiscreteScheduler
 
-    pipe = AcceleratedStableDiffusionPipeline.from_pretrained(artifacts("random:tiny", backend))
+    pipe = AcceleratedStableDiffusionPipeline.from_pretrained(_built(artifacts, backend))
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.save_pretrained(tmp_path / "copy")

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 # from_pretrained's keywords besides provider/threads/verify. Components diffusers lets you pass that we honour:
 COMPONENTS = ("scheduler", "tokenizer", "safety_checker", "feature_extractor", "requires_safety_checker")
 # options passed on to the backend's load() (onnxruntime: spin; torch: device, compile; tensorrt: device,
-# cuda_graph, shared_memory)
-ENGINE_OPTIONS = ("spin", "device", "compile", "cuda_graph", "shared_memory")
+# cuda_graph, shared_memory; openvino: hint)
+ENGINE_OPTIONS = ("spin", "device", "compile", "cuda_graph", "shared_memory", "hint")
 # diffusers' from_pretrained keywords that mean nothing for engines: accepted with a warning that says why
 _FIXED = "engine precision and files were fixed when the artifact was built (diffaccel optimize --precision)"
 _LOCAL = "an artifact is a local directory, nothing is downloaded"

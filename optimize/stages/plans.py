@@ -24,6 +24,7 @@ STAGES = {  # stage name in the plan table -> "module:Class"
     "modelopt": "diffaccel.optimize.quant.modelopt:ModeloptQuantStage",
     "autocast": _S + "tensorrt:AutoCastStage",
     "trt_engine": _S + "tensorrt:TensorRTBuildStage",
+    "ov_engine": _S + "openvino:OpenVinoEngineStage",
 }
 
 _TRT_QUANT = ("Model Optimizer {} Q/DQ U-Net calibrated on the pipeline, fp16 elsewhere, strongly typed TensorRT "
@@ -44,6 +45,12 @@ PLANS = {  # (backend, precision) -> (stages, note)
                            "ONNX export, Model Optimizer AutoCast to fp16, strongly typed TensorRT engines"),
     ("tensorrt", "int8"): (("assets", "export", "modelopt", "autocast", "trt_engine"), _TRT_QUANT.format("int8")),
     ("tensorrt", "fp8"): (("assets", "export", "modelopt", "autocast", "trt_engine"), _TRT_QUANT.format("fp8")),
+    ("openvino", "fp32"): (("assets", "export", "ov_engine"), "ONNX export, OpenVINO IR compiled for the CPU in f32"),
+    ("openvino", "bf16"): (("assets", "export", "ov_engine"),
+                           "ONNX export, OpenVINO IR compiled for the CPU in bf16 (CPUs with AVX512_BF16 or AMX)"),
+    ("openvino", "int8"): (("assets", "export", "int8", "ov_engine"),
+                           "diffaccel's calibrated int8 Q/DQ U-Net compiled by OpenVINO, float parts in bf16 where the "
+                           "CPU has it"),
 }
 
 

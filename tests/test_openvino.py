@@ -1,0 +1,55 @@
+"""The OpenVINO backend: explicit inference precision, bf16 only where the CPU has it, diffaccel's own int8 Q/DQ
+compiled by OpenVINO, a compiled-model cache keyed by OpenVINO version, CPU and precision."""
+import pytest
+
+pytest.importorskip("openvino", reason="openvino is not installed (diffaccel[openvino])")
+
+from diffaccel.engines import AcceleratedStableDiffusionPipeline  # noqa: E402
+from diffaccel.engines.backends import openvino as ov_backend  # noqa: E402
+from diffaccel.optimize import OptimizeConfig, optimize  # noqa: E402
+from diffaccel.optimize.artifact.errors import BackendUnavailableError  # noqa: E402
+from diffaccel.optimize.artifact.manifest import Manifest  # noqa: E402
+from diffaccel.optimize.config import QuantConfig  # noqa: E402
+
+from .helpers import FAST, QUICK, psnr  # noqa: E402
+
+
+def test_bf16_is_refused_where_the_cpu_has_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(ov_backend, "capabilities", lambda: ("FP32", "INT8"))
+    with pytest.raises(BackendUnavailableError, match="no bf16 support in OpenVINO.*--precision fp32"):
+        optimize("random:tiny", tmp_path / "o", OptimizeConfig(backend="openvino", precision="bf16", **FAST))
+    assert not (tmp_path / "o").exists()
+
+
+def test_fp32_runs_in_f32_with_a_keyed_cache(artifacts):
+    out = artifacts("random:tiny", "openvino", **FAST)
+    m = Manifest.load(out)
+    for name, c in m.components.items():
+        assert c["backend"] == "openvino" and c["openvino"]["inference_precision"] == "f32", name
+        assert c["engine"].endswith("model.xml") and c["validation"]["passed"]
+        assert c["openvino"]["cache_key"] == ov_backend.cache_key("f32")
+    pipe = AcceleratedStableDiffusionPipeline.from_pretrained(out)
+    assert (out / "unet" / "ov_cache" / ov_backend.cache_key("f32")).is_dir()
+    assert pipe.unet.engine.precision == "f32"
+
+
+def test_int8_compiles_our_calibrated_qdq_unet(artifacts, tmp_path):
+    out = artifacts("random:tiny", "openvino", "int8", components=("unet",), quant=QuantConfig(**QUICK), **FAST)
+    unet = Manifest.load(out).components["unet"]
+    assert unet["quantize"]["calibration"] == "minmax" and unet["validation"]["passed"]
+    xml = (out / "unet" / "engine" / "model.xml").read_text()
+    assert xml.count('type="FakeQuantize"') >= 20       # the Q/DQ pairs of diffaccel's calibration, kept by OpenVINO
+    caps = ov_backend.capabilities()
+    assert unet["openvino"]["inference_precision"] == ("bf16" if "BF16" in caps else "f32")
+
+
+def test_openvino_images_match_onnxruntime(artifacts, tiny_pipe):
+    import torch
+
+    images = []
+    for backend in ("onnxruntime", "openvino"):
+        pipe = AcceleratedStableDiffusionPipeline.from_pretrained(artifacts("random:tiny", backend, **FAST))
+        pipe.set_progress_bar_config(disable=True)
+        images.append(pipe("a red circle", num_inference_steps=4, height=64, width=64, output_type="np",
+                           generator=torch.Generator().manual_seed(0)).images)
+    assert psnr(images[0], images[1]) >= 40
