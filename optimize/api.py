@@ -139,12 +139,10 @@ def _check_memory(source: Source, family, config: OptimizeConfig, stage_classes)
         return None
     weights = family.weight_bytes(configs)
     built = [weights.get(family.SOURCE_MODEL[c], 0) for c in config.components]
-    volume = 0
-    if str(config.precision) == "int8" and "unet" in config.components:
-        h, w = family.latent_opt_size(configs, config.shapes)
-        volume = config.quant.calib_size * config.quant.calib_steps * h * w
+    h, w = family.latent_opt_size(configs, config.shapes)
+    volume = config.quant.calib_size * config.quant.calib_steps * h * w if str(config.precision) == "int8" else 0
     return check_memory([s.name for s in stage_classes], sum(weights.values()), max(built, default=0), volume,
-                        config.memory_limit)
+                        config.memory_limit, latent_area=h * w)
 
 
 def _drop_foreign_stages(ctx: Context) -> None:

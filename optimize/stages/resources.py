@@ -71,13 +71,16 @@ BASE_BYTES = 0.5 * GB      # Python, torch, ONNX Runtime and their libraries (ra
                            # with its 4.26 GB pipeline loaded)
 
 # Peak RSS of a stage beyond BASE_BYTES, in fp32 weight bytes: (of the whole pipeline, of its largest component
-# built). Measured on the SD 1.5 architecture (random:sd15, default shapes, 2-core AMD EPYC, 24 GB; docs/memory.md):
-# export 17.70 GB and engine 17.55 GB peaks with a 3.44 GB U-Net and a 4.26 GB pipeline. A stage missing here
-# holds the pipeline only.
+# built). A stage missing here holds the pipeline only. Export and engine stages also hold activations of the shape
+# they trace and check at (the spec's opt latent size), so their factor grows with that area: fitted on the SD 1.5
+# architecture (random:sd15, 3.44 GB U-Net, 4.26 GB pipeline; 2-core AMD EPYC, 24 GB; docs/memory.md): 17.70 GB
+# (export) and 17.55 GB (engine) at the default 512x512 (latent 64x64), and 4.2 GB above the loaded pipeline for the
+# U-Net alone at 256x256 (latent 32x32).
+REFERENCE_LATENT_AREA = 64 * 64
 STAGE_FACTORS = {
-    "export": (1.0, 3.8),
-    "engine": (1.0, 3.8),
-    "quantize": (1.0, 4.95),
+    "export": (1.0, (0.4, 3.4)),       # (whole pipeline, (largest: fixed part, part per reference latent area))
+    "engine": (1.0, (0.4, 3.4)),
+    "quantize": (1.0, (4.95, 0.0)),
 }
 # Today's int8 quantizer (ONNX Runtime's quantize_static) keeps every activation of every calibration sample, so its
 # peak also grows with the calibration volume (samples x latent height x latent width). Anchors: 21.8 GB at the
@@ -105,19 +108,22 @@ def available_memory() -> tuple:
     return avail, where
 
 
-def estimate_peak(stage_names, total: int, largest: int, calib_volume: int = 0) -> tuple:
+def estimate_peak(stage_names, total: int, largest: int, calib_volume: int = 0,
+                  latent_area: int = REFERENCE_LATENT_AREA) -> tuple:
     """(estimated peak RSS in bytes, the stage it happens in) of a build from its stages' names, the fp32 weight
-    bytes of the whole pipeline (``total``) and of the largest component it builds (``largest``), and for int8 the
-    calibration volume (samples x latent height x latent width).
+    bytes of the whole pipeline (``total``) and of the largest component it builds (``largest``), the opt latent area
+    (height x width) it exports at, and for int8 the calibration volume (samples x latent height x latent width).
 
     >>> need, stage = estimate_peak(["assets", "export", "quantize", "engine"], 4.26e9, 3.44e9, 64 * 64 * 64)
     >>> stage, round(need / 1e9, 1)
     ('quantize', 24.2)
+    >>> round(estimate_peak(["assets", "export", "engine"], 4.26e9, 3.44e9)[0] / 1e9, 1)
+    17.8
     """
     best = (BASE_BYTES, "")
     for name in stage_names:
-        whole, big = STAGE_FACTORS.get(name, (1.0, 0.0))
-        need = BASE_BYTES + whole * total + big * largest
+        whole, (fixed, per_area) = STAGE_FACTORS.get(name, (1.0, (0.0, 0.0)))
+        need = BASE_BYTES + whole * total + (fixed + per_area * latent_area / REFERENCE_LATENT_AREA) * largest
         if name == "quantize":
             need += QUANTIZE_PER_VOLUME * max(0.0, calib_volume / REFERENCE_CALIB_VOLUME - 1)
         best = max(best, (need, name))
@@ -141,12 +147,13 @@ def parse_size(text) -> int:
     return int(value)
 
 
-def check_memory(stage_names, total: int, largest: int, calib_volume: int = 0, limit: "int | None" = None) -> dict:
+def check_memory(stage_names, total: int, largest: int, calib_volume: int = 0, limit: "int | None" = None,
+                 latent_area: int = REFERENCE_LATENT_AREA) -> dict:
     """Refuse (one line: needed, available, what lowers it) a build whose estimated peak exceeds what this machine
     (or ``limit``) gives; else return the estimate for the manifest."""
     from diffaccel.optimize.artifact.errors import MemoryBudgetError
 
-    need, stage = estimate_peak(stage_names, total, largest, calib_volume)
+    need, stage = estimate_peak(stage_names, total, largest, calib_volume, latent_area)
     at_least = "at least " if stage == "quantize" and calib_volume > REFERENCE_CALIB_VOLUME else "about "
     have, where = available_memory()
     if limit is not None and limit < have:
