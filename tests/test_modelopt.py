@@ -67,7 +67,7 @@ def int8_tiny(tmp_path_factory):
     import torch
 
     from diffaccel.optimize.sources.builtins import BUILTINS
-    from diffaccel.optimize.quant.calibration import capture_unet_inputs
+    from diffaccel.optimize.families.sd import capture_unet_inputs
     from diffaccel.optimize.config import ShapeRange
     from diffaccel.optimize.quant.modelopt import export_qdq, quantize_unet
     from diffaccel.optimize.families.sd import ModelGeometry, export_module, sd_specs

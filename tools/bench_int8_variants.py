@@ -26,13 +26,13 @@ def main() -> None:
 
     import numpy as np
     import onnxruntime as ort
-    import torch
 
     from diffaccel.optimize import OptimizeConfig, optimize
-    from diffaccel.optimize.quant.calibration import capture_unet_inputs, load_prompts
+    from diffaccel.optimize.families.sd import capture_unet_inputs
     from diffaccel.optimize.config import QuantConfig, ShapeRange
     from diffaccel.optimize.quant.ort_static import preprocess, quantize_static_qdq
     from diffaccel.optimize.sources import resolve_source
+    from diffaccel.optimize.sources.prompts import calibration_prompts
 
     work = Path(args.work)
     shapes = ShapeRange(batch=(1, 1), height=(args.size, args.size), width=(args.size, args.size))
@@ -40,7 +40,7 @@ def main() -> None:
     optimize(args.src, art, OptimizeConfig(components=("unet",), shapes=shapes, threads=args.threads))
     quant = QuantConfig(calib_size=4, calib_steps=4)
     pipe = resolve_source(args.src).load()
-    samples = capture_unet_inputs(pipe, load_prompts(quant, args.src), steps=quant.calib_steps, guidance_scale=7.5,
+    samples = capture_unet_inputs(pipe, calibration_prompts(args.src, quant.calib_size, quant.calib_seed), steps=quant.calib_steps, guidance_scale=7.5,
                                   seed=0, height=args.size, width=args.size)
     del pipe
     pre = preprocess(art / "unet" / "export" / "model.onnx", work / "pre.onnx", external=True)
