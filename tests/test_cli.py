@@ -74,7 +74,7 @@ def test_pickle_without_trust_flag(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("flag,value,needle", [
-    ("--backend", "openvino", "choose one of: onnxruntime, torch, tensorrt"),
+    ("--backend", "coreml", "choose one of: onnxruntime, torch, tensorrt, openvino"),
     ("--precision", "int3", "choose one of: fp32, fp16, bf16, int8, fp8"),
     ("--height", "100", "multiples of 8"),
     ("--width", "abc", "bad width"),

@@ -10,7 +10,7 @@ def test_enums_are_strings():
 
 
 @pytest.mark.parametrize("kw,match", [
-    ({"backend": "openvino"}, "unknown backend 'openvino'; choose one of: onnxruntime, torch, tensorrt"),
+    ({"backend": "coreml"}, "unknown backend 'coreml'; choose one of: onnxruntime, torch, tensorrt, openvino"),
     ({"precision": "int4"}, "unknown precision 'int4'"),
     ({"provider": "rocm"}, "unknown provider 'rocm'"),
     ({"graph_level": "max"}, "unknown graph level"),
