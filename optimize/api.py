@@ -95,11 +95,12 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
     source = src if isinstance(src, Source) else resolve_source(
         src, trust_pickle=trust_pickle, single_file_config=single_file_config)
     out = Path(out)
-    family = _check_before_loading(source, config)
+    configs = source.configs()          # read once (JSON files): detection, size checks, memory estimate
+    family = _check_before_loading(source, configs, config)
     stage_classes = stages_for(config.backend, config.precision)
     for cls in stage_classes:
         cls.preflight(config)
-    memory = _check_memory(source, family, config, stage_classes)
+    memory = _check_memory(configs, family, config, stage_classes)
     work, fresh = _prepare_workdir(out, source, force)
     try:
         manifest = _open_manifest(work, source, config)
@@ -116,10 +117,9 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
     return Manifest.load(out)
 
 
-def _check_before_loading(source: Source, config: OptimizeConfig):
+def _check_before_loading(source: Source, configs: "dict | None", config: OptimizeConfig):
     """The model family, and refusals of an unsupported model and of image-size ranges it cannot serve, before
     loading it (where its configs can be read without the weights; else None: the family is told after loading)."""
-    configs = source.configs()
     if configs is None:
         return None
     family = detect(configs, source.spec)
@@ -131,10 +131,9 @@ def _check_before_loading(source: Source, config: OptimizeConfig):
     return family
 
 
-def _check_memory(source: Source, family, config: OptimizeConfig, stage_classes) -> "dict | None":
+def _check_memory(configs: "dict | None", family, config: OptimizeConfig, stage_classes) -> "dict | None":
     """The pre-flight memory check (see :func:`~diffaccel.optimize.stages.resources.check_memory`), where the configs
     can be read without the weights."""
-    configs = source.configs()
     if not config.memory_check or configs is None or family is None:
         return None
     weights = family.weight_bytes(configs)
