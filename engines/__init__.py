@@ -6,10 +6,13 @@
 """
 from __future__ import annotations
 
-__all__ = ["AcceleratedStableDiffusionPipeline", "AcceleratedStableDiffusionImg2ImgPipeline", "load_engine",
+__all__ = ["AcceleratedStableDiffusionPipeline", "AcceleratedStableDiffusionImg2ImgPipeline",
+           "AcceleratedStableDiffusionXLPipeline", "AcceleratedStableDiffusionXLImg2ImgPipeline", "load_engine",
            "BACKENDS", "Engine"]
 
 _LAZY = {"AcceleratedStableDiffusionPipeline": ".pipelines.sd", "AcceleratedStableDiffusionImg2ImgPipeline": ".pipelines.sd",
+         "AcceleratedStableDiffusionXLPipeline": ".pipelines.sdxl",
+         "AcceleratedStableDiffusionXLImg2ImgPipeline": ".pipelines.sdxl",
          "load_engine": ".base", "BACKENDS": ".base", "Engine": ".base"}
 
 

@@ -22,9 +22,8 @@ from diffaccel.optimize.config import Backend, Exporter, Precision, QuantConfig,
 from diffaccel.optimize.artifact.errors import ArtifactError, DiffaccelError
 from diffaccel.optimize.artifact.files import recover_dir, replace_dir, sweep_scratch
 from diffaccel.optimize.artifact.manifest import Manifest
-from diffaccel.optimize.families import detect
+from diffaccel.optimize.families import COMPONENTS, components_of, detect
 from diffaccel.optimize.sources import Source, resolve_source
-from diffaccel.optimize.families.sd import COMPONENTS
 from diffaccel.optimize.stages.resources import StagePeak, check_memory
 from diffaccel.optimize.stages.plans import plans, stages_for, supported_pairs
 from diffaccel.optimize.stages.base import Context, Reporter, record_files
@@ -123,6 +122,7 @@ def _check_before_loading(source: Source, configs: "dict | None", config: Optimi
     if configs is None:
         return None
     family = detect(configs, source.spec)
+    components_of(family, config.components)        # refuses components the family has not
     scale, latent_multiple = family.size_factors(configs["unet"], configs["vae"])
     for what in ("height", "width"):
         rng = getattr(config.shapes, what)
@@ -137,7 +137,7 @@ def _check_memory(configs: "dict | None", family, config: OptimizeConfig, stage_
     if not config.memory_check or configs is None or family is None:
         return None
     weights = family.weight_bytes(configs)
-    built = [weights.get(family.SOURCE_MODEL[c], 0) for c in config.components]
+    built = [weights.get(family.SOURCE_MODEL[c], 0) for c in components_of(family, config.components)]
     h, w = family.latent_opt_size(configs, config.shapes)
     volume = config.quant.calib_size * config.quant.calib_steps * h * w if str(config.precision) == "int8" else 0
     return check_memory([s.name for s in stage_classes], sum(weights.values()), max(built, default=0), volume,

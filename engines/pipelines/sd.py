@@ -58,15 +58,12 @@ def _frozen_config(path: Path):
     return FrozenDict(json.loads(path.read_text()))
 
 
-def load_components(root, manifest: Manifest, provider=None, threads=None, **engine_options) -> dict:
-    """Engine-backed ``unet``, ``vae``, ``text_encoder`` plus the artifact's tokenizer and scheduler; logs each at
-    INFO, as diffusers does."""
-    import diffusers
-    from transformers import CLIPTextConfig, CLIPTokenizer
-
+def engine_loader(root, manifest: Manifest, required: tuple, provider=None, threads=None, **engine_options):
+    """A function ``engine(name) -> (engine, spec)`` over the artifact's components (logged at INFO, as diffusers
+    logs what it loads). Refuses an artifact without the ``required`` components."""
     root = Path(root)
     comps = manifest.components
-    missing = [c for c in ("text_encoder", "unet", "vae_decoder") if c not in comps]
+    missing = [c for c in required if c not in comps]
     if missing:
         raise ArtifactError(f"{root} has no engine for {', '.join(missing)}; rebuild with diffaccel optimize")
 
@@ -80,27 +77,56 @@ def load_components(root, manifest: Manifest, provider=None, threads=None, **eng
                  eng.device, root / entry["engine"])
         return eng, ComponentSpec.from_dict(name, entry["spec"])
 
-    te, te_spec = engine("text_encoder")
-    unet, unet_spec = engine("unet")
+    return engine
+
+
+def text_encoder_shim(root, manifest: Manifest, engine, name: str) -> TextEncoderShim:
+    from transformers import CLIPTextConfig
+
+    cfg = CLIPTextConfig(**json.loads((Path(root) / manifest.components[name]["config"]).read_text()))
+    return TextEncoderShim(*engine(name), cfg)
+
+
+def vae_shim(root, manifest: Manifest, engine) -> VaeShim:
+    comps = manifest.components
     dec, dec_spec = engine("vae_decoder")
     enc, enc_spec = engine("vae_encoder") if "vae_encoder" in comps else (None, None)
-    te_cfg = CLIPTextConfig(**json.loads((root / comps["text_encoder"]["config"]).read_text()))
-    sched_path = root / "scheduler" / "scheduler_config.json"
-    sched_cfg = json.loads(sched_path.read_text())
-    scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
-    log.info("Loaded scheduler as %s from %s", type(scheduler).__name__, sched_path)
-    tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
-    log.info("Loaded tokenizer as %s from %s", type(tokenizer).__name__, root / "tokenizer")
-    return {
-        "text_encoder": TextEncoderShim(te, te_spec, te_cfg),
-        "unet": UNetShim(unet, unet_spec, _frozen_config(root / comps["unet"]["config"])),
-        "vae": VaeShim(dec, dec_spec, _frozen_config(root / comps["vae_decoder"]["config"]), enc, enc_spec),
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-    }
+    return VaeShim(dec, dec_spec, _frozen_config(Path(root) / comps["vae_decoder"]["config"]), enc, enc_spec)
 
 
-def split_kwargs(kwargs: dict) -> "tuple[dict, dict]":
+def unet_shim(root, manifest: Manifest, engine) -> UNetShim:
+    return UNetShim(*engine("unet"), _frozen_config(Path(root) / manifest.components["unet"]["config"]))
+
+
+def load_scheduler(root):
+    import diffusers
+
+    path = Path(root) / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(path.read_text())
+    scheduler = getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+    log.info("Loaded scheduler as %s from %s", type(scheduler).__name__, path)
+    return scheduler
+
+
+def load_tokenizer(root, name: str = "tokenizer"):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(Path(root) / name))
+    log.info("Loaded %s as %s from %s", name, type(tokenizer).__name__, Path(root) / name)
+    return tokenizer
+
+
+def load_components(root, manifest: Manifest, provider=None, threads=None, **engine_options) -> dict:
+    """Engine-backed ``unet``, ``vae``, ``text_encoder`` plus the artifact's tokenizer and scheduler; logs each at
+    INFO, as diffusers does."""
+    engine = engine_loader(root, manifest, ("text_encoder", "unet", "vae_decoder"), provider, threads,
+                           **engine_options)
+    return {"text_encoder": text_encoder_shim(root, manifest, engine, "text_encoder"),
+            "unet": unet_shim(root, manifest, engine), "vae": vae_shim(root, manifest, engine),
+            "tokenizer": load_tokenizer(root), "scheduler": load_scheduler(root)}
+
+
+def split_kwargs(kwargs: dict, accepted: tuple = COMPONENTS, refused: "dict | None" = None) -> "tuple[dict, dict]":
     """``from_pretrained``'s extra keywords as (components to use, engine options). Warns once about diffusers'
     keywords that mean nothing for engines; refuses the others, and unknown ones, naming those accepted.
 
@@ -112,15 +138,16 @@ def split_kwargs(kwargs: dict) -> "tuple[dict, dict]":
     diffaccel.optimize.artifact.errors.PipelineArgumentError: from_pretrained got unknown keyword(s) threds;
     it accepts provider, threads, verify, scheduler, tokenizer, ... (and ignores diffusers' cache_dir, ...)
     """
-    refused = [f"{k}= ({REFUSED[k]})" for k in kwargs if k in REFUSED]
-    if refused:
-        raise PipelineArgumentError(f"from_pretrained cannot take {'; '.join(refused)}")
-    unknown = [k for k in kwargs if k not in (*COMPONENTS, *ENGINE_OPTIONS, *IGNORED)]
+    refused = refused or REFUSED
+    bad = [f"{k}= ({refused[k]})" for k in kwargs if k in refused]
+    if bad:
+        raise PipelineArgumentError(f"from_pretrained cannot take {'; '.join(bad)}")
+    unknown = [k for k in kwargs if k not in (*accepted, *ENGINE_OPTIONS, *IGNORED)]
     if unknown:
         raise PipelineArgumentError(
             f"from_pretrained got unknown keyword(s) {', '.join(unknown)}; it accepts provider, threads, verify, "
-            f"{', '.join(COMPONENTS + ENGINE_OPTIONS)} (and ignores diffusers' {', '.join(sorted(IGNORED))})")
-    for k in ("scheduler", "tokenizer"):
+            f"{', '.join(accepted + ENGINE_OPTIONS)} (and ignores diffusers' {', '.join(sorted(IGNORED))})")
+    for k in ("scheduler", "tokenizer", "tokenizer_2"):
         if k in kwargs and kwargs[k] is None:
             raise PipelineArgumentError(f"{k}=None leaves the pipeline without a {k}; omit it to use the artifact's")
     ignored = {}
@@ -129,7 +156,7 @@ def split_kwargs(kwargs: dict) -> "tuple[dict, dict]":
             ignored.setdefault(IGNORED[k], []).append(f"{k}=")
     if ignored:
         log.warning("from_pretrained ignores %s", "; ".join(f"{', '.join(ks)} ({why})" for why, ks in ignored.items()))
-    return ({k: v for k, v in kwargs.items() if k in COMPONENTS},
+    return ({k: v for k, v in kwargs.items() if k in accepted},
             {k: v for k, v in kwargs.items() if k in ENGINE_OPTIONS})
 
 
@@ -139,7 +166,15 @@ class _Accelerated:
 
     artifact: "Path | None" = None
     manifest: "Manifest | None" = None
-    _artifact_tokenizer = None
+    _artifact_tokenizers: dict = {}
+    _ACCEPTED = COMPONENTS          # from_pretrained's component keywords
+    _REFUSED = REFUSED
+    _TOKENIZERS = ("tokenizer",)
+    _DEFAULTS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    @classmethod
+    def _load_components(cls, root, manifest, **options) -> dict:
+        return load_components(root, manifest, **options)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, provider: "str | None" = None,
@@ -152,18 +187,18 @@ class _Accelerated:
         ``cuda_graph``, ``shared_memory`` go to the backend. diffusers' loading keywords that mean nothing for
         engines (``torch_dtype``, ``variant``, ``device_map``...) are ignored with a warning; any other keyword is a
         :class:`PipelineArgumentError`."""
-        given, engine_options = split_kwargs(kwargs)
+        given, engine_options = split_kwargs(kwargs, cls._ACCEPTED, cls._REFUSED)
         root = Path(pretrained_model_name_or_path)
         manifest = Manifest.load(root)
         if verify:
             manifest.verify()
-        parts = load_components(root, manifest, provider=provider, threads=threads, **engine_options)
-        for name in ("scheduler", "tokenizer"):
+        parts = cls._load_components(root, manifest, provider=provider, threads=threads, **engine_options)
+        for name in ("scheduler", *cls._TOKENIZERS):
             if name in given:
                 log.info("Using the %s passed to from_pretrained (%s)", name, type(given[name]).__name__)
-        pipe = cls(**{"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False,
-                      **parts, **given})
-        pipe.artifact, pipe.manifest, pipe._artifact_tokenizer = root, manifest, parts["tokenizer"]
+        pipe = cls(**{**cls._DEFAULTS, **parts, **given})
+        pipe.artifact, pipe.manifest = root, manifest
+        pipe._artifact_tokenizers = {n: parts[n] for n in cls._TOKENIZERS}
         return pipe
 
     def save_pretrained(self, save_directory, **kwargs):
@@ -179,9 +214,10 @@ class _Accelerated:
             shutil.rmtree(tmp / "scheduler")
             (tmp / "scheduler").mkdir()
             (tmp / "scheduler" / "scheduler_config.json").write_text(given_config_text(self.scheduler))
-            if self.tokenizer is not self._artifact_tokenizer:
-                shutil.rmtree(tmp / "tokenizer")
-                self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            for name, original in self._artifact_tokenizers.items():
+                if getattr(self, name) is not original:
+                    shutil.rmtree(tmp / name)
+                    getattr(self, name).save_pretrained(str(tmp / name))
 
     def enable_vae_slicing(self):
         """diffusers' former pipeline-level switch (its pipelines now leave it to the VAE): ``vae.enable_slicing()``."""

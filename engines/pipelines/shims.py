@@ -2,8 +2,11 @@
 
 Each shim honours exactly what diffusers' ``__call__`` uses: ``unet(...)[0]`` and ``unet.config``, ``vae.decode``,
 ``vae.encode(...).latent_dist``, ``vae.config.scaling_factor``, ``text_encoder(ids)[0]``, and ``dtype``/``device``;
-the VAE also honours ``enable_slicing``/``enable_tiling`` as ``AutoencoderKL`` does. Batches larger than an engine's
-maximum are run in chunks.
+the VAE also honours ``enable_slicing``/``enable_tiling`` as ``AutoencoderKL`` does. For SDXL the U-Net also takes
+``added_cond_kwargs`` (``text_embeds``, ``time_ids``) and exposes ``add_embedding.linear_1.in_features`` (what
+diffusers checks the time ids against), and the text encoders serve ``output_hidden_states=True`` with the
+penultimate hidden state (the only one SDXL reads; others raise, naming ``clip_skip``) and, for
+``text_encoder_2``, ``text_embeds`` first. Batches larger than an engine's maximum are run in chunks.
 """
 from __future__ import annotations
 
@@ -46,20 +49,57 @@ class _Shim:
     def eval(self):
         return self
 
+    def modules(self):
+        """What diffusers walks looking for offloading hooks (there are none on an engine)."""
+        return iter((self,))
+
+
+CLIP_SKIP = ("clip_skip is not supported by exported text encoders: they return the last and the penultimate "
+             "hidden state only; call the pipeline without clip_skip")
+
+
+class LastTwoHiddenStates(tuple):
+    """``hidden_states`` of an exported text encoder: (penultimate, last). Asking for any other layer (what
+    ``clip_skip`` does) raises, naming why, instead of returning a wrong layer."""
+
+    def __getitem__(self, index):
+        if isinstance(index, int) and index in (-2, -1):
+            return tuple.__getitem__(self, index)
+        raise DiffaccelError(CLIP_SKIP)
+
 
 class TextEncoderShim(_Shim):
+    """``CLIPTextModel`` (outputs last_hidden_state, pooler_output) or, where the engine returns ``text_embeds``,
+    ``CLIPTextModelWithProjection``; ``output_hidden_states=True`` needs a ``penultimate_hidden_state`` output."""
+
     def __call__(self, input_ids, attention_mask=None, output_hidden_states=None, return_dict=None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
+        from transformers.models.clip.modeling_clip import CLIPTextModelOutput
 
-        if output_hidden_states:
+        names = {t.name for t in self.spec.outputs}
+        if output_hidden_states and "penultimate_hidden_state" not in names:
             raise DiffaccelError("clip_skip / output_hidden_states is not supported by exported text encoders; "
                                  "call the pipeline without clip_skip")
         out = run_chunked(self.engine, self.spec, {"input_ids": input_ids})
+        hidden = LastTwoHiddenStates((out["penultimate_hidden_state"], out["last_hidden_state"])) \
+            if output_hidden_states else None
+        if "text_embeds" in names:
+            return CLIPTextModelOutput(text_embeds=out["text_embeds"], last_hidden_state=out["last_hidden_state"],
+                                       hidden_states=hidden)
         return BaseModelOutputWithPooling(last_hidden_state=out["last_hidden_state"],
-                                          pooler_output=out["pooler_output"])
+                                          pooler_output=out["pooler_output"], hidden_states=hidden)
 
 
 class UNetShim(_Shim):
+    ADDED = ("text_embeds", "time_ids")      # SDXL's added conditioning, inputs of their own in the engine
+
+    def __init__(self, engine, spec, config):
+        super().__init__(engine, spec, config)
+        self.added = tuple(t.name for t in spec.inputs if t.name in self.ADDED)
+        if config.get("addition_embed_type") == "text_time":   # what diffusers checks the time ids against
+            width = int(config["projection_class_embeddings_input_dim"])
+            self.add_embedding = types.SimpleNamespace(linear_1=types.SimpleNamespace(in_features=width))
+
     def __call__(self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
                  added_cond_kwargs=None, return_dict=True, **kwargs):
         import torch
@@ -68,10 +108,18 @@ class UNetShim(_Shim):
         if timestep_cond is not None or (cross_attention_kwargs or {}).get("scale") not in (None, 1.0):
             raise DiffaccelError("timestep_cond and LoRA scales are not supported by exported U-Nets; fuse LoRA "
                                  "weights before diffaccel optimize")
+        added = added_cond_kwargs or {}
+        extra = sorted(set(added) - set(self.added))
+        missing = [k for k in self.added if k not in added]
+        if extra or missing:
+            raise DiffaccelError(f"this U-Net engine takes added conditioning {list(self.added)}, got "
+                                 f"{sorted(added)} (missing {missing}, unsupported {extra}): use the drop-in pipeline "
+                                 "of the artifact's family")
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
         t = t.expand(sample.shape[0]) if t.numel() == 1 else t
-        out = run_chunked(self.engine, self.spec, {"sample": sample, "timestep": t.contiguous(),
-                                                    "encoder_hidden_states": encoder_hidden_states})["out_sample"]
+        inputs = {"sample": sample, "timestep": t.contiguous(), "encoder_hidden_states": encoder_hidden_states,
+                  **{k: added[k].float() for k in self.added}}
+        out = run_chunked(self.engine, self.spec, inputs)["out_sample"]
         out = out.to(sample.device)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 

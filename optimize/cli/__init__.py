@@ -93,7 +93,7 @@ def _cmd_optimize(args) -> int:
     from diffaccel.optimize.config import QuantConfig, ShapeRange, TensorRTConfig
     from diffaccel.optimize.cli.args import comma_list
     from diffaccel.optimize.cli.progress import ConsoleReporter
-    from diffaccel.optimize.families.sd import COMPONENTS
+    from diffaccel.optimize.families import COMPONENTS
     from diffaccel.optimize.stages.resources import parse_size
 
     try:
@@ -241,4 +241,3 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("diffaccel: interrupted; finished stages are kept and the same command resumes", file=sys.stderr)
         return 130
-

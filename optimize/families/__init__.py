@@ -10,7 +10,7 @@ none fits the error names the nearest family and what differs.
 >>> detect({"unet": {"time_cond_proj_dim": 256}, "vae": {}}, "lcm")
 Traceback (most recent call last):
 ...
-diffaccel.optimize.artifact.errors.SourceError: unsupported architecture in lcm: nearest family is Stable Diffusion 1.x/2.x (sd), which differs in: time_cond_proj_dim=256 (LCM-distilled guidance embedding); supported families: sd
+diffaccel.optimize.artifact.errors.SourceError: unsupported architecture in lcm: nearest family is Stable Diffusion 1.x/2.x (sd), which differs in: time_cond_proj_dim=256 (LCM-distilled guidance embedding); supported families: sd, sdxl
 """
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ from diffaccel.optimize.artifact.errors import SourceError
 
 FAMILIES = {  # name -> module, imported on first use
     "sd": "diffaccel.optimize.families.sd",
+    "sdxl": "diffaccel.optimize.families.sdxl",
 }
+# every component some family builds, in build order (what OptimizeConfig's components are checked against; a
+# build keeps those its family has, see :func:`components_of`)
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 
 def family(name: str):
@@ -32,7 +36,8 @@ def family(name: str):
 
 def detect(configs: dict, spec: str):
     """The family whose ``mismatches(configs)`` is empty. ``configs``: ``{"pipeline": model_index class name or
-    None, "unet": config dict, "vae": config dict}`` (``_class_name`` inside each, diffusers' defaults if absent)."""
+    None, "unet": config dict, "vae": config dict, "text_encoder": ..., "text_encoder_2": ... (where present)}``
+    (``_class_name`` inside each, diffusers' defaults if absent)."""
     found = {name: family(name).mismatches(configs) for name in FAMILIES}
     for name, problems in found.items():
         if not problems:
@@ -45,10 +50,39 @@ def detect(configs: dict, spec: str):
 def configs_of(pipe) -> dict:
     """The ``configs`` of :func:`detect` read from a loaded diffusers pipeline."""
     def cfg(model):
-        return {**dict(getattr(model, "config", None) or {}), "_class_name": type(model).__name__}
+        config = getattr(model, "config", None) or {}
+        config = config.to_dict() if hasattr(config, "to_dict") else dict(config)   # transformers' or diffusers'
+        return {**config, "_class_name": type(model).__name__}
 
-    return {"pipeline": type(pipe).__name__, "unet": cfg(getattr(pipe, "unet", None)),
-            "vae": cfg(getattr(pipe, "vae", None))}
+    out = {"pipeline": type(pipe).__name__, "unet": cfg(getattr(pipe, "unet", None)),
+           "vae": cfg(getattr(pipe, "vae", None))}
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            out[name] = cfg(getattr(pipe, name))
+    if "requires_aesthetics_score" in (getattr(pipe, "config", None) or {}):
+        out["requires_aesthetics_score"] = bool(pipe.config.requires_aesthetics_score)
+    return out
+
+
+def components_of(fam, requested: tuple) -> tuple:
+    """The components a build of family ``fam`` makes: those of ``requested`` (every known component by default)
+    that the family has. Asking only for components it lacks is refused.
+
+    >>> components_of(family("sd"), COMPONENTS)
+    ('text_encoder', 'unet', 'vae_decoder', 'vae_encoder')
+    >>> components_of(family("sd"), ("text_encoder_2",))
+    Traceback (most recent call last):
+    ...
+    diffaccel.optimize.artifact.errors.SourceError: Stable Diffusion 1.x/2.x (sd) has no component text_encoder_2; it has: text_encoder, unet, vae_decoder, vae_encoder
+    """
+    requested = tuple(requested)
+    if requested == COMPONENTS:
+        return tuple(fam.COMPONENTS)
+    missing = [c for c in requested if c not in fam.COMPONENTS]
+    if missing:
+        raise SourceError(f"{fam.TITLE} ({fam.NAME}) has no component {', '.join(missing)}; it has: "
+                         f"{', '.join(fam.COMPONENTS)}")
+    return tuple(c for c in fam.COMPONENTS if c in requested)
 
 
 def supported_pipelines() -> tuple:

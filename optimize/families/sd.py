@@ -26,6 +26,8 @@ DROP_INS = ("diffaccel.engines.pipelines.sd:AcceleratedStableDiffusionPipeline",
             "diffaccel.engines.pipelines.sd:AcceleratedStableDiffusionImg2ImgPipeline")
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 SOURCE_MODEL = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+TOKENIZERS = ("tokenizer",)
+LOAD_KWARGS = {"safety_checker": None, "requires_safety_checker": False}   # diffusers' loading keywords
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -43,7 +45,8 @@ def mismatches(configs: dict) -> list:
         problems.append(f"denoiser is {unet_class}, not UNet2DConditionModel")
     else:
         if unet.get("addition_embed_type"):
-            problems.append(f"addition_embed_type={unet['addition_embed_type']} (SDXL-style conditioning)")
+            problems.append(f"addition_embed_type={unet['addition_embed_type']} (SD 1.x/2.x U-Nets have no added "
+                            "embedding)")
         if unet.get("time_cond_proj_dim"):
             problems.append(f"time_cond_proj_dim={unet['time_cond_proj_dim']} (LCM-distilled guidance embedding)")
         if unet.get("in_channels", 4) != vae.get("latent_channels", 4):
@@ -258,6 +261,14 @@ def weight_bytes(configs: dict) -> dict:
             cfg = configs.get(name)
             out[name] = sum(p.numel() * 4 for p in make(cfg).parameters()) if cfg else 0
     return out
+
+
+def assets(pipe) -> dict:
+    """What the assets stage writes besides the engines: tokenizers, per-component configs, pipeline facts."""
+    return {"tokenizers": {n: getattr(pipe, n) for n in TOKENIZERS},
+            "configs": {"text_encoder": pipe.text_encoder.config.to_dict(), "unet": dict(pipe.unet.config),
+                        "vae_decoder": dict(pipe.vae.config), "vae_encoder": dict(pipe.vae.config)},
+            "pipeline": {"text_encoder_class": type(pipe.text_encoder).__name__}}
 
 
 # ----------------------------------------------------------------------------------------------------------

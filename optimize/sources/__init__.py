@@ -23,6 +23,8 @@ from diffaccel.optimize.sources.builtins import BUILTINS, RECIPES, builtin_hash,
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+OPTIONAL = ("text_encoder_2", "tokenizer_2")    # required where model_index.json lists them (SDXL)
+MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")   # whose configs detection reads
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -43,17 +45,21 @@ class Source:
         be detected and size checks run before any work (see :func:`diffaccel.optimize.families.detect`)."""
         if self.kind == "builtin" and self.spec in RECIPES:
             r = RECIPES[self.spec]
-            return {"pipeline": None, "unet": r["unet"], "vae": r["vae"], "text_encoder": r["text"]}
+            out = {"pipeline": None, "unet": r["unet"], "vae": r["vae"], "text_encoder": r["text"]}
+            return {**out, "text_encoder_2": r["text_2"]} if "text_2" in r else out
         folder = self.single_file_config if self.kind == "single_file" else self.location
         if folder is None:
             return None
         try:
             index = json.loads((Path(folder) / "model_index.json").read_text())
-            return {"pipeline": index.get("_class_name"),
-                    **{c: json.loads((Path(folder) / c / "config.json").read_text())
-                       for c in ("unet", "vae", "text_encoder")}}
+            out = {"pipeline": index.get("_class_name"),
+                   **{c: json.loads((Path(folder) / c / "config.json").read_text())
+                      for c in MODELS if c in _parts(index)}}
         except (OSError, json.JSONDecodeError):
             return None   # loading will say what is wrong
+        if "requires_aesthetics_score" in index:
+            out["requires_aesthetics_score"] = bool(index["requires_aesthetics_score"])
+        return out
 
     def load(self):
         """The diffusers pipeline (fp32, CPU, eval mode) behind this source, of its family's pipeline class."""
@@ -93,6 +99,18 @@ def resolve_source(spec: str, *, trust_pickle: bool = False, single_file_config:
 
 
 # ----------------------------------------------------------------------------------------------------------
+def _parts(index: dict) -> tuple:
+    """The component folders a pipeline with this model_index.json needs.
+
+    >>> _parts({"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder_2": [None, None]})
+    ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
+    >>> _parts({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["x", "y"]})[-2:]
+    ('text_encoder_2', 'tokenizer_2')
+    """
+    listed = [c for c in OPTIONAL if isinstance(index.get(c), (list, tuple)) and any(index[c])]
+    return REQUIRED + tuple(listed)
+
+
 def _check_folder(path: Path) -> None:
     index = path / "model_index.json"
     if not index.is_file():
@@ -104,9 +122,9 @@ def _check_folder(path: Path) -> None:
         raise SourceError(f"{index} is not valid JSON ({e}); restore it from the original checkpoint") from None
     cls = info.get("_class_name", "?")
     if cls not in supported_pipelines():
-        raise SourceError(f"unsupported architecture: {path} is a {cls}; diffaccel supports Stable Diffusion "
-                          f"1.x/2.x pipelines ({', '.join(supported_pipelines())})")
-    missing = [c for c in REQUIRED if not (path / c).is_dir() or not any((path / c).iterdir())]
+        raise SourceError(f"unsupported architecture: {path} is a {cls}; diffaccel supports these diffusers "
+                          f"pipelines: {', '.join(supported_pipelines())}")
+    missing = [c for c in _parts(info) if not (path / c).is_dir() or not any((path / c).iterdir())]
     if missing:
         raise SourceError(f"{path} is missing component folder(s) {', '.join(missing)}; copy the complete "
                           "pipeline (model_index.json lists what it needs)")
@@ -116,7 +134,7 @@ def _folder_hash(path: Path) -> str:
     import hashlib
 
     h = hashlib.sha256(file_sha256(path / "model_index.json").encode())
-    for comp in REQUIRED:
+    for comp in _parts(json.loads((path / "model_index.json").read_text())):
         h.update(f"{comp}:{tree_sha256(path / comp)}".encode())
     return h.hexdigest()
 
@@ -158,9 +176,9 @@ def _single_file(path: Path, spec: str, trust_pickle: bool, config: "str | None"
 
 def _hub(repo_id: str) -> Source:
     try:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import DiffusionPipeline
 
-        folder = StableDiffusionPipeline.download(repo_id)
+        folder = DiffusionPipeline.download(repo_id)
     except Exception as e:
         raise SourceError(f"cannot fetch hub id {repo_id} ({one_line(e)[:160]}); check the id and the network, or "
                           "give a local diffusers folder") from None
@@ -177,14 +195,15 @@ def _load_builtin(src: Source):
 def _load_folder(src: Source):
     import torch
 
-    return _pipeline_class(src).from_pretrained(src.location, torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False, local_files_only=True)
+    fam = _family(src)
+    return _pipeline_class(src).from_pretrained(src.location, torch_dtype=torch.float32, local_files_only=True,
+                                                   **fam.LOAD_KWARGS)
 
 
 def _load_single_file(src: Source):
     import torch
 
-    kwargs = dict(torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+    kwargs = dict(torch_dtype=torch.float32, **_family(src).LOAD_KWARGS)
     if src.single_file_config:
         kwargs.update(config=src.single_file_config, local_files_only=True)
     try:
@@ -196,13 +215,17 @@ def _load_single_file(src: Source):
         raise
 
 
+def _family(src: Source):
+    """The source's family (Stable Diffusion where the configs cannot be read without loading)."""
+    configs = src.configs()
+    return detect(configs, src.spec) if configs else family("sd")
+
+
 def _pipeline_class(src: Source):
-    """The diffusers pipeline class of the source's family (Stable Diffusion where the configs cannot be read)."""
+    """The diffusers pipeline class of the source's family."""
     import diffusers
 
-    configs = src.configs()
-    fam = detect(configs, src.spec) if configs else family("sd")
-    return getattr(diffusers, fam.PIPELINE_CLASS)
+    return getattr(diffusers, _family(src).PIPELINE_CLASS)
 
 
 _LOADERS = {"builtin": _load_builtin, "folder": _load_folder, "hub": _load_folder, "single_file": _load_single_file}

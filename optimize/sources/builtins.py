@@ -4,12 +4,15 @@
 ``random:sd15``  the real SD 1.5 architecture with random weights, for speed measurements;
 ``random:sd21``  the real SD 2.1 (768-v) architecture with random weights (v-prediction, linear projections,
                  per-block head counts, upcast attention);
+``random:sdxl``  the real SDXL base 1.0 architecture with random weights (two text encoders, 6 time ids; its U-Net
+                 alone is 10 GB in fp32: build it only on a machine that holds that);
+``random:tiny-xl`` a tiny SDXL pipeline (diffusers' own SDXL test configuration), for tests and smoke runs;
 ``tinyshapes``   a small trained text-to-image model shipped with diffaccel (see ``diffaccel.optimize.assets``).
 
 Random weights are drawn from a fixed seed, so the same name always gives the same pipeline on the same torch.
 
 >>> sorted(BUILTINS)
-['random:sd15', 'random:sd21', 'random:tiny', 'tinyshapes']
+['random:sd15', 'random:sd21', 'random:sdxl', 'random:tiny', 'random:tiny-xl', 'tinyshapes']
 """
 from __future__ import annotations
 
@@ -57,6 +60,31 @@ def _assemble(unet_kw: dict, vae_kw: dict, text_kw: dict, sched: dict, seed: int
                                    requires_safety_checker=False)
 
 
+def _assemble_xl(unet_kw: dict, vae_kw: dict, text_kw: dict, text2_kw: dict, sched: dict, seed: int):
+    """An SDXL pipeline: both text encoders share the built-in word list; tokenizer_2 pads with "!" as SDXL's
+    does, so the two pad differently."""
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffaccel.optimize.sources.tokenizer import DEFAULT_WORDS, word_tokenizer
+
+    length = text_kw.get("max_position_embeddings", 77)
+    tokenizer, tokenizer_2 = word_tokenizer(DEFAULT_WORDS, length), word_tokenizer(DEFAULT_WORDS, length, "!")
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    unet = _seeded(seed, lambda: UNet2DConditionModel(**unet_kw).eval())
+    vae = _seeded(seed + 1, lambda: AutoencoderKL(**vae_kw).eval())
+    text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**text_kw, **ids)).eval())
+    text_encoder_2 = _seeded(seed + 3, lambda: CLIPTextModelWithProjection(CLIPTextConfig(
+        **text2_kw, **{**ids, "pad_token_id": tokenizer_2.pad_token_id})).eval())
+    sched = dict(sched)
+    scheduler = getattr(diffusers, sched.pop("_class_name")).from_config(sched)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
 _SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                      steps_offset=1, clip_sample=False, set_alpha_to_one=False)
 _SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
@@ -91,11 +119,47 @@ RECIPES = {
         text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
                   max_position_embeddings=77, vocab_size=49408, projection_dim=512, hidden_act="gelu"),
         scheduler={"_class_name": "DDIMScheduler", **_SD_SCHEDULER, "prediction_type": "v_prediction"}),
+    "random:sdxl": dict(   # stabilityai/stable-diffusion-xl-base-1.0's configs
+        seed=30,
+        unet=dict(sample_size=128, block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816),
+        vae={**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+        text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                  max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu"),
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                    max_position_embeddings=77, vocab_size=49408, projection_dim=1280, hidden_act="gelu"),
+        scheduler={"_class_name": "EulerDiscreteScheduler", **_SD_SCHEDULER, "timestep_spacing": "leading",
+                   "interpolation_type": "linear", "use_karras_sigmas": False}),
+    "random:tiny-xl": dict(   # diffusers' SDXL pipeline test configuration (tests/pipelines/stable_diffusion_xl)
+        seed=0,
+        unet=dict(block_out_channels=(2, 4), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                  transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+                  cross_attention_dim=64, norm_num_groups=1),
+        vae=dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                 sample_size=128),
+        text=dict(hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4,
+                  num_hidden_layers=5, max_position_embeddings=77, vocab_size=1000, hidden_act="gelu",
+                  projection_dim=32),
+        text_2=dict(hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4,
+                    num_hidden_layers=5, max_position_embeddings=77, vocab_size=1000, hidden_act="gelu",
+                    projection_dim=32),
+        scheduler={"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                   "steps_offset": 1, "beta_schedule": "scaled_linear", "timestep_spacing": "leading"}),
 }
 
 
 def _random(name: str):
     r = RECIPES[name]
+    if "text_2" in r:
+        return _assemble_xl(r["unet"], r["vae"], r["text"], r["text_2"], r["scheduler"], r["seed"])
     return _assemble(r["unet"], r["vae"], r["text"], r["scheduler"], r["seed"])
 
 

@@ -31,17 +31,18 @@ class AssetsStage(Stage):
     def run(self, ctx):
         pipe = ctx.pipe
         files = []
-        with fresh_dir(ctx.root / "tokenizer") as d:
-            pipe.tokenizer.save_pretrained(str(d))
+        assets = ctx.family.assets(pipe)      # tokenizers, per-component configs, pipeline facts
+        for name, tokenizer in assets["tokenizers"].items():
+            with fresh_dir(ctx.root / name) as d:
+                tokenizer.save_pretrained(str(d))
         with fresh_dir(ctx.root / "scheduler") as d:
             (d / SCHEDULER_FILE).write_text(scheduler_config_text(pipe.scheduler, ctx.source))
-        configs = {"text_encoder": pipe.text_encoder.config.to_dict(), "unet": dict(pipe.unet.config),
-                   "vae_decoder": dict(pipe.vae.config), "vae_encoder": dict(pipe.vae.config)}
+        configs = assets["configs"]
         for comp, cfg in configs.items():
             cfg = {k: v for k, v in cfg.items() if k != "torch_dtype"}
             (ctx.root / comp).mkdir(parents=True, exist_ok=True)
             atomic_write_text(ctx.root / comp / "config.json", json.dumps(cfg, indent=2, sort_keys=True, default=str))
-        for sub in ("tokenizer", "scheduler"):
+        for sub in (*assets["tokenizers"], "scheduler"):
             files += sorted(p for p in (ctx.root / sub).rglob("*") if p.is_file())
         files += [ctx.root / c / "config.json" for c in configs]
         ctx.manifest.data.setdefault("pipeline", {}).update({
@@ -49,7 +50,7 @@ class AssetsStage(Stage):
             "geometry": dataclasses.asdict(ctx.family.ModelGeometry.from_pipeline(pipe)),
             "scheduler": type(pipe.scheduler).__name__,
             "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
-            "text_encoder_class": type(pipe.text_encoder).__name__,
+            **assets["pipeline"],
         })
         return StageResult(files=files)
 

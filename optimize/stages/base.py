@@ -119,7 +119,9 @@ class Context:
 
     @property
     def components(self) -> tuple:
-        return tuple(self.config.components)
+        from diffaccel.optimize.families import components_of
+
+        return components_of(self.family, self.config.components)
 
     @property
     def specs(self) -> dict:

@@ -1,0 +1,301 @@
+"""The Stable Diffusion XL family (base and Turbo): detection from the configs, component specs, torch export
+wrappers with exactly the specs' named inputs and outputs, and the calibration capture.
+
+Nothing is hard-coded from the published SDXL checkpoints: the number of time ids is what the U-Net's added
+embedding takes besides the pooled text embedding, ``(projection_class_embeddings_input_dim - pooled width) /
+addition_time_embed_dim``, the pooled width is ``text_encoder_2``'s ``projection_dim``, and the cross-attention width
+must be the two text encoders' hidden sizes side by side (diffusers concatenates their penultimate hidden states).
+
+>>> COMPONENTS
+('text_encoder', 'text_encoder_2', 'unet', 'vae_decoder', 'vae_encoder')
+>>> unet = {"addition_embed_type": "text_time", "addition_time_embed_dim": 256, "cross_attention_dim": 2048,
+...         "projection_class_embeddings_input_dim": 2816}
+>>> te, te2 = {"hidden_size": 768}, {"hidden_size": 1280, "projection_dim": 1280}
+>>> time_id_count(unet, te2)
+6
+>>> mismatches({"unet": unet, "vae": {}, "text_encoder": te, "text_encoder_2": te2})
+[]
+>>> mismatches({"unet": {**unet, "addition_embed_type": "image"}, "vae": {}, "text_encoder": te,
+...             "text_encoder_2": te2})
+['addition_embed_type=image (SDXL conditions on text_time: pooled text embeddings and time ids)']
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from diffaccel.optimize.artifact.specs import AxisRange, ComponentSpec, TensorSpec
+from diffaccel.optimize.families import sd
+from diffaccel.optimize.families.sd import check_pixel_range, latent_opt_size, size_factors  # noqa: F401 (surface)
+
+log = logging.getLogger(__name__)
+
+NAME = "sdxl"
+TITLE = "Stable Diffusion XL"
+PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+PIPELINE_CLASS = "StableDiffusionXLPipeline"
+DROP_INS = ("diffaccel.engines.pipelines.sdxl:AcceleratedStableDiffusionXLPipeline",
+            "diffaccel.engines.pipelines.sdxl:AcceleratedStableDiffusionXLImg2ImgPipeline")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+SOURCE_MODEL = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
+                "vae_decoder": "vae", "vae_encoder": "vae"}
+TOKENIZERS = ("tokenizer", "tokenizer_2")
+LOAD_KWARGS = {"add_watermarker": False}     # diffusers' loading keywords: the invisible watermark stays off
+BASE_TIME_IDS = 6                            # original size, crop top-left, target size (each (h, w))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# detection
+# ----------------------------------------------------------------------------------------------------------
+def time_id_count(unet: dict, text_encoder_2: dict) -> "int | None":
+    """How many time ids the U-Net's added embedding takes, from the configs (None where they cannot say)."""
+    total = unet.get("projection_class_embeddings_input_dim")
+    per = unet.get("addition_time_embed_dim")
+    pooled = (text_encoder_2 or {}).get("projection_dim")
+    if not (total and per and pooled) or (total - pooled) % per:
+        return None
+    return (total - pooled) // per
+
+
+def mismatches(configs: dict) -> list:
+    """What in ``configs`` (see :func:`diffaccel.optimize.families.detect`) this family cannot export; [] = fits."""
+    problems = []
+    unet, vae = configs.get("unet") or {}, configs.get("vae") or {}
+    te, te2 = configs.get("text_encoder"), configs.get("text_encoder_2")
+    pipeline = configs.get("pipeline")
+    if pipeline and pipeline not in PIPELINES:
+        problems.append(f"pipeline is {pipeline}, not one of {', '.join(PIPELINES)}")
+    unet_class = unet.get("_class_name", "UNet2DConditionModel")
+    if not configs.get("unet") or unet_class != "UNet2DConditionModel":
+        problems.append(f"denoiser is {unet_class}, not UNet2DConditionModel")
+    kind = unet.get("addition_embed_type")
+    if kind != "text_time":
+        problems.append(f"addition_embed_type={kind} (SDXL conditions on text_time: pooled text embeddings and "
+                        "time ids)")
+    if te2 is None:
+        problems.append("no text_encoder_2 (SDXL's second text encoder, a CLIPTextModelWithProjection)")
+    elif kind == "text_time":
+        problems += _conditioning_problems(unet, te, te2, configs)
+    if unet.get("time_cond_proj_dim"):
+        problems.append(f"time_cond_proj_dim={unet['time_cond_proj_dim']} (LCM-distilled guidance embedding: not "
+                        "exported yet)")
+    if unet.get("in_channels", 4) != vae.get("latent_channels", 4):
+        problems.append(f"in_channels={unet.get('in_channels', 4)} (inpainting/depth variants)")
+    vae_class = vae.get("_class_name", "AutoencoderKL")
+    if vae_class != "AutoencoderKL":
+        problems.append(f"vae is {vae_class}, not AutoencoderKL")
+    return problems
+
+
+def _conditioning_problems(unet: dict, te, te2: dict, configs: dict) -> list:
+    n = time_id_count(unet, te2)
+    if n is None:
+        return [f"projection_class_embeddings_input_dim={unet.get('projection_class_embeddings_input_dim')} is not "
+                f"text_encoder_2's projection_dim ({te2.get('projection_dim')}) plus a whole number of "
+                f"addition_time_embed_dim ({unet.get('addition_time_embed_dim')})"]
+    if n != BASE_TIME_IDS or te is None or configs.get("requires_aesthetics_score"):
+        return [f"{n} time ids{'' if te else ', no first text encoder'} (the SDXL refiner, with "
+                "requires_aesthetics_score: not exported yet; base SDXL takes 6)"]
+    widths = te.get("hidden_size", 512) + te2.get("hidden_size", 512)
+    if unet.get("cross_attention_dim") != widths:
+        return [f"cross_attention_dim={unet.get('cross_attention_dim')} is not the text encoders' hidden sizes "
+                f"side by side ({widths})"]
+    return []
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelGeometry:
+    """What the specs need to know about a loaded SDXL pipeline (read from its configs, JSON-able)."""
+
+    vocab_size: int
+    vocab_size_2: int
+    max_length: int
+    text_hidden: int
+    text_hidden_2: int
+    pooled_dim: int           # text_encoder_2's projection: the U-Net's text_embeds
+    time_ids: int             # 6 (base, Turbo)
+    latent_channels: int
+    unet_in_channels: int
+    cross_attention_dim: int
+    vae_scale_factor: int
+    latent_multiple: int
+    default_size: int
+    num_train_timesteps: int
+    guidance_doubles_batch: bool = True   # classifier-free guidance runs both halves in one U-Net batch
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.vae_scale_factor * self.latent_multiple
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> "ModelGeometry":
+        unet, vae = pipe.unet.config, pipe.vae.config
+        te, te2 = pipe.text_encoder.config, pipe.text_encoder_2.config
+        vae_scale, latent_multiple = size_factors(unet, vae)
+        sample = unet.sample_size if isinstance(unet.sample_size, int) else unet.sample_size[0]
+        return cls(
+            vocab_size=int(te.vocab_size), vocab_size_2=int(te2.vocab_size),
+            max_length=int(pipe.tokenizer_2.model_max_length),
+            text_hidden=int(te.hidden_size), text_hidden_2=int(te2.hidden_size),
+            pooled_dim=int(te2.projection_dim), time_ids=int(time_id_count(dict(unet), te2.to_dict())),
+            latent_channels=int(vae.latent_channels), unet_in_channels=int(unet.in_channels),
+            cross_attention_dim=int(unet.cross_attention_dim), vae_scale_factor=vae_scale,
+            latent_multiple=latent_multiple, default_size=int(sample) * vae_scale,
+            num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
+            guidance_doubles_batch=unet.get("time_cond_proj_dim") is None,
+        )
+
+
+def specs(geo: ModelGeometry, shapes) -> dict:
+    """The five component specs of an SDXL pipeline for an image :class:`ShapeRange`.
+
+    The U-Net's batch range doubles the image batch where classifier-free guidance runs both halves in one call
+    (and serves batch 1 upward, so guidance <= 1 runs too); its ``time_ids`` hold pixel sizes, drawn as integers
+    up to 4x the native size for validation."""
+    bmin, bmax = shapes.batch
+    bopt = min(max(1, bmin), bmax)
+    base = sd.specs(sd.ModelGeometry(
+        vocab_size=geo.vocab_size, max_length=geo.max_length, text_hidden=geo.text_hidden,
+        latent_channels=geo.latent_channels, unet_in_channels=geo.unet_in_channels,
+        cross_attention_dim=geo.cross_attention_dim, vae_scale_factor=geo.vae_scale_factor,
+        latent_multiple=geo.latent_multiple, default_size=geo.default_size,
+        num_train_timesteps=geo.num_train_timesteps), shapes)
+    L, k = geo.max_length, 2 if geo.guidance_doubles_batch else 1
+    text_batch = {"batch": AxisRange(1, bopt, 2 * bmax)}
+    lat = {a: base["unet"].axes[a] for a in ("height", "width")}
+    penultimate = "penultimate_hidden_state"
+    return {
+        "text_encoder": ComponentSpec(
+            "text_encoder",
+            inputs=(TensorSpec("input_ids", ("batch", L), "int64", "tokens", geo.vocab_size),),
+            outputs=(TensorSpec("last_hidden_state", ("batch", L, geo.text_hidden)),
+                     TensorSpec("pooler_output", ("batch", geo.text_hidden)),
+                     TensorSpec(penultimate, ("batch", L, geo.text_hidden))),
+            axes=text_batch, atol=2e-3, rtol=1e-3),
+        "text_encoder_2": ComponentSpec(
+            "text_encoder_2",
+            inputs=(TensorSpec("input_ids", ("batch", L), "int64", "tokens", geo.vocab_size_2),),
+            outputs=(TensorSpec("text_embeds", ("batch", geo.pooled_dim)),
+                     TensorSpec("last_hidden_state", ("batch", L, geo.text_hidden_2)),
+                     TensorSpec(penultimate, ("batch", L, geo.text_hidden_2))),
+            axes=text_batch, atol=2e-3, rtol=1e-3),
+        "unet": ComponentSpec(
+            "unet",
+            inputs=(*base["unet"].inputs,
+                    TensorSpec("text_embeds", ("batch", geo.pooled_dim)),
+                    TensorSpec("time_ids", ("batch", geo.time_ids), "float32", "timestep", 4 * geo.default_size)),
+            outputs=base["unet"].outputs,
+            axes={"batch": AxisRange(1, k * bopt, k * bmax), **lat}, atol=2e-3, rtol=2e-3),
+        "vae_decoder": base["vae_decoder"],
+        "vae_encoder": base["vae_encoder"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch modules with exactly the spec's named inputs and outputs
+# ----------------------------------------------------------------------------------------------------------
+def export_module(component: str, pipe_or_models: Any):
+    """Wrap the model(s) of ``component`` as an nn.Module with the spec's signature. The text encoders return the
+    penultimate hidden state (what SDXL conditions on) as an output of their own, computed here, not found by name
+    in the exporter's graph."""
+    import torch
+
+    if component in ("vae_decoder", "vae_encoder"):
+        return sd.export_module(component, pipe_or_models)
+    get = (lambda n: pipe_or_models[n]) if isinstance(pipe_or_models, dict) else (
+        lambda n: getattr(pipe_or_models, n))
+
+    class TextEncoder(torch.nn.Module):          # CLIPTextModel
+        def __init__(self):
+            super().__init__()
+            self.model = get("text_encoder")
+
+        def forward(self, input_ids):
+            out = self.model(input_ids, output_hidden_states=True, return_dict=True)
+            return out.last_hidden_state, out.pooler_output, out.hidden_states[-2]
+
+    class TextEncoder2(torch.nn.Module):         # CLIPTextModelWithProjection
+        def __init__(self):
+            super().__init__()
+            self.model = get("text_encoder_2")
+
+        def forward(self, input_ids):
+            out = self.model(input_ids, output_hidden_states=True, return_dict=True)
+            return out.text_embeds, out.last_hidden_state, out.hidden_states[-2]
+
+    class UNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = get("unet")
+
+        def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+            added = {"text_embeds": text_embeds, "time_ids": time_ids}
+            return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+    table = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder2, "unet": UNet}
+    return table[component]().eval()
+
+
+def weight_bytes(configs: dict) -> dict:
+    """fp32 weight bytes of each model from its config alone (PyTorch's meta device; see
+    :func:`diffaccel.optimize.families.sd.weight_bytes`)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    out = sd.weight_bytes(configs)
+    cfg = configs.get("text_encoder_2")
+    out["text_encoder_2"] = 0
+    if cfg:
+        with torch.device("meta"):
+            model = CLIPTextModelWithProjection(CLIPTextConfig(**{k: v for k, v in cfg.items()
+                                                                  if not k.startswith("_")}))
+            out["text_encoder_2"] = sum(p.numel() * 4 for p in model.parameters())
+    return out
+
+
+def assets(pipe) -> dict:
+    """What the assets stage writes besides the engines: tokenizers, per-component configs, pipeline facts."""
+    return {"tokenizers": {n: getattr(pipe, n) for n in TOKENIZERS},
+            "configs": {"text_encoder": pipe.text_encoder.config.to_dict(),
+                        "text_encoder_2": pipe.text_encoder_2.config.to_dict(),
+                        "unet": dict(pipe.unet.config), "vae_decoder": dict(pipe.vae.config),
+                        "vae_encoder": dict(pipe.vae.config)},
+            "pipeline": {"text_encoder_class": type(pipe.text_encoder).__name__,
+                         "text_encoder_2_class": type(pipe.text_encoder_2).__name__,
+                         "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True))}}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# calibration capture
+# ----------------------------------------------------------------------------------------------------------
+def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: float, seed: int, height: int,
+                        width: int) -> list:
+    """Run ``pipe`` once per prompt and return the U-Net's inputs at every step, as dicts of CPU tensors named as
+    the U-Net spec's inputs (``sample``, ``timestep`` one per batch row, ``encoder_hidden_states``, ``text_embeds``,
+    ``time_ids``)."""
+    import torch
+
+    captured = []
+
+    def hook(module, args, kwargs):
+        given = {**dict(zip(("sample", "timestep", "encoder_hidden_states"), args)), **kwargs}
+        sample, added = given["sample"], given.get("added_cond_kwargs") or {}
+        t = torch.as_tensor(given["timestep"], dtype=torch.float32).reshape(-1).expand(sample.shape[0]).clone()
+        record = {"sample": sample, "timestep": t, "encoder_hidden_states": given["encoder_hidden_states"],
+                  "text_embeds": added["text_embeds"], "time_ids": added["time_ids"]}
+        captured.append({k: v.detach().float().cpu().clone() for k, v in record.items()})
+
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        for i, prompt in enumerate(prompts):
+            log.info("calibration prompt %d/%d: %s", i + 1, len(prompts), prompt)
+            with torch.no_grad():
+                pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+                     generator=torch.Generator().manual_seed(seed + i), output_type="latent")
+    finally:
+        handle.remove()
+        pipe.set_progress_bar_config(disable=was_disabled)
+    return captured
