@@ -51,6 +51,8 @@ def mismatches(configs: dict) -> list:
             problems.append(f"time_cond_proj_dim={unet['time_cond_proj_dim']} (LCM-distilled guidance embedding)")
         if unet.get("in_channels", 4) != vae.get("latent_channels", 4):
             problems.append(f"in_channels={unet.get('in_channels', 4)} (inpainting/depth variants)")
+    if configs.get("text_encoder_2"):
+        problems.append("has a text_encoder_2 (a second text encoder, as SDXL)")
     vae_class = vae.get("_class_name", "AutoencoderKL")
     if vae_class != "AutoencoderKL":
         problems.append(f"vae is {vae_class}, not AutoencoderKL (the exporter needs its latent distribution; "
