@@ -254,3 +254,13 @@ def test_int8_build_calibrates_on_the_extra_unet_inputs(artifacts, xl_pipe):
     image = pipe(PROMPTS[0], num_inference_steps=3, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_artifacts_name_their_drop_in_class(xl_ort, tiny_ort_ts):
+    from diffaccel.engines.pipelines import pipeline_class
+
+    assert pipeline_class(xl_ort).__name__ == "AcceleratedStableDiffusionXLPipeline"
+    assert pipeline_class(xl_ort, "image-to-image").__name__ == "AcceleratedStableDiffusionXLImg2ImgPipeline"
+    assert pipeline_class(tiny_ort_ts).__name__ == "AcceleratedStableDiffusionPipeline"
+    with pytest.raises(ValueError, match="unknown task 'inpaint'"):
+        pipeline_class(xl_ort, "inpaint")

@@ -160,11 +160,11 @@ def artifact_guidance(source: dict) -> float:
 def _cmd_generate(args) -> int:
     import torch
 
-    from diffaccel.engines import AcceleratedStableDiffusionPipeline
+    from diffaccel.engines.pipelines import pipeline_class
     from diffaccel.optimize.sources.schedulers import scheduler_class
 
     scheduler = scheduler_class(args.scheduler) if args.scheduler else None   # a typo fails before the engines load
-    pipe = AcceleratedStableDiffusionPipeline.from_pretrained(args.artifact, provider=args.provider)
+    pipe = pipeline_class(args.artifact).from_pretrained(args.artifact, provider=args.provider)  # the family's drop-in
     if scheduler is not None:
         pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
