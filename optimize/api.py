@@ -168,12 +168,16 @@ def _run_stages(ctx: Context) -> None:
         ctx.manifest.save()
         ctx.reporter.stage_start(stage.name, list(ctx.components) if stage.name != "assets" else [])
         t0 = time.perf_counter()
+        ctx.stage_peak_floor = 0
         with StagePeak() as peak:
             result = stage.run(ctx)
+        peak.peak_bytes = max(peak.peak_bytes, ctx.stage_peak_floor)   # items reset the peak as they start
         seconds = time.perf_counter() - t0
         ctx.manifest.record_stage(stage.name, stage.settings(ctx), key, seconds, record_files(ctx.root, result.files))
         record = ctx.manifest.stages[stage.name]
         record.update(peak.record())
+        if ctx.item_peaks.get(stage.name):
+            record["component_peak_rss_bytes"] = dict(ctx.item_peaks[stage.name])
         if result.outputs():
             record["outputs"] = result.outputs()
         if result.records():

@@ -29,8 +29,9 @@ class ConsoleReporter(Reporter):
         if self.bar is not None:
             self.bar.set_postfix_str(item)
 
-    def item_done(self, stage, item, seconds):
-        self.times.setdefault(stage, []).append(f"{item} {seconds:.1f}s")
+    def item_done(self, stage, item, seconds, peak_bytes=0):
+        peak = f" {peak_bytes / 1e9:.1f} GB" if peak_bytes else ""
+        self.times.setdefault(stage, []).append(f"{item} {seconds:.1f}s{peak}")
         if self.bar is not None:
             self.bar.update(1)
 
@@ -75,7 +76,9 @@ def format_info(m) -> str:
     lines += ["", f"{'stage':<13} {'time':>9} {'peak RSS':>10}"]
     for k, v in m.stages.items():
         peak = f"{v['peak_rss_bytes'] / 1e9:.2f} GB" if v.get("peak_rss_bytes") else "n/a"
-        lines.append(f"{k:<13} {v['seconds']:>8.1f}s {peak:>10}")
+        items = v.get("component_peak_rss_bytes") or {}
+        detail = ("  (" + ", ".join(f"{c} {b / 1e9:.2f} GB" for c, b in items.items()) + ")") if items else ""
+        lines.append(f"{k:<13} {v['seconds']:>8.1f}s {peak:>10}{detail}")
     lines.append("")
     tools = m.get("tools", {})
     lines.append("tools:  " + ", ".join(f"{k} {v}" for k, v in tools.items() if k != "platform"))

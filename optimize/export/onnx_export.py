@@ -90,10 +90,54 @@ def _finalize(raw: Path, dst: Path, external: bool) -> list[Path]:
         model = onnx.load(str(raw))  # pulls in any external tensors, then saves self-contained
         onnx.save_model(model, str(dst))
         return [dst]
-    model = onnx.load(str(raw), load_external_data=True)
-    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
+    gather_external_data(raw, dst)
     return [dst, dst.with_name(data_name)]
+
+
+ALIGNMENT = 4096          # external tensors start on page boundaries (ONNX Runtime can map them)
+_CHUNK = 64 << 20
+
+
+def gather_external_data(src: Path, dst: Path) -> None:
+    """Write ``src``'s graph to ``dst`` with every external tensor copied, in graph order, into one file
+    ``dst.name + ".data"``, streaming (one 64 MB chunk in memory at a time, never the weights: loading a 3.4 GB
+    U-Net to re-save it cost 2 copies of its weights at the export stage's peak)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    model = onnx.load(str(src), load_external_data=False)
+    data_path = dst.with_name(dst.name + DATA_SUFFIX)
+    offset, files = 0, {}
+    try:
+        with open(data_path, "wb") as out:
+            for t in _get_all_tensors(model):
+                if t.data_location != onnx.TensorProto.EXTERNAL:
+                    continue
+                info = {e.key: e.value for e in t.external_data}
+                path = src.parent / info["location"]
+                f = files.get(path) or files.setdefault(path, open(path, "rb"))
+                start = int(info.get("offset", 0))
+                length = int(info["length"]) if "length" in info else path.stat().st_size - start
+                pad = -offset % ALIGNMENT
+                out.write(b"\0" * pad)
+                offset += pad
+                f.seek(start)
+                left = length
+                while left:
+                    chunk = f.read(min(left, _CHUNK))
+                    if not chunk:
+                        raise DiffaccelError(f"{path} ends before tensor {t.name}'s data; re-run the export")
+                    out.write(chunk)
+                    left -= len(chunk)
+                del t.external_data[:]
+                for k, v in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
+                    e = t.external_data.add()
+                    e.key, e.value = k, v
+                offset += length
+    finally:
+        for f in files.values():
+            f.close()
+    onnx.save_model(model, str(dst))
 
 
 def onnx_files(model_path: Path) -> list[Path]:

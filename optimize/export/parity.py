@@ -42,27 +42,113 @@ def compare(ref: dict, got: dict, atol: float, rtol: float, kind: str = "max") -
     return out
 
 
+def parity_cases(spec, *, seed: int = 1234, samples: "list | None" = None):
+    """The (axis values, inputs) a parity check runs: ``samples`` (realistic inputs) when given, else fresh seeded
+    random inputs at the spec's opt shape and a second shape. The same seed gives the same tensors, so a reference
+    recorded once (:class:`RecordedReference`) answers every later check of the component."""
+    import torch
+
+    if samples:
+        for s in samples:
+            yield spec.axis_values({k: tuple(v.shape) for k, v in s.items()}), s
+        return
+    gen = torch.Generator().manual_seed(seed)
+    points = [spec.opt_values(), spec.alt_values()]
+    for values in (points if points[0] != points[1] else points[:1]):
+        yield values, spec.random_inputs(gen, **values)
+
+
+def inputs_key(inputs: dict) -> str:
+    """A digest of named tensors (names, dtypes, shapes and bytes): how a recorded reference finds its outputs."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for name in sorted(inputs):
+        a = inputs[name]
+        a = a.detach().cpu().contiguous().numpy() if hasattr(a, "detach") else np.ascontiguousarray(a)
+        h.update(f"{name}:{a.dtype}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class RecordedReference:
+    """PyTorch's outputs on the parity inputs, recorded while the torch model was in memory, so later stages check
+    their engines without loading it again (a build then holds one copy of a model's weights at a time, not two).
+    Called with inputs it has not recorded, it asks ``fallback`` (a callable like the torch module), if any.
+
+    >>> import torch
+    >>> ref = RecordedReference({})
+    >>> ref.record({"x": torch.ones(2)}, {"y": torch.zeros(2)})
+    >>> ref(x=torch.ones(2))["y"].tolist()
+    [0.0, 0.0]
+    >>> ref(x=torch.zeros(2))
+    Traceback (most recent call last):
+    ...
+    KeyError: 'no recorded reference for these inputs'
+    """
+
+    def __init__(self, outputs: "dict | None" = None, fallback=None):
+        self.outputs = dict(outputs or {})
+        self.fallback = fallback
+
+    def record(self, inputs: dict, outputs: dict) -> None:
+        self.outputs[inputs_key(inputs)] = {k: v.detach().cpu().clone() if hasattr(v, "detach") else v
+                                            for k, v in outputs.items()}
+
+    def covers(self, spec, *, seed: int = 1234, samples: "list | None" = None) -> bool:
+        return all(inputs_key(x) in self.outputs for _, x in parity_cases(spec, seed=seed, samples=samples))
+
+    def __call__(self, **inputs) -> dict:
+        hit = self.outputs.get(inputs_key(inputs))
+        if hit is not None:
+            return hit
+        if self.fallback is None:
+            raise KeyError("no recorded reference for these inputs")
+        return self.fallback(**inputs)
+
+    def merged(self, other: "RecordedReference") -> "RecordedReference":
+        return RecordedReference({**self.outputs, **other.outputs}, self.fallback or other.fallback)
+
+    def save(self, path) -> None:
+        import torch
+
+        torch.save(self.outputs, path)
+
+    @classmethod
+    def load(cls, path, fallback=None) -> "RecordedReference":
+        import torch
+
+        return cls(torch.load(path, weights_only=True), fallback)
+
+    @classmethod
+    def of(cls, spec, reference, *, seed: int = 1234, samples: "list | None" = None) -> "RecordedReference":
+        """Run ``reference`` (named inputs -> named outputs) on every parity input and record its outputs."""
+        import torch
+
+        rec = cls()
+        for _, inputs in parity_cases(spec, seed=seed, samples=samples):
+            with torch.no_grad():
+                rec.record(inputs, reference(**inputs))
+        return rec
+
+
 def check_parity(spec, reference, candidate, *, seed: int = 1234, atol: "float | None" = None,
                  rtol: "float | None" = None, kind: str = "max", samples: "list | None" = None,
                  advice: str = "") -> dict:
     """Run ``reference`` and ``candidate`` (callables taking the spec's named torch inputs and returning named
-    outputs) on random inputs at the spec's opt shape and a second shape, or on ``samples`` (realistic inputs, for
-    quantized engines). Returns a JSON-able report; raises :class:`ParityError` listing every failing output."""
+    outputs; the reference may be a :class:`RecordedReference`) on random inputs at the spec's opt shape and a second
+    shape, or on ``samples`` (realistic inputs, for quantized engines). Returns a JSON-able report; raises
+    :class:`ParityError` listing every failing output."""
     import torch
 
     atol = spec.atol if atol is None else atol
     rtol = spec.rtol if rtol is None else rtol
-    gen = torch.Generator().manual_seed(seed)
     report = {"atol": atol, "rtol": rtol, "kind": kind, "seed": seed, "points": [],
               "inputs": "captured pipeline inputs" if samples else "random"}
     failures = []
-    if samples:
-        cases = [(spec.axis_values({k: tuple(v.shape) for k, v in s.items()}), s) for s in samples]
-    else:
-        points = [spec.opt_values(), spec.alt_values()]
-        cases = [(v, None) for v in (points if points[0] != points[1] else points[:1])]
-    for values, given in cases:
-        inputs = given if given is not None else spec.random_inputs(gen, **values)
+    for values, inputs in parity_cases(spec, seed=seed, samples=samples):
         with torch.no_grad():
             ref = reference(**inputs)
         got = candidate(**inputs)

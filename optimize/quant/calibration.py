@@ -8,6 +8,8 @@ source gives the same tensors.
 """
 from __future__ import annotations
 
+import contextlib
+
 
 def calibration_prompts(ctx) -> list:
     """The calibration prompts of the build's :class:`QuantConfig` (see
@@ -49,3 +51,88 @@ class CalibrationReader:
 
     def rewind(self):
         self.i = 0
+
+
+def write_range_cache(src, samples: list, op_types, cache, *, method: str = "minmax", percentile: float = 99.999,
+                      external: bool, skip_nodes=(), threads: "int | None" = None) -> None:
+    """Calibrate ``src`` on ``samples`` with ONNX Runtime's own calibrator for ``method`` (see :func:`collect`) and
+    save the ranges as its calibration cache: ``quantize_static(calibration_cache_path=)`` reads it back, so the
+    quantized model is the one ORT's all-in-one call makes from the same ranges."""
+    from pathlib import Path
+
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    with collect(src, samples, op_types, method=method, percentile=percentile, external=external,
+                 skip_nodes=skip_nodes, threads=threads, scratch=Path(cache).parent) as calibrator:
+        ranges = calibrator.compute_data()
+    save_tensors_data(ranges, cache, smooth_quant=False)
+
+
+@contextlib.contextmanager
+def collect(src, samples: list, op_types, *, method: str, external: bool, percentile: float = 99.999,
+            num_bins: "int | None" = None, skip_nodes=(), threads: "int | None" = None, scratch=None):
+    """ONNX Runtime's own calibrator for ``method`` (``minmax``, ``percentile``, ``entropy``) after it has seen every
+    sample; its statistics are read inside the ``with`` block.
+
+    Driven here rather than inside ``quantize_static`` to bound memory: the calibrator's copy of the weights goes
+    before its session is made (the session maps the weights file), the session runs without an arena, and samples
+    go in one at a time with the statistics merged after each, so the calibration size does not drive memory. For
+    min-max, merging is exact (min of mins: the ranges equal those of ORT's all-at-once call); histogram methods
+    re-bin as their range grows, as ORT does across batches. Histogram methods hold the full tensors of one sample,
+    so they skip the tensors only ``skip_nodes`` (nodes left in float) touch, such as attention scores (1 GB each at
+    512x512 on SD 1.5).
+    """
+    import gc
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import calibrate as cal
+
+    skip = set(skip_nodes)
+    with tempfile.TemporaryDirectory(prefix="diffaccel-calib-", dir=scratch) as tmp:
+        common = dict(augmented_model_path=str(Path(tmp) / "augmented.onnx"), use_external_data_format=external)
+        if method == "minmax":
+            calibrator = cal.MinMaxCalibrater(Path(src), list(op_types), symmetric=False, **common)
+        elif method == "percentile":
+            calibrator = _skipping(cal.PercentileCalibrater, skip)(Path(src), list(op_types), symmetric=True,
+                                                                    num_bins=num_bins or 2048, percentile=percentile,
+                                                                    **common)
+        elif method == "entropy":
+            calibrator = _skipping(cal.EntropyCalibrater, skip)(Path(src), list(op_types), symmetric=False,
+                                                                 num_bins=num_bins or 128, **common)
+        else:
+            raise ValueError(f"unknown calibration method {method!r}")
+        calibrator.augment_graph()
+        calibrator.model = None          # its weights were written out with the augmented graph
+        gc.collect()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # as ORT's calibrators do
+        so.enable_cpu_mem_arena = False
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        calibrator.infer_session = ort.InferenceSession(common["augmented_model_path"], so,
+                                                        providers=["CPUExecutionProvider"])
+        for s in samples:
+            calibrator.collect_data(CalibrationReader([s]))
+        try:
+            yield calibrator
+        finally:
+            calibrator.infer_session = None
+            del calibrator
+            gc.collect()
+
+
+def _skipping(cls, skip: set):
+    """``cls`` (an ORT histogram calibrator) that does not calibrate tensors only ``skip`` nodes touch."""
+    if not skip:
+        return cls
+
+    class Skipping(cls):
+        def select_tensors_to_calibrate(self, model):
+            tensors, value_infos = super().select_tensors_to_calibrate(model)
+            needed = {t for n in model.graph.node if n.name not in skip for t in (*n.input, *n.output)}
+            return {t for t in tensors if t in needed}, value_infos
+
+    return Skipping

@@ -18,7 +18,6 @@ handling of the window's last bins and 255 levels for the two-sided window) is v
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -78,22 +77,16 @@ def kl_threshold(hist, edges, lowest, highest, quantized_bins: int = QUANTIZED_B
 
 
 def write_entropy_cache(src: Path, samples: list, op_types, cache: Path, *, external: bool,
-                        num_bins: int = ENTROPY_BINS) -> None:
+                        num_bins: int = ENTROPY_BINS, skip_nodes=(), threads: "int | None" = None) -> None:
     """Collect ``num_bins``-bin histograms of every tensor ``quantize_static`` calibrates, pick KL thresholds and
     save them as ORT's calibration cache at ``cache`` (read back by ``quantize_static(calibration_cache_path=)``)."""
-    from onnxruntime.quantization.calibrate import (CalibrationMethod, TensorsData, create_calibrator,
-                                                    save_tensors_data)
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
 
-    from diffaccel.optimize.quant.calibration import CalibrationReader
+    from diffaccel.optimize.quant.calibration import collect
 
-    with tempfile.TemporaryDirectory(prefix="diffaccel-entropy-", dir=Path(cache).parent) as tmp:
-        calibrator = create_calibrator(Path(src), list(op_types), augmented_model_path=str(Path(tmp) / "aug.onnx"),
-                                       calibrate_method=CalibrationMethod.Entropy,
-                                       use_external_data_format=external,
-                                       extra_options={"num_bins": num_bins, "symmetric": False})
-        calibrator.collect_data(CalibrationReader(samples))
-        histograms = calibrator.collector.histogram_dict
-        del calibrator
+    with collect(src, samples, op_types, method="entropy", num_bins=num_bins, external=external,
+                 skip_nodes=skip_nodes, threads=threads, scratch=Path(cache).parent) as calibrator:
+        histograms = dict(calibrator.collector.histogram_dict)
     ranges = {}
     for name, (hist, edges, lowest, highest, *_rest) in histograms.items():
         lo, hi = kl_threshold(hist, edges, lowest, highest)

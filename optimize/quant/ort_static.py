@@ -11,7 +11,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from diffaccel.optimize.quant.calibration import CalibrationReader
+from diffaccel.optimize.artifact.files import TMP_PREFIX
+from diffaccel.optimize.quant.calibration import CalibrationReader, write_range_cache
 from diffaccel.optimize.quant.entropy import ENTROPY_BINS
 from diffaccel.optimize.artifact.errors import DiffaccelError
 
@@ -23,7 +24,7 @@ DEFAULT_KEEP_FP32 = {
     r"^conv_out$": "the last conv's error is the model's output error",
 }
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
-ALGORITHM_VERSION = 3      # part of the quantize stage's key: bump when what a config produces changes
+ALGORITHM_VERSION = 4      # part of the quantize stage's key: bump when what a config produces changes
 
 
 def node_scope(node) -> str:
@@ -84,12 +85,42 @@ def _method(quant):
 def preprocess(src: Path, dst: Path, *, external: bool) -> Path:
     """ONNX Runtime's recommended pre-processing (ONNX shape inference and graph clean-up), so the quantizer sees
     tensor shapes and fused patterns. Symbolic shape inference is skipped: it gives up on exported U-Nets anyway,
-    doubles peak memory (14 GB instead of 7 GB on SD 1.5) and dumps debug files into the working directory."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    doubles peak memory (14 GB instead of 7 GB on SD 1.5) and dumps debug files into the working directory.
 
-    quant_pre_process(str(src), str(dst), skip_optimization=False, skip_symbolic_shape=True,
-                      save_as_external_data=external, all_tensors_to_one_file=True,
-                      external_data_location=dst.name + ".data")
+    Models with external data go through the same steps as ``quant_pre_process`` (ORT's basic graph optimizations,
+    then ONNX shape inference on the file) without ever loading their weights into Python: its final load-and-save
+    held two copies of SD 1.5's U-Net (7.0 GB peak); here the optimized weights file is renamed into place."""
+    if not external:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        quant_pre_process(str(src), str(dst), skip_optimization=False, skip_symbolic_shape=True)
+        return dst
+    import os
+
+    import onnx
+    import onnxruntime as ort
+    from onnx.external_data_helper import _get_all_tensors
+    from onnxruntime.quantization.quant_utils import add_pre_process_metadata
+
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=TMP_PREFIX + "pre-") as tmp:
+        optimized, inferred = Path(tmp) / "optimized.onnx", Path(tmp) / "inferred.onnx"
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(optimized)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+        so.enable_cpu_mem_arena = False
+        so.log_severity_level = 3
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+        onnx.shape_inference.infer_shapes_path(str(optimized), str(inferred))
+        model = onnx.load(str(inferred), load_external_data=False)
+        add_pre_process_metadata(model)
+        data_name = dst.name + ".data"
+        for t in _get_all_tensors(model):
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = data_name
+        os.replace(Path(tmp) / "optimized.onnx.data", dst.with_name(data_name))
+        onnx.save_model(model, str(dst))
     return dst
 
 
@@ -109,12 +140,16 @@ def quantize_static_qdq(src: Path, dst: Path, samples: list, quant, *, external:
         raise DiffaccelError("every Conv/MatMul/Gemm of the U-Net is excluded by --keep-fp32; loosen the pattern")
     # (not CalibMaxIntermediateOutputs: in onnxruntime 1.32 it discards collected ranges instead of merging them)
     extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "CalibPercentile": quant.percentile}
-    with tempfile.TemporaryDirectory(prefix="diffaccel-calib-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="diffaccel-calib-", dir=Path(dst).parent) as tmp:
         cache = Path(cache) if cache else Path(tmp) / "calibration.json"
-        if str(quant.method) == "entropy" and not cache.is_file():   # ORT's own entropy path is min-max: see entropy
-            from diffaccel.optimize.quant.entropy import write_entropy_cache
+        if not cache.is_file():      # ranges collected one sample at a time (memory: see calibration.collect)
+            if str(quant.method) == "entropy":     # ORT's own entropy path is min-max: see entropy
+                from diffaccel.optimize.quant.entropy import write_entropy_cache
 
-            write_entropy_cache(src, samples, QUANT_OPS, cache, external=external)
+                write_entropy_cache(src, samples, QUANT_OPS, cache, external=external, skip_nodes=exclude)
+            else:
+                write_range_cache(src, samples, QUANT_OPS, cache, method=str(quant.method),
+                                  percentile=quant.percentile, external=external, skip_nodes=exclude)
         quantize_static(str(src), str(dst), CalibrationReader(samples), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(QUANT_OPS), per_channel=quant.per_channel, reduce_range=False,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,

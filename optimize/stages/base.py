@@ -33,8 +33,8 @@ class Reporter:
     def item(self, stage: str, item: str) -> None:
         log.info("stage %s: %s", stage, item)
 
-    def item_done(self, stage: str, item: str, seconds: float) -> None:
-        log.info("stage %s: %s done in %.1fs", stage, item, seconds)
+    def item_done(self, stage: str, item: str, seconds: float, peak_bytes: int = 0) -> None:
+        log.info("stage %s: %s done in %.1fs (peak RSS %.2f GB)", stage, item, seconds, peak_bytes / 1e9)
 
     def stage_end(self, name: str, seconds: float, skipped: bool, reason: str = "", peak_bytes: int = 0) -> None:
         log.info("stage %s %s (%.1fs, peak RSS %.2f GB)", name, f"skipped: {reason}" if skipped else "done", seconds,
@@ -86,6 +86,8 @@ class Context:
     family: "object" = None          # the model family module (None: detected from the loaded pipeline)
     plan: list = dataclasses.field(default_factory=list)
     _pipe: "object" = None
+    item_peaks: dict = dataclasses.field(default_factory=dict)   # stage -> component -> peak RSS bytes
+    stage_peak_floor: int = 0        # the highest peak an item of the running stage reached (items reset the peak)
 
     def __post_init__(self):
         if self.family is None:   # configs unreadable without loading (a single-file checkpoint without --config)
@@ -162,29 +164,60 @@ class Context:
     # ---- helpers every stage uses ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def timed(self, stage: str, comp: str):
-        """Report the start and (on success) the time of one item of a stage."""
+        """Report the start and (on success) the time and peak RSS of one item of a stage (peaks in ``item_peaks``,
+        the stage's own peak still covers the whole stage)."""
+        from diffaccel.optimize.stages.resources import peak_rss_bytes, reset_peak
+
+        stage_peak = peak_rss_bytes()          # what the stage reached before this item
+        reset_peak()
         t0 = time.perf_counter()
         self.reporter.item(stage, comp)
         yield
-        self.reporter.item_done(stage, comp, time.perf_counter() - t0)
+        peak = peak_rss_bytes()
+        self.item_peaks.setdefault(stage, {})[comp] = peak
+        self.stage_peak_floor = max(self.stage_peak_floor, stage_peak, peak)
+        self.reporter.item_done(stage, comp, time.perf_counter() - t0, peak_bytes=peak)
 
     def parity_advice(self, component: str) -> str:
         return ("Try keeping this component in fp32 (--precision fp32), another --opset, or a smaller shape range."
                 if str(self.config.precision) != "fp32" else
                 "Try --exporter torchscript or another --opset; if it persists, report the model.")
 
-    def check_against_torch(self, comp: str, engine, *, module=None, final: bool = True, **overrides) -> dict:
-        """Parity of ``engine`` (named tensors in and out) with the PyTorch component (or ``module``, a torch module
-        with the spec's signature): by default the final engine's check, on the tolerance and realistic inputs that
-        earlier stages recorded; ``overrides`` (atol, rtol, kind, samples, advice) replace those."""
+    def check_against_torch(self, comp: str, engine, *, module=None, reference=None, final: bool = True,
+                            **overrides) -> dict:
+        """Parity of ``engine`` (named tensors in and out) with the PyTorch component: ``reference`` (e.g. a
+        :class:`~diffaccel.optimize.export.parity.RecordedReference`), else ``module`` (a torch module with the spec's
+        signature), else the outputs earlier stages recorded, falling back to the loaded pipeline's module for inputs
+        nobody recorded. By default the final engine's check, on the tolerance and realistic inputs that earlier
+        stages recorded; ``overrides`` (atol, rtol, kind, samples, advice) replace those."""
         from diffaccel.optimize.export.parity import check_parity
 
         spec = self.specs[comp]
-        module = module if module is not None else self.family.export_module(comp, self.pipe)
+        if reference is None:
+            reference = (self.recorded_reference(comp) if module is None else
+                         (lambda **x: named_outputs(module, spec, x)))
         kw = {**self.tolerance(comp), "samples": self.validation_samples(comp),
               "advice": self.parity_advice(comp)} if final else {}
         kw.update(overrides)
-        return check_parity(spec, lambda **x: named_outputs(module, spec, x), engine, **kw)
+        return check_parity(spec, reference, engine, **kw)
+
+    def torch_reference(self, comp: str):
+        """The PyTorch component as a parity reference (named inputs -> named outputs); loads the pipeline."""
+        spec = self.specs[comp]
+        module = self.family.export_module(comp, self.pipe)
+        return lambda **x: named_outputs(module, spec, x)
+
+    def recorded_reference(self, comp: str):
+        """Every output of the PyTorch component that earlier stages recorded (``reference`` files), answering other
+        inputs by loading the pipeline."""
+        from diffaccel.optimize.export.parity import RecordedReference
+
+        ref = RecordedReference(fallback=lambda **x: self.torch_reference(comp)(**x))
+        for stage in self.plan:
+            rel = self.info_of(stage.name, comp).get("reference")
+            if rel and (self.root / rel).is_file():
+                ref = ref.merged(RecordedReference.load(self.root / rel))
+        return ref
 
     def record_component(self, comp: str, *, backend: str, engine: str, files: list, validation: dict,
                          **extra) -> None:

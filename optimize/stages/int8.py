@@ -39,12 +39,17 @@ class QuantizeStage(Stage):
 
         from diffaccel.optimize.quant.calibration import calibration_samples
 
+        from diffaccel.optimize.export.parity import RecordedReference
+
         q = ctx.config.quant
         prompts, samples = calibration_samples(ctx)
+        keep = [samples[0], samples[len(samples) // 2], samples[-1]]   # noisy, middle and late steps
+        # PyTorch's outputs on them, for this engine's checks in later stages (the torch model is gone by then)
+        reference = RecordedReference.of(ctx.specs["unet"], ctx.torch_reference("unet"), samples=keep)
         src = ctx.latest_model("unet", self.name)
         external = len(onnx_files(src)) > 1
-        if external and q.quality_target is None:
-            ctx.release_pipe()   # ONNX Runtime's quantizer holds ~4 copies of a >2 GB model at its peak
+        if q.quality_target is None:
+            ctx.release_pipe()   # quantizing holds the ONNX weights: one copy of them at a time, not two
         with fresh_dir(ctx.root / "unet" / "quantized") as d, \
                 tempfile.TemporaryDirectory(dir=ctx.root, prefix=TMP_PREFIX) as tmp:
             pre = preprocess(src, Path(tmp) / "pre.onnx", external=external)
@@ -59,10 +64,10 @@ class QuantizeStage(Stage):
             report["smoothquant"] = smoothing
             if q.quality_target is not None:
                 report["quality_target"] = self._meet_target(ctx, pre, d, Path(tmp), samples, external)
-            keep = [samples[0], samples[len(samples) // 2], samples[-1]]   # noisy, middle and late steps
             torch.save(keep, d / "validation_inputs.pt")
-            written = [p.name for p in onnx_files(d / "model.onnx")] + ["validation_inputs.pt"]
-        report.update(prompts=len(prompts), steps=q.calib_steps)
+            reference.save(d / "reference.pt")
+            written = [p.name for p in onnx_files(d / "model.onnx")] + ["validation_inputs.pt", "reference.pt"]
+        report.update(prompts=len(prompts), steps=q.calib_steps, reference="unet/quantized/reference.pt")
         outcome = ComponentOutcome(model="unet/quantized/model.onnx", tolerance=tolerance("int8"),
                                    validation_inputs="unet/quantized/validation_inputs.pt", facts=report)
         return outcome, [ctx.root / "unet" / "quantized" / n for n in written]

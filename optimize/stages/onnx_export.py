@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from diffaccel.optimize.artifact.files import fresh_dir
 from diffaccel.optimize.export.onnx_export import export_onnx, onnx_files
-from diffaccel.optimize.stages.base import ComponentOutcome, Stage, StageResult
+from diffaccel.optimize.stages.base import ComponentOutcome, Stage, StageResult, named_outputs
+
+REFERENCE_FILE = "reference.pt"     # PyTorch's outputs on the parity inputs (see RecordedReference)
 
 ADVICE_EXPORT = ("Try --exporter torchscript, another --opset, or a smaller --height/--width range; "
                  "report the model if it persists.")
@@ -18,21 +20,43 @@ class ExportStage(Stage):
                 "specs": {k: v.to_dict() for k, v in ctx.specs.items()}}
 
     def run(self, ctx):
-        from diffaccel.engines.backends.onnxruntime import OrtEngine
+        import gc
 
+        from diffaccel.engines.backends.onnxruntime import OrtEngine
+        from diffaccel.optimize.export.onnx_export import param_bytes
         result = StageResult()
-        for comp in ctx.components:
+        # Largest component last: the pipeline is let go before it, so the build holds one copy of its weights.
+        sizes = {c: param_bytes(ctx.family.export_module(c, ctx.pipe)) for c in ctx.components}
+        order = sorted(ctx.components, key=lambda c: sizes[c])
+        for comp in order:
             spec = ctx.specs[comp]
             module = ctx.family.export_module(comp, ctx.pipe)
+            if comp == order[-1]:
+                ctx.release_pipe()      # the other components' weights; later stages reload it if they need it
             with ctx.timed(self.name, comp), fresh_dir(ctx.root / comp / "export") as d:
                 written = export_onnx(spec, module, d / "model.onnx", exporter=ctx.config.exporter,
                                       opset=ctx.config.opset, seed=ctx.config.seed)
-                engine = OrtEngine(d / "model.onnx", provider="cpu", level="basic", threads=ctx.config.threads)
-                report = ctx.check_against_torch(comp, engine, module=module, final=False, advice=ADVICE_EXPORT)
+                # PyTorch's outputs on the parity inputs, kept for this check and every later engine's
+                reference = _record(spec, module)
+                reference.save(d / REFERENCE_FILE)
+                del module
+                gc.collect()            # the last component's torch weights go before its ONNX Runtime session
+                engine = OrtEngine(d / "model.onnx", provider="cpu", level="basic", threads=ctx.config.threads,
+                                   arena=False)
+                report = ctx.check_against_torch(comp, engine, reference=reference, final=False,
+                                                 advice=ADVICE_EXPORT)
                 del engine
-            result.add(comp, ComponentOutcome(model=f"{comp}/export/model.onnx", validation=report),
-                       files=[ctx.root / comp / "export" / p.name for p in written])
+            files = [ctx.root / comp / "export" / p.name for p in written] + [ctx.root / comp / "export" /
+                                                                               REFERENCE_FILE]
+            result.add(comp, ComponentOutcome(model=f"{comp}/export/model.onnx", validation=report,
+                                              facts={"reference": f"{comp}/export/{REFERENCE_FILE}"}), files=files)
         return result
+
+
+def _record(spec, module):
+    from diffaccel.optimize.export.parity import RecordedReference
+
+    return RecordedReference.of(spec, lambda **x: named_outputs(module, spec, x))
 
 
 class OrtEngineStage(Stage):
@@ -65,8 +89,9 @@ class OrtEngineStage(Stage):
                 so = session_options(ctx.config.threads, ctx.config.graph_level, d / "model.onnx",
                                      "model.onnx.data" if external else None)
                 ort.InferenceSession(str(src), so, providers=[ort_name])
-                engine = OrtEngine(d / "model.onnx", provider=ctx.config.provider, threads=ctx.config.threads)
-                report = ctx.check_against_torch(comp, engine)
+                engine = OrtEngine(d / "model.onnx", provider=ctx.config.provider, threads=ctx.config.threads,
+                                   arena=False)
+                report = ctx.check_against_torch(comp, engine)   # on what earlier stages recorded
                 del engine
                 written = [p.name for p in onnx_files(d / "model.onnx")]
             engine_files = [ctx.root / comp / "engine" / n for n in written]
