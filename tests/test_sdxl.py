@@ -70,12 +70,24 @@ def test_real_sdxl_architecture_is_detected_and_sized_from_configs_alone():
     ({"projection_class_embeddings_input_dim": 72}, "5 time ids"),                   # the refiner's layout
     ({"projection_class_embeddings_input_dim": 84}, "not text_encoder_2's projection_dim"),
     ({"cross_attention_dim": 48}, "cross_attention_dim=48"),
-    ({"time_cond_proj_dim": 256}, "time_cond_proj_dim=256"),
     ({"in_channels": 9}, "in_channels=9"),
 ])
 def test_other_conditioning_is_refused_naming_the_nearest_family_and_what_differs(unet, needle):
     with pytest.raises(SourceError, match=r"nearest family is .*\((sd|sdxl)\), which differs in: .*" + needle):
         detect(_configs(**unet), "x")
+
+
+def test_lcm_unet_is_sdxl_with_a_timestep_cond_input_and_no_doubled_batch():
+    from diffaccel.optimize.config import ShapeRange
+
+    fam = detect(_configs(time_cond_proj_dim=256), "lcm")
+    geo = family("sdxl").ModelGeometry(**{**dict(vocab_size=1000, vocab_size_2=1000, max_length=77, text_hidden=32,
+                                                 text_hidden_2=32, pooled_dim=32, time_ids=6, latent_channels=4,
+                                                 unet_in_channels=4, cross_attention_dim=64, vae_scale_factor=2,
+                                                 latent_multiple=2, default_size=64, num_train_timesteps=1000),
+                                          "guidance_doubles_batch": False, "timestep_cond_dim": 256})
+    unet = fam.specs(geo, ShapeRange(batch=(1, 3)))["unet"]
+    assert unet.inputs[-1].name == "timestep_cond" and unet.axes["batch"].max == 3
 
 
 def test_sd_configs_stay_sd_and_text_time_without_text_encoder_2_is_refused():
@@ -183,7 +195,7 @@ def test_guidance_one_negative_prompt_and_time_ids_as_diffusers(xl_pipe, acc):
             "sizes": dict(guidance_scale=5.0, original_size=(256, 256), crops_coords_top_left=(16, 0))}
     images = {}
     for name, extra in runs.items():
-        kw = dict(prompt=PROMPTS[0], num_inference_steps=3, height=64, width=64, output_type="np", **extra)
+        kw = dict(prompt=PROMPTS[0], num_inference_steps=2, height=64, width=64, output_type="np", **extra)
         ref = xl_pipe(**kw, generator=torch.Generator().manual_seed(1)).images
         images[name] = acc(**kw, generator=torch.Generator().manual_seed(1)).images
         assert psnr(ref, images[name]) >= 40, name
@@ -264,3 +276,53 @@ def test_artifacts_name_their_drop_in_class(xl_ort, tiny_ort_ts):
     assert pipeline_class(tiny_ort_ts).__name__ == "AcceleratedStableDiffusionPipeline"
     with pytest.raises(ValueError, match="unknown task 'inpaint'"):
         pipeline_class(xl_ort, "inpaint")
+
+
+# ---- LCM-distilled U-Nets -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lcm(tmp_path_factory):
+    """diffusers' tiny SDXL test configuration with time_cond_proj_dim=256 (its LCM test), as a folder, and its
+    fp32 ONNX Runtime artifact."""
+    from diffusers import LCMScheduler
+
+    from diffaccel.optimize import OptimizeConfig, optimize
+    from diffaccel.optimize.sources.builtins import RECIPES, _assemble_xl
+
+    r = RECIPES[SDXL]
+    pipe = _assemble_xl({**r["unet"], "time_cond_proj_dim": 256}, r["vae"], r["text"], r["text_2"], r["scheduler"],
+                        seed=7)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    root = tmp_path_factory.mktemp("lcm")
+    pipe.save_pretrained(str(root / "src"), safe_serialization=True)
+    optimize(str(root / "src"), root / "out", OptimizeConfig(**FAST))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, root / "out"
+
+
+@pytest.mark.slow
+def test_lcm_unet_exports_timestep_cond_and_matches_diffusers(lcm):
+    from diffaccel.engines import AcceleratedStableDiffusionXLPipeline
+    from diffaccel.engines.base import load_engine
+    from diffaccel.optimize.artifact.specs import ComponentSpec
+
+    ref, out = lcm
+    m = Manifest.load(out)
+    entry = m.components["unet"]
+    spec = ComponentSpec.from_dict("unet", entry["spec"])
+    assert spec.inputs[-1].name == "timestep_cond" and spec.inputs[-1].dims == ("batch", 256)
+    assert spec.axes["batch"].max == m["shapes"]["batch"][1]            # no classifier-free guidance: not doubled
+    engine = load_engine("onnxruntime", out, "unet", entry)
+    x = spec.random_inputs(torch.Generator().manual_seed(0), **spec.opt_values())
+    base = engine(**x)["out_sample"]
+    assert (engine(**{**x, "timestep_cond": x["timestep_cond"] * 3})["out_sample"] - base).abs().max() > 1e-3
+    acc = AcceleratedStableDiffusionXLPipeline.from_pretrained(out)
+    acc.set_progress_bar_config(disable=True)
+    assert type(acc.scheduler).__name__ == "LCMScheduler"              # the checkpoint's own scheduler
+    images = {}
+    for steps, guidance in ((1, 8.0), (4, 8.0), (4, 2.0)):
+        kw = dict(prompt=PROMPTS[:2], num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
+                  output_type="np")
+        a = ref(**kw, generator=torch.Generator().manual_seed(0)).images
+        images[steps, guidance] = b = acc(**kw, generator=torch.Generator().manual_seed(0)).images
+        assert psnr(a, b) >= 40, (steps, guidance, psnr(a, b))
+    assert np.abs(images[4, 8.0] - images[4, 2.0]).max() > 1e-3        # the guidance embedding reaches the U-Net

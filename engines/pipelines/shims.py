@@ -96,6 +96,7 @@ class UNetShim(_Shim):
     def __init__(self, engine, spec, config):
         super().__init__(engine, spec, config)
         self.added = tuple(t.name for t in spec.inputs if t.name in self.ADDED)
+        self.takes_timestep_cond = any(t.name == "timestep_cond" for t in spec.inputs)   # LCM U-Nets
         if config.get("addition_embed_type") == "text_time":   # what diffusers checks the time ids against
             width = int(config["projection_class_embeddings_input_dim"])
             self.add_embedding = types.SimpleNamespace(linear_1=types.SimpleNamespace(in_features=width))
@@ -105,9 +106,13 @@ class UNetShim(_Shim):
         import torch
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-        if timestep_cond is not None or (cross_attention_kwargs or {}).get("scale") not in (None, 1.0):
-            raise DiffaccelError("timestep_cond and LoRA scales are not supported by exported U-Nets; fuse LoRA "
-                                 "weights before diffaccel optimize")
+        if (cross_attention_kwargs or {}).get("scale") not in (None, 1.0):
+            raise DiffaccelError("LoRA scales are not supported by exported U-Nets; fuse LoRA weights before "
+                                 "diffaccel optimize")
+        if (timestep_cond is not None) != self.takes_timestep_cond:
+            raise DiffaccelError("timestep_cond (an LCM U-Net's guidance embedding) was " +
+                                 ("not given; the engine needs it" if self.takes_timestep_cond else
+                                  "given; this U-Net engine has no such input"))
         added = added_cond_kwargs or {}
         extra = sorted(set(added) - set(self.added))
         missing = [k for k in self.added if k not in added]
@@ -118,7 +123,8 @@ class UNetShim(_Shim):
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
         t = t.expand(sample.shape[0]) if t.numel() == 1 else t
         inputs = {"sample": sample, "timestep": t.contiguous(), "encoder_hidden_states": encoder_hidden_states,
-                  **{k: added[k].float() for k in self.added}}
+                  **{k: added[k].float() for k in self.added},
+                  **({"timestep_cond": timestep_cond.float()} if self.takes_timestep_cond else {})}
         out = run_chunked(self.engine, self.spec, inputs)["out_sample"]
         out = out.to(sample.device)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)

@@ -1,10 +1,13 @@
-"""The Stable Diffusion XL family (base and Turbo): detection from the configs, component specs, torch export
+"""The Stable Diffusion XL family (base, Turbo and LCM-distilled U-Nets): detection from the configs, component specs, torch export
 wrappers with exactly the specs' named inputs and outputs, and the calibration capture.
 
 Nothing is hard-coded from the published SDXL checkpoints: the number of time ids is what the U-Net's added
 embedding takes besides the pooled text embedding, ``(projection_class_embeddings_input_dim - pooled width) /
 addition_time_embed_dim``, the pooled width is ``text_encoder_2``'s ``projection_dim``, and the cross-attention width
 must be the two text encoders' hidden sizes side by side (diffusers concatenates their penultimate hidden states).
+An LCM-distilled U-Net (``time_cond_proj_dim`` set) gets a ``timestep_cond`` input (the guidance-scale embedding:
+exporting it without would silently drop the guidance) and no doubled batch (diffusers runs no classifier-free
+guidance for it).
 
 >>> COMPONENTS
 ('text_encoder', 'text_encoder_2', 'unet', 'vae_decoder', 'vae_encoder')
@@ -77,9 +80,6 @@ def mismatches(configs: dict) -> list:
         problems.append("no text_encoder_2 (SDXL's second text encoder, a CLIPTextModelWithProjection)")
     elif kind == "text_time":
         problems += _conditioning_problems(unet, te, te2, configs)
-    if unet.get("time_cond_proj_dim"):
-        problems.append(f"time_cond_proj_dim={unet['time_cond_proj_dim']} (LCM-distilled guidance embedding: not "
-                        "exported yet)")
     if unet.get("in_channels", 4) != vae.get("latent_channels", 4):
         problems.append(f"in_channels={unet.get('in_channels', 4)} (inpainting/depth variants)")
     vae_class = vae.get("_class_name", "AutoencoderKL")
@@ -123,6 +123,7 @@ class ModelGeometry:
     default_size: int
     num_train_timesteps: int
     guidance_doubles_batch: bool = True   # classifier-free guidance runs both halves in one U-Net batch
+    timestep_cond_dim: int = 0            # LCM-distilled U-Nets: width of the guidance embedding (0: none)
 
     @property
     def pixel_multiple(self) -> int:
@@ -144,6 +145,7 @@ class ModelGeometry:
             latent_multiple=latent_multiple, default_size=int(sample) * vae_scale,
             num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
             guidance_doubles_batch=unet.get("time_cond_proj_dim") is None,
+            timestep_cond_dim=int(unet.get("time_cond_proj_dim") or 0),
         )
 
 
@@ -151,8 +153,8 @@ def specs(geo: ModelGeometry, shapes) -> dict:
     """The five component specs of an SDXL pipeline for an image :class:`ShapeRange`.
 
     The U-Net's batch range doubles the image batch where classifier-free guidance runs both halves in one call
-    (and serves batch 1 upward, so guidance <= 1 runs too); its ``time_ids`` hold pixel sizes, drawn as integers
-    up to 4x the native size for validation."""
+    (and serves batch 1 upward, so guidance <= 1 runs too; not for LCM U-Nets, which never double it); its
+    ``time_ids`` hold pixel sizes, drawn as integers up to 4x the native size for validation."""
     bmin, bmax = shapes.batch
     bopt = min(max(1, bmin), bmax)
     base = sd.specs(sd.ModelGeometry(
@@ -184,7 +186,9 @@ def specs(geo: ModelGeometry, shapes) -> dict:
             "unet",
             inputs=(*base["unet"].inputs,
                     TensorSpec("text_embeds", ("batch", geo.pooled_dim)),
-                    TensorSpec("time_ids", ("batch", geo.time_ids), "float32", "timestep", 4 * geo.default_size)),
+                    TensorSpec("time_ids", ("batch", geo.time_ids), "float32", "timestep", 4 * geo.default_size),
+                    *((TensorSpec("timestep_cond", ("batch", geo.timestep_cond_dim)),) if geo.timestep_cond_dim
+                      else ())),
             outputs=base["unet"].outputs,
             axes={"batch": AxisRange(1, k * bopt, k * bmax), **lat}, atol=2e-3, rtol=2e-3),
         "vae_decoder": base["vae_decoder"],
@@ -229,9 +233,10 @@ def export_module(component: str, pipe_or_models: Any):
             super().__init__()
             self.model = get("unet")
 
-        def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond=None):
             added = {"text_embeds": text_embeds, "time_ids": time_ids}
-            return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+            return self.model(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                              added_cond_kwargs=added, return_dict=False)[0]
 
     table = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder2, "unet": UNet}
     return table[component]().eval()
@@ -273,7 +278,7 @@ def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: floa
                         width: int) -> list:
     """Run ``pipe`` once per prompt and return the U-Net's inputs at every step, as dicts of CPU tensors named as
     the U-Net spec's inputs (``sample``, ``timestep`` one per batch row, ``encoder_hidden_states``, ``text_embeds``,
-    ``time_ids``)."""
+    ``time_ids``, and ``timestep_cond`` for LCM U-Nets)."""
     import torch
 
     captured = []
@@ -284,6 +289,8 @@ def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: floa
         t = torch.as_tensor(given["timestep"], dtype=torch.float32).reshape(-1).expand(sample.shape[0]).clone()
         record = {"sample": sample, "timestep": t, "encoder_hidden_states": given["encoder_hidden_states"],
                   "text_embeds": added["text_embeds"], "time_ids": added["time_ids"]}
+        if given.get("timestep_cond") is not None:      # LCM U-Nets: the guidance embedding
+            record["timestep_cond"] = given["timestep_cond"]
         captured.append({k: v.detach().float().cpu().clone() for k, v in record.items()})
 
     handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
