@@ -326,3 +326,62 @@ def test_lcm_unet_exports_timestep_cond_and_matches_diffusers(lcm):
         images[steps, guidance] = b = acc(**kw, generator=torch.Generator().manual_seed(0)).images
         assert psnr(a, b) >= 40, (steps, guidance, psnr(a, b))
     assert np.abs(images[4, 8.0] - images[4, 2.0]).max() > 1e-3        # the guidance embedding reaches the U-Net
+
+
+# ---- the refiner --------------------------------------------------------------------------------------------
+def _refiner():
+    """diffusers' tiny SDXL img2img test configuration without the first text encoder and with aesthetic scores:
+    5 time ids x 8 + 32 = 72 inputs to the added embedding, cross-attention 32 (text_encoder_2 alone)."""
+    from diffaccel.optimize.sources.builtins import RECIPES, _assemble_xl
+
+    r = RECIPES[SDXL]
+    unet = {**r["unet"], "projection_class_embeddings_input_dim": 72, "cross_attention_dim": 32}
+    pipe = _assemble_xl(unet, r["vae"], None, r["text_2"], r["scheduler"], seed=11)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_refiner_is_its_own_family_from_configs(tmp_path):
+    pipe = _refiner()
+    assert detect(configs_of(pipe), "refiner").NAME == "sdxl-refiner"
+    pipe.save_pretrained(str(tmp_path / "r"), safe_serialization=True)
+    src = resolve_source(str(tmp_path / "r"))                     # no text_encoder/ or tokenizer/ folder needed
+    configs = src.configs()
+    assert "text_encoder" not in configs and configs["requires_aesthetics_score"] is True
+    assert detect(configs, "refiner").NAME == "sdxl-refiner"
+    with pytest.raises(SourceError, match="differs in: 5 time ids, no first text encoder .*is the refiner"):
+        detect({**configs, "requires_aesthetics_score": False}, "x")
+
+
+@pytest.mark.slow
+def test_refiner_img2img_matches_diffusers(tmp_path):
+    from diffaccel.engines import AcceleratedStableDiffusionXLImg2ImgPipeline, AcceleratedStableDiffusionXLPipeline
+    from diffaccel.engines.pipelines import pipeline_class
+    from diffaccel.optimize import OptimizeConfig, optimize
+    from diffaccel.optimize.config import QuantConfig
+
+    ref = _refiner()
+    ref.save_pretrained(str(tmp_path / "src"), safe_serialization=True)
+    m = optimize(str(tmp_path / "src"), tmp_path / "out", OptimizeConfig(**FAST))
+    assert set(m.components) == {"text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+    assert [t["name"] for t in m.components["unet"]["spec"]["inputs"]][-1] == "time_ids"
+    assert m.components["unet"]["spec"]["inputs"][-1]["dims"] == ["batch", 5]
+    assert pipeline_class(tmp_path / "out", "image-to-image") is AcceleratedStableDiffusionXLImg2ImgPipeline
+    with pytest.raises(ValueError, match="serves image-to-image only"):
+        pipeline_class(tmp_path / "out")
+    with pytest.raises(DiffaccelError, match="refiner"):
+        AcceleratedStableDiffusionXLPipeline.from_pretrained(tmp_path / "out")
+    acc = AcceleratedStableDiffusionXLImg2ImgPipeline.from_pretrained(tmp_path / "out")
+    acc.set_progress_bar_config(disable=True)
+    assert acc.text_encoder is None and acc.config.requires_aesthetics_score is True
+    image = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    for score in (6.0, 2.5):
+        kw = dict(prompt=PROMPTS, image=image, strength=0.5, num_inference_steps=6, guidance_scale=5.0,
+                  aesthetic_score=score, output_type="np")
+        a = ref(**kw, generator=torch.Generator().manual_seed(0)).images
+        b = acc(**kw, generator=torch.Generator().manual_seed(0)).images
+        assert psnr(a, b) >= 40, (score, psnr(a, b))
+    m8 = optimize(str(tmp_path / "src"), tmp_path / "int8", OptimizeConfig(precision="int8", components=("unet",),
+                                                                          quant=QuantConfig(**QUICK), **FAST))
+    kept = torch.load(tmp_path / "int8" / "unet" / "quantized" / "validation_inputs.pt", weights_only=True)
+    assert kept[0]["time_ids"].shape[1] == 5 and m8.components["unet"]["validation"]["passed"]

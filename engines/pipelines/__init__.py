@@ -22,5 +22,9 @@ def pipeline_class(artifact, task: str = "text-to-image"):
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     fam = family(Manifest.load(artifact).get("pipeline", {}).get("family", "sd"))
-    module, _, name = fam.DROP_INS[TASKS.index(task)].partition(":")
+    drop_in = fam.DROP_INS[TASKS.index(task)]
+    if drop_in is None:
+        served = [t for t, d in zip(TASKS, fam.DROP_INS) if d]
+        raise ValueError(f"{artifact} holds a {fam.TITLE}, which serves {', '.join(served)} only, not {task}")
+    module, _, name = drop_in.partition(":")
     return getattr(importlib.import_module(module), name)

@@ -17,7 +17,7 @@ import inspect
 
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-from diffaccel.optimize.artifact.errors import PipelineArgumentError
+from diffaccel.optimize.artifact.errors import ArtifactError, PipelineArgumentError
 from diffaccel.engines.pipelines.sd import (
     REFUSED, _Accelerated, _image_size, engine_loader, load_scheduler, load_tokenizer, text_encoder_shim,
     unet_shim, vae_shim)
@@ -29,14 +29,17 @@ XL_REFUSED = {**REFUSED, "text_encoder_2": REFUSED["text_encoder"],
 
 
 def load_xl_components(root, manifest, provider=None, threads=None, **engine_options) -> dict:
-    """Engine-backed ``text_encoder``, ``text_encoder_2``, ``unet``, ``vae`` plus both tokenizers and the scheduler."""
-    engine = engine_loader(root, manifest, ("text_encoder", "text_encoder_2", "unet", "vae_decoder"), provider,
-                           threads, **engine_options)
-    return {"text_encoder": text_encoder_shim(root, manifest, engine, "text_encoder"),
+    """Engine-backed ``text_encoder``, ``text_encoder_2``, ``unet``, ``vae`` plus both tokenizers and the scheduler
+    (no ``text_encoder``/``tokenizer`` for the refiner, whose family has none)."""
+    refiner = manifest.get("pipeline", {}).get("family") == "sdxl-refiner"
+    first = () if refiner else ("text_encoder",)
+    engine = engine_loader(root, manifest, (*first, "text_encoder_2", "unet", "vae_decoder"), provider, threads,
+                           **engine_options)
+    return {"text_encoder": None if refiner else text_encoder_shim(root, manifest, engine, "text_encoder"),
             "text_encoder_2": text_encoder_shim(root, manifest, engine, "text_encoder_2"),
             "unet": unet_shim(root, manifest, engine), "vae": vae_shim(root, manifest, engine),
-            "tokenizer": load_tokenizer(root, "tokenizer"), "tokenizer_2": load_tokenizer(root, "tokenizer_2"),
-            "scheduler": load_scheduler(root)}
+            "tokenizer": None if refiner else load_tokenizer(root, "tokenizer"),
+            "tokenizer_2": load_tokenizer(root, "tokenizer_2"), "scheduler": load_scheduler(root)}
 
 
 class _AcceleratedXL(_Accelerated):
@@ -59,8 +62,14 @@ class _AcceleratedXL(_Accelerated):
     @classmethod
     def _load_components(cls, root, manifest, **options) -> dict:
         parts = load_xl_components(root, manifest, **options)
-        zeros = manifest.get("pipeline", {}).get("force_zeros_for_empty_prompt", True)
-        return {**parts, "force_zeros_for_empty_prompt": zeros}
+        facts = manifest.get("pipeline", {})
+        out = {**parts, "force_zeros_for_empty_prompt": facts.get("force_zeros_for_empty_prompt", True)}
+        if facts.get("requires_aesthetics_score") and "requires_aesthetics_score" not in cls._DEFAULTS:
+            raise ArtifactError(f"{root} holds an SDXL refiner (requires_aesthetics_score); load it with "
+                                "AcceleratedStableDiffusionXLImg2ImgPipeline")
+        if "requires_aesthetics_score" in cls._DEFAULTS:
+            out["requires_aesthetics_score"] = bool(facts.get("requires_aesthetics_score", False))
+        return out
 
     def _refuse_unservable(self, arguments: dict, height, width, encode: bool = False) -> None:
         """Before any work: sizes outside the engines' range and what exported engines cannot compute."""
@@ -95,9 +104,11 @@ class AcceleratedStableDiffusionXLPipeline(_AcceleratedXL, StableDiffusionXLPipe
 
 
 class AcceleratedStableDiffusionXLImg2ImgPipeline(_AcceleratedXL, StableDiffusionXLImg2ImgPipeline):
-    """``StableDiffusionXLImg2ImgPipeline`` running on diffaccel engines; called exactly like diffusers'."""
+    """``StableDiffusionXLImg2ImgPipeline`` running on diffaccel engines (base SDXL or the refiner artifact);
+    called exactly like diffusers'."""
 
     _DEFAULTS = {**_AcceleratedXL._DEFAULTS, "requires_aesthetics_score": False}
+    _ACCEPTED = XL_COMPONENTS + ("requires_aesthetics_score",)
 
     @functools.wraps(StableDiffusionXLImg2ImgPipeline.__call__)
     def __call__(self, *args, **kwargs):

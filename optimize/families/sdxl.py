@@ -7,7 +7,8 @@ addition_time_embed_dim``, the pooled width is ``text_encoder_2``'s ``projection
 must be the two text encoders' hidden sizes side by side (diffusers concatenates their penultimate hidden states).
 An LCM-distilled U-Net (``time_cond_proj_dim`` set) gets a ``timestep_cond`` input (the guidance-scale embedding:
 exporting it without would silently drop the guidance) and no doubled batch (diffusers runs no classifier-free
-guidance for it).
+guidance for it). The refiner (5 time ids: sizes and an aesthetic score, no first text encoder) is the family
+:mod:`~diffaccel.optimize.families.sdxl_refiner`, built from the same pieces.
 
 >>> COMPONENTS
 ('text_encoder', 'text_encoder_2', 'unet', 'vae_decoder', 'vae_encoder')
@@ -25,6 +26,7 @@ guidance for it).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from typing import Any
 
@@ -46,6 +48,7 @@ SOURCE_MODEL = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_
 TOKENIZERS = ("tokenizer", "tokenizer_2")
 LOAD_KWARGS = {"add_watermarker": False}     # diffusers' loading keywords: the invisible watermark stays off
 BASE_TIME_IDS = 6                            # original size, crop top-left, target size (each (h, w))
+REFINER_TIME_IDS = 5                         # original size, crop top-left, aesthetic score
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,12 +66,17 @@ def time_id_count(unet: dict, text_encoder_2: dict) -> "int | None":
 
 def mismatches(configs: dict) -> list:
     """What in ``configs`` (see :func:`diffaccel.optimize.families.detect`) this family cannot export; [] = fits."""
-    problems = []
+    return problems(configs, refiner=False)
+
+
+def problems(configs: dict, refiner: bool) -> list:
+    """What in ``configs`` differs from base SDXL (``refiner=False``) or from the SDXL refiner."""
+    problems, pipelines = [], ("StableDiffusionXLImg2ImgPipeline",) if refiner else PIPELINES
     unet, vae = configs.get("unet") or {}, configs.get("vae") or {}
     te, te2 = configs.get("text_encoder"), configs.get("text_encoder_2")
     pipeline = configs.get("pipeline")
-    if pipeline and pipeline not in PIPELINES:
-        problems.append(f"pipeline is {pipeline}, not one of {', '.join(PIPELINES)}")
+    if pipeline and pipeline not in pipelines:
+        problems.append(f"pipeline is {pipeline}, not one of {', '.join(pipelines)}")
     unet_class = unet.get("_class_name", "UNet2DConditionModel")
     if not configs.get("unet") or unet_class != "UNet2DConditionModel":
         problems.append(f"denoiser is {unet_class}, not UNet2DConditionModel")
@@ -79,7 +87,7 @@ def mismatches(configs: dict) -> list:
     if te2 is None:
         problems.append("no text_encoder_2 (SDXL's second text encoder, a CLIPTextModelWithProjection)")
     elif kind == "text_time":
-        problems += _conditioning_problems(unet, te, te2, configs)
+        problems += _conditioning_problems(unet, te, te2, configs, refiner)
     if unet.get("in_channels", 4) != vae.get("latent_channels", 4):
         problems.append(f"in_channels={unet.get('in_channels', 4)} (inpainting/depth variants)")
     vae_class = vae.get("_class_name", "AutoencoderKL")
@@ -88,16 +96,22 @@ def mismatches(configs: dict) -> list:
     return problems
 
 
-def _conditioning_problems(unet: dict, te, te2: dict, configs: dict) -> list:
+def _conditioning_problems(unet: dict, te, te2: dict, configs: dict, refiner: bool) -> list:
     n = time_id_count(unet, te2)
     if n is None:
         return [f"projection_class_embeddings_input_dim={unet.get('projection_class_embeddings_input_dim')} is not "
                 f"text_encoder_2's projection_dim ({te2.get('projection_dim')}) plus a whole number of "
                 f"addition_time_embed_dim ({unet.get('addition_time_embed_dim')})"]
-    if n != BASE_TIME_IDS or te is None or configs.get("requires_aesthetics_score"):
-        return [f"{n} time ids{'' if te else ', no first text encoder'} (the SDXL refiner, with "
-                "requires_aesthetics_score: not exported yet; base SDXL takes 6)"]
-    widths = te.get("hidden_size", 512) + te2.get("hidden_size", 512)
+    aesthetic = configs.get("requires_aesthetics_score", refiner)
+    layout = (n, te is None, bool(aesthetic))
+    if layout != ((REFINER_TIME_IDS, True, True) if refiner else (BASE_TIME_IDS, False, False)):
+        what = (f"{n} time ids, {'no' if te is None else 'a'} first text encoder"
+                f"{', requires_aesthetics_score' if aesthetic else ''}")
+        want = ("the refiner has 5 time ids (sizes and an aesthetic score), requires_aesthetics_score and no first "
+                "text encoder" if refiner else "base SDXL has 6 time ids and two text encoders; 5 time ids without "
+                "a first text encoder is the refiner")
+        return [f"{what} ({want})"]
+    widths = (0 if te is None else te.get("hidden_size", 512)) + te2.get("hidden_size", 512)
     if unet.get("cross_attention_dim") != widths:
         return [f"cross_attention_dim={unet.get('cross_attention_dim')} is not the text encoders' hidden sizes "
                 f"side by side ({widths})"]
@@ -132,13 +146,14 @@ class ModelGeometry:
     @classmethod
     def from_pipeline(cls, pipe) -> "ModelGeometry":
         unet, vae = pipe.unet.config, pipe.vae.config
-        te, te2 = pipe.text_encoder.config, pipe.text_encoder_2.config
+        te2 = pipe.text_encoder_2.config
+        te = pipe.text_encoder.config if pipe.text_encoder is not None else None    # None: the refiner
         vae_scale, latent_multiple = size_factors(unet, vae)
         sample = unet.sample_size if isinstance(unet.sample_size, int) else unet.sample_size[0]
         return cls(
-            vocab_size=int(te.vocab_size), vocab_size_2=int(te2.vocab_size),
+            vocab_size=int(te.vocab_size) if te else 0, vocab_size_2=int(te2.vocab_size),
             max_length=int(pipe.tokenizer_2.model_max_length),
-            text_hidden=int(te.hidden_size), text_hidden_2=int(te2.hidden_size),
+            text_hidden=int(te.hidden_size) if te else 0, text_hidden_2=int(te2.hidden_size),
             pooled_dim=int(te2.projection_dim), time_ids=int(time_id_count(dict(unet), te2.to_dict())),
             latent_channels=int(vae.latent_channels), unet_in_channels=int(unet.in_channels),
             cross_attention_dim=int(unet.cross_attention_dim), vae_scale_factor=vae_scale,
@@ -150,7 +165,8 @@ class ModelGeometry:
 
 
 def specs(geo: ModelGeometry, shapes) -> dict:
-    """The five component specs of an SDXL pipeline for an image :class:`ShapeRange`.
+    """The component specs of an SDXL pipeline for an image :class:`ShapeRange` (no ``text_encoder`` where the
+    geometry has none: the refiner).
 
     The U-Net's batch range doubles the image batch where classifier-free guidance runs both halves in one call
     (and serves batch 1 upward, so guidance <= 1 runs too; not for LCM U-Nets, which never double it); its
@@ -158,7 +174,7 @@ def specs(geo: ModelGeometry, shapes) -> dict:
     bmin, bmax = shapes.batch
     bopt = min(max(1, bmin), bmax)
     base = sd.specs(sd.ModelGeometry(
-        vocab_size=geo.vocab_size, max_length=geo.max_length, text_hidden=geo.text_hidden,
+        vocab_size=max(1, geo.vocab_size), max_length=geo.max_length, text_hidden=max(1, geo.text_hidden),
         latent_channels=geo.latent_channels, unet_in_channels=geo.unet_in_channels,
         cross_attention_dim=geo.cross_attention_dim, vae_scale_factor=geo.vae_scale_factor,
         latent_multiple=geo.latent_multiple, default_size=geo.default_size,
@@ -167,7 +183,7 @@ def specs(geo: ModelGeometry, shapes) -> dict:
     text_batch = {"batch": AxisRange(1, bopt, 2 * bmax)}
     lat = {a: base["unet"].axes[a] for a in ("height", "width")}
     penultimate = "penultimate_hidden_state"
-    return {
+    out = {
         "text_encoder": ComponentSpec(
             "text_encoder",
             inputs=(TensorSpec("input_ids", ("batch", L), "int64", "tokens", geo.vocab_size),),
@@ -194,6 +210,9 @@ def specs(geo: ModelGeometry, shapes) -> dict:
         "vae_decoder": base["vae_decoder"],
         "vae_encoder": base["vae_encoder"],
     }
+    if not geo.text_hidden:
+        del out["text_encoder"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,14 +280,14 @@ def weight_bytes(configs: dict) -> dict:
 
 def assets(pipe) -> dict:
     """What the assets stage writes besides the engines: tokenizers, per-component configs, pipeline facts."""
-    return {"tokenizers": {n: getattr(pipe, n) for n in TOKENIZERS},
-            "configs": {"text_encoder": pipe.text_encoder.config.to_dict(),
-                        "text_encoder_2": pipe.text_encoder_2.config.to_dict(),
+    encoders = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n) is not None}
+    return {"tokenizers": {n: getattr(pipe, n) for n in TOKENIZERS if getattr(pipe, n) is not None},
+            "configs": {**{n: m.config.to_dict() for n, m in encoders.items()},
                         "unet": dict(pipe.unet.config), "vae_decoder": dict(pipe.vae.config),
                         "vae_encoder": dict(pipe.vae.config)},
-            "pipeline": {"text_encoder_class": type(pipe.text_encoder).__name__,
-                         "text_encoder_2_class": type(pipe.text_encoder_2).__name__,
-                         "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True))}}
+            "pipeline": {**{f"{n}_class": type(m).__name__ for n, m in encoders.items()},
+                         "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
+                         "requires_aesthetics_score": bool(pipe.config.get("requires_aesthetics_score", False))}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,8 +297,18 @@ def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: floa
                         width: int) -> list:
     """Run ``pipe`` once per prompt and return the U-Net's inputs at every step, as dicts of CPU tensors named as
     the U-Net spec's inputs (``sample``, ``timestep`` one per batch row, ``encoder_hidden_states``, ``text_embeds``,
-    ``time_ids``, and ``timestep_cond`` for LCM U-Nets)."""
+    ``time_ids``, and ``timestep_cond`` for LCM U-Nets). An image-to-image pipeline (the refiner) refines a seeded
+    random image at diffusers' default strength, with enough steps that ``steps`` of them run."""
+    import math
+
     import torch
+
+    extra = {}
+    if "image" in inspect.signature(type(pipe).__call__).parameters:
+        strength = 0.3
+        extra = {"strength": strength, "image": torch.rand(1, 3, height, width,
+                                                          generator=torch.Generator().manual_seed(seed))}
+        steps = math.ceil(steps / strength)
 
     captured = []
 
@@ -300,7 +329,8 @@ def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: floa
         for i, prompt in enumerate(prompts):
             log.info("calibration prompt %d/%d: %s", i + 1, len(prompts), prompt)
             with torch.no_grad():
-                pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+                size = {} if extra else {"height": height, "width": width}
+                pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, **size, **extra,
                      generator=torch.Generator().manual_seed(seed + i), output_type="latent")
     finally:
         handle.remove()

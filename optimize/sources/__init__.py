@@ -100,15 +100,24 @@ def resolve_source(spec: str, *, trust_pickle: bool = False, single_file_config:
 
 # ----------------------------------------------------------------------------------------------------------
 def _parts(index: dict) -> tuple:
-    """The component folders a pipeline with this model_index.json needs.
+    """The component folders a pipeline with this model_index.json needs: the usual ones except those it sets to
+    null (the SDXL refiner has no first text encoder), plus the optional ones it lists.
 
     >>> _parts({"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder_2": [None, None]})
     ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
     >>> _parts({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["x", "y"]})[-2:]
     ('text_encoder_2', 'tokenizer_2')
+    >>> _parts({"text_encoder": [None, None], "tokenizer": [None, None], "text_encoder_2": ["t", "C"],
+    ...         "tokenizer_2": ["t", "T"]})
+    ('unet', 'vae', 'scheduler', 'text_encoder_2', 'tokenizer_2')
     """
-    listed = [c for c in OPTIONAL if isinstance(index.get(c), (list, tuple)) and any(index[c])]
-    return REQUIRED + tuple(listed)
+    def listed(c):
+        return isinstance(index.get(c), (list, tuple)) and any(index[c])
+
+    def nulled(c):
+        return c in index and not listed(c)
+
+    return tuple(c for c in REQUIRED if not nulled(c)) + tuple(c for c in OPTIONAL if listed(c))
 
 
 def _check_folder(path: Path) -> None:

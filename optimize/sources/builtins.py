@@ -60,26 +60,33 @@ def _assemble(unet_kw: dict, vae_kw: dict, text_kw: dict, sched: dict, seed: int
                                    requires_safety_checker=False)
 
 
-def _assemble_xl(unet_kw: dict, vae_kw: dict, text_kw: dict, text2_kw: dict, sched: dict, seed: int):
+def _assemble_xl(unet_kw: dict, vae_kw: dict, text_kw: "dict | None", text2_kw: dict, sched: dict, seed: int):
     """An SDXL pipeline: both text encoders share the built-in word list; tokenizer_2 pads with "!" as SDXL's
-    does, so the two pad differently."""
+    does, so the two pad differently. ``text_kw=None`` makes the refiner (an img2img pipeline without the first
+    text encoder, with requires_aesthetics_score)."""
     import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from diffaccel.optimize.sources.tokenizer import DEFAULT_WORDS, word_tokenizer
 
-    length = text_kw.get("max_position_embeddings", 77)
+    length = text2_kw.get("max_position_embeddings", 77)
     tokenizer, tokenizer_2 = word_tokenizer(DEFAULT_WORDS, length), word_tokenizer(DEFAULT_WORDS, length, "!")
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     unet = _seeded(seed, lambda: UNet2DConditionModel(**unet_kw).eval())
     vae = _seeded(seed + 1, lambda: AutoencoderKL(**vae_kw).eval())
-    text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**text_kw, **ids)).eval())
     text_encoder_2 = _seeded(seed + 3, lambda: CLIPTextModelWithProjection(CLIPTextConfig(
         **text2_kw, **{**ids, "pad_token_id": tokenizer_2.pad_token_id})).eval())
     sched = dict(sched)
     scheduler = getattr(diffusers, sched.pop("_class_name")).from_config(sched)
+    if text_kw is None:
+        return StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2,
+            unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=True,
+            add_watermarker=False)
+    text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**text_kw, **ids)).eval())
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
                                      force_zeros_for_empty_prompt=True, add_watermarker=False)

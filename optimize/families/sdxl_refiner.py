@@ -1,0 +1,40 @@
+"""The Stable Diffusion XL refiner family: SDXL's image-to-image refiner, detected from its configs as base SDXL
+is, by what differs: 5 time ids (original size, crop top-left and an aesthetic score; the pipeline's
+``requires_aesthetics_score``), no first text encoder (the U-Net cross-attends to ``text_encoder_2``'s penultimate
+hidden state alone). Specs, export wrappers and the calibration capture are base SDXL's
+(:mod:`~diffaccel.optimize.families.sdxl`) without the first text encoder.
+
+>>> COMPONENTS
+('text_encoder_2', 'unet', 'vae_decoder', 'vae_encoder')
+>>> unet = {"addition_embed_type": "text_time", "addition_time_embed_dim": 256, "cross_attention_dim": 1280,
+...         "projection_class_embeddings_input_dim": 2560}
+>>> mismatches({"unet": unet, "vae": {}, "text_encoder_2": {"hidden_size": 1280, "projection_dim": 1280}})
+[]
+"""
+from __future__ import annotations
+
+from diffaccel.optimize.families import sdxl
+from diffaccel.optimize.families.sdxl import (  # noqa: F401  (the family surface, shared with base SDXL)
+    ModelGeometry, assets, capture_unet_inputs, check_pixel_range, export_module, latent_opt_size, size_factors,
+    weight_bytes)
+
+NAME = "sdxl-refiner"
+TITLE = "Stable Diffusion XL refiner"
+PIPELINES = ("StableDiffusionXLImg2ImgPipeline",)
+PIPELINE_CLASS = "StableDiffusionXLImg2ImgPipeline"
+DROP_INS = (None,    # no text-to-image: the refiner refines images
+            "diffaccel.engines.pipelines.sdxl:AcceleratedStableDiffusionXLImg2ImgPipeline")
+COMPONENTS = ("text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+SOURCE_MODEL = {c: sdxl.SOURCE_MODEL[c] for c in COMPONENTS}
+TOKENIZERS = ("tokenizer_2",)
+LOAD_KWARGS = sdxl.LOAD_KWARGS
+
+
+def mismatches(configs: dict) -> list:
+    """What in ``configs`` (see :func:`diffaccel.optimize.families.detect`) differs from the SDXL refiner."""
+    return sdxl.problems(configs, refiner=True)
+
+
+def specs(geo: ModelGeometry, shapes) -> dict:
+    """Base SDXL's specs without the first text encoder."""
+    return {c: s for c, s in sdxl.specs(geo, shapes).items() if c in COMPONENTS}
