@@ -2,7 +2,7 @@
 
 Requests arrive (Poisson at ``rate`` requests/s, or ``concurrency`` closed-loop clients that each send the next
 request when the previous one returns), wait in a queue and leave it in batches chosen by a
-:class:`~diffaccel.eval.loadbench.batching.BatchPolicy`. One worker thread runs each batch as one pipeline call, with one
+:class:`~diffaccel.engines.serving.batching.BatchPolicy`. One worker thread runs each batch as one pipeline call, with one
 generator per request (so an image depends only on its own prompt and seed), and returns each image to its request.
 Every time is ``time.perf_counter`` seconds since the run started. Runs are bounded in count (``requests``) or time
 (``duration_s``: stop admitting, then drain), and by a hard ``time_limit_s`` after which queued requests are left
@@ -22,7 +22,7 @@ import threading
 import time
 
 from diffaccel.optimize.sources.prompts import default_prompts
-from diffaccel.eval.loadbench.batching import BatchPolicy, BatchQueue, Request
+from diffaccel.engines.serving.batching import BatchPolicy, BatchQueue, Request
 
 MAX_REQUESTS = 10_000
 

@@ -13,7 +13,7 @@ import math
 import statistics
 import time
 
-from diffaccel.eval.loadbench.batching import BatchPolicy, Request
+from diffaccel.engines.serving.batching import BatchPolicy, Request
 from diffaccel.eval.loadbench.report import choose_slo, summarize, table_row
 from diffaccel.optimize.sources.prompts import default_prompts
 from diffaccel.eval.loadbench.loop import LoadConfig, check_timeout_ms, parse_rate, serve

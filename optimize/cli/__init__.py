@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     from diffaccel.eval.cli import register   # measuring commands (argparse wiring only; imports stay lazy)
 
     register(sub)
+    from diffaccel.optimize.cli.serve import add_serve   # the HTTP server (diffaccel.engines.serving)
+
+    add_serve(sub)
     return parser
 
 

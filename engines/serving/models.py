@@ -1,0 +1,117 @@
+"""The artifacts a server serves, and the check that turns a request into work the engines can do (or a 4xx).
+
+A request is *resolved* once, when it is accepted: the model, size, steps, guidance, scheduler and seed are filled
+in and stored with the job, so a job re-run after a crash does exactly the same work. Two jobs can share an engine
+call when their :func:`batch_key` is equal (same model, size, steps, scheduler and guidance).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+from pathlib import Path
+from typing import Callable
+
+from diffaccel.optimize.artifact.errors import DiffaccelError
+
+log = logging.getLogger(__name__)
+DEFAULT_GUIDANCE = 7.5
+
+
+class RequestError(DiffaccelError):
+    """A request the engines cannot serve: the server answers ``status`` (4xx) with this one-line message."""
+
+    def __init__(self, message: str, param: "str | None" = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+@dataclasses.dataclass
+class ServedModel:
+    name: str
+    path: Path
+    pipe: object
+    default_guidance: float
+    base_scheduler_config: object = None    # each engine call starts from a fresh scheduler made from this
+
+    @property
+    def scale(self) -> int:
+        return self.pipe.vae_scale_factor
+
+    @property
+    def train_steps(self) -> int:
+        """Most inference steps a scheduler takes: one less than the training steps (with a steps offset, DDIM's
+        last timestep would fall off the end at as many steps as training had)."""
+        return int(getattr(self.base_scheduler_config, "num_train_timesteps", None) or 1000) - 1
+
+    @property
+    def native(self) -> "tuple[int, int]":
+        s = self.pipe.unet.config.sample_size * self.scale
+        return s, s
+
+    def size_text(self) -> str:
+        a, s = self.pipe.unet.spec.axes, self.scale
+        h, w = a["height"], a["width"]
+        return (f"width {w.min * s}-{w.max * s} and height {h.min * s}-{h.max * s} in multiples of "
+                f"{s * w.multiple}")
+
+    def allows(self, height: int, width: int) -> bool:
+        a, s = self.pipe.unet.spec.axes, self.scale
+        return all(v % (s * r.multiple) == 0 and r.allows(v // s)
+                   for v, r in ((height, a["height"]), (width, a["width"])))
+
+
+def load_models(paths, threads=None, guidance: "Callable | None" = None, provider=None) -> dict:
+    """name -> :class:`ServedModel` for each artifact folder (named by the folder; a repeated name gets ``-2``...).
+    ``guidance(manifest)`` gives a model's default guidance (default 7.5)."""
+    from diffaccel.engines.pipelines.sd import AcceleratedStableDiffusionPipeline
+
+    models = {}
+    for p in paths:
+        path = Path(p)
+        pipe = AcceleratedStableDiffusionPipeline.from_pretrained(path, provider=provider, threads=threads)
+        pipe.set_progress_bar_config(disable=True)
+        name, k = path.resolve().name, 2
+        while name in models:
+            name, k = f"{path.resolve().name}-{k}", k + 1
+        g = guidance(pipe.manifest) if guidance is not None else DEFAULT_GUIDANCE
+        models[name] = ServedModel(name, path, pipe, float(g), pipe.scheduler.config)
+        log.info("serving %s from %s (default guidance %g)", name, path, g)
+    return models
+
+
+def _one_of(what: str, value, allowed) -> RequestError:
+    return RequestError(f"unknown {what} {str(value)[:80]!r}; allowed: {', '.join(allowed)}", what)
+
+
+def resolve(body, models: dict, schedulers: dict, cfg) -> dict:
+    """The work of one request (a :class:`~diffaccel.engines.serving.schemas.JobInput`), every default filled in,
+    or a :class:`RequestError` naming what is wrong and the allowed values."""
+    if body.model is not None and body.model not in models:
+        raise _one_of("model", body.model, models)
+    model = models[body.model] if body.model is not None else next(iter(models.values()))
+    if len(body.prompt) > cfg.max_prompt_chars or len(body.negative_prompt or "") > cfg.max_prompt_chars:
+        raise RequestError(f"prompt has more than {cfg.max_prompt_chars} characters; shorten it", "prompt")
+    if body.n > cfg.max_images:
+        raise RequestError(f"n={body.n} is more than this server makes per request; allowed: 1-{cfg.max_images}",
+                           "n")
+    height, width = body.dimensions() or model.native
+    if not model.allows(height, width):
+        raise RequestError(f"size {width}x{height} cannot be served by model {model.name}: allowed {model.size_text()}"
+                           f" (WIDTHxHEIGHT)", "size")
+    steps = cfg.default_steps if body.steps is None else body.steps
+    most = min(cfg.max_steps, model.train_steps)
+    if steps > most:
+        raise RequestError(f"steps={steps} is more than this server runs; allowed: 1-{most}", "steps")
+    scheduler = "default" if body.scheduler is None else body.scheduler.strip().lower()
+    if scheduler != "default" and scheduler not in schedulers:
+        raise _one_of("scheduler", body.scheduler, ["default", *schedulers])
+    return {"model": model.name, "prompt": body.prompt, "negative_prompt": body.negative_prompt, "n": body.n,
+            "height": height, "width": width, "steps": steps, "scheduler": scheduler,
+            "guidance_scale": float(model.default_guidance if body.guidance_scale is None else body.guidance_scale),
+            "seed": secrets.randbelow(2**31) if body.seed is None else body.seed}
+
+
+def batch_key(work: dict) -> tuple:
+    """Jobs with equal keys can share one engine call and each still get the image it would get alone."""
+    return (work["model"], work["height"], work["width"], work["steps"], work["scheduler"], work["guidance_scale"])

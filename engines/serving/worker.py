@@ -1,0 +1,145 @@
+"""The engine thread: takes batches of compatible jobs from the :class:`BatchQueue`, runs each batch as one pipeline
+call (one seeded generator per image, so each job's images are the ones it would get alone), reports every job's
+denoising step, stops at the next step when every job of the batch was canceled, and stores the results.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import threading
+import time
+
+from diffaccel.engines.serving.batching import BatchQueue
+from diffaccel.engines.serving.models import batch_key
+from diffaccel.engines.serving.schemas import JobStatus
+from diffaccel.optimize.artifact.errors import one_line
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class Item:
+    """A queued job as the batcher sees it (``arrival`` on the monotonic clock)."""
+
+    id: str
+    arrival: float
+    work: dict
+    dispatch: "float | None" = None
+    batch_id: "int | None" = None
+    batch_size: "int | None" = None
+    step: int = 0
+    cancel: bool = False
+
+
+class Worker:
+    """One engine thread over ``models``; ``on_*`` callbacks tell the service what happened (from this thread)."""
+
+    def __init__(self, models: dict, schedulers: dict, policy, on_start, on_progress, on_done):
+        self.models, self.schedulers = models, schedulers
+        self.queue = BatchQueue(policy, key=lambda it: batch_key(it.work), size=lambda it: it.work["n"])
+        self.cond = threading.Condition()
+        self.running: "dict[str, Item]" = {}
+        self._on_start, self._on_progress, self._on_done = on_start, on_progress, on_done
+        self._stop = False
+        self.batch_seconds = None          # moving average of one engine call (for Retry-After)
+        self._thread = threading.Thread(target=self._loop, name="diffaccel-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self._stop = True
+            self.cond.notify_all()
+        self._thread.join(timeout=60)
+
+    def add(self, job_id: str, work: dict) -> Item:
+        with self.cond:
+            item = Item(job_id, time.monotonic(), work)
+            self.queue.add(item)
+            self.cond.notify()
+        return item
+
+    def cancel(self, job_id: str) -> str:
+        """'queued' (taken out of the queue), 'running' (stops at the next step) or '' (not here)."""
+        with self.cond:
+            if self.queue.remove(job_id):
+                return "queued"
+            item = self.running.get(job_id)
+            if item is not None:
+                item.cancel = True
+                return "running"
+        return ""
+
+    def _take(self) -> "list | None":
+        with self.cond:
+            while not self._stop:
+                now = time.monotonic()
+                if self.queue.ready(now):
+                    batch = self.queue.next_batch(now)
+                    self.running.update((it.id, it) for it in batch)
+                    return batch
+                deadline = self.queue.next_deadline()
+                self.cond.wait(None if deadline is None else max(0.0, deadline - now))
+        return None
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            try:
+                self._on_start(batch)
+                images, error = self._run(batch), None
+            except Exception as e:       # one bad batch fails its jobs, never the worker
+                log.exception("engine call failed")
+                images, error = None, one_line(f"{type(e).__name__}: {e}")
+            end = time.monotonic()
+            seconds = end - batch[0].dispatch
+            self.batch_seconds = seconds if self.batch_seconds is None else 0.8 * self.batch_seconds + 0.2 * seconds
+            with self.cond:
+                for it in batch:
+                    self.running.pop(it.id, None)
+            self._on_done(batch, images, error, end)
+
+    def _run(self, batch: list) -> list:
+        """One pipeline call; returns, per job, its list of (seed, PNG bytes)."""
+        import torch
+
+        w = batch[0].work
+        model = self.models[w["model"]]
+        pipe = model.pipe
+        if w["scheduler"] != "default":
+            pipe.scheduler = self.schedulers[w["scheduler"]].from_config(model.base_scheduler_config)
+        else:
+            pipe.scheduler = type(pipe.scheduler).from_config(model.base_scheduler_config)
+        seeds = [it.work["seed"] + i for it in batch for i in range(it.work["n"])]
+        prompts = [it.work["prompt"] for it in batch for _ in range(it.work["n"])]
+        negatives = [it.work["negative_prompt"] or "" for it in batch for _ in range(it.work["n"])]
+
+        def on_step(p, i, t, kwargs):
+            for it in batch:
+                it.step = i + 1
+            self._on_progress(batch)
+            if all(it.cancel for it in batch):
+                p._interrupt = True           # diffusers skips the remaining steps
+            return kwargs
+
+        out = pipe(prompts, negative_prompt=negatives, num_inference_steps=w["steps"],
+                   guidance_scale=w["guidance_scale"], height=w["height"], width=w["width"],
+                   generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pil",
+                   callback_on_step_end=on_step).images
+        results, k = [], 0
+        for it in batch:
+            mine = []
+            for _ in range(it.work["n"]):
+                buf = io.BytesIO()
+                out[k].save(buf, format="PNG")
+                mine.append((seeds[k], buf.getvalue()))
+                k += 1
+            results.append(mine)
+        return results
+
+
+def finish_status(item: Item, error: "str | None") -> JobStatus:
+    if item.cancel:
+        return JobStatus.CANCELED
+    return JobStatus.FAILED if error is not None else JobStatus.SUCCEEDED

@@ -1,0 +1,105 @@
+"""``diffaccel serve``: argparse wiring, and what only the CLI layer may know (scheduler names, each built-in's
+default guidance), handed to the server in :mod:`diffaccel.engines.serving`. Heavy imports stay inside the command."""
+from __future__ import annotations
+
+import os
+import sys
+
+from diffaccel.optimize.artifact.errors import DiffaccelError
+
+SECRET_ENV = "DIFFACCEL_WEBHOOK_SECRET"
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve artifacts over HTTP: sync calls, durable jobs, batching",
+        description="Serve one or more artifacts over HTTP: OpenAI-compatible POST /v1/images/generations, durable "
+                    "jobs (POST /v1/jobs, progress, events, cancel, webhooks), /health, /metrics and a playground "
+                    "at /. Embedded by default (one process, SQLite job store); --ray runs it on Ray Serve.",
+        epilog="Example: diffaccel serve engines/tiny --port 8000   then open http://127.0.0.1:8000/  "
+               "(docs/serving.md)")
+    p.add_argument("artifacts", nargs="+", metavar="OUT", help="artifact folder(s) made by diffaccel optimize; "
+                                                                "requests pick one with \"model\": FOLDER-NAME")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--db", default="diffaccel-jobs.sqlite", help="SQLite job store (default ./diffaccel-jobs.sqlite);"
+                                                                 " jobs left queued or running resume from it")
+    p.add_argument("--max-batch", type=int, default=4, help="images per engine call (default 4)")
+    p.add_argument("--max-wait-ms", type=float, default=50.0, help="how long the oldest job waits for a batch to "
+                                                                   "fill (default 50; 0: never wait)")
+    p.add_argument("--queue-limit", type=int, default=64, help="queued jobs before 429 + Retry-After (default 64)")
+    p.add_argument("--steps", type=int, default=20, help="default denoising steps (default 20)")
+    p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--max-images", type=int, default=4, help="most images per request (n; default 4)")
+    p.add_argument("--webhook-secret", default=None, help=f"Standard Webhooks secret whsec_... (or ${SECRET_ENV}); "
+                                                          "without one, webhooks are refused")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per engine")
+    p.add_argument("--provider", default=None, help="ONNX Runtime provider (default: the one built for)")
+    r = p.add_argument_group("Ray Serve (scale-out)")
+    r.add_argument("--ray", action="store_true", help="run on Ray Serve (connects to a running cluster or starts a "
+                                                      "local one)")
+    r.add_argument("--replicas", type=int, default=1)
+    r.add_argument("--autoscale", default=None, metavar="MIN-MAX", help="autoscale on ongoing requests")
+    r.add_argument("--gpus-per-replica", type=float, default=0.0)
+    r.add_argument("--cpus-per-replica", type=float, default=1.0)
+    r.add_argument("--redis", default=None, metavar="URL", help="shared job queue for --ray (redis://HOST:PORT/DB): "
+                                                                "jobs survive a replica's death")
+    p.set_defaults(func=_cmd_serve)
+
+
+def schedulers() -> dict:
+    """The scheduler names requests may use: diffaccel's aliases (ddim, euler, dpm++ ...)."""
+    from diffaccel.optimize.sources.schedulers import ALIASES, scheduler_class
+
+    return {alias: scheduler_class(alias) for alias in ALIASES}
+
+
+def guidance(manifest) -> float:
+    """A built-in's recommended guidance (as ``diffaccel generate`` uses), else diffusers' 7.5."""
+    from diffaccel.optimize.sources.builtins import recommended_guidance
+
+    source = manifest.source
+    return recommended_guidance(source.get("spec", "") if source.get("kind") == "builtin" else "")
+
+
+def serve_config(args):
+    from diffaccel.engines.serving.config import ServeConfig
+
+    try:
+        return ServeConfig(db=args.db, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                           queue_limit=args.queue_limit, default_steps=args.steps, max_steps=args.max_steps,
+                           max_images=args.max_images, threads=args.threads,
+                           webhook_secret=args.webhook_secret or os.environ.get(SECRET_ENV) or None)
+    except ValueError as e:
+        raise DiffaccelError(str(e)) from None
+
+
+def _cmd_serve(args) -> int:
+    from diffaccel.engines.serving.build import build_service, missing_extra
+    from diffaccel.optimize.artifact.manifest import Manifest
+
+    hint = missing_extra()
+    if hint:
+        raise DiffaccelError(hint)
+    cfg = serve_config(args)
+    for a in args.artifacts:
+        Manifest.load(a)                 # a missing or foreign folder fails here, in one line
+    if args.ray:
+        from diffaccel.engines.serving.ray_app import RayOptions, run_ray
+
+        try:
+            opts = RayOptions.parse(args.replicas, args.autoscale, args.gpus_per_replica, args.cpus_per_replica,
+                                    args.redis)
+        except ValueError as e:
+            raise DiffaccelError(str(e)) from None
+        return run_ray(args.artifacts, cfg, opts, args.host, args.port, schedulers(), guidance, args.provider)
+    import uvicorn
+
+    from diffaccel.engines.serving.app import create_app
+
+    service = build_service(args.artifacts, cfg, schedulers(), guidance, args.provider)
+    print(f"serving {', '.join(service.models)} on http://{args.host}:{args.port}/ (jobs in {cfg.db_path}; "
+          f"batch up to {cfg.max_batch}, wait {cfg.max_wait_ms:g} ms, queue limit {cfg.queue_limit})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0

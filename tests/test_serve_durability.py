@@ -1,0 +1,97 @@
+"""Durability: ``kill -9`` the real ``diffaccel serve`` process mid-job, start it again on the same job store, and
+every accepted job completes once, with the image it would have had anyway."""
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
+httpx = pytest.importorskip("httpx", reason="the serve extra is not installed: pip install -e '.[serve]'")
+
+from .helpers import run_cli  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``diffaccel serve`` in a subprocess on the loopback."""
+
+    def __init__(self, artifact, db, log):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "diffaccel.optimize.cli", "serve", str(artifact),
+                                      "--port", str(self.port), "--db", str(db), "--max-batch", "1",
+                                      "--max-wait-ms", "0", "--max-steps", "999", "--threads", "1"],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        end = time.monotonic() + 120
+        while True:
+            assert self.proc.poll() is None, "the server exited while starting"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < end, "the server did not start"
+            time.sleep(0.2)
+
+    def kill9(self):
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+@pytest.mark.slow
+def test_kill_9_mid_job_then_restart_completes_every_job_with_its_own_image(tiny_ort_ts, tmp_path, capsys):
+    db, log = tmp_path / "jobs.sqlite", open(tmp_path / "server.log", "wb")
+    jobs = [("a red circle", 7, 400), ("a blue star", 8, 3), ("a green square", 9, 3)]
+    server = Server(tiny_ort_ts, db, log)
+    try:
+        ids = [httpx.post(f"{server.url}/v1/jobs", json={"prompt": p, "seed": s, "steps": n}).json()["id"]
+               for p, s, n in jobs]
+        end = time.monotonic() + 60
+        while (j := httpx.get(f"{server.url}/v1/jobs/{ids[0]}").json())["progress"]["step"] < 2:
+            assert j["status"] in ("queued", "running") and time.monotonic() < end, j
+            time.sleep(0.01)
+        server.kill9()                                    # mid-job: job 0 running, jobs 1 and 2 queued
+        server = Server(tiny_ort_ts, db, log)
+        done = []
+        for jid in ids:
+            end = time.monotonic() + 120
+            while (j := httpx.get(f"{server.url}/v1/jobs/{jid}").json())["status"] not in ("succeeded", "failed"):
+                assert time.monotonic() < end, j
+                time.sleep(0.05)
+            done.append(j)
+        listed = httpx.get(f"{server.url}/v1/jobs").json()["data"]
+        images = [httpx.get(f"{server.url}/v1/jobs/{jid}/images/0.png").content for jid in ids]
+        missing = httpx.get(f"{server.url}/v1/jobs/{ids[0]}/images/1.png").status_code
+    finally:
+        server.stop()
+        log.close()
+    assert [j["status"] for j in done] == ["succeeded"] * 3, (tmp_path / "server.log").read_text()[-2000:]
+    assert done[0]["attempts"] == 2 and done[1]["attempts"] == 1            # job 0 was re-run, once
+    assert sorted(j["id"] for j in listed) == sorted(ids) and missing == 404  # nothing lost, nothing extra
+    for (prompt, seed, steps), png, j in zip(jobs, images, done):
+        path = tmp_path / f"ref-{seed}.png"
+        code, _, err = run_cli(capsys, "generate", tiny_ort_ts, prompt, "--steps", steps, "--seed", seed, "-o", path)
+        assert code == 0, err
+        assert j["output"] == [{"index": 0, "seed": seed, "url": j["output"][0]["url"]}]
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")),
+                              np.asarray(Image.open(path).convert("RGB"))), prompt
