@@ -385,3 +385,14 @@ def test_refiner_img2img_matches_diffusers(tmp_path):
                                                                           quant=QuantConfig(**QUICK), **FAST))
     kept = torch.load(tmp_path / "int8" / "unet" / "quantized" / "validation_inputs.pt", weights_only=True)
     assert kept[0]["time_ids"].shape[1] == 5 and m8.components["unet"]["validation"]["passed"]
+
+
+def test_random_sdxl_build_is_sized_before_loading(tmp_path):
+    """The pre-flight memory check sizes an SDXL build from its configs (five components, the 10 GB U-Net the
+    largest) and refuses in one line before any weights exist."""
+    from diffaccel.optimize import OptimizeConfig, optimize
+    from diffaccel.optimize.artifact.errors import MemoryBudgetError
+
+    with pytest.raises(MemoryBudgetError, match=r"largest component 10\.3 GB in fp32\) but --memory-limit gives 4\.0"):
+        optimize("random:sdxl", tmp_path / "out", OptimizeConfig(memory_limit=4 * 10**9))
+    assert not (tmp_path / "out").exists()
