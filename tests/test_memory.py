@@ -95,3 +95,110 @@ def test_cli_refusal_is_one_line_with_exit_2(tmp_path):
 def test_manifest_records_the_estimate(tiny_ort_ts):
     est = Manifest.load(tiny_ort_ts).get("memory_estimate")
     assert est["estimated_peak_bytes"] > 0 and est["available_bytes"] > est["estimated_peak_bytes"]
+
+
+# ---- one copy of a model's weights at a time -------------------------------------------------------------------
+def test_later_stages_check_engines_without_reloading_the_pipeline(tmp_path):
+    """The export records PyTorch's outputs on the parity inputs; the engine stage checks against them, so an fp32
+    build loads the torch pipeline once (assets/export), never again for the engine's parity."""
+    from diffaccel.optimize import OptimizeConfig, optimize
+    from diffaccel.optimize.stages.base import Reporter
+
+    events = []
+
+    class Recorder(Reporter):
+        def stage_start(self, name, items):
+            events.append(name)
+
+    m = optimize("random:tiny", tmp_path / "o", OptimizeConfig(exporter="torchscript"), reporter=Recorder())
+    assert events.count("load") == 1, events
+    assert events.index("load") < events.index("engine")
+    for comp, entry in m.components.items():
+        assert entry["validation"]["passed"], comp
+        ref = m.stages["export"]["components"][comp]["reference"]
+        assert (m.root / ref).is_file() and any(f["path"] == ref for f in m.stages["export"]["files"])
+    assert set(m.stages["export"]["component_peak_rss_bytes"]) == set(m.components)
+
+
+def test_recorded_reference_answers_the_same_parity_inputs_and_catches_a_wrong_engine(tiny_ort_ts):
+    import pytest
+    import torch
+
+    from diffaccel.engines.backends.onnxruntime import OrtEngine
+    from diffaccel.optimize.artifact.errors import ParityError
+    from diffaccel.optimize.export.parity import RecordedReference, check_parity
+
+    m = Manifest.load(tiny_ort_ts)
+    from diffaccel.optimize.artifact.specs import ComponentSpec
+
+    spec = ComponentSpec.from_dict("vae_decoder", m.components["vae_decoder"]["spec"])
+    ref = RecordedReference.load(tiny_ort_ts / m.stages["export"]["components"]["vae_decoder"]["reference"])
+    assert ref.covers(spec)
+    engine = OrtEngine(tiny_ort_ts / m.components["vae_decoder"]["engine"])
+    assert check_parity(spec, ref, engine)["passed"]
+    with pytest.raises(ParityError):
+        check_parity(spec, ref, lambda **x: {k: v + 0.5 for k, v in engine(**x).items()})
+    assert not ref.covers(spec, seed=99)          # other inputs are not answered from the recording
+    with pytest.raises(KeyError):
+        ref(**spec.random_inputs(torch.Generator().manual_seed(99), **spec.opt_values()))
+
+
+def test_gathered_external_data_is_one_aligned_file_that_runs(tiny_ort_ts, tmp_path):
+    """Loose external weight files (the legacy exporter writes one per tensor above 2 GB) are streamed into one
+    aligned file beside the model (never loaded whole), and the model still runs the same."""
+    import onnx
+    import torch
+    from onnx.external_data_helper import _get_all_tensors
+
+    from diffaccel.engines.backends.onnxruntime import OrtEngine
+    from diffaccel.optimize.artifact.specs import ComponentSpec
+    from diffaccel.optimize.export import onnx_export
+
+    m = Manifest.load(tiny_ort_ts)
+    src = tiny_ort_ts / m.stages["export"]["outputs"]["text_encoder"]
+    raw = tmp_path / "raw" / "model.onnx"
+    raw.parent.mkdir()
+    onnx.save_model(onnx.load(str(src)), str(raw), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    assert len(list(raw.parent.iterdir())) > 10          # one file per tensor
+    dst = tmp_path / "out" / "model.onnx"
+    dst.parent.mkdir()
+    onnx_export.gather_external_data(raw, dst)
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    model = onnx.load(str(dst), load_external_data=False)
+    ext = [t for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(ext) > 10
+    assert all({e.key: e.value for e in t.external_data}["location"] == "model.onnx.data" for t in ext)
+    assert all(int({e.key: e.value for e in t.external_data}["offset"]) % onnx_export.ALIGNMENT == 0 for t in ext)
+    spec = ComponentSpec.from_dict("text_encoder", m.components["text_encoder"]["spec"])
+    inputs = spec.random_inputs(torch.Generator().manual_seed(0), **spec.opt_values())
+    want, got = OrtEngine(src)(**inputs), OrtEngine(dst)(**inputs)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_ranges_collected_one_sample_at_a_time_equal_the_all_at_once_call(tiny_ort_ts, tmp_path):
+    """Min-max ranges merged per sample (bounded memory, whatever the calibration size) are ORT's own all-at-once
+    ranges, so the int8 model is unchanged."""
+    import torch
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, load_tensors_data
+
+    from diffaccel.optimize.artifact.specs import ComponentSpec
+    from diffaccel.optimize.quant.calibration import CalibrationReader, write_range_cache
+    from diffaccel.optimize.quant.ort_static import QUANT_OPS
+
+    m = Manifest.load(tiny_ort_ts)
+    src = tiny_ort_ts / m.stages["export"]["outputs"]["unet"]
+    spec = ComponentSpec.from_dict("unet", m.components["unet"]["spec"])
+    gen = torch.Generator().manual_seed(0)
+    samples = [spec.random_inputs(gen, **spec.opt_values()) for _ in range(4)]
+    write_range_cache(src, samples, QUANT_OPS, tmp_path / "ours.json", external=False)
+    ours = load_tensors_data(tmp_path / "ours.json").data
+    calibrator = create_calibrator(src, list(QUANT_OPS), augmented_model_path=str(tmp_path / "aug.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax)
+    calibrator.collect_data(CalibrationReader(samples))
+    theirs = calibrator.compute_data().data
+    assert set(ours) == set(theirs) and len(ours) > 10
+    for name, td in theirs.items():
+        lo, hi = td.range_value
+        mine = ours[name].range_value
+        assert mine[0].tobytes() == lo.tobytes() and mine[1].tobytes() == hi.tobytes(), name
