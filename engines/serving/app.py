@@ -43,7 +43,8 @@ def _validation_message(exc: RequestValidationError) -> "tuple[str, str | None]"
         model = GenerationRequest if "response_format" in str(errs) else JobCreate
         msg = f"unknown field {field!r}; allowed: {', '.join(model.model_fields)}"
     elif e.get("type") in ("json_invalid", "model_attributes_type", "dict_type"):
-        msg = "the body must be a JSON object, e.g. {\"prompt\": \"a red circle\"}"
+        msg, field = "the body must be a JSON object (Content-Type: application/json), e.g. {\"prompt\": \"a red " \
+                     "circle\"}", None
     else:
         msg = f"{field}: {e.get('msg', 'invalid')}" if field else e.get("msg", "invalid request")
     more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
@@ -206,7 +207,8 @@ def _routes(app: FastAPI) -> None:
                 if body.response_format == "url" else {"b64_json": base64.b64encode(s.store.image(job["id"], i))
                                                                       .decode()}
             data.append({**entry, "seed": seed})
-        return JSONResponse({"created": int(done["created"]), "id": job["id"], "data": data}, headers=applied)
+        return JSONResponse({"created": int(done["created"]), "id": job["id"], "data": data,
+                             "metrics": done["metrics"]}, headers=applied)
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(body: JobCreate, request: Request,

@@ -17,7 +17,8 @@ def add_bench(sub) -> None:
                     "and pick the fastest configuration meeting a p95 SLO. Writes bench.json, bench.md, bench.png.",
         epilog="Example: diffaccel bench out/tiny -o runs/bench --sweep-rates 0.5x,1x,2x --sweep-max-batch 1,4 "
                "--slo-p95 1.0   (docs/bench.md)")
-    p.add_argument("artifact", help="artifact directory made by diffaccel optimize")
+    p.add_argument("artifact", nargs="?", default=None, help="artifact directory made by diffaccel optimize (or "
+                                                              "--url for a running server)")
     p.add_argument("-o", "--out", required=True, help="benchmark folder to write (replaced if it holds a benchmark)")
     load = p.add_argument_group("load (one run)")
     how = load.add_mutually_exclusive_group()
@@ -53,6 +54,21 @@ def add_bench(sub) -> None:
     sw.add_argument("--sweep-timeout-ms", default=None, metavar="LIST", help="e.g. 0,100,500")
     sw.add_argument("--slo-p95", type=float, default=None, metavar="SECONDS",
                     help="pick the highest-throughput configuration whose p95 latency is at most this")
+    h = p.add_argument_group("a running server over HTTP (diffaccel serve, embedded or --ray): --url instead of "
+                             "ARTIFACT; the server's batching policy is its own")
+    h.add_argument("--url", default=None, help="e.g. http://127.0.0.1:8000")
+    h.add_argument("--mode", default="jobs", help="jobs (POST /v1/jobs + event stream; default) | sync "
+                                                  "(POST /v1/images/generations)")
+    h.add_argument("--mix", default=None, metavar="FILE", help="request mix JSON: weighted classes of size, steps, "
+                                                               "prompt_words, scheduler, n (docs/serving.md)")
+    h.add_argument("--arrivals", default="poisson", help="open-loop arrivals: poisson (default) | constant | "
+                                                         "trace (with --trace)")
+    h.add_argument("--trace", default=None, metavar="FILE", help="recorded arrivals: 'SECONDS [CLASS]' per line")
+    h.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (default 300)")
+    h.add_argument("--target-rate", type=float, default=None, metavar="RPS",
+                   help="capacity plan: requests/s to serve within --slo-p95")
+    h.add_argument("--price-per-hour", type=float, default=None, help="capacity plan: price of one replica-hour")
+    h.add_argument("--measured-replicas", type=int, default=1, help="replicas behind --url (default 1)")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -102,6 +118,10 @@ def _cmd_bench(args) -> int:
     from diffaccel.eval.loadbench.report import check_out, format_console, write_bench_dir
     from diffaccel.eval.loadbench.runner import run_bench
 
+    if (args.artifact is None) == (args.url is None):
+        raise DiffaccelError("give an artifact folder (in-process benchmark) or --url of a running server, not both")
+    if args.url is not None:
+        return _cmd_bench_url(args)
     base, sweep = _configs(args)
     prompts = read_prompts(args.prompts) if args.prompts is not None else ()
     Manifest.load(args.artifact)          # a missing or foreign folder fails here, in one line
@@ -113,6 +133,68 @@ def _cmd_bench(args) -> int:
     result = run_bench(args.artifact, base, sweep, prompts=prompts, provider=args.provider, threads=args.threads,
                        calib_repeats=args.calib_repeats, on_run=_progress)
     out = write_bench_dir(result, args.out)
+    print(format_console(result))
+    print(f"wrote {out}/bench.json, bench.md, bench.png")
+    return 0
+
+
+def _http_configs(args):
+    from diffaccel.optimize.cli.args import comma_list
+
+    from diffaccel.eval.loadbench.http import HttpLoadConfig
+    from diffaccel.eval.loadbench.loop import parse_rate
+    from diffaccel.eval.loadbench.mix import RequestMix
+
+    if args.sweep_max_batch or args.sweep_timeout_ms:
+        raise DiffaccelError("--sweep-max-batch and --sweep-timeout-ms set the in-process batcher; with --url the "
+                             "server's policy applies (diffaccel serve --max-batch/--max-wait-ms)")
+    try:
+        rate, relative = parse_rate(args.rate or "1x") if args.concurrency is None else (None, False)
+        cfg = HttpLoadConfig(url=args.url, mode=args.mode, arrivals=args.arrivals, rate=rate, rate_relative=relative,
+                             concurrency=args.concurrency, trace=args.trace,
+                             requests=args.requests if args.requests is not None or args.duration is not None
+                             else 48, duration_s=args.duration, steps=args.steps,
+                             guidance=args.guidance if args.guidance != 7.5 else None, seed=args.seed,
+                             request_timeout_s=args.request_timeout, time_limit_s=args.time_limit)
+        rates = comma_list(args.sweep_rates, "--sweep-rates", what="rates", example="0.5x,1x,2x") or ()
+        for r in rates:
+            parse_rate(r)
+        mix = RequestMix.load(args.mix) if args.mix else None
+    except ValueError as e:
+        raise DiffaccelError(str(e)) from None
+    if args.measured_replicas < 1:
+        raise DiffaccelError(f"--measured-replicas {args.measured_replicas} must be >= 1")
+    return cfg, mix, rates
+
+
+def _http_progress(index: int, total: int, run: dict) -> None:
+    o = run["metrics"]["overall"]
+    print(f"[{index + 1}/{total}] {run['point']['load']}: {o['served']}/{o['requests']} served, "
+          f"{o['throughput_img_min']:.0f} images/min, e2e p95 {o['e2e']['p95'] or 0:.3f} s, "
+          f"429s {o['rejected_429']}", file=sys.stderr, flush=True)
+
+
+def _cmd_bench_url(args) -> int:
+    from diffaccel.optimize.sources.prompts import default_prompts, read_prompts
+
+    from diffaccel.eval.loadbench.http import run_http_bench
+    from diffaccel.eval.loadbench.http_report import format_console, write_http_bench
+    from diffaccel.eval.loadbench.report import check_out
+
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        raise DiffaccelError('diffaccel bench --url needs httpx: pip install -e ".[serve]"') from None
+    cfg, mix, rates = _http_configs(args)
+    check_out(args.out)
+    prompts = read_prompts(args.prompts) if args.prompts is not None else default_prompts("tinyshapes")
+    try:
+        result = run_http_bench(cfg, mix, prompts, rates, calib_repeats=args.calib_repeats, slo_p95_s=args.slo_p95,
+                                target_rps=args.target_rate, price_per_hour=args.price_per_hour,
+                                measured_replicas=args.measured_replicas, on_run=_http_progress)
+    except (RuntimeError, ValueError) as e:
+        raise DiffaccelError(str(e)) from None
+    out = write_http_bench(result, args.out)
     print(format_console(result))
     print(f"wrote {out}/bench.json, bench.md, bench.png")
     return 0
