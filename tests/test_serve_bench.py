@@ -1,60 +1,21 @@
 """``diffaccel bench --url`` against a real server on the loopback (uvicorn in a thread, random:tiny engines):
 request mixes, open and closed loop, per-class figures, 429s under overload, the capacity plan; mix/trace parsing."""
 import json
-import socket
-import threading
-import time
 
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 pytest.importorskip("httpx", reason="the serve extra is not installed: pip install -e '.[serve]'")
-uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e '.[serve]'")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e '.[serve]'")
 
-from diffaccel.engines.serving.app import create_app  # noqa: E402
-from diffaccel.engines.serving.config import ServeConfig  # noqa: E402
-from diffaccel.engines.serving.service import Service  # noqa: E402
 from diffaccel.eval.loadbench.http_report import capacity_plan  # noqa: E402
 from diffaccel.eval.loadbench.mix import RequestMix, read_trace  # noqa: E402
-from diffaccel.optimize.cli.serve import guidance, schedulers  # noqa: E402
 
 from .helpers import assert_one_line_error, run_cli  # noqa: E402
+from .serve_helpers import live, models  # noqa: E402,F401  (fixtures)
 
 MIX = {"classes": [{"name": "short", "weight": 3, "steps": 2, "prompt_words": 4},
                    {"name": "long", "weight": 1, "steps": 4, "prompt_words": 40, "scheduler": "euler"}]}
-
-
-@pytest.fixture(scope="module")
-def models(tiny_ort_ts):
-    from diffaccel.engines.serving.models import load_models
-
-    return load_models([tiny_ort_ts], guidance=guidance)
-
-
-@pytest.fixture
-def live(models, tmp_path):
-    """live(**ServeConfig fields) -> base URL of a real uvicorn server on the loopback (stopped after the test)."""
-    servers = []
-
-    def start(**kw):
-        service = Service(ServeConfig(db=str(tmp_path / f"jobs-{len(servers)}.sqlite"), **kw), models, schedulers())
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        end = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < end and thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{port}"
-
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_closed_loop_jobs_with_a_mix_report_each_class(live, tmp_path, capsys):
