@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 __all__ = ["AcceleratedStableDiffusionPipeline", "AcceleratedStableDiffusionImg2ImgPipeline",
-           "AcceleratedStableDiffusionXLPipeline", "AcceleratedStableDiffusionXLImg2ImgPipeline", "load_engine",
+           "AcceleratedStableDiffusionXLPipeline", "AcceleratedStableDiffusionXLImg2ImgPipeline",
+           "AcceleratedStableDiffusionInpaintPipeline", "AcceleratedStableDiffusionXLInpaintPipeline", "load_engine",
            "BACKENDS", "Engine"]
 
 _LAZY = {"AcceleratedStableDiffusionPipeline": ".pipelines.sd", "AcceleratedStableDiffusionImg2ImgPipeline": ".pipelines.sd",
          "AcceleratedStableDiffusionXLPipeline": ".pipelines.sdxl",
          "AcceleratedStableDiffusionXLImg2ImgPipeline": ".pipelines.sdxl",
+         "AcceleratedStableDiffusionInpaintPipeline": ".pipelines.sd",
+         "AcceleratedStableDiffusionXLInpaintPipeline": ".pipelines.sdxl",
          "load_engine": ".base", "BACKENDS": ".base", "Engine": ".base"}
 
 

@@ -25,7 +25,7 @@ def test_unknown_family_lists_the_known_ones():
 
 @pytest.mark.parametrize("unet, vae, differs", [
     ({"addition_embed_type": "text_time"}, {}, "addition_embed_type=text_time"),
-    ({"in_channels": 9}, {"latent_channels": 4}, "in_channels=9"),
+    ({"in_channels": 5}, {"latent_channels": 4}, "in_channels=5"),     # 9 is inpainting: the sd-inpaint family
     ({"_class_name": "UNet2DModel"}, {}, "denoiser is UNet2DModel"),
     ({}, {"_class_name": "AutoencoderTiny"}, "vae is AutoencoderTiny, not AutoencoderKL"),
 ])

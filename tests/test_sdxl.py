@@ -37,7 +37,7 @@ def xl_ort(artifacts):
 def acc(xl_ort):
     from diffaccel.engines import AcceleratedStableDiffusionXLPipeline
 
-    pipe = AcceleratedStableDiffusionXLPipeline.from_pretrained(xl_ort)
+    pipe = AcceleratedStableDiffusionXLPipeline.from_pretrained(xl_ort, spin=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -70,7 +70,7 @@ def test_real_sdxl_architecture_is_detected_and_sized_from_configs_alone():
     ({"projection_class_embeddings_input_dim": 72}, "5 time ids"),                   # the refiner's layout
     ({"projection_class_embeddings_input_dim": 84}, "not text_encoder_2's projection_dim"),
     ({"cross_attention_dim": 48}, "cross_attention_dim=48"),
-    ({"in_channels": 9}, "in_channels=9"),
+    ({"in_channels": 5}, "in_channels=5"),                                          # 9: sdxl-inpaint
 ])
 def test_other_conditioning_is_refused_naming_the_nearest_family_and_what_differs(unet, needle):
     with pytest.raises(SourceError, match=r"nearest family is .*\((sd|sdxl)\), which differs in: .*" + needle):
@@ -210,7 +210,7 @@ def test_img2img_matches_diffusers(xl_pipe, xl_ort):
 
     ref = StableDiffusionXLImg2ImgPipeline(**xl_pipe.components)
     ref.set_progress_bar_config(disable=True)
-    acc = AcceleratedStableDiffusionXLImg2ImgPipeline.from_pretrained(xl_ort)
+    acc = AcceleratedStableDiffusionXLImg2ImgPipeline.from_pretrained(xl_ort, spin=False)
     acc.set_progress_bar_config(disable=True)
     assert inspect.signature(acc.__call__) == inspect.signature(ref.__call__)
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
@@ -261,19 +261,19 @@ def test_int8_build_calibrates_on_the_extra_unet_inputs(artifacts, xl_pipe):
     kept = torch.load(out / "unet" / "quantized" / "validation_inputs.pt", weights_only=True)
     assert {"text_embeds", "time_ids"} <= set(kept[0])
     assert kept[0]["time_ids"][0].tolist() == [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]   # captured from real sampling
-    pipe = AcceleratedStableDiffusionXLPipeline.from_pretrained(out)
+    pipe = AcceleratedStableDiffusionXLPipeline.from_pretrained(out, spin=False)
     pipe.set_progress_bar_config(disable=True)
     image = pipe(PROMPTS[0], num_inference_steps=3, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
 
 
-def test_artifacts_name_their_drop_in_class(xl_ort, tiny_ort_ts):
+def test_artifacts_name_their_drop_in_class(xl_ort):
     from diffaccel.engines.pipelines import pipeline_class
 
     assert pipeline_class(xl_ort).__name__ == "AcceleratedStableDiffusionXLPipeline"
     assert pipeline_class(xl_ort, "image-to-image").__name__ == "AcceleratedStableDiffusionXLImg2ImgPipeline"
-    assert pipeline_class(tiny_ort_ts).__name__ == "AcceleratedStableDiffusionPipeline"
+    assert family("sd").DROP_INS[0].endswith(":AcceleratedStableDiffusionPipeline")
     with pytest.raises(ValueError, match="unknown task 'inpaint'"):
         pipeline_class(xl_ort, "inpaint")
 
@@ -315,7 +315,7 @@ def test_lcm_unet_exports_timestep_cond_and_matches_diffusers(lcm):
     x = spec.random_inputs(torch.Generator().manual_seed(0), **spec.opt_values())
     base = engine(**x)["out_sample"]
     assert (engine(**{**x, "timestep_cond": x["timestep_cond"] * 3})["out_sample"] - base).abs().max() > 1e-3
-    acc = AcceleratedStableDiffusionXLPipeline.from_pretrained(out)
+    acc = AcceleratedStableDiffusionXLPipeline.from_pretrained(out, spin=False)
     acc.set_progress_bar_config(disable=True)
     assert type(acc.scheduler).__name__ == "LCMScheduler"              # the checkpoint's own scheduler
     images = {}
@@ -371,7 +371,7 @@ def test_refiner_img2img_matches_diffusers(tmp_path):
         pipeline_class(tmp_path / "out")
     with pytest.raises(DiffaccelError, match="refiner"):
         AcceleratedStableDiffusionXLPipeline.from_pretrained(tmp_path / "out")
-    acc = AcceleratedStableDiffusionXLImg2ImgPipeline.from_pretrained(tmp_path / "out")
+    acc = AcceleratedStableDiffusionXLImg2ImgPipeline.from_pretrained(tmp_path / "out", spin=False)
     acc.set_progress_bar_config(disable=True)
     assert acc.text_encoder is None and acc.config.requires_aesthetics_score is True
     image = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
@@ -396,3 +396,67 @@ def test_random_sdxl_build_is_sized_before_loading(tmp_path):
     with pytest.raises(MemoryBudgetError, match=r"largest component 10\.3 GB in fp32\) but --memory-limit gives 4\.0"):
         optimize("random:sdxl", tmp_path / "out", OptimizeConfig(memory_limit=4 * 10**9))
     assert not (tmp_path / "out").exists()
+
+
+# ---- inpainting (SD and SDXL U-Nets with 9 input channels) --------------------------------------------------
+def _inpainting(xl: bool):
+    """random:tiny / random:tiny-xl with 9-channel U-Nets, as diffusers' inpainting pipelines."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+
+    from diffaccel.optimize.sources.builtins import RECIPES, _assemble, _assemble_xl
+
+    if xl:
+        r = RECIPES[SDXL]
+        base = _assemble_xl({**r["unet"], "in_channels": 9}, r["vae"], r["text"], r["text_2"], r["scheduler"], seed=3)
+        pipe = StableDiffusionXLInpaintPipeline(**base.components, add_watermarker=False)
+    else:
+        r = RECIPES["random:tiny"]
+        base = _assemble({**r["unet"], "in_channels": 9}, r["vae"], r["text"], r["scheduler"], seed=3)
+        pipe = StableDiffusionInpaintPipeline(**base.components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("xl", [False, True])
+def test_inpainting_is_detected_and_calibration_captures_nine_channels(xl):
+    pipe = _inpainting(xl)
+    fam = detect(configs_of(pipe), "inpaint")
+    assert fam.NAME == ("sdxl-inpaint" if xl else "sd-inpaint")
+    size = 64
+    samples = fam.capture_unet_inputs(pipe, ["a red circle"], steps=2, guidance_scale=5.0, seed=0, height=size,
+                                      width=size)
+    assert len(samples) == 2 and samples[0]["sample"].shape[1] == 9
+    assert ("time_ids" in samples[0]) == xl
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("xl", [False, True])
+def test_inpainting_matches_diffusers(xl, tmp_path):
+    from diffaccel.engines import AcceleratedStableDiffusionInpaintPipeline, AcceleratedStableDiffusionXLInpaintPipeline
+    from diffaccel.engines.pipelines import pipeline_class
+    from diffaccel.optimize import OptimizeConfig, optimize
+    from diffaccel.optimize.families.sd import inpainting_inputs
+
+    ref = _inpainting(xl)
+    ref.save_pretrained(str(tmp_path / "src"), safe_serialization=True)
+    m = optimize(str(tmp_path / "src"), tmp_path / "out", OptimizeConfig(**FAST))
+    assert m.components["unet"]["spec"]["inputs"][0]["dims"][1] == 9
+    cls = AcceleratedStableDiffusionXLInpaintPipeline if xl else AcceleratedStableDiffusionInpaintPipeline
+    assert pipeline_class(tmp_path / "out", "inpainting") is cls
+    with pytest.raises(ValueError, match="serves inpainting only"):
+        pipeline_class(tmp_path / "out", "image-to-image")
+    from diffaccel.engines import AcceleratedStableDiffusionPipeline, AcceleratedStableDiffusionXLPipeline
+
+    text2img = AcceleratedStableDiffusionXLPipeline if xl else AcceleratedStableDiffusionPipeline
+    with pytest.raises(DiffaccelError, match="cannot run; load it with " + cls.__name__):   # before any engine loads
+        text2img.from_pretrained(tmp_path / "out")
+    acc = cls.from_pretrained(tmp_path / "out", spin=False)
+    acc.set_progress_bar_config(disable=True)
+    assert inspect.signature(acc.__call__) == inspect.signature(ref.__call__)
+    size = 64
+    for batch, strength in ((1, 1.0), (2, 0.7)):
+        kw = dict(prompt=PROMPTS[:batch], **{**inpainting_inputs(size, size, 4), "strength": strength}, height=size,
+                  width=size, num_inference_steps=4, guidance_scale=5.0, output_type="np")
+        a = ref(**kw, generator=torch.Generator().manual_seed(0)).images
+        b = acc(**kw, generator=torch.Generator().manual_seed(0)).images
+        assert psnr(a, b) >= 40, (xl, batch, psnr(a, b))

@@ -9,7 +9,7 @@ load any artifact the same way:
 """
 from __future__ import annotations
 
-TASKS = ("text-to-image", "image-to-image")   # the order of each family's DROP_INS
+TASKS = ("text-to-image", "image-to-image", "inpainting")   # the order of each family's DROP_INS
 
 
 def pipeline_class(artifact, task: str = "text-to-image"):
@@ -22,9 +22,10 @@ def pipeline_class(artifact, task: str = "text-to-image"):
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     fam = family(Manifest.load(artifact).get("pipeline", {}).get("family", "sd"))
-    drop_in = fam.DROP_INS[TASKS.index(task)]
+    drop_ins = tuple(fam.DROP_INS) + (None,) * (len(TASKS) - len(fam.DROP_INS))
+    drop_in = drop_ins[TASKS.index(task)]
     if drop_in is None:
-        served = [t for t, d in zip(TASKS, fam.DROP_INS) if d]
+        served = [t for t, d in zip(TASKS, drop_ins) if d]
         raise ValueError(f"{artifact} holds a {fam.TITLE}, which serves {', '.join(served)} only, not {task}")
     module, _, name = drop_in.partition(":")
     return getattr(importlib.import_module(module), name)

@@ -17,7 +17,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
 from diffaccel.optimize.artifact.errors import ArtifactError, PipelineArgumentError, ShapeError
 from diffaccel.optimize.artifact.files import fresh_dir, given_config_text
@@ -177,6 +177,19 @@ class _Accelerated:
         return load_components(root, manifest, **options)
 
     @classmethod
+    def _check_family(cls, root, manifest) -> None:
+        """Refuse, before loading any engine, an artifact whose family this class does not serve (an SDXL artifact
+        in the SD pipeline, an inpainting U-Net in the text-to-image one...), naming the class that does."""
+        from diffaccel.optimize.families import family
+
+        fam = family(manifest.get("pipeline", {}).get("family", "sd"))
+        mine = {f"{c.__module__}:{c.__name__}" for c in cls.__mro__}
+        if not mine & set(fam.DROP_INS):
+            names = [d.rpartition(":")[2] for d in fam.DROP_INS if d]
+            raise ArtifactError(f"{root} holds a {fam.TITLE} artifact, which {cls.__name__} cannot run; load it "
+                                f"with {' or '.join(names)}")
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, provider: "str | None" = None,
                         threads: "int | None" = None, verify: bool = True, **kwargs):
         """Load an artifact made by ``diffaccel optimize``.
@@ -190,6 +203,7 @@ class _Accelerated:
         given, engine_options = split_kwargs(kwargs, cls._ACCEPTED, cls._REFUSED)
         root = Path(pretrained_model_name_or_path)
         manifest = Manifest.load(root)
+        cls._check_family(root, manifest)
         if verify:
             manifest.verify()
         parts = cls._load_components(root, manifest, provider=provider, threads=threads, **engine_options)
@@ -284,6 +298,20 @@ class AcceleratedStableDiffusionImg2ImgPipeline(_Accelerated, StableDiffusionImg
         image = _IMG2IMG_CALL.bind(self, *args, **kwargs).arguments.get("image")
         height, width, encode = _image_size(image, self.vae_scale_factor, self.vae.config.get("latent_channels", 4))
         self._check_size(height, width, encode)
+        return super().__call__(*args, **kwargs)
+
+
+class AcceleratedStableDiffusionInpaintPipeline(_Accelerated, StableDiffusionInpaintPipeline):
+    """``StableDiffusionInpaintPipeline`` running on diffaccel engines (an inpainting U-Net: 9 input channels);
+    called exactly like diffusers'."""
+
+    _CALL = inspect.signature(StableDiffusionInpaintPipeline.__call__)
+
+    @functools.wraps(StableDiffusionInpaintPipeline.__call__)
+    def __call__(self, *args, **kwargs):
+        arguments = self._CALL.bind(self, *args, **kwargs).arguments
+        size = self.unet.config.sample_size * self.vae_scale_factor       # diffusers' default, not the image's
+        self._check_size(arguments.get("height") or size, arguments.get("width") or size, encode=True)
         return super().__call__(*args, **kwargs)
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import functools
 import inspect
 
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 
-from diffaccel.optimize.artifact.errors import ArtifactError, PipelineArgumentError
+from diffaccel.optimize.artifact.errors import PipelineArgumentError
 from diffaccel.engines.pipelines.sd import (
     REFUSED, _Accelerated, _image_size, engine_loader, load_scheduler, load_tokenizer, text_encoder_shim,
     unet_shim, vae_shim)
@@ -64,9 +64,6 @@ class _AcceleratedXL(_Accelerated):
         parts = load_xl_components(root, manifest, **options)
         facts = manifest.get("pipeline", {})
         out = {**parts, "force_zeros_for_empty_prompt": facts.get("force_zeros_for_empty_prompt", True)}
-        if facts.get("requires_aesthetics_score") and "requires_aesthetics_score" not in cls._DEFAULTS:
-            raise ArtifactError(f"{root} holds an SDXL refiner (requires_aesthetics_score); load it with "
-                                "AcceleratedStableDiffusionXLImg2ImgPipeline")
         if "requires_aesthetics_score" in cls._DEFAULTS:
             out["requires_aesthetics_score"] = bool(facts.get("requires_aesthetics_score", False))
         return out
@@ -116,4 +113,20 @@ class AcceleratedStableDiffusionXLImg2ImgPipeline(_AcceleratedXL, StableDiffusio
         height, width, encode = _image_size(arguments.get("image"), self.vae_scale_factor,
                                             self.vae.config.get("latent_channels", 4))
         self._refuse_unservable(arguments, height, width, encode)
+        return super().__call__(*args, **kwargs)
+
+
+class AcceleratedStableDiffusionXLInpaintPipeline(_AcceleratedXL, StableDiffusionXLInpaintPipeline):
+    """``StableDiffusionXLInpaintPipeline`` running on diffaccel engines (an inpainting U-Net: 9 input channels);
+    called exactly like diffusers'."""
+
+    _DEFAULTS = {**_AcceleratedXL._DEFAULTS, "requires_aesthetics_score": False}
+    _ACCEPTED = XL_COMPONENTS + ("requires_aesthetics_score",)
+    _CALL = inspect.signature(StableDiffusionXLInpaintPipeline.__call__)
+
+    @functools.wraps(StableDiffusionXLInpaintPipeline.__call__)
+    def __call__(self, *args, **kwargs):
+        arguments = self._CALL.bind(self, *args, **kwargs).arguments
+        size = self.unet.config.sample_size * self.vae_scale_factor       # diffusers' default, not the image's
+        self._refuse_unservable(arguments, arguments.get("height") or size, arguments.get("width") or size, True)
         return super().__call__(*args, **kwargs)

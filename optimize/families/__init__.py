@@ -10,7 +10,7 @@ none fits the error names the nearest family and what differs.
 >>> detect({"unet": {"time_cond_proj_dim": 256}, "vae": {}}, "lcm")
 Traceback (most recent call last):
 ...
-diffaccel.optimize.artifact.errors.SourceError: unsupported architecture in lcm: nearest family is Stable Diffusion 1.x/2.x (sd), which differs in: time_cond_proj_dim=256 (LCM-distilled guidance embedding); supported families: sd, sdxl, sdxl-refiner
+diffaccel.optimize.artifact.errors.SourceError: unsupported architecture in lcm: nearest family is Stable Diffusion 1.x/2.x (sd), which differs in: time_cond_proj_dim=256 (LCM-distilled guidance embedding); supported families: sd, sdxl, sdxl-refiner, sd-inpaint, sdxl-inpaint
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ FAMILIES = {  # name -> module, imported on first use
     "sd": "diffaccel.optimize.families.sd",
     "sdxl": "diffaccel.optimize.families.sdxl",
     "sdxl-refiner": "diffaccel.optimize.families.sdxl_refiner",
+    "sd-inpaint": "diffaccel.optimize.families.sd_inpaint",
+    "sdxl-inpaint": "diffaccel.optimize.families.sdxl_inpaint",
 }
 # every component some family builds, in build order (what OptimizeConfig's components are checked against; a
 # build keeps those its family has, see :func:`components_of`)

@@ -4,7 +4,7 @@ named inputs and outputs (used by export, validation and the torch backend), and
 >>> COMPONENTS
 ('text_encoder', 'unet', 'vae_decoder', 'vae_encoder')
 >>> mismatches({"unet": {"in_channels": 9}, "vae": {"latent_channels": 4}})
-['in_channels=9 (inpainting/depth variants)']
+['in_channels=9 (an inpainting U-Net: latents, mask and masked-image latents)']
 """
 from __future__ import annotations
 
@@ -35,11 +35,27 @@ LOAD_KWARGS = {"safety_checker": None, "requires_safety_checker": False}   # dif
 # ----------------------------------------------------------------------------------------------------------
 def mismatches(configs: dict) -> list:
     """What in ``configs`` (see :func:`diffaccel.optimize.families.detect`) this family cannot export; [] = fits."""
+    return problems(configs, inpaint=False)
+
+
+def in_channels_problem(unet: dict, vae: dict, inpaint: bool) -> list:
+    """The U-Net's input channels against the VAE's latents: equal, or ``2 * latents + 1`` for inpainting U-Nets
+    (noisy latents, the mask, the masked image's latents)."""
+    n, c = unet.get("in_channels", 4), vae.get("latent_channels", 4)
+    if n == (2 * c + 1 if inpaint else c):
+        return []
+    if n == 2 * c + 1:
+        return [f"in_channels={n} (an inpainting U-Net: latents, mask and masked-image latents)"]
+    return [f"in_channels={n} (the VAE has {c} latent channels{'; inpainting needs ' + str(2 * c + 1) if inpaint else ''})"]
+
+
+def problems(configs: dict, inpaint: bool, pipelines: tuple = PIPELINES) -> list:
+    """What in ``configs`` differs from SD 1.x/2.x (``inpaint``: its inpainting U-Nets)."""
     problems = []
     unet, vae = configs.get("unet"), configs.get("vae") or {}
     pipeline = configs.get("pipeline")
-    if pipeline and pipeline not in PIPELINES:
-        problems.append(f"pipeline is {pipeline}, not one of {', '.join(PIPELINES)}")
+    if pipeline and pipeline not in pipelines:
+        problems.append(f"pipeline is {pipeline}, not one of {', '.join(pipelines)}")
     unet_class = (unet or {}).get("_class_name", "UNet2DConditionModel")
     if unet is None or unet_class != "UNet2DConditionModel":
         problems.append(f"denoiser is {unet_class}, not UNet2DConditionModel")
@@ -49,8 +65,7 @@ def mismatches(configs: dict) -> list:
                             "embedding)")
         if unet.get("time_cond_proj_dim"):
             problems.append(f"time_cond_proj_dim={unet['time_cond_proj_dim']} (LCM-distilled guidance embedding)")
-        if unet.get("in_channels", 4) != vae.get("latent_channels", 4):
-            problems.append(f"in_channels={unet.get('in_channels', 4)} (inpainting/depth variants)")
+        problems += in_channels_problem(unet, vae, inpaint)
     if configs.get("text_encoder_2"):
         problems.append("has a text_encoder_2 (a second text encoder, as SDXL)")
     vae_class = vae.get("_class_name", "AutoencoderKL")
@@ -277,9 +292,10 @@ def assets(pipe) -> dict:
 # calibration capture: the U-Net's inputs at every denoising step of real sampling
 # ----------------------------------------------------------------------------------------------------------
 def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: float, seed: int, height: int,
-                        width: int) -> list:
+                        width: int, call_kwargs: "dict | None" = None) -> list:
     """Run ``pipe`` once per prompt and return the U-Net's inputs at every step, as dicts of CPU tensors named
-    ``sample``, ``timestep`` (one per batch row) and ``encoder_hidden_states``."""
+    ``sample``, ``timestep`` (one per batch row) and ``encoder_hidden_states`` (``call_kwargs``: more arguments of
+    the pipeline call, e.g. an inpainting image and mask)."""
     import torch
 
     captured = []
@@ -300,11 +316,22 @@ def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: floa
             log.info("calibration prompt %d/%d: %s", i + 1, len(prompts), prompt)
             with torch.no_grad():
                 pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-                     generator=torch.Generator().manual_seed(seed + i), output_type="latent")
+                     generator=torch.Generator().manual_seed(seed + i), output_type="latent", **(call_kwargs or {}))
     finally:
         handle.remove()
         pipe.set_progress_bar_config(disable=was_disabled)
     return captured
+
+
+def inpainting_inputs(height: int, width: int, seed: int) -> dict:
+    """What calibration inpaints: a seeded random image and a mask over its middle half (1 = repaint), at
+    strength 1 (every step runs; SDXL's inpainting default is just below)."""
+    import torch
+
+    mask = torch.zeros(1, 1, height, width)
+    mask[..., height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 1
+    return {"image": torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(seed)),
+            "mask_image": mask, "strength": 1.0}
 
 
 sd_specs = specs   # the name the tests and tools know

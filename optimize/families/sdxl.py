@@ -69,9 +69,11 @@ def mismatches(configs: dict) -> list:
     return problems(configs, refiner=False)
 
 
-def problems(configs: dict, refiner: bool) -> list:
-    """What in ``configs`` differs from base SDXL (``refiner=False``) or from the SDXL refiner."""
-    problems, pipelines = [], ("StableDiffusionXLImg2ImgPipeline",) if refiner else PIPELINES
+def problems(configs: dict, refiner: bool, inpaint: bool = False, pipelines: tuple = PIPELINES) -> list:
+    """What in ``configs`` differs from base SDXL (``refiner=False``), the SDXL refiner, or (``inpaint``) their
+    inpainting U-Nets."""
+    problems = []
+    pipelines = ("StableDiffusionXLImg2ImgPipeline",) if refiner and pipelines == PIPELINES else pipelines
     unet, vae = configs.get("unet") or {}, configs.get("vae") or {}
     te, te2 = configs.get("text_encoder"), configs.get("text_encoder_2")
     pipeline = configs.get("pipeline")
@@ -88,8 +90,7 @@ def problems(configs: dict, refiner: bool) -> list:
         problems.append("no text_encoder_2 (SDXL's second text encoder, a CLIPTextModelWithProjection)")
     elif kind == "text_time":
         problems += _conditioning_problems(unet, te, te2, configs, refiner)
-    if unet.get("in_channels", 4) != vae.get("latent_channels", 4):
-        problems.append(f"in_channels={unet.get('in_channels', 4)} (inpainting/depth variants)")
+    problems += sd.in_channels_problem(unet, vae, inpaint)
     vae_class = vae.get("_class_name", "AutoencoderKL")
     if vae_class != "AutoencoderKL":
         problems.append(f"vae is {vae_class}, not AutoencoderKL")
@@ -294,7 +295,7 @@ def assets(pipe) -> dict:
 # calibration capture
 # ----------------------------------------------------------------------------------------------------------
 def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: float, seed: int, height: int,
-                        width: int) -> list:
+                        width: int, call_kwargs: "dict | None" = None) -> list:
     """Run ``pipe`` once per prompt and return the U-Net's inputs at every step, as dicts of CPU tensors named as
     the U-Net spec's inputs (``sample``, ``timestep`` one per batch row, ``encoder_hidden_states``, ``text_embeds``,
     ``time_ids``, and ``timestep_cond`` for LCM U-Nets). An image-to-image pipeline (the refiner) refines a seeded
@@ -303,9 +304,9 @@ def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: floa
 
     import torch
 
-    extra = {}
-    if "image" in inspect.signature(type(pipe).__call__).parameters:
-        strength = 0.3
+    extra, size = dict(call_kwargs or {}), {"height": height, "width": width}
+    if not extra and "image" in inspect.signature(type(pipe).__call__).parameters:   # img2img, the refiner
+        strength, size = 0.3, {}
         extra = {"strength": strength, "image": torch.rand(1, 3, height, width,
                                                           generator=torch.Generator().manual_seed(seed))}
         steps = math.ceil(steps / strength)
@@ -329,7 +330,6 @@ def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: floa
         for i, prompt in enumerate(prompts):
             log.info("calibration prompt %d/%d: %s", i + 1, len(prompts), prompt)
             with torch.no_grad():
-                size = {} if extra else {"height": height, "width": width}
                 pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, **size, **extra,
                      generator=torch.Generator().manual_seed(seed + i), output_type="latent")
     finally:
