@@ -460,3 +460,27 @@ def test_inpainting_matches_diffusers(xl, tmp_path):
         a = ref(**kw, generator=torch.Generator().manual_seed(0)).images
         b = acc(**kw, generator=torch.Generator().manual_seed(0)).images
         assert psnr(a, b) >= 40, (xl, batch, psnr(a, b))
+
+
+def test_tensorrt_profiles_and_cache_key_cover_the_extra_inputs():
+    """TensorRT's optimization profile comes from the spec: the extra U-Net inputs get min/opt/max shapes, and the
+    CFG-doubled batch range (vs an LCM U-Net's) changes the profile, hence the engine cache key."""
+    from diffaccel.engines.backends.tensorrt_env import TrtEnvironment, engine_cache_key
+    from diffaccel.optimize.config import ShapeRange
+    from diffaccel.optimize.stages.tensorrt_build import trt_profile
+
+    geo = dict(vocab_size=49408, vocab_size_2=49408, max_length=77, text_hidden=768, text_hidden_2=1280,
+               pooled_dim=1280, time_ids=6, latent_channels=4, unet_in_channels=4, cross_attention_dim=2048,
+               vae_scale_factor=8, latent_multiple=4, default_size=1024, num_train_timesteps=1000)
+    fam = family("sdxl")
+    shapes = ShapeRange.parse(batch="1-2", height="768-1024", width="1024")
+    cfg = fam.specs(fam.ModelGeometry(**geo), shapes)["unet"]
+    prof = trt_profile(cfg)
+    assert prof["time_ids"] == ((1, 6), (2, 6), (4, 6)) and prof["text_embeds"] == ((1, 1280), (2, 1280), (4, 1280))
+    assert prof["encoder_hidden_states"][2] == (4, 77, 2048) and prof["sample"][0] == (1, 4, 96, 128)
+    assert trt_profile(cfg, static=True)["time_ids"] == ((2, 6),) * 3
+    lcm = fam.specs(fam.ModelGeometry(**geo, guidance_doubles_batch=False, timestep_cond_dim=256), shapes)["unet"]
+    assert trt_profile(lcm)["timestep_cond"] == ((1, 256), (1, 256), (2, 256))
+    env = TrtEnvironment(tensorrt="10.13.0.35", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+    assert engine_cache_key("ab" * 32, "unet", "fp16", None, cfg.profile(), env) != \
+        engine_cache_key("ab" * 32, "unet", "fp16", None, lcm.profile(), env)
