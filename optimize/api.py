@@ -24,7 +24,7 @@ from diffaccel.optimize.artifact.files import recover_dir, replace_dir, sweep_sc
 from diffaccel.optimize.artifact.manifest import Manifest
 from diffaccel.optimize.families import COMPONENTS, components_of, detect
 from diffaccel.optimize.sources import Source, resolve_source
-from diffaccel.optimize.stages.resources import StagePeak, check_memory
+from diffaccel.optimize.stages.resources import StagePeak, release_memory, check_memory
 from diffaccel.optimize.stages.plans import plans, stages_for, supported_pairs
 from diffaccel.optimize.stages.base import Context, Reporter, record_files
 
@@ -171,6 +171,7 @@ def _run_stages(ctx: Context) -> None:
         ctx.stage_peak_floor = 0
         with StagePeak() as peak:
             result = stage.run(ctx)
+            release_memory()       # what the stage let go of, before the next one starts
         peak.peak_bytes = max(peak.peak_bytes, ctx.stage_peak_floor)   # items reset the peak as they start
         seconds = time.perf_counter() - t0
         ctx.manifest.record_stage(stage.name, stage.settings(ctx), key, seconds, record_files(ctx.root, result.files))

@@ -82,12 +82,13 @@ def collect(src, samples: list, op_types, *, method: str, external: bool, percen
     so they skip the tensors only ``skip_nodes`` (nodes left in float) touch, such as attention scores (1 GB each at
     512x512 on SD 1.5).
     """
-    import gc
     import tempfile
     from pathlib import Path
 
     import onnxruntime as ort
     from onnxruntime.quantization import calibrate as cal
+
+    from diffaccel.optimize.stages.resources import release_memory
 
     skip = set(skip_nodes)
     with tempfile.TemporaryDirectory(prefix="diffaccel-calib-", dir=scratch) as tmp:
@@ -105,7 +106,7 @@ def collect(src, samples: list, op_types, *, method: str, external: bool, percen
             raise ValueError(f"unknown calibration method {method!r}")
         calibrator.augment_graph()
         calibrator.model = None          # its weights were written out with the augmented graph
-        gc.collect()
+        release_memory()
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # as ORT's calibrators do
         so.enable_cpu_mem_arena = False
@@ -121,7 +122,7 @@ def collect(src, samples: list, op_types, *, method: str, external: bool, percen
         finally:
             calibrator.infer_session = None
             del calibrator
-            gc.collect()
+            release_memory()
 
 
 def _skipping(cls, skip: set):

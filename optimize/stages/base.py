@@ -106,10 +106,10 @@ class Context:
 
     def release_pipe(self) -> None:
         """Free the PyTorch pipeline (GBs for real checkpoints) before a memory-hungry step; reloaded on demand."""
-        import gc
+        from diffaccel.optimize.stages.resources import release_memory
 
         self._pipe = None
-        gc.collect()
+        release_memory()
 
     @property
     def geometry(self):

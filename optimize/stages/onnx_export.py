@@ -4,6 +4,7 @@ from __future__ import annotations
 from diffaccel.optimize.artifact.files import fresh_dir
 from diffaccel.optimize.export.onnx_export import export_onnx, onnx_files
 from diffaccel.optimize.stages.base import ComponentOutcome, Stage, StageResult, named_outputs
+from diffaccel.optimize.stages.resources import release_memory
 
 REFERENCE_FILE = "reference.pt"     # PyTorch's outputs on the parity inputs (see RecordedReference)
 
@@ -20,8 +21,6 @@ class ExportStage(Stage):
                 "specs": {k: v.to_dict() for k, v in ctx.specs.items()}}
 
     def run(self, ctx):
-        import gc
-
         from diffaccel.engines.backends.onnxruntime import OrtEngine
         from diffaccel.optimize.export.onnx_export import param_bytes
         result = StageResult()
@@ -40,12 +39,13 @@ class ExportStage(Stage):
                 reference = _record(spec, module)
                 reference.save(d / REFERENCE_FILE)
                 del module
-                gc.collect()            # the last component's torch weights go before its ONNX Runtime session
+                release_memory()        # the last component's torch weights go before its ONNX Runtime session
                 engine = OrtEngine(d / "model.onnx", provider="cpu", level="basic", threads=ctx.config.threads,
                                    arena=False)
                 report = ctx.check_against_torch(comp, engine, reference=reference, final=False,
                                                  advice=ADVICE_EXPORT)
                 del engine
+                release_memory()
             files = [ctx.root / comp / "export" / p.name for p in written] + [ctx.root / comp / "export" /
                                                                                REFERENCE_FILE]
             result.add(comp, ComponentOutcome(model=f"{comp}/export/model.onnx", validation=report,
