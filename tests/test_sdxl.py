@@ -279,18 +279,22 @@ def test_artifacts_name_their_drop_in_class(xl_ort):
 
 
 # ---- LCM-distilled U-Nets -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def lcm(tmp_path_factory):
-    """diffusers' tiny SDXL test configuration with time_cond_proj_dim=256 (its LCM test), as a folder, and its
-    fp32 ONNX Runtime artifact."""
+@pytest.fixture(scope="module", params=["sdxl", "sd"])
+def lcm(request, tmp_path_factory):
+    """diffusers' tiny SDXL test configuration (and random:tiny) with time_cond_proj_dim=256 (diffusers' LCM
+    tests), as a folder, and its fp32 ONNX Runtime artifact."""
     from diffusers import LCMScheduler
 
     from diffaccel.optimize import OptimizeConfig, optimize
-    from diffaccel.optimize.sources.builtins import RECIPES, _assemble_xl
+    from diffaccel.optimize.sources.builtins import RECIPES, _assemble, _assemble_xl
 
-    r = RECIPES[SDXL]
-    pipe = _assemble_xl({**r["unet"], "time_cond_proj_dim": 256}, r["vae"], r["text"], r["text_2"], r["scheduler"],
-                        seed=7)
+    if request.param == "sdxl":
+        r = RECIPES[SDXL]
+        pipe = _assemble_xl({**r["unet"], "time_cond_proj_dim": 256}, r["vae"], r["text"], r["text_2"],
+                            r["scheduler"], seed=7)
+    else:
+        r = RECIPES["random:tiny"]
+        pipe = _assemble({**r["unet"], "time_cond_proj_dim": 256}, r["vae"], r["text"], r["scheduler"], seed=7)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     root = tmp_path_factory.mktemp("lcm")
     pipe.save_pretrained(str(root / "src"), safe_serialization=True)
@@ -301,8 +305,8 @@ def lcm(tmp_path_factory):
 
 @pytest.mark.slow
 def test_lcm_unet_exports_timestep_cond_and_matches_diffusers(lcm):
-    from diffaccel.engines import AcceleratedStableDiffusionXLPipeline
     from diffaccel.engines.base import load_engine
+    from diffaccel.engines.pipelines import pipeline_class
     from diffaccel.optimize.artifact.specs import ComponentSpec
 
     ref, out = lcm
@@ -315,7 +319,7 @@ def test_lcm_unet_exports_timestep_cond_and_matches_diffusers(lcm):
     x = spec.random_inputs(torch.Generator().manual_seed(0), **spec.opt_values())
     base = engine(**x)["out_sample"]
     assert (engine(**{**x, "timestep_cond": x["timestep_cond"] * 3})["out_sample"] - base).abs().max() > 1e-3
-    acc = AcceleratedStableDiffusionXLPipeline.from_pretrained(out, spin=False)
+    acc = pipeline_class(out).from_pretrained(out, spin=False)
     acc.set_progress_bar_config(disable=True)
     assert type(acc.scheduler).__name__ == "LCMScheduler"              # the checkpoint's own scheduler
     images = {}

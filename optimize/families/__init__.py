@@ -7,10 +7,10 @@ none fits the error names the nearest family and what differs.
 
 >>> detect({"unet": {"cross_attention_dim": 768}, "vae": {}}, "x").NAME
 'sd'
->>> detect({"unet": {"time_cond_proj_dim": 256}, "vae": {}}, "lcm")
+>>> detect({"unet": {"in_channels": 5}, "vae": {}}, "odd")
 Traceback (most recent call last):
 ...
-diffaccel.optimize.artifact.errors.SourceError: unsupported architecture in lcm: nearest family is Stable Diffusion 1.x/2.x (sd), which differs in: time_cond_proj_dim=256 (LCM-distilled guidance embedding); supported families: sd, sdxl, sdxl-refiner, sd-inpaint, sdxl-inpaint
+diffaccel.optimize.artifact.errors.SourceError: unsupported architecture in odd: nearest family is Stable Diffusion 1.x/2.x (sd), which differs in: in_channels=5 (the VAE has 4 latent channels); supported families: sd, sdxl, sdxl-refiner, sd-inpaint, sdxl-inpaint
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The Stable Diffusion 1.x/2.x family: detection, component specs, torch export wrappers with exactly the specs'
 named inputs and outputs (used by export, validation and the torch backend), and the calibration capture.
+LCM-distilled U-Nets (``time_cond_proj_dim``) get a ``timestep_cond`` input and an undoubled batch.
 
 >>> COMPONENTS
 ('text_encoder', 'unet', 'vae_decoder', 'vae_encoder')
@@ -63,8 +64,6 @@ def problems(configs: dict, inpaint: bool, pipelines: tuple = PIPELINES) -> list
         if unet.get("addition_embed_type"):
             problems.append(f"addition_embed_type={unet['addition_embed_type']} (SD 1.x/2.x U-Nets have no added "
                             "embedding)")
-        if unet.get("time_cond_proj_dim"):
-            problems.append(f"time_cond_proj_dim={unet['time_cond_proj_dim']} (LCM-distilled guidance embedding)")
         problems += in_channels_problem(unet, vae, inpaint)
     if configs.get("text_encoder_2"):
         problems.append("has a text_encoder_2 (a second text encoder, as SDXL)")
@@ -89,6 +88,8 @@ class ModelGeometry:
     latent_multiple: int      # the U-Net needs latent sizes divisible by this (2 ** number of downsamplers)
     default_size: int         # the model's native image size in pixels
     num_train_timesteps: int
+    guidance_doubles_batch: bool = True   # classifier-free guidance runs both halves in one U-Net batch
+    timestep_cond_dim: int = 0            # LCM-distilled U-Nets: width of the guidance embedding (0: none)
 
     @property
     def pixel_multiple(self) -> int:
@@ -110,6 +111,8 @@ class ModelGeometry:
             latent_multiple=latent_multiple,
             default_size=int(sample) * vae_scale,
             num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
+            guidance_doubles_batch=unet.get("time_cond_proj_dim") is None,
+            timestep_cond_dim=int(unet.get("time_cond_proj_dim") or 0),
         )
 
 
@@ -179,8 +182,11 @@ def specs(geo: ModelGeometry, shapes) -> dict:
     lat_h = _pixel_axis(shapes.height, geo, "height")
     lat_w = _pixel_axis(shapes.width, geo, "width")
     images = AxisRange(bmin, bopt, bmax)
-    # classifier-free guidance doubles the U-Net batch; batch 1 without guidance is also served
-    unet_batch = AxisRange(1, 2 * bopt, 2 * bmax)
+    # classifier-free guidance doubles the U-Net batch; batch 1 without guidance is also served. LCM-distilled
+    # U-Nets (a timestep_cond input: the guidance embedding) never run classifier-free guidance in diffusers.
+    k = 2 if geo.guidance_doubles_batch else 1
+    unet_batch = AxisRange(1, k * bopt, k * bmax)
+    lcm = (TensorSpec("timestep_cond", ("batch", geo.timestep_cond_dim)),) if geo.timestep_cond_dim else ()
     lat = {"height": lat_h, "width": lat_w}
     L, D, C = geo.max_length, geo.text_hidden, geo.latent_channels
     return {
@@ -193,7 +199,7 @@ def specs(geo: ModelGeometry, shapes) -> dict:
             "unet",
             inputs=(TensorSpec("sample", ("batch", geo.unet_in_channels, "height", "width")),
                     TensorSpec("timestep", ("batch",), "float32", "timestep", geo.num_train_timesteps),
-                    TensorSpec("encoder_hidden_states", ("batch", L, geo.cross_attention_dim))),
+                    TensorSpec("encoder_hidden_states", ("batch", L, geo.cross_attention_dim)), *lcm),
             outputs=(TensorSpec("out_sample", ("batch", C, "height", "width")),),
             axes={"batch": unet_batch, **lat}, atol=2e-3, rtol=2e-3),
         "vae_decoder": ComponentSpec(
@@ -235,8 +241,9 @@ def export_module(component: str, pipe_or_models: Any):
             super().__init__()
             self.model = get("unet")
 
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
+            return self.model(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                              return_dict=False)[0]
 
     class VaeDecoder(torch.nn.Module):
         def __init__(self):
@@ -305,8 +312,11 @@ def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: floa
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         ehs = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
         t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(sample.shape[0]).clone()
-        captured.append({"sample": sample.detach().float().cpu().clone(), "timestep": t,
-                         "encoder_hidden_states": ehs.detach().float().cpu().clone()})
+        record = {"sample": sample.detach().float().cpu().clone(), "timestep": t,
+                  "encoder_hidden_states": ehs.detach().float().cpu().clone()}
+        if kwargs.get("timestep_cond") is not None:           # LCM U-Nets: the guidance embedding
+            record["timestep_cond"] = kwargs["timestep_cond"].detach().float().cpu().clone()
+        captured.append(record)
 
     handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
     was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
