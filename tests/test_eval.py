@@ -203,7 +203,8 @@ def test_microbench_times_variants_side_by_side(tmp_path, monkeypatch):
 
     cfg = UNetBenchConfig(src="random:tiny", variants=("torch/fp32", "onnxruntime/fp32",
                                                        "onnxruntime/fp32@torchscript"),
-                          height=64, width=64, warmup=1, repeat=2, work=str(tmp_path), threads=1)
+                          height=64, width=64, warmup=1, repeat=2, work=str(tmp_path), threads=1,
+                          isolation="interleaved")
     result = run_unet_bench(cfg)
     rows = {r["variant"]: r for r in result["rows"]}
     assert list(rows) == list(cfg.variants) and rows["torch/fp32"]["speedup_vs_first"] == 1.0

@@ -9,22 +9,30 @@ import json
 def add_microbench(sub) -> None:
     p = sub.add_parser("microbench", help="U-Net step latency of several variants, side by side",
                        description="Time one U-Net denoising step for each variant (backend/precision) on identical "
-                                   "inputs in one run, and print the ratio of each to the first.")
+                                   "inputs in one run, and print the ratio of each to the first. By default each "
+                                   "variant runs in its own process, two passes in alternating order; the table "
+                                   "shows each pass and the median of the medians, and the CPU (ISA, AMX).")
     p.add_argument("src", nargs="?", default="random:sd15", help="checkpoint or built-in (default random:sd15)")
     p.add_argument("--variants", default="torch/fp32,onnxruntime/fp32",
-                   help="comma-separated backend/precision list; the first is the reference")
+                   help="comma-separated backend/precision list; the first is the reference; optimum-intel/fp32, "
+                        "/bf16 and /int8 are the optimum-intel peer (diffaccel[openvino-peer], see README)")
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--batch", type=int, default=2, help="U-Net input batch (2 = one image with guidance)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--isolation", choices=("process", "interleaved"), default="process",
+                   help="process (default): each variant in its own process, --passes passes in alternating order, "
+                        "median of the per-pass medians; interleaved: all in this process, one call each per round")
+    p.add_argument("--passes", type=int, default=2, help="passes over the variants with --isolation process")
     p.add_argument("--work", default="runs/microbench", help="where engines are built and cached")
     p.add_argument("--json", default=None, help="also write the full record (samples, host, config) here")
     p.set_defaults(func=_cmd_microbench)
 
 
 def _cmd_microbench(args) -> int:
+    from diffaccel.optimize.artifact.errors import DiffaccelError
     from diffaccel.optimize.cli.args import comma_list
     from diffaccel.optimize.cli.progress import ConsoleReporter
 
@@ -33,12 +41,17 @@ def _cmd_microbench(args) -> int:
 
     variants = comma_list(args.variants, "--variants", what="backend/precision pairs",
                           example="torch/fp32,onnxruntime/fp32")
-    cfg = UNetBenchConfig(src=args.src, variants=variants,
-                          height=args.height, width=args.width, batch=args.batch, warmup=args.warmup,
-                          repeat=args.repeat, work=args.work, threads=args.threads)
+    try:
+        cfg = UNetBenchConfig(src=args.src, variants=variants,
+                              height=args.height, width=args.width, batch=args.batch, warmup=args.warmup,
+                              repeat=args.repeat, work=args.work, threads=args.threads, isolation=args.isolation,
+                              passes=args.passes)
+    except ValueError as e:
+        raise DiffaccelError(str(e)) from None
     result = run_unet_bench(cfg, reporter=ConsoleReporter())
     print(format_table(result))
-    print(f"host: {describe(result['host'])}")
+    if args.isolation == "interleaved":
+        print(f"host: {describe(result['host'])}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -18,7 +18,8 @@ def cpu_info() -> dict:
     except OSError:
         pass
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
-    return {"model": model, "logical_cores": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
+    return {"model": model, "logical_cores": os.cpu_count(), "flags": [f for f in wanted if f in flags],
+            "amx": "amx_tile" in flags}
 
 
 def gpu_info() -> "dict | None":
@@ -47,6 +48,18 @@ def host_info() -> dict:
     except ImportError:
         pass
     return info
+
+
+def describe_cpu(info: dict) -> str:
+    """The CPU line a speed measurement is printed with: model, cores, ISA flags and whether it has AMX.
+
+    >>> describe_cpu({"cpu": {"model": "AMD EPYC", "logical_cores": 2, "flags": ["avx512f", "avx512_bf16"]}})
+    'AMD EPYC, 2 logical cores; ISA: avx512f, avx512_bf16; AMX: no'
+    """
+    cpu = info["cpu"]
+    amx = cpu.get("amx", "amx_tile" in cpu["flags"])
+    return (f"{cpu['model']}, {cpu['logical_cores']} logical cores; ISA: {', '.join(cpu['flags']) or 'no AVX2'}; "
+            f"AMX: {'yes' if amx else 'no'}")
 
 
 def describe(info: dict) -> str:

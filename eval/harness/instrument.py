@@ -3,7 +3,8 @@
 :func:`instrument` times the text encoder, each U-Net call (one per denoising step) and the VAE decode of any
 Stable Diffusion pipeline with the same :class:`~diffaccel.eval.harness.timing.Clock`: PyTorch modules through forward
 pre/post hooks (which run outside ``torch.compile``'s graph), engine-backed shims by wrapping their ``engine``
-callables, the VAE by wrapping ``decode``/``encode``. Everything is restored on exit, also after an exception.
+callables, other runtimes' model parts (optimum-intel's) by wrapping their ``forward``, the VAE by wrapping
+``decode``/``encode``. Everything is restored on exit, also after an exception.
 :class:`MemoryMonitor` samples the process RSS in a thread (and, on GPU, reads the allocator peak and NVML).
 
 >>> from diffaccel.eval.harness.timing import Clock
@@ -118,6 +119,8 @@ def _targets(pipe) -> list:
             out.append((component, obj, "engine"))
         elif _is_module(obj):
             out.append((component, obj, None))
+        elif callable(getattr(obj, "forward", None)):     # another runtime's model part (optimum-intel's OpenVINO)
+            out.append((component, obj, "forward"))
     vae = getattr(pipe, "vae", None)
     if vae is not None:
         shim = hasattr(vae, "engine") and not _is_module(vae)

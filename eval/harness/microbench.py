@@ -1,37 +1,52 @@
 """U-Net step latency of several variants, measured side by side in one run, with ratios to the first.
 
-Each variant is ``backend/precision``: ``torch/fp32`` runs the source's U-Net eagerly; any other pair that
-``diffaccel optimize`` supports is built (U-Net only, cached under ``work``; re-runs skip finished stages) and loaded
-as an engine. ``backend/precision@exporter`` picks the ONNX exporter (dynamo, the default, or torchscript), so both
-exporters can be timed side by side; engine rows also give the node count of their graph. Every variant gets the
-same inputs and the same timing wrapper.
+Each variant is ``backend/precision``: ``torch/fp32`` runs the source's U-Net eagerly; ``optimum-intel/PRECISION``
+is the peer, optimum-intel's own OpenVINO pipeline (see :mod:`diffaccel.eval.harness.peers_optimum`; skipped with
+the reason where its extra is absent); any other pair that ``diffaccel optimize`` supports is built (U-Net only,
+cached under ``work``; re-runs skip finished stages) and loaded as an engine. ``backend/precision@exporter`` picks
+the ONNX exporter (dynamo, the default, or torchscript); engine rows also give the node count of their graph. Every
+variant gets the same inputs and the same timing wrapper.
+
+Isolation (``UNetBenchConfig.isolation``): ``process`` (the default) times each variant in its own process, so no
+other runtime's thread pool or memory sits beside it, over ``passes`` passes in alternating order, and reports each
+pass's median and the median of the medians (see :mod:`diffaccel.eval.harness.isolated`); ``interleaved`` keeps
+every variant in this process and times one call of each per round.
 
 >>> parse_variant("onnxruntime/int8")
 ('onnxruntime', 'int8', None)
 >>> parse_variant("onnxruntime/fp32@torchscript")
 ('onnxruntime', 'fp32', 'torchscript')
+>>> parse_variant("optimum-intel/int8")
+('optimum-intel', 'int8', None)
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 import logging
+import sys
 import time
 from pathlib import Path
 
-from diffaccel.optimize.artifact.errors import DiffaccelError
+from diffaccel.optimize.artifact.errors import BackendUnavailableError, DiffaccelError, one_line
 
 
 log = logging.getLogger(__name__)
 EAGER = {"torch/fp32": "float32", "torch/bf16": "bfloat16"}   # run from the source pipeline, no artifact needed
+PEER_BACKENDS = ("optimum-intel",)                             # another project's pipeline, not a diffaccel build
+ISOLATION = ("process", "interleaved")
 
 
 def parse_variant(text: str) -> tuple:
     """(backend, precision, exporter or None) from ``backend/precision[@exporter]``."""
     pair, at, exporter = text.strip().partition("@")
     backend, _slash, precision = pair.partition("/")
-    if not backend or not precision or (at and not exporter) or (exporter and pair in EAGER):
+    if not backend or not precision or (at and not exporter) or (exporter and (pair in EAGER
+                                                                               or backend in PEER_BACKENDS)):
         raise DiffaccelError(f"bad variant {text!r}: write backend/precision[@exporter], e.g. onnxruntime/fp32, "
-                             "onnxruntime/fp32@torchscript or torch/fp32 (eager PyTorch has no exporter)")
+                             "onnxruntime/fp32@torchscript, torch/fp32 or optimum-intel/int8 (eager PyTorch and "
+                             "the optimum-intel peer have no exporter)")
     return backend, precision, exporter or None
 
 
@@ -43,22 +58,55 @@ class UNetBenchConfig:
     width: int = 256
     batch: int = 2            # the U-Net's input batch (2 = one image with classifier-free guidance)
     warmup: int = 2
-    repeat: int = 10
+    repeat: int = 10          # timed calls per variant (per process and pass, or interleaved rounds)
     work: str = "runs/microbench"
     threads: "int | None" = None
     seed: int = 0
+    isolation: str = "process"
+    passes: int = 2           # process isolation: passes over all variants, the order reversed every other pass
+
+    def __post_init__(self):
+        object.__setattr__(self, "variants", tuple(self.variants))
+        if self.isolation not in ISOLATION:
+            raise ValueError(f"unknown isolation {self.isolation!r}; choose one of: {', '.join(ISOLATION)}")
+        if self.passes < 1 or self.repeat < 1 or self.warmup < 0:
+            raise ValueError(f"bad passes {self.passes} / repeat {self.repeat} / warmup {self.warmup}: need passes "
+                             ">= 1, repeat >= 1 and warmup >= 0")
 
 
-def _inputs(pipe, cfg: UNetBenchConfig):
+def variant_name(parsed: tuple) -> str:
+    backend, precision, exporter = parsed
+    return f"{backend}/{precision}" + (f"@{exporter}" if exporter else "")
+
+
+def _defaults(cls) -> dict:
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _input_shapes(source, pipe=None) -> dict:
+    """What the inputs are made of, from the loaded pipeline or, without loading any weights, the source's configs."""
+    if pipe is not None:
+        return {"channels": pipe.unet.config.in_channels, "scale": 2 ** (len(pipe.vae.config.block_out_channels) - 1),
+                "tokens": pipe.tokenizer.model_max_length, "width": pipe.unet.config.cross_attention_dim}
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    c = source.configs()
+    if c is None:
+        return _input_shapes(source, source.load())
+    unet, vae = {**_defaults(UNet2DConditionModel), **c["unet"]}, {**_defaults(AutoencoderKL), **c["vae"]}
+    return {"channels": unet["in_channels"], "scale": 2 ** (len(vae["block_out_channels"]) - 1),
+            "tokens": c["text_encoder"].get("max_position_embeddings", 77), "width": unet["cross_attention_dim"]}
+
+
+def make_inputs(shapes: dict, cfg: UNetBenchConfig) -> dict:
     import torch
 
     g = torch.Generator().manual_seed(cfg.seed)
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    c = pipe.unet.config
-    return {"sample": torch.randn(cfg.batch, c.in_channels, cfg.height // scale, cfg.width // scale, generator=g),
+    s = shapes["scale"]
+    return {"sample": torch.randn(cfg.batch, shapes["channels"], cfg.height // s, cfg.width // s, generator=g),
             "timestep": torch.full((cfg.batch,), 500.0),
-            "encoder_hidden_states": torch.randn(cfg.batch, pipe.tokenizer.model_max_length, c.cross_attention_dim,
-                                                 generator=g)}
+            "encoder_hidden_states": torch.randn(cfg.batch, shapes["tokens"], shapes["width"], generator=g)}
 
 
 def _eager(pipe, dtype_name: str):
@@ -75,7 +123,7 @@ def _eager(pipe, dtype_name: str):
     return run
 
 
-def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, exporter, reporter):
+def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, exporter, reporter, spin):
     """(runner, facts) for an engine built by diffaccel optimize (U-Net only, cached under ``cfg.work``)."""
     from diffaccel.engines import load_engine
     from diffaccel.optimize import OptimizeConfig, optimize
@@ -86,7 +134,7 @@ def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, exporter
         ocfg = OptimizeConfig(backend=backend, precision=precision, components=("unet",), threads=cfg.threads,
                               shapes=ShapeRange(batch=(1, images), height=(cfg.height, cfg.height),
                                                 width=(cfg.width, cfg.width)),
-                              # builds run in this process beside the variants already loaded: the pre-flight
+                              # builds may run in a process beside the variants already loaded: the pre-flight
                               # estimate is for a build on its own, so it would refuse builds that fit
                               memory_check=False, **({"exporter": exporter} if exporter else {}))
     except ValueError as e:
@@ -95,12 +143,34 @@ def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, exporter
                             + (f"-{exporter}" if exporter else ""))
     manifest = optimize(source, out, ocfg, reporter=reporter)
     entry = manifest.components["unet"]
-    # Interleaved rounds put every variant on the same cores back to back: ORT's intra-op threads must not keep
-    # spinning after their run, or they slow the variant timed next (PyTorch's U-Net step on tinyshapes: 17 ms
-    # alone, 99 ms right after ORT sessions with spinning on).
-    engine = load_engine(backend, out, "unet", entry, threads=cfg.threads, spin=False)
+    engine = load_engine(backend, out, "unet", entry, threads=cfg.threads, spin=spin)
     facts = {"exporter": str(ocfg.exporter), "graph_nodes": _node_count(out / entry["engine"])}
     return (lambda inputs: engine(**inputs)), facts
+
+
+def _peer(cfg: UNetBenchConfig, source, backend: str, precision: str, inputs: dict):
+    """(runner, facts) for a peer's own pipeline, exported once and cached under ``cfg.work``."""
+    from diffaccel.eval.harness import peers_optimum
+
+    out = peers_optimum.cached(Path(cfg.work), source, precision)
+    pipe = peers_optimum.load(out, precision)
+    facts = {"peer": backend, "ov_config": peers_optimum.ov_config(precision), "versions": peers_optimum.versions()}
+    return peers_optimum.unet_runner(pipe, inputs), facts
+
+
+def prepare_variant(cfg: UNetBenchConfig, source, parsed: tuple, reporter=None, spin=None, pipe=None) -> tuple:
+    """(runner, inputs, facts) for one variant; ``pipe``: the loaded source, where the caller has one."""
+    backend, precision, exporter = parsed
+    pair = f"{backend}/{precision}"
+    if pair in EAGER:
+        pipe = pipe if pipe is not None else source.load()
+        return _eager(pipe, EAGER[pair]), make_inputs(_input_shapes(source, pipe), cfg), {}
+    inputs = make_inputs(_input_shapes(source, pipe), cfg)
+    if backend in PEER_BACKENDS:
+        run, facts = _peer(cfg, source, backend, precision, inputs)
+        return run, inputs, facts
+    run, facts = _engine(cfg, source, backend, precision, exporter, reporter, spin)
+    return run, inputs, facts
 
 
 def _node_count(path: Path) -> "int | None":
@@ -112,26 +182,44 @@ def _node_count(path: Path) -> "int | None":
 
 
 def run_unet_bench(cfg: UNetBenchConfig, reporter=None) -> dict:
-    """Build what is missing, then time every variant on identical inputs. Timed calls are interleaved (one call of
-    each variant per round), so drift in machine load hits every variant alike. Returns a JSON-able record."""
+    """Build what is missing, then time every variant on identical inputs (isolated processes by default, see the
+    module's docstring). Returns a JSON-able record."""
+    variants = [parse_variant(v) for v in cfg.variants]     # a typo fails before the model loads
+    if cfg.isolation == "process":
+        from diffaccel.optimize.sources import resolve_source
+
+        from diffaccel.eval.harness.isolated import run_isolated
+
+        return run_isolated(cfg, [variant_name(v) for v in variants], [variant_name(v) for v in variants
+                                                                       if f"{v[0]}/{v[1]}" not in EAGER],
+                            __name__, resolve_source(cfg.src))
+    return _run_interleaved(cfg, variants, reporter)
+
+
+def _run_interleaved(cfg: UNetBenchConfig, variants: list, reporter) -> dict:
+    """Timed calls interleaved (one call of each variant per round) in this process, so drift in machine load hits
+    every variant alike."""
     from diffaccel.optimize.sources import resolve_source
 
     from diffaccel.eval.harness.host import host_info
+    from diffaccel.eval.harness.isolated import speedups
     from diffaccel.eval.harness.timing import Clock, LatencyStats
 
-    variants = [parse_variant(v) for v in cfg.variants]     # a typo fails before the model loads
     source = resolve_source(cfg.src)
     pipe = source.load()
-    inputs = _inputs(pipe, cfg)
-    runners, setup, facts = {}, {}, {}
-    for backend, precision, exporter in variants:
-        pair = f"{backend}/{precision}"
-        name = pair + (f"@{exporter}" if exporter else "")
-        t0 = time.perf_counter()
-        if pair in EAGER:
-            runners[name], facts[name] = _eager(pipe, EAGER[pair]), {}
-        else:
-            runners[name], facts[name] = _engine(cfg, source, backend, precision, exporter, reporter)
+    runners, setup, facts, skipped, inputs = {}, {}, {}, {}, None
+    for parsed in variants:
+        name, t0 = variant_name(parsed), time.perf_counter()
+        try:
+            # ORT's intra-op threads must not spin after their run here: they would slow the variant timed next
+            # (PyTorch's U-Net step on tinyshapes: 17 ms alone, 99 ms right after ORT sessions with spinning on)
+            runners[name], own, facts[name] = prepare_variant(cfg, source, parsed, reporter, spin=False, pipe=pipe)
+        except BackendUnavailableError as e:
+            if parsed[0] not in PEER_BACKENDS:
+                raise
+            skipped[name] = str(e)
+            continue
+        inputs = inputs or own
         setup[name] = round(time.perf_counter() - t0, 2)
     for name, run in runners.items():
         log.info("warming up %s", name)
@@ -145,23 +233,73 @@ def run_unet_bench(cfg: UNetBenchConfig, reporter=None) -> dict:
             samples[name].append(span.seconds)
     rows = [{"variant": n, "setup_seconds": setup[n], "stats": LatencyStats.from_samples(samples[n]).to_dict(),
              "samples": samples[n], **facts[n]} for n in runners]
-    base = rows[0]["stats"]["p50"]
-    for r in rows:
-        r["speedup_vs_first"] = base / r["stats"]["p50"]
+    rows += [{"variant": n, "skipped": why} for n, why in skipped.items()]
+    speedups(rows, "p50")
     return {"benchmark": "unet-step", "config": dataclasses.asdict(cfg), "source": source.to_dict(),
-            "host": host_info(), "timing": "interleaved rounds, perf_counter, ONNX Runtime intra-op spinning off",
-            "rows": rows}
+            "host": host_info(), "timing": "interleaved rounds in one process, perf_counter, ONNX Runtime intra-op "
+                                            "spinning off", "rows": rows}
 
 
 def format_table(result: dict) -> str:
     cfg = result["config"]
+    if cfg.get("isolation") == "process":
+        from diffaccel.eval.harness.isolated import format_isolated
+
+        return format_isolated(result)
+    timed = [r for r in result["rows"] if "stats" in r]
     lines = [f"U-Net step, {result['source']['spec']}, {cfg['height']}x{cfg['width']}, U-Net batch {cfg['batch']}, "
              f"{cfg['repeat']} interleaved timed rounds after {cfg['warmup']} warm-up",
              f"{'variant':<30} {'mean ms':>9} {'p50 ms':>9} {'p90 ms':>9} {'min ms':>9} {'nodes':>6} "
-             f"{'x vs ' + result['rows'][0]['variant']:>18}"]
+             f"{'x vs ' + (timed[0]['variant'] if timed else '-'):>18}"]
     for r in result["rows"]:
+        if "stats" not in r:
+            lines.append(f"{r['variant']:<30} skipped: {r['skipped']}")
+            continue
         s = r["stats"]
         nodes = r.get("graph_nodes") or "-"
         lines.append(f"{r['variant']:<30} {s['mean'] * 1e3:9.1f} {s['p50'] * 1e3:9.1f} {s['p90'] * 1e3:9.1f} "
                      f"{s['min'] * 1e3:9.1f} {nodes:>6} {r['speedup_vs_first']:17.2f}x")
     return "\n".join(lines)
+
+
+def time_one(cfg: UNetBenchConfig, name: str, build_only: bool = False) -> dict:
+    """Build or load one variant in this process, warm it up and time ``cfg.repeat`` calls (an isolated child's
+    work); a peer whose extra is absent answers ``{"skipped": reason}``."""
+    from diffaccel.optimize.cli.progress import ConsoleReporter
+    from diffaccel.optimize.sources import resolve_source
+    from diffaccel.optimize.stages.base import Reporter
+
+    from diffaccel.eval.harness.timing import measure
+
+    parsed = parse_variant(name)
+    source = resolve_source(cfg.src)
+    t0 = time.perf_counter()
+    try:
+        run, inputs, facts = prepare_variant(cfg, source, parsed, ConsoleReporter() if sys.stderr.isatty()
+                                             else Reporter())
+    except BackendUnavailableError as e:
+        if parsed[0] not in PEER_BACKENDS:
+            raise
+        return {"variant": name, "skipped": one_line(e)}
+    setup = round(time.perf_counter() - t0, 2)
+    if build_only:
+        return {"variant": name, "setup_seconds": setup}
+    _stats, samples = measure(lambda: run(inputs), warmup=cfg.warmup, repeat=cfg.repeat)
+    return {"variant": name, "setup_seconds": setup, "samples": samples, "facts": facts}
+
+
+def main(argv: list) -> int:
+    """``python -m diffaccel.eval.harness.microbench CONFIG_JSON VARIANT OUT_JSON [--build-only]``."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config, name, out, *flags = argv
+    try:
+        record = time_one(UNetBenchConfig(**json.loads(config)), name, "--build-only" in flags)
+    except DiffaccelError as e:
+        print(f"error: {name}: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    Path(out).write_text(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

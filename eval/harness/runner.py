@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from diffaccel.optimize.artifact.errors import DiffaccelError, one_line
+from diffaccel.optimize.artifact.errors import BackendUnavailableError, DiffaccelError, one_line
 
 from diffaccel.eval.harness.instrument import MemoryMonitor, instrument
 from diffaccel.eval.harness.timing import Clock, LatencyStats
@@ -184,8 +184,8 @@ def preimport() -> None:
 
 
 def run_variant(variant, rp: RunPlan, reporter) -> Run:
-    """Measure ``variant``. A failing peer or artifact gives a row with status "failed" and the reason; a failing
-    baseline (nothing to compare with) raises."""
+    """Measure ``variant``. A failing peer or artifact gives a row with status "failed" and the reason (a peer whose
+    optional extra is absent: "skipped"); a failing baseline (nothing to compare with) raises."""
     items = ["load", "warm-up"] + [f"{s} steps" for s in sorted(rp.steps, reverse=True)] + \
             [f"batch {b}" for b in rp.batch_sizes]
     reporter.stage_start(variant.name, items)
@@ -203,6 +203,10 @@ def run_variant(variant, rp: RunPlan, reporter) -> Run:
             outputs = _measure(pipe, rp, reporter, variant.name, row)
         row["memory"] = mem.result()
     except Exception as e:  # noqa: BLE001 - a peer that cannot run here is a finding, not a crash
+        if variant.kind == "peer" and isinstance(e, BackendUnavailableError):   # e.g. its optional extra is absent
+            row.update(status="skipped", error=one_line(e)[:300])
+            reporter.stage_end(variant.name, time.perf_counter() - t_all, True, f"skipped: {row['error']}")
+            return Run(row)
         if variant.kind == "baseline" or isinstance(e, DiffaccelError):
             raise
         log.warning("variant %s failed", variant.name, exc_info=True)

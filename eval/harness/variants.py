@@ -3,14 +3,18 @@
 Each :class:`Variant` knows how to load its pipeline (timed as *load*) and how to prepare it (a dtype cast or
 ``torch.compile``, timed as *prepare*). The baseline is the diffusers pipeline at fp32 eager; peers are built from
 a fresh copy of it; artifacts load as :class:`~diffaccel.engines.AcceleratedStableDiffusionPipeline`. Peers are a
-plain registry: ``PEERS[name](pipe, device) -> pipe``.
+plain registry: ``PEERS[name](pipe, device) -> pipe`` (a row with a ``source`` keyword also gets the Source). The
+optimum-intel rows (its own OpenVINO pipeline, ``peers_optimum``) need the ``openvino-peer`` extra; where it is
+absent their rows are skipped with the reason.
 
 >>> sorted(PEERS)
-['torch-bf16', 'torch-compile', 'torch-fp16']
+['optimum-intel-bf16', 'optimum-intel-fp32', 'optimum-intel-int8', 'torch-bf16', 'torch-compile', 'torch-fp16']
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from pathlib import Path
 from typing import Callable
 
@@ -37,10 +41,19 @@ def _compile(pipe, device):
     return pipe
 
 
+def _optimum(precision: str):
+    def prepare(pipe, device, source=None):
+        from diffaccel.eval.harness.peers_optimum import prepare as optimum_prepare
+
+        return optimum_prepare(precision)(pipe, device, source)
+    return prepare
+
+
 PEERS: "dict[str, Callable]" = {
     "torch-bf16": _cast("bfloat16"),
     "torch-fp16": _cast("float16"),
     "torch-compile": _compile,
+    **{f"optimum-intel-{p}": _optimum(p) for p in ("fp32", "bf16", "int8")},
 }
 
 
@@ -94,8 +107,10 @@ def plan(source, manifests, peers, device="cpu", provider=None, threads=None) ->
     variants = [Variant(BASELINE, "baseline", source.load, lambda pipe, dev: pipe.to(dev),
                         {"source": source.to_dict(), "backend": "torch", "precision": "fp32", "device": device})]
     for name in peers:
-        variants.append(Variant(name, "peer", source.load, PEERS[name], {"source": source.to_dict(),
-                                                                         "device": device}))
+        prepare = PEERS[name]
+        if "source" in inspect.signature(prepare).parameters:     # rows that export the source itself
+            prepare = functools.partial(prepare, source=source)
+        variants.append(Variant(name, "peer", source.load, prepare, {"source": source.to_dict(), "device": device}))
     for name, (path, m) in zip(_artifact_names(manifests), manifests):
         prov = provider or m.get("provider")
         gpu = m["backend"] == "tensorrt" or prov in ("cuda", "tensorrt")
