@@ -69,7 +69,7 @@ def _base(request: Request) -> str:
 
 
 class _Guard:
-    """Pure ASGI middleware: refuse bodies over ``limit`` bytes with 413 (read before the app sees them) and count
+    """Pure ASGI middleware: refuse bodies over ``limit()`` bytes with 413 (read before the app sees them) and count
     responses by status code."""
 
     def __init__(self, app, limit: int, metrics):
@@ -84,8 +84,8 @@ class _Guard:
             if msg["type"] == "http.disconnect":
                 return
             size += len(msg.get("body", b""))
-            if size > self.limit:
-                resp = error(413, f"the body has more than {self.limit} bytes; send at most {self.limit}")
+            if size > self.limit():
+                resp = error(413, f"the body has more than {self.limit()} bytes; send at most {self.limit()}")
                 self.metrics().count("diffaccel_http_requests_total", code="413")
                 return await resp(scope, receive, send)
             chunks.append(msg.get("body", b""))
@@ -108,12 +108,15 @@ class _Guard:
         await self.app(scope, replay, counting_send)
 
 
-def create_app(service=None, start_service: bool = True) -> FastAPI:
-    """The app over ``service`` (a :class:`~diffaccel.engines.serving.service.Service`, or one set later on
-    ``app.state.service``). With ``start_service`` the app's lifespan starts and stops it."""
+def create_app(service=None, start_service: bool = True, service_factory=None) -> FastAPI:
+    """The app over ``service`` (a :class:`~diffaccel.engines.serving.service.Service`), or over the one
+    ``service_factory()`` makes when the app starts (a Ray Serve replica). With ``start_service`` the app's lifespan
+    starts and stops it."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        if app.state.service is None:
+            app.state.service = service_factory()
         if start_service:
             app.state.service.start(asyncio.get_running_loop())
         else:
@@ -126,7 +129,7 @@ def create_app(service=None, start_service: bool = True) -> FastAPI:
 
     app = FastAPI(title="diffaccel", description="Diffusion engines over HTTP", lifespan=lifespan)
     app.state.service = service
-    app.add_middleware(_Guard, limit=service.cfg.max_body_bytes if service else 65536,
+    app.add_middleware(_Guard, limit=lambda: app.state.service.cfg.max_body_bytes,
                        metrics=lambda: app.state.service.metrics)
     _handlers(app)
     _routes(app)

@@ -28,12 +28,14 @@ class QueueFull(Exception):
 
 
 class Service:
-    def __init__(self, cfg, models: dict, schedulers: dict):
+    def __init__(self, cfg, models: dict, schedulers: dict, worker=Worker):
+        """``worker(models, schedulers, policy, on_start, on_progress, on_done)`` makes the engine side: the local
+        :class:`Worker` thread, or one that hands jobs to Ray Serve replicas."""
         self.cfg, self.models, self.schedulers = cfg, models, schedulers
         self.store = JobStore(cfg.db_path)
         self.metrics = Metrics(cfg.max_batch)
         self.hub = EventHub()
-        self.worker = Worker(models, schedulers, cfg.policy, self._started, self._progress, self._done)
+        self.worker = worker(models, schedulers, cfg.policy, self._started, self._progress, self._done)
         key = cfg.secret_key
         self.sender = None if key is None else Sender(self.store, key, cfg.webhook_attempts, cfg.webhook_backoff_s,
                                                       cfg.webhook_timeout_s, self.metrics)
@@ -165,8 +167,10 @@ class Service:
         self.metrics.observe_batch(images, run_s)
         for k, it in enumerate(batch):
             status = finish_status(it, error)
-            metrics = {"queue_s": it.dispatch - it.arrival, "run_s": run_s, "batch_size": images,
+            metrics = {"queue_s": it.dispatch - it.arrival, "run_s": run_s, "batch_size": it.engine_batch or images,
                        "batch_jobs": len(batch), "steps_done": it.step, "s_per_step": run_s / max(1, it.step)}
+            if it.engine_attempts is not None:
+                metrics["engine_attempts"] = it.engine_attempts
             mine = results[k] if results is not None and status == JobStatus.SUCCEEDED else ()
             self._finish(it.id, status, mine, error if status == JobStatus.FAILED else None, metrics)
             self.metrics.observe("diffaccel_job_queue_seconds", metrics["queue_s"])

@@ -30,6 +30,8 @@ class Item:
     batch_size: "int | None" = None
     step: int = 0
     cancel: bool = False
+    engine_batch: "int | None" = None     # images in the engine call, when another process made it (Ray)
+    engine_attempts: "int | None" = None  # engine calls it took (Ray: a lost replica's calls are sent again)
 
 
 class Worker:
@@ -102,41 +104,48 @@ class Worker:
 
     def _run(self, batch: list) -> list:
         """One pipeline call; returns, per job, its list of (seed, PNG bytes)."""
-        import torch
-
-        w = batch[0].work
-        model = self.models[w["model"]]
-        pipe = model.pipe
-        if w["scheduler"] != "default":
-            pipe.scheduler = self.schedulers[w["scheduler"]].from_config(model.base_scheduler_config)
-        else:
-            pipe.scheduler = type(pipe.scheduler).from_config(model.base_scheduler_config)
-        seeds = [it.work["seed"] + i for it in batch for i in range(it.work["n"])]
-        prompts = [it.work["prompt"] for it in batch for _ in range(it.work["n"])]
-        negatives = [it.work["negative_prompt"] or "" for it in batch for _ in range(it.work["n"])]
-
-        def on_step(p, i, t, kwargs):
+        def on_step(step: int) -> bool:
             for it in batch:
-                it.step = i + 1
+                it.step = step
             self._on_progress(batch)
-            if all(it.cancel for it in batch):
-                p._interrupt = True           # diffusers skips the remaining steps
-            return kwargs
+            return all(it.cancel for it in batch)
 
-        out = pipe(prompts, negative_prompt=negatives, num_inference_steps=w["steps"],
-                   guidance_scale=w["guidance_scale"], height=w["height"], width=w["width"],
-                   generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pil",
-                   callback_on_step_end=on_step).images
-        results, k = [], 0
-        for it in batch:
-            mine = []
-            for _ in range(it.work["n"]):
-                buf = io.BytesIO()
-                out[k].save(buf, format="PNG")
-                mine.append((seeds[k], buf.getvalue()))
-                k += 1
-            results.append(mine)
-        return results
+        return run_batch(self.models, self.schedulers, [it.work for it in batch], on_step)
+
+
+def run_batch(models: dict, schedulers: dict, works: list, on_step=None) -> list:
+    """Run compatible ``works`` (equal :func:`batch_key`) as one pipeline call, one seeded generator per image;
+    returns, per work, its list of (seed, PNG bytes). ``on_step(step)`` is called after each denoising step; when
+    it returns True the remaining steps are skipped."""
+    import torch
+
+    w = works[0]
+    model = models[w["model"]]
+    pipe = model.pipe
+    cls = schedulers[w["scheduler"]] if w["scheduler"] != "default" else type(pipe.scheduler)
+    pipe.scheduler = cls.from_config(model.base_scheduler_config)
+    seeds = [x["seed"] + i for x in works for i in range(x["n"])]
+    prompts = [x["prompt"] for x in works for _ in range(x["n"])]
+    negatives = [x["negative_prompt"] or "" for x in works for _ in range(x["n"])]
+
+    def callback(p, i, t, kwargs):
+        if on_step is not None and on_step(i + 1):
+            p._interrupt = True               # diffusers skips the remaining steps
+        return kwargs
+
+    out = pipe(prompts, negative_prompt=negatives, num_inference_steps=w["steps"], guidance_scale=w["guidance_scale"],
+               height=w["height"], width=w["width"], generator=[torch.Generator().manual_seed(s) for s in seeds],
+               output_type="pil", callback_on_step_end=callback).images
+    results, k = [], 0
+    for x in works:
+        mine = []
+        for _ in range(x["n"]):
+            buf = io.BytesIO()
+            out[k].save(buf, format="PNG")
+            mine.append((seeds[k], buf.getvalue()))
+            k += 1
+        results.append(mine)
+    return results
 
 
 def finish_status(item: Item, error: "str | None") -> JobStatus:

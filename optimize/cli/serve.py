@@ -36,14 +36,12 @@ def add_serve(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per engine")
     p.add_argument("--provider", default=None, help="ONNX Runtime provider (default: the one built for)")
     r = p.add_argument_group("Ray Serve (scale-out)")
-    r.add_argument("--ray", action="store_true", help="run on Ray Serve (connects to a running cluster or starts a "
-                                                      "local one)")
+    r.add_argument("--ray", action="store_true", help="run on Ray Serve (joins the cluster at $RAY_ADDRESS or starts "
+                                                      "a local one); needs pip install -e \".[ray]\"")
     r.add_argument("--replicas", type=int, default=1)
     r.add_argument("--autoscale", default=None, metavar="MIN-MAX", help="autoscale on ongoing requests")
     r.add_argument("--gpus-per-replica", type=float, default=0.0)
     r.add_argument("--cpus-per-replica", type=float, default=1.0)
-    r.add_argument("--redis", default=None, metavar="URL", help="shared job queue for --ray (redis://HOST:PORT/DB): "
-                                                                "jobs survive a replica's death")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -85,11 +83,14 @@ def _cmd_serve(args) -> int:
     for a in args.artifacts:
         Manifest.load(a)                 # a missing or foreign folder fails here, in one line
     if args.ray:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise DiffaccelError('diffaccel serve --ray needs Ray Serve: pip install -e ".[ray]"')
         from diffaccel.engines.serving.ray_app import RayOptions, run_ray
 
         try:
-            opts = RayOptions.parse(args.replicas, args.autoscale, args.gpus_per_replica, args.cpus_per_replica,
-                                    args.redis)
+            opts = RayOptions.parse(args.replicas, args.autoscale, args.gpus_per_replica, args.cpus_per_replica)
         except ValueError as e:
             raise DiffaccelError(str(e)) from None
         return run_ray(args.artifacts, cfg, opts, args.host, args.port, schedulers(), guidance, args.provider)

@@ -1,0 +1,106 @@
+"""``diffaccel serve --ray``: the same app on a real local Ray Serve (two engine replicas with fractional CPUs).
+Jobs batch across requests in the replicas, keep their solo images, and survive the death of an engine replica."""
+import io
+import socket
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
+httpx = pytest.importorskip("httpx", reason="the serve extra is not installed: pip install -e '.[serve]'")
+ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
+pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install -e '.[ray]'")
+
+from diffaccel.engines.serving.config import ServeConfig  # noqa: E402
+from diffaccel.engines.serving.ray_app import RayOptions, build_app  # noqa: E402
+from diffaccel.optimize.cli.serve import guidance, schedulers  # noqa: E402
+
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_url(tiny_ort_ts, tmp_path_factory):
+    from ray import serve
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        cfg = ServeConfig(db=str(tmp_path_factory.mktemp("ray") / "jobs.sqlite"), max_batch=4, max_wait_ms=200,
+                          max_steps=999, threads=1)
+        serve.run(build_app([tiny_ort_ts], cfg, RayOptions(replicas=2, cpus_per_replica=0.5), schedulers(),
+                            guidance), name="diffaccel", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _solo(artifact, work):
+    from diffaccel.engines.serving.models import load_models, resolve
+    from diffaccel.engines.serving.schemas import JobInput
+    from diffaccel.engines.serving.worker import run_batch
+
+    models = load_models([artifact], guidance=guidance)
+    full = resolve(JobInput(**work), models, schedulers(), ServeConfig(max_steps=999))
+    return np.asarray(Image.open(io.BytesIO(run_batch(models, schedulers(), [full])[0][0][1])).convert("RGB"))
+
+
+def _png(data):
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+@pytest.mark.slow
+def test_ray_serve_batches_across_replicas_and_survives_a_replica_death(ray_url, tiny_ort_ts):
+    h = httpx.get(f"{ray_url}/health").json()
+    assert h["status"] == "ok"
+    r = httpx.post(f"{ray_url}/v1/images/generations", json={"prompt": "a red circle", "seed": 5, "steps": STEPS},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    import base64
+
+    solo = _solo(tiny_ort_ts, {"prompt": "a red circle", "seed": 5, "steps": STEPS})
+    assert np.array_equal(_png(base64.b64decode(r.json()["data"][0]["b64_json"])), solo)
+
+    works = [{"prompt": f"a {c} square", "seed": 20 + i, "steps": 400} for i, c in enumerate(["red", "blue"] * 4)]
+    ids = [httpx.post(f"{ray_url}/v1/jobs", json=w).json()["id"] for w in works]
+    engines = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Engine" in a["name"]]
+    assert len(engines) == 2, engines
+    end = time.monotonic() + 60                                # wait until calls are in flight on both replicas
+    while httpx.get(f"{ray_url}/health").json()["running"] < 8:
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    time.sleep(0.3)
+    ray.kill(ray.get_actor(engines[0]["name"], namespace=engines[0]["namespace"]), no_restart=False)
+    jobs = []
+    for jid in ids:
+        end = time.monotonic() + 180
+        while (j := httpx.get(f"{ray_url}/v1/jobs/{jid}").json())["status"] not in ("succeeded", "failed"):
+            assert time.monotonic() < end, j
+            time.sleep(0.1)
+        jobs.append(j)
+    assert [j["status"] for j in jobs] == ["succeeded"] * 8, [j["error"] for j in jobs]
+    assert max(j["metrics"]["batch_size"] for j in jobs) >= 2                 # @serve.batch grouped requests
+    assert any(j["metrics"]["engine_attempts"] == 2 for j in jobs)             # the lost replica's jobs re-sent
+    for w, j in zip(works[:2], jobs[:2]):
+        png = httpx.get(f"{ray_url}/v1/jobs/{j['id']}/images/0.png").content
+        assert np.array_equal(_png(png), _solo(tiny_ort_ts, w))
+    assert "diffaccel_images_total 9" in httpx.get(f"{ray_url}/metrics").text
+
+
+def test_ray_options_are_checked():
+    assert RayOptions.parse(1, "1-3", 0.5, 1).deployment_options(4)["autoscaling_config"]["max_replicas"] == 3
+    assert RayOptions.parse(2, None, 0, 0.5).deployment_options(4)["num_replicas"] == 2
+    for bad in ("3-1", "x", "0-0"):
+        with pytest.raises(ValueError, match="MIN-MAX"):
+            RayOptions.parse(1, bad, 0, 1)
+    with pytest.raises(ValueError, match="replicas"):
+        RayOptions(replicas=0)
