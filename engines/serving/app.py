@@ -34,13 +34,12 @@ def error(status: int, message: str, param=None, kind="invalid_request_error", h
                         status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> "tuple[str, str | None]":
+def _validation_message(exc: RequestValidationError, model) -> "tuple[str, str | None]":
     errs = exc.errors()
     e = errs[0]
     loc = [str(x) for x in e.get("loc", ()) if x != "body"]
     field = ".".join(loc) or None
     if e.get("type") == "extra_forbidden":
-        model = GenerationRequest if "response_format" in str(errs) else JobCreate
         msg = f"unknown field {field!r}; allowed: {', '.join(model.model_fields)}"
     elif e.get("type") in ("json_invalid", "model_attributes_type", "dict_type"):
         msg, field = "the body must be a JSON object (Content-Type: application/json), e.g. {\"prompt\": \"a red " \
@@ -139,7 +138,8 @@ def create_app(service=None, start_service: bool = True, service_factory=None) -
 def _handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):
-        msg, field = _validation_message(exc)
+        model = GenerationRequest if request.url.path.endswith("/generations") else JobCreate
+        msg, field = _validation_message(exc, model)
         return error(400, msg, field)
 
     @app.exception_handler(HTTPException)
