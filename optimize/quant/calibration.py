@@ -110,6 +110,10 @@ def collect(src, samples: list, op_types, *, method: str, external: bool, percen
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # as ORT's calibrators do
         so.enable_cpu_mem_arena = False
+        # ORT's default order runs the added ReduceMin/ReduceMax branches late, keeping every activation they read
+        # alive: 19.5 GB for one SD 1.5 U-Net sample at 512x512 against 5.5 GB in priority order (same kernels,
+        # same values)
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = int(threads)
