@@ -40,7 +40,8 @@ class ExportStage(Stage):
                 reference.save(d / REFERENCE_FILE)
                 del module
                 release_memory()        # the last component's torch weights go before its ONNX Runtime session
-                engine = OrtEngine(d / "model.onnx", provider="cpu", level="basic", threads=ctx.config.threads,
+                # no graph optimizations: the exported graph itself is checked (and folding constants copies weights)
+                engine = OrtEngine(d / "model.onnx", provider="cpu", level="disable", threads=ctx.config.threads,
                                    arena=False)
                 report = ctx.check_against_torch(comp, engine, reference=reference, final=False,
                                                  advice=ADVICE_EXPORT)
@@ -50,6 +51,7 @@ class ExportStage(Stage):
                                                                                REFERENCE_FILE]
             result.add(comp, ComponentOutcome(model=f"{comp}/export/model.onnx", validation=report,
                                               facts={"reference": f"{comp}/export/{REFERENCE_FILE}"}), files=files)
+        ctx.release_pipe()
         return result
 
 
