@@ -49,6 +49,9 @@ def _add_optimize(sub) -> None:
     p.add_argument("--trust-pickle", action="store_true", help="allow pickle checkpoints (.ckpt/.bin/.pt): they "
                                                                 "can run code when loaded")
     p.add_argument("--config", default=None, help="diffusers config folder for a single-file checkpoint (offline)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse a LoRA .safetensors (diffusers or kohya format) into the U-Net and text encoders "
+                        "before export, at SCALE (default 1); repeatable, fused in order")
     p.add_argument("--components", default=None, help="comma-separated subset of text_encoder,unet,vae_decoder,"
                                                        "vae_encoder to build (default: all)")
     q = p.add_argument_group("int8 calibration and quantization")
@@ -113,12 +116,19 @@ def _cmd_optimize(args) -> int:
                              memory_check=not args.no_memory_check)
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
+    src = args.src
+    if args.lora:   # LoRAs are part of the source: checked and hashed before any work
+        from diffaccel.optimize.sources import resolve_source
+
+        src = resolve_source(args.src, trust_pickle=args.trust_pickle, single_file_config=args.config,
+                             loras=args.lora)
     reporter = ConsoleReporter()
     t0 = time.perf_counter()
-    manifest = optimize(args.src, args.out, cfg, force=args.force, reporter=reporter,
+    manifest = optimize(src, args.out, cfg, force=args.force, reporter=reporter,
                         trust_pickle=args.trust_pickle, single_file_config=args.config)
     reporter.close()
-    print(f"built {manifest['backend']}/{manifest['precision']} engines for {manifest.source['spec']} in "
+    loras = f" + {len(manifest.source['loras'])} LoRA(s)" if manifest.source.get("loras") else ""
+    print(f"built {manifest['backend']}/{manifest['precision']} engines for {manifest.source['spec']}{loras} in "
           f"{time.perf_counter() - t0:.1f}s -> {args.out}")
     print(f"try: diffaccel generate {args.out} \"a red circle\"   |   diffaccel info {args.out}")
     return 0
@@ -244,3 +254,4 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("diffaccel: interrupted; finished stages are kept and the same command resumes", file=sys.stderr)
         return 130
+

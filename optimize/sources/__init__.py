@@ -1,8 +1,9 @@
 """Resolve what the user calls SRC into a :class:`Source`: a kind, a location, a content hash and a loader.
 
 SRC may be a built-in name (``random:tiny``, ``tinyshapes``...), a diffusers-format folder, a single-file
-checkpoint (``.safetensors``; pickle files only with ``trust_pickle=True``) or a hub id. Every check that can fail on
-bad input runs here, before anything is written.
+checkpoint (``.safetensors``; pickle files only with ``trust_pickle=True``) or a hub id, with LoRA files fused into it
+(``loras=["style.safetensors:0.8"]``, see :mod:`~diffaccel.optimize.sources.lora`). Every check that can fail on
+bad input without loading the weights runs here, before anything is written.
 
 >>> src = resolve_source("random:tiny")
 >>> src.kind, len(src.sha256)
@@ -20,6 +21,7 @@ from diffaccel.optimize.artifact.errors import SourceError, one_line
 from diffaccel.optimize.artifact.files import file_sha256, tree_sha256
 from diffaccel.optimize.families import configs_of, detect, family, supported_pipelines
 from diffaccel.optimize.sources.builtins import BUILTINS, RECIPES, builtin_hash, builtin_location
+from diffaccel.optimize.sources.lora import Lora, check_loras, fuse_loras, with_loras
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -33,11 +35,13 @@ class Source:
     spec: str                 # what the user typed
     kind: str                 # builtin | folder | single_file | hub
     location: str             # resolved path (or recipe name)
-    sha256: str               # content hash, independent of the path
+    sha256: str               # content hash, independent of the path (LoRA files and scales included)
     single_file_config: "str | None" = None
+    loras: tuple = ()         # Lora files fused into the weights on load, in order
 
     def to_dict(self) -> dict:
-        return {"spec": self.spec, "kind": self.kind, "location": self.location, "sha256": self.sha256}
+        out = {"spec": self.spec, "kind": self.kind, "location": self.location, "sha256": self.sha256}
+        return {**out, "loras": [x.to_dict() for x in self.loras]} if self.loras else out
 
     def configs(self) -> "dict | None":
         """``{"pipeline", "unet", "vae", "text_encoder"}``: the pipeline class and the models' configs, read without loading any
@@ -73,12 +77,30 @@ class Source:
             except Exception as e:  # diffusers/transformers raise many kinds; show the first line, say what to do
                 raise SourceError(f"cannot load {self.spec}: {one_line(e)[:300]}") from e
         detect(configs_of(pipe), self.spec)
+        fuse_loras(pipe, self.loras)
         return pipe
 
 
-def resolve_source(spec: str, *, trust_pickle: bool = False, single_file_config: "str | None" = None) -> Source:
-    """Check SRC and hash its content. Raises :class:`SourceError` with a one-line, actionable message."""
-    spec = str(spec)
+def resolve_source(spec: str, *, trust_pickle: bool = False, single_file_config: "str | None" = None,
+                   loras=()) -> Source:
+    """Check SRC (and each LoRA, ``FILE`` or ``FILE:SCALE``) and hash its content. Raises :class:`SourceError` with a
+    one-line, actionable message.
+
+    >>> resolve_source("random:tiny", loras=["missing.safetensors:0.5"])
+    Traceback (most recent call last):
+    ...
+    diffaccel.optimize.artifact.errors.SourceError: --lora missing.safetensors:0.5: no such file missing.safetensors; give a LoRA .safetensors file (FILE or FILE:SCALE)
+    """
+    loras = tuple(Lora.parse(x) for x in loras)
+    base = _resolve(str(spec), trust_pickle, single_file_config)
+    if not loras:
+        return base
+    configs = base.configs()
+    check_loras(loras, configs, base.spec, detect(configs, base.spec).PIPELINE_CLASS if configs else "")
+    return dataclasses.replace(base, sha256=with_loras(base.sha256, loras), loras=loras)
+
+
+def _resolve(spec: str, trust_pickle: bool, single_file_config: "str | None") -> Source:
     if spec in BUILTINS:
         if spec == "tinyshapes" and not Path(builtin_location(spec), "model_index.json").is_file():
             raise SourceError("the tinyshapes weights are not installed with this copy of diffaccel; "
