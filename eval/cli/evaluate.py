@@ -13,8 +13,8 @@ def add_eval(sub) -> None:
     p = sub.add_parser(
         "eval", help="latency and quality of artifacts against the diffusers baseline, side by side",
         description="Generate the same prompts with the same seeds and scheduler on the diffusers fp32 baseline, "
-                    "optional peers (torch bf16/fp16/compile) and each artifact; report the U-Net per-step latency "
-                    "distribution, stage times, throughput per batch size and memory next to PSNR/SSIM/latent error "
+                    "optional peers (torch bf16/fp16/compile, optimum-intel) and each artifact; report the U-Net "
+                    "per-step latency distribution, stage times, throughput per batch size and memory next to PSNR/SSIM/latent error "
                     "against the baseline (LPIPS, CLIP score, FID with local weights; prompt adherence on "
                     "tinyshapes). Writes report.json, report.md and a self-contained report.html.",
         epilog=EXAMPLE)
@@ -35,7 +35,8 @@ def add_eval(sub) -> None:
                                                      "EulerDiscreteScheduler, euler-a, dpm++ (default: the baseline's)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--peers", default="", help="extra rows a user might try instead: torch-bf16, torch-fp16, "
-                                               "torch-compile (comma-separated)")
+                                               "torch-compile, optimum-intel-fp32, optimum-intel-bf16, "
+                                               "optimum-intel-int8 (comma-separated; optimum-intel: README)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant before timing (default 1)")
     p.add_argument("--repeat", type=int, default=3, help="timed calls per batch size (default 3)")
     p.add_argument("--device", default="cpu", help="where the PyTorch baseline and peers run: cpu | cuda")
