@@ -202,3 +202,30 @@ def test_ranges_collected_one_sample_at_a_time_equal_the_all_at_once_call(tiny_o
         lo, hi = td.range_value
         mine = ours[name].range_value
         assert mine[0].tobytes() == lo.tobytes() and mine[1].tobytes() == hi.tobytes(), name
+
+
+def test_export_lets_go_of_the_torch_weights(tiny_pipe, tmp_path):
+    """onnxscript's rewrite rules keep the last graph they matched (and the torch weights in its initializers);
+    the export clears them, so a component's weights are freed once the stage drops its module."""
+    import gc
+    import weakref
+
+    import torch
+
+    from diffaccel.optimize.config import Exporter, ShapeRange
+    from diffaccel.optimize.export.onnx_export import export_onnx
+    from diffaccel.optimize.families import sd
+
+    spec = sd.specs(sd.ModelGeometry.from_pipeline(tiny_pipe), ShapeRange())["vae_decoder"]
+    module = sd.export_module("vae_decoder", tiny_pipe)
+    weight = torch.nn.Parameter(tiny_pipe.vae.post_quant_conv.weight.detach().clone())
+    alive = weakref.ref(weight)
+    original = tiny_pipe.vae.post_quant_conv.weight
+    tiny_pipe.vae.post_quant_conv.weight = weight         # a tensor only this test and the export can hold
+    try:
+        export_onnx(spec, module, tmp_path / "model.onnx", exporter=Exporter.DYNAMO)
+    finally:
+        tiny_pipe.vae.post_quant_conv.weight = original
+    del module, weight
+    gc.collect()
+    assert alive() is None
