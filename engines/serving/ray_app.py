@@ -186,8 +186,9 @@ def build_app(paths, cfg, opts: RayOptions, schedulers, guidance=None, provider=
 
 
 def run_ray(paths, cfg, opts: RayOptions, host, port, schedulers, guidance=None, provider=None) -> int:
-    """Start (or join, with RAY_ADDRESS) a Ray cluster, run the app on Ray Serve's proxy at host:port, block."""
-    import time
+    """Start (or join, with RAY_ADDRESS) a Ray cluster, run the app on Ray Serve's proxy at host:port, block until
+    SIGINT or SIGTERM, then shut Serve and Ray down (a local Ray's processes with them)."""
+    import signal
 
     import ray
     from ray import serve
@@ -197,10 +198,11 @@ def run_ray(paths, cfg, opts: RayOptions, host, port, schedulers, guidance=None,
     serve.run(build_app(paths, cfg, opts, schedulers, guidance, provider), name="diffaccel", route_prefix="/")
     print(f"serving on Ray Serve at http://{host}:{port}/ ({opts.most_replicas} engine replica(s) at most); "
           "Ctrl-C stops", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
-        ray.shutdown()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    serve.shutdown()
+    ray.shutdown()
     return 0
