@@ -157,3 +157,14 @@ def test_prometheus_text():
 def test_bad_config_names_the_value(kw, needle):
     with pytest.raises(ValueError, match=needle):
         ServeConfig(**kw)
+
+
+def test_serve_command_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from .helpers import assert_one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, "serve", tmp_path / "missing")
+    assert_one_line_error(code, err, "missing")
+    code, _, err = run_cli(capsys, "serve", tmp_path, "--max-batch", "0")
+    assert_one_line_error(code, err, "max batch 0")
+    code, _, err = run_cli(capsys, "serve", tmp_path, "--ray", "--autoscale", "4-2")
+    assert_one_line_error(code, err)
