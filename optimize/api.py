@@ -139,8 +139,8 @@ def _check_memory(configs: "dict | None", family, config: OptimizeConfig, stage_
     weights = family.weight_bytes(configs)
     built = [weights.get(family.SOURCE_MODEL[c], 0) for c in components_of(family, config.components)]
     h, w = family.latent_opt_size(configs, config.shapes)
-    volume = config.quant.calib_size * config.quant.calib_steps * h * w if str(config.precision) == "int8" else 0
-    return check_memory([s.name for s in stage_classes], sum(weights.values()), max(built, default=0), volume,
+    attention = family.attention_bytes(configs, h, w) if hasattr(family, "attention_bytes") else 0
+    return check_memory([s.name for s in stage_classes], sum(weights.values()), max(built, default=0), attention,
                         config.memory_limit, latent_area=h * w)
 
 

@@ -129,6 +129,28 @@ def latent_opt_size(configs: dict, shapes) -> tuple:
     return _pixel_axis(shapes.height, geo, "height").opt, _pixel_axis(shapes.width, geo, "width").opt
 
 
+def attention_bytes(configs: dict, latent_h: int, latent_w: int, batch: int = 2) -> int:
+    """fp32 bytes of the largest attention-score tensor of one U-Net step (batch x heads x tokens^2 at the first
+    attention level): what an unfused ONNX graph holds, two or three at a time, beside its weights. From the config
+    alone; SD 1.5 at 512x512 with CFG (batch 2): 8 heads x 4096^2 tokens -> 1.07 GB; SDXL at 1024x1024 (attention
+    starts a level down): 10 heads x 4096^2 -> 1.34 GB.
+
+    >>> round(attention_bytes({"unet": {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    ...                                  "attention_head_dim": 8}}, 64, 64) / 1e9, 2)
+    1.07
+    """
+    unet = configs["unet"]
+    types = list(unet.get("down_block_types") or ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])   # diffusers'
+    # defaults, which configs written in code may leave out
+    level = next((i for i, t in enumerate(types) if "Attn" in t), None)
+    if level is None:
+        return 0
+    heads = unet.get("num_attention_heads") or unet.get("attention_head_dim") or 8
+    heads = heads[level] if isinstance(heads, (list, tuple)) else heads
+    tokens = (latent_h >> level) * (latent_w >> level)
+    return int(batch * heads * tokens * tokens * 4)
+
+
 def size_factors(unet_config, vae_config) -> tuple:
     """(VAE scale factor, latent multiple the U-Net needs) from the U-Net and VAE configs (dicts or diffusers
     FrozenDicts), with diffusers' defaults where a key is absent (AutoencoderKL: one block; UNet2DConditionModel:

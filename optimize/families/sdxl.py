@@ -32,7 +32,7 @@ from typing import Any
 
 from diffaccel.optimize.artifact.specs import AxisRange, ComponentSpec, TensorSpec
 from diffaccel.optimize.families import sd
-from diffaccel.optimize.families.sd import check_pixel_range, latent_opt_size, size_factors  # noqa: F401 (surface)
+from diffaccel.optimize.families.sd import check_pixel_range, attention_bytes, latent_opt_size, size_factors  # noqa: F401 (surface)
 
 log = logging.getLogger(__name__)
 

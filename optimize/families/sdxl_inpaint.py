@@ -13,7 +13,7 @@ from __future__ import annotations
 from diffaccel.optimize.families import sd, sdxl
 from diffaccel.optimize.families.sdxl import (  # noqa: F401  (the family surface, shared with base SDXL)
     COMPONENTS, LOAD_KWARGS, SOURCE_MODEL, TOKENIZERS, ModelGeometry, assets, check_pixel_range, export_module,
-    latent_opt_size, size_factors, specs, weight_bytes)
+    attention_bytes, latent_opt_size, size_factors, specs, weight_bytes)
 
 NAME = "sdxl-inpaint"
 TITLE = "Stable Diffusion XL inpainting"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from diffaccel.optimize.families import sdxl
 from diffaccel.optimize.families.sdxl import (  # noqa: F401  (the family surface, shared with base SDXL)
-    ModelGeometry, assets, capture_unet_inputs, check_pixel_range, export_module, latent_opt_size, size_factors,
+    ModelGeometry, assets, capture_unet_inputs, check_pixel_range, export_module, attention_bytes, latent_opt_size, size_factors,
     weight_bytes)
 
 NAME = "sdxl-refiner"

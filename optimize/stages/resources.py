@@ -83,24 +83,36 @@ GB = 1e9
 BASE_BYTES = 0.5 * GB      # Python, torch, ONNX Runtime and their libraries (random:sd15's assets stage: 4.74 GB
                            # with its 4.26 GB pipeline loaded)
 
-# Peak RSS of a stage beyond BASE_BYTES, in fp32 weight bytes: (of the whole pipeline, of its largest component
-# built). A stage missing here holds the pipeline only. Export and engine stages also hold activations of the shape
-# they trace and check at (the spec's opt latent size), so their factor grows with that area: fitted on the SD 1.5
-# architecture (random:sd15, 3.44 GB U-Net, 4.26 GB pipeline; 2-core AMD EPYC, 24 GB; docs/memory.md): 17.70 GB
-# (export) and 17.55 GB (engine) at the default 512x512 (latent 64x64), and 4.2 GB above the loaded pipeline for the
-# U-Net alone at 256x256 (latent 32x32).
+# What a stage holds at its peak, beyond BASE_BYTES. A build holds one copy of a model's weights at a time (the
+# export lets the pipeline go before the largest component, later stages check engines against PyTorch outputs the
+# export recorded, calibration statistics are merged one sample at a time), so peaks are the whole pipeline while it
+# is loaded, or the largest component's weights beside the activations of one step. Activations are dominated by
+# the attention scores an unfused ONNX graph materialises (``family.attention_bytes``: the largest score tensor at
+# the opt size with CFG) and, for the small components exported beside the loaded pipeline, by the VAE's
+# full-resolution feature maps (they grow with the latent area). Fitted on the SD 1.5 architecture (random:sd15:
+# 4.26 GB pipeline, 3.44 GB U-Net, 1.07 GB attention scores at 512x512; 2-core AMD EPYC, 24 GB; docs/memory.md).
 REFERENCE_LATENT_AREA = 64 * 64
-STAGE_FACTORS = {
-    "export": (1.0, (0.4, 3.4)),       # (whole pipeline, (largest: fixed part, part per reference latent area))
-    "engine": (1.0, (0.4, 3.4)),
-    "quantize": (1.0, (4.95, 0.0)),
+SMALL_ITEM_BYTES = 2.6 * GB        # export/check of a VAE or text encoder beside the pipeline, at the reference area
+CAPTURE_BYTES = 1.0 * GB           # PyTorch sampling calibration prompts beside the pipeline (fp32, SDPA)
+ACTIVATION_FACTORS = {             # attention-score tensors' worth of activations one ONNX Runtime step holds
+    "export": 3.2,                 # unoptimized graph, at the second (batch 4) parity point
+    "engine": 3.2,
+    "quantize": 2.0,               # calibration session (priority order: one sample's live tensors)
 }
-# Today's int8 quantizer (ONNX Runtime's quantize_static) keeps every activation of every calibration sample, so its
-# peak also grows with the calibration volume (samples x latent height x latent width). Anchors: 21.8 GB at the
-# default 64 samples at 256x256 (latent 32x32, the reference volume below) and killed above 24.2 GB at 512x512
-# (4x the volume); QUANTIZE_PER_VOLUME is the smallest slope that puts the second one above 24.2 GB (a lower bound).
-REFERENCE_CALIB_VOLUME = 64 * 32 * 32
-QUANTIZE_PER_VOLUME = 0.8 * GB
+QUANTIZER_FACTOR = 1.35            # quantize_static: the float model loaded plus its int8 weights, x largest
+
+
+def _stage_need(name: str, total: float, largest: float, attention: float, area_ratio: float) -> float:
+    act = ACTIVATION_FACTORS.get(name, ACTIVATION_FACTORS["engine"]) * attention
+    if name == "assets":
+        return total
+    if name == "export":
+        return max(total + SMALL_ITEM_BYTES * area_ratio, largest + act)
+    if name == "quantize":
+        return max(total + CAPTURE_BYTES * area_ratio, largest + act, QUANTIZER_FACTOR * largest)
+    if name == "engine":
+        return largest + act
+    return total + largest + act           # stages not measured yet: the pipeline beside a checked engine
 
 
 def available_memory() -> tuple:
@@ -121,24 +133,20 @@ def available_memory() -> tuple:
     return avail, where
 
 
-def estimate_peak(stage_names, total: int, largest: int, calib_volume: int = 0,
+def estimate_peak(stage_names, total: int, largest: int, attention: int = 1_073_741_824,
                   latent_area: int = REFERENCE_LATENT_AREA) -> tuple:
     """(estimated peak RSS in bytes, the stage it happens in) of a build from its stages' names, the fp32 weight
-    bytes of the whole pipeline (``total``) and of the largest component it builds (``largest``), the opt latent area
-    (height x width) it exports at, and for int8 the calibration volume (samples x latent height x latent width).
+    bytes of the whole pipeline (``total``) and of the largest component it builds (``largest``), the largest
+    attention-score tensor at the opt size (``attention``, see the family's ``attention_bytes``) and the opt latent
+    area (height x width). The calibration size does not enter: statistics are merged one sample at a time.
 
-    >>> need, stage = estimate_peak(["assets", "export", "quantize", "engine"], 4.26e9, 3.44e9, 64 * 64 * 64)
+    >>> need, stage = estimate_peak(["assets", "export", "quantize", "engine"], 4.26e9, 3.44e9)
     >>> stage, round(need / 1e9, 1)
-    ('quantize', 24.2)
-    >>> round(estimate_peak(["assets", "export", "engine"], 4.26e9, 3.44e9)[0] / 1e9, 1)
-    17.8
+    ('export', 7.4)
     """
     best = (BASE_BYTES, "")
     for name in stage_names:
-        whole, (fixed, per_area) = STAGE_FACTORS.get(name, (1.0, (0.0, 0.0)))
-        need = BASE_BYTES + whole * total + (fixed + per_area * latent_area / REFERENCE_LATENT_AREA) * largest
-        if name == "quantize":
-            need += QUANTIZE_PER_VOLUME * max(0.0, calib_volume / REFERENCE_CALIB_VOLUME - 1)
+        need = BASE_BYTES + _stage_need(name, total, largest, attention, latent_area / REFERENCE_LATENT_AREA)
         best = max(best, (need, name))
     return best
 
@@ -160,21 +168,20 @@ def parse_size(text) -> int:
     return int(value)
 
 
-def check_memory(stage_names, total: int, largest: int, calib_volume: int = 0, limit: "int | None" = None,
-                 latent_area: int = REFERENCE_LATENT_AREA) -> dict:
+def check_memory(stage_names, total: int, largest: int, attention: int = 1_073_741_824,
+                 limit: "int | None" = None, latent_area: int = REFERENCE_LATENT_AREA) -> dict:
     """Refuse (one line: needed, available, what lowers it) a build whose estimated peak exceeds what this machine
     (or ``limit``) gives; else return the estimate for the manifest."""
     from diffaccel.optimize.artifact.errors import MemoryBudgetError
 
-    need, stage = estimate_peak(stage_names, total, largest, calib_volume, latent_area)
-    at_least = "at least " if stage == "quantize" and calib_volume > REFERENCE_CALIB_VOLUME else "about "
+    need, stage = estimate_peak(stage_names, total, largest, attention, latent_area)
     have, where = available_memory()
     if limit is not None and limit < have:
         have, where = limit, "--memory-limit"
     if need > have:
-        lower = ("--calib-size/--calib-steps (fewer calibration samples), " if stage == "quantize" else "")
         raise MemoryBudgetError(
-            f"this build needs {at_least}{need / GB:.1f} GB of memory (its {stage or 'load'} stage, largest component "
-            f"{largest / GB:.1f} GB in fp32) but {where} gives {have / GB:.1f} GB; lower it "
-            f"with {lower}--components (one at a time), or close other programs; --no-memory-check builds anyway")
+            f"this build needs about {need / GB:.1f} GB of memory (its {stage or 'load'} stage, largest component "
+            f"{largest / GB:.1f} GB in fp32) but {where} gives {have / GB:.1f} GB; lower it with --height/--width "
+            f"(a smaller typical size: activations), --components (one at a time), or close other programs; "
+            f"--no-memory-check builds anyway")
     return {"estimated_peak_bytes": int(need), "stage": stage, "available_bytes": int(have), "limit": where}
