@@ -92,6 +92,8 @@ def resolve_source(spec: str, *, trust_pickle: bool = False, single_file_config:
     diffaccel.optimize.artifact.errors.SourceError: --lora missing.safetensors:0.5: no such file missing.safetensors; give a LoRA .safetensors file (FILE or FILE:SCALE)
     """
     loras = tuple(Lora.parse(x) for x in loras)
+    for lora in loras:
+        check_safetensors(Path(lora.path))
     base = _resolve(str(spec), trust_pickle, single_file_config)
     if not loras:
         return base

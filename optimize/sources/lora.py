@@ -39,7 +39,8 @@ class Lora:
 
     @classmethod
     def parse(cls, spec: "str | Lora", *, check: bool = True) -> "Lora":
-        """``FILE`` or ``FILE:SCALE`` (scale 1 by default). With ``check``, the file must be a valid safetensors."""
+        """``FILE`` or ``FILE:SCALE`` (scale 1 by default). With ``check``, the file must exist and be named
+        ``.safetensors`` (:func:`~diffaccel.optimize.sources.resolve_source` also checks its header)."""
         if isinstance(spec, Lora):
             return spec
         spec = str(spec)
@@ -56,9 +57,7 @@ class Lora:
             raise SourceError(f"--lora {spec}: {file.name} is not a .safetensors file; diffaccel fuses LoRAs in the "
                               "diffusers or kohya safetensors formats (convert pickle files first)")
         from diffaccel.optimize.artifact.files import file_sha256
-        from diffaccel.optimize.sources import check_safetensors
 
-        check_safetensors(file)
         return cls(str(file.resolve()), scale, file_sha256(file))
 
     def to_dict(self) -> dict:
