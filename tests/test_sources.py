@@ -16,8 +16,8 @@ def test_builtins_resolve_without_download():
 
 
 def test_unknown_builtin_lists_known():
-    with pytest.raises(SourceError, match="built-ins are: random:sd15, random:sd21, random:tiny"):
-        resolve_source("random:sdxl")
+    with pytest.raises(SourceError, match="built-ins are: random:sd15, random:sd21, random:sdxl, random:tiny"):
+        resolve_source("random:sd3")
 
 
 def test_random_builtin_is_deterministic():
@@ -70,9 +70,9 @@ def test_unsupported_architecture_by_class(tiny_folder, tmp_path):
     other = tmp_path / "sdxl"
     shutil.copytree(tiny_folder, other)
     index = json.loads((other / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionXLPipeline"
+    index["_class_name"] = "StableDiffusionUpscalePipeline"        # (SDXL pipelines have a family now)
     (other / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(SourceError, match="unsupported architecture.*StableDiffusionXLPipeline"):
+    with pytest.raises(SourceError, match="unsupported architecture.*StableDiffusionUpscalePipeline"):
         resolve_source(str(other))
 
 
@@ -80,10 +80,10 @@ def test_unsupported_architecture_by_unet_config(tiny_pipe):
     from diffusers import UNet2DConditionModel
 
     class Fake:
-        unet = UNet2DConditionModel(**{**tiny_pipe.unet.config, "in_channels": 9})
+        unet = UNet2DConditionModel(**{**tiny_pipe.unet.config, "in_channels": 7})   # (9 is inpainting now)
         vae = tiny_pipe.vae
-    with pytest.raises(SourceError, match="in_channels=9"):
-        detect(configs_of(Fake()), "inpaint")
+    with pytest.raises(SourceError, match="in_channels=7"):
+        detect(configs_of(Fake()), "seven channels")
 
 
 def test_truncated_and_corrupt_safetensors(tiny_folder, tmp_path):
