@@ -29,6 +29,8 @@ class TorchEngine:
         self.fn = torch.compile(self.module) if compile else self.module
         params = dict(__import__("inspect").signature(self.module.forward).parameters)
         self.input_names = tuple(params)
+        # inputs a family's wrapper takes only for some models (an LCM U-Net's timestep_cond): None when not given
+        self._optional = {n for n, p in params.items() if p.default is None}
         self.output_names = ()
 
     @property
@@ -40,6 +42,9 @@ class TorchEngine:
 
         args = []
         for name in self.input_names:
+            if inputs.get(name) is None and name in self._optional:
+                args.append(None)
+                continue
             t = inputs[name].to(self._device)
             args.append(t.to(self.dtype) if t.is_floating_point() else t)
         with torch.inference_mode():
