@@ -24,12 +24,18 @@ class ExportStage(Stage):
         from diffaccel.engines.backends.onnxruntime import OrtEngine
         from diffaccel.optimize.export.onnx_export import param_bytes
         result = StageResult()
-        # Largest component last: the pipeline is let go before it, so the build holds one copy of its weights.
-        sizes = {c: param_bytes(ctx.family.export_module(c, ctx.pipe)) for c in ctx.components}
-        order = sorted(ctx.components, key=lambda c: sizes[c])
+        alone = ctx.source.loads_models_alone
+        if alone:
+            # each component's model is read alone: the build holds one component's weights at a time
+            ctx.release_pipe()
+            order = list(ctx.components)
+        else:
+            # largest component last: the pipeline is let go before it, so the build holds one copy of its weights
+            sizes = {c: param_bytes(ctx.family.export_module(c, ctx.pipe)) for c in ctx.components}
+            order = sorted(ctx.components, key=lambda c: sizes[c])
         for comp in order:
             spec = ctx.specs[comp]
-            module = ctx.family.export_module(comp, ctx.pipe)
+            module = ctx.family.export_module(comp, ctx.models([ctx.family.SOURCE_MODEL[comp]]) if alone else ctx.pipe)
             if comp == order[-1]:
                 ctx.release_pipe()      # the other components' weights; later stages reload it if they need it
             with ctx.timed(self.name, comp), fresh_dir(ctx.root / comp / "export") as d:
@@ -75,7 +81,8 @@ class OrtEngineStage(Stage):
 
     def settings(self, ctx):
         c = ctx.config
-        return {"provider": c.provider, "graph_level": c.graph_level, "precision": str(c.precision)}
+        return {"provider": c.provider, "graph_level": c.graph_level, "precision": str(c.precision),
+                "fuse_attention": fuses_attention(c)}
 
     def run(self, ctx):
         from diffaccel.engines.backends.onnxruntime import OrtEngine, check_provider, session_options
@@ -90,7 +97,21 @@ class OrtEngineStage(Stage):
                 external = len(onnx_files(src)) > 1
                 so = session_options(ctx.config.threads, ctx.config.graph_level, d / "model.onnx",
                                      "model.onnx.data" if external else None)
-                ort.InferenceSession(str(src), so, providers=[ort_name])
+                fused, model = 0, str(src)
+                if fuses_attention(ctx.config):
+                    import onnx
+
+                    from diffaccel.optimize.export.attention import fuse_attention
+
+                    proto = onnx.load(str(src), load_external_data=False)    # the graph; weights stay on disk
+                    fused = fuse_attention(proto)
+                    if fused:
+                        model = proto.SerializeToString()
+                        so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                    str(src.parent))
+                    del proto
+                ort.InferenceSession(model, so, providers=[ort_name])
+                del model
                 engine = OrtEngine(d / "model.onnx", provider=ctx.config.provider, threads=ctx.config.threads,
                                    arena=False)
                 report = ctx.check_against_torch(comp, engine)   # on what earlier stages recorded
@@ -99,5 +120,13 @@ class OrtEngineStage(Stage):
             engine_files = [ctx.root / comp / "engine" / n for n in written]
             result.add(comp, files=engine_files)
             ctx.record_component(comp, backend="onnxruntime", provider=ctx.config.provider,
-                                 engine=f"{comp}/engine/model.onnx", files=engine_files, validation=report)
+                                 engine=f"{comp}/engine/model.onnx", files=engine_files, validation=report,
+                                 fused_attention=fused)
         return result
+
+
+def fuses_attention(config) -> bool:
+    """Whether the engine stage fuses exported attention into ONNX Runtime's MultiHeadAttention (its CPU kernel's
+    tiled attention never holds the score matrix; see optimize/export/attention.py). CPU only: that is where it is
+    verified; ``--graph-level basic`` (or disable) keeps the graph as exported."""
+    return config.provider == "cpu" and config.graph_level in ("extended", "all")
