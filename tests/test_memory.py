@@ -1,4 +1,5 @@
 """What a build costs the host: each stage's peak RSS and time, in the manifest, the stage summary and `info`."""
+import pytest
 import subprocess
 import sys
 
@@ -232,3 +233,47 @@ def test_export_lets_go_of_the_torch_weights(tiny_pipe, tmp_path):
     del module, weight
     gc.collect()
     assert alive() is None
+
+
+# ---- one component's weights at a time: models read alone -------------------------------------------------------
+@pytest.mark.parametrize("name", ["random:tiny", "random:tiny-xl"])
+def test_a_recipes_models_alone_have_the_pipelines_weights(name):
+    import torch
+
+    from diffaccel.optimize.sources.builtins import BUILTINS, random_models
+
+    pipe = BUILTINS[name]()
+    for model in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if name.endswith("xl") else ()):
+        alone = random_models(name, [model])
+        assert list(alone) == [model]
+        want, got = getattr(pipe, model).state_dict(), alone[model].state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), model
+
+
+def test_a_folders_models_are_read_alone(tiny_pipe, tmp_path):
+    import torch
+
+    from diffaccel.optimize.sources import resolve_source
+
+    tiny_pipe.save_pretrained(tmp_path / "sd")
+    src = resolve_source(str(tmp_path / "sd"))
+    assert src.loads_models_alone
+    models = src.load_models(["vae"])
+    assert list(models) == ["vae"] and not models["vae"].training
+    want = tiny_pipe.vae.state_dict()
+    assert all(torch.equal(want[k], v) for k, v in models["vae"].state_dict().items())
+    (tmp_path / "sd" / "unet" / "config.json").write_text("{")
+    with pytest.raises(Exception, match="cannot load unet of"):
+        src.load_models(["unet"])
+
+
+def test_export_reads_each_component_alone(tmp_path, monkeypatch):
+    """With a source that can, the export stage reads one model per component and never holds the pipeline."""
+    from diffaccel.optimize import OptimizeConfig, optimize
+    from diffaccel.optimize.sources import Source
+
+    asked = []
+    real = Source.load_models
+    monkeypatch.setattr(Source, "load_models", lambda self, names: asked.append(tuple(names)) or real(self, names))
+    optimize("random:tiny", tmp_path / "o", OptimizeConfig(exporter="torchscript"))
+    assert sorted(asked) == [("text_encoder",), ("unet",), ("vae",), ("vae",)]

@@ -20,7 +20,7 @@ from pathlib import Path
 from diffaccel.optimize.artifact.errors import SourceError, one_line
 from diffaccel.optimize.artifact.files import file_sha256, tree_sha256
 from diffaccel.optimize.families import configs_of, detect, family, supported_pipelines
-from diffaccel.optimize.sources.builtins import BUILTINS, RECIPES, builtin_hash, builtin_location
+from diffaccel.optimize.sources.builtins import BUILTINS, RECIPES, builtin_hash, builtin_location, random_models
 from diffaccel.optimize.sources.lora import Lora, check_loras, fuse_loras, with_loras
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -79,6 +79,33 @@ class Source:
         detect(configs_of(pipe), self.spec)
         fuse_loras(pipe, self.loras)
         return pipe
+
+    @property
+    def loads_models_alone(self) -> bool:
+        """Whether :meth:`load_models` reads just the models asked for (a diffusers folder or a ``random:*`` recipe
+        without LoRAs) rather than the whole pipeline: what lets a build hold one component's weights at a time."""
+        if self.loras:
+            return False     # a LoRA is fused through the pipeline's loader, into several models at once
+        return (self.kind == "builtin" and self.spec in RECIPES) or self.kind in ("folder", "hub")
+
+    def load_models(self, names) -> dict:
+        """``{name: model}`` for the named models ("unet", "vae", "text_encoder", "text_encoder_2"), fp32, CPU, eval
+        mode, with the weights :meth:`load` gives them; only those are read where :attr:`loads_models_alone`."""
+        import torch
+
+        names = tuple(names)
+        if not self.loads_models_alone:
+            pipe = self.load()
+            return {n: getattr(pipe, n) for n in names}
+        with torch.no_grad():
+            try:
+                if self.kind == "builtin":
+                    return random_models(self.spec, names)
+                return {n: _load_model(Path(self.location), n) for n in names}
+            except SourceError:
+                raise
+            except Exception as e:
+                raise SourceError(f"cannot load {', '.join(names)} of {self.spec}: {one_line(e)[:300]}") from e
 
 
 def resolve_source(spec: str, *, trust_pickle: bool = False, single_file_config: "str | None" = None,
@@ -231,6 +258,18 @@ def _load_folder(src: Source):
     fam = _family(src)
     return _pipeline_class(src).from_pretrained(src.location, torch_dtype=torch.float32, local_files_only=True,
                                                    **fam.LOAD_KWARGS)
+
+
+def _load_model(folder: Path, name: str):
+    """One model of a diffusers folder, by the class its model_index.json names."""
+    import importlib
+
+    import torch
+
+    library, cls = json.loads((folder / "model_index.json").read_text())[name]
+    model = getattr(importlib.import_module(library), cls).from_pretrained(
+        folder, subfolder=name, torch_dtype=torch.float32, local_files_only=True)
+    return model.eval()
 
 
 def _load_single_file(src: Source):

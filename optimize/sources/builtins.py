@@ -41,29 +41,43 @@ def _seeded(seed: int, make):
         return make()
 
 
-def _assemble(unet_kw: dict, vae_kw: dict, text_kw: dict, sched: dict, seed: int, words=None):
+def _assemble(unet_kw: dict, vae_kw: dict, text_kw: dict, sched: dict, seed: int, words=None, only=None):
+    """A Stable Diffusion pipeline; with ``only`` (model names), just those models in a dict -- each drawn from its
+    own seed, so alone it has the weights it has in the pipeline."""
     from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from diffaccel.optimize.sources.tokenizer import DEFAULT_WORDS, word_tokenizer
 
     tokenizer = word_tokenizer(words or DEFAULT_WORDS, max_length=text_kw.get("max_position_embeddings", 77))
-    unet = _seeded(seed, lambda: UNet2DConditionModel(**unet_kw).eval())
-    vae = _seeded(seed + 1, lambda: AutoencoderKL(**vae_kw).eval())
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
-    text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**text_kw, **ids)).eval())
+    models = _made({
+        "unet": lambda: _seeded(seed, lambda: UNet2DConditionModel(**unet_kw).eval()),
+        "vae": lambda: _seeded(seed + 1, lambda: AutoencoderKL(**vae_kw).eval()),
+        "text_encoder": lambda: _seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**text_kw, **ids)).eval()),
+    }, only)
+    if only is not None:
+        return models
     sched = dict(sched)
     cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[sched.pop("_class_name")]
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=cls.from_config(sched), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return StableDiffusionPipeline(**models, tokenizer=tokenizer, scheduler=cls.from_config(sched),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def _assemble_xl(unet_kw: dict, vae_kw: dict, text_kw: "dict | None", text2_kw: dict, sched: dict, seed: int):
+def _made(makers: dict, only) -> dict:
+    """Build the models named in ``only`` (all when None), in a fixed order."""
+    unknown = set(only or ()) - set(makers)
+    if unknown:
+        raise KeyError(f"this pipeline has no {', '.join(sorted(unknown))}")
+    return {k: make() for k, make in makers.items() if only is None or k in only}
+
+
+def _assemble_xl(unet_kw: dict, vae_kw: dict, text_kw: "dict | None", text2_kw: dict, sched: dict, seed: int,
+                 only=None):
     """An SDXL pipeline: both text encoders share the built-in word list; tokenizer_2 pads with "!" as SDXL's
     does, so the two pad differently. ``text_kw=None`` makes the refiner (an img2img pipeline without the first
-    text encoder, with requires_aesthetics_score)."""
+    text encoder, with requires_aesthetics_score). ``only``: just those models, as for :func:`_assemble`."""
     import diffusers
     from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
     from diffusers import UNet2DConditionModel
@@ -75,20 +89,25 @@ def _assemble_xl(unet_kw: dict, vae_kw: dict, text_kw: "dict | None", text2_kw: 
     tokenizer, tokenizer_2 = word_tokenizer(DEFAULT_WORDS, length), word_tokenizer(DEFAULT_WORDS, length, "!")
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
-    unet = _seeded(seed, lambda: UNet2DConditionModel(**unet_kw).eval())
-    vae = _seeded(seed + 1, lambda: AutoencoderKL(**vae_kw).eval())
-    text_encoder_2 = _seeded(seed + 3, lambda: CLIPTextModelWithProjection(CLIPTextConfig(
-        **text2_kw, **{**ids, "pad_token_id": tokenizer_2.pad_token_id})).eval())
+    makers = {
+        "unet": lambda: _seeded(seed, lambda: UNet2DConditionModel(**unet_kw).eval()),
+        "vae": lambda: _seeded(seed + 1, lambda: AutoencoderKL(**vae_kw).eval()),
+        "text_encoder_2": lambda: _seeded(seed + 3, lambda: CLIPTextModelWithProjection(CLIPTextConfig(
+            **text2_kw, **{**ids, "pad_token_id": tokenizer_2.pad_token_id})).eval()),
+    }
+    if text_kw is not None:
+        makers["text_encoder"] = lambda: _seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**text_kw,
+                                                                                                **ids)).eval())
+    models = _made(makers, only)
+    if only is not None:
+        return models
     sched = dict(sched)
     scheduler = getattr(diffusers, sched.pop("_class_name")).from_config(sched)
     if text_kw is None:
         return StableDiffusionXLImg2ImgPipeline(
-            vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2,
-            unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=True,
-            add_watermarker=False)
-    text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**text_kw, **ids)).eval())
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+            **models, text_encoder=None, tokenizer=None, tokenizer_2=tokenizer_2, scheduler=scheduler,
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    return StableDiffusionXLPipeline(**models, tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler,
                                      force_zeros_for_empty_prompt=True, add_watermarker=False)
 
 
@@ -163,11 +182,17 @@ RECIPES = {
 }
 
 
-def _random(name: str):
+def _random(name: str, only=None):
     r = RECIPES[name]
     if "text_2" in r:
-        return _assemble_xl(r["unet"], r["vae"], r["text"], r["text_2"], r["scheduler"], r["seed"])
-    return _assemble(r["unet"], r["vae"], r["text"], r["scheduler"], r["seed"])
+        return _assemble_xl(r["unet"], r["vae"], r["text"], r["text_2"], r["scheduler"], r["seed"], only=only)
+    return _assemble(r["unet"], r["vae"], r["text"], r["scheduler"], r["seed"], only=only)
+
+
+def random_models(name: str, names) -> dict:
+    """Only the named models of a ``random:*`` recipe, with the weights they have in its pipeline (each model has
+    its own seed): what a build loads one component at a time."""
+    return _random(name, only=set(names))
 
 
 for _name in RECIPES:

@@ -104,6 +104,17 @@ class Context:
             self.reporter.stage_end("load", time.perf_counter() - t0, False)
         return self._pipe
 
+    def models(self, names) -> dict:
+        """The named torch models: the loaded pipeline's when there is one, else read alone from the source where it
+        can (a diffusers folder or a recipe), so that a stage holds one component's weights and not the pipeline's
+        (SDXL's is 14 GB in fp32)."""
+        if self._pipe is not None or not self.source.loads_models_alone:
+            return {n: getattr(self.pipe, n) for n in names}
+        t0 = time.perf_counter()
+        models = self.source.load_models(names)
+        log.info("read %s alone in %.1fs", ", ".join(names), time.perf_counter() - t0)
+        return models
+
     def release_pipe(self) -> None:
         """Free the PyTorch pipeline (GBs for real checkpoints) before a memory-hungry step; reloaded on demand."""
         from diffaccel.optimize.stages.resources import release_memory
