@@ -97,3 +97,23 @@ def test_a_custom_scale_is_kept():
     mha = next(n for n in m.graph.node if n.op_type == "MultiHeadAttention")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in mha.attribute}
     assert attrs["num_heads"] == 2 and attrs["scale"] == pytest.approx(0.125)
+
+
+def test_export_check_runs_the_opt_point_fused_and_the_other_as_exported(tiny_ort):
+    import torch
+
+    from diffaccel.optimize.artifact.manifest import Manifest
+    from diffaccel.optimize.artifact.specs import ComponentSpec
+    from diffaccel.optimize.stages.onnx_export import ExportCheck
+
+    m = Manifest.load(tiny_ort)
+    report = m.stages["export"]["components"]["unet"]["validation"]
+    assert report["passed"] and report["fused_attention_at_opt"] == m.components["unet"]["fused_attention"]
+    spec = ComponentSpec.from_dict("unet", m.components["unet"]["spec"])
+    check = ExportCheck(tiny_ort / "unet" / "export" / "model.onnx", spec, None, fuse=True)
+    gen = torch.Generator().manual_seed(0)
+    alt = check(**spec.random_inputs(gen, **spec.alt_values()))
+    assert not check._fused_engine
+    opt = check(**spec.random_inputs(gen, **spec.opt_values()))
+    assert check._fused_engine and check.fused > 0
+    assert all(torch.isfinite(t).all() for t in [*alt.values(), *opt.values()])

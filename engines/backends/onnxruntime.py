@@ -104,9 +104,9 @@ def provider_options(ort_name: str, device_id: int = 0, cache_dir: "Path | None"
 class OrtEngine:
     """One ONNX Runtime session with named torch-tensor inputs and outputs."""
 
-    def __init__(self, path: Path, provider: str = "cpu", threads: "int | None" = None, level: str = "all",
+    def __init__(self, path: "Path | bytes", provider: str = "cpu", threads: "int | None" = None, level: str = "all",
                  device_id: int = 0, cache_dir: "Path | None" = None, spec=None, spin: "bool | None" = None,
-                 arena: bool = True):
+                 arena: bool = True, external_data_dir: "Path | None" = None):
         ort = _ort()
         ort_name = check_provider(provider)
         profile = spec.profile() if spec is not None and cache_dir is not None else None
@@ -114,8 +114,11 @@ class OrtEngine:
         if ort_name != "CPUExecutionProvider":
             providers.append(("CPUExecutionProvider", {}))
         self.provider = ort_name
-        self.session = ort.InferenceSession(str(path), session_options(threads, level, spin=spin, arena=arena),
-                                            providers=providers)
+        so = session_options(threads, level, spin=spin, arena=arena)
+        if isinstance(path, bytes):     # a serialized graph whose external weights lie in ``external_data_dir``
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                        str(external_data_dir))
+        self.session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=providers)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         self._types = {i.name: _NP_TYPES.get(i.type, "float32") for i in self.session.get_inputs()}

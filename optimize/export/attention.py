@@ -170,3 +170,13 @@ def _topological(nodes, available: set) -> bool:
             return False
         seen.update(n.output)
     return True
+
+
+def fused_graph(path) -> "tuple[bytes | None, int]":
+    """(the serialized graph of the ONNX file ``path`` with its attention fused, how many) -- ``(None, 0)`` when
+    nothing was fused. The weights are not read: the graph refers to the external data beside ``path``."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    n = fuse_attention(proto)
+    return (proto.SerializeToString() if n else None), n
