@@ -99,7 +99,7 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
     stage_classes = stages_for(config.backend, config.precision)
     for cls in stage_classes:
         cls.preflight(config)
-    memory = _check_memory(configs, family, config, stage_classes)
+    memory = _check_memory(source, configs, family, config, stage_classes)
     work, fresh = _prepare_workdir(out, source, force)
     try:
         manifest = _open_manifest(work, source, config)
@@ -131,7 +131,8 @@ def _check_before_loading(source: Source, configs: "dict | None", config: Optimi
     return family
 
 
-def _check_memory(configs: "dict | None", family, config: OptimizeConfig, stage_classes) -> "dict | None":
+def _check_memory(source: Source, configs: "dict | None", family, config: OptimizeConfig,
+                  stage_classes) -> "dict | None":
     """The pre-flight memory check (see :func:`~diffaccel.optimize.stages.resources.check_memory`), where the configs
     can be read without the weights."""
     if not config.memory_check or configs is None or family is None:
@@ -140,8 +141,11 @@ def _check_memory(configs: "dict | None", family, config: OptimizeConfig, stage_
     built = [weights.get(family.SOURCE_MODEL[c], 0) for c in components_of(family, config.components)]
     h, w = family.latent_opt_size(configs, config.shapes)
     attention = family.attention_bytes(configs, h, w) if hasattr(family, "attention_bytes") else 0
+    from diffaccel.optimize.stages.onnx_export import fuses_attention
+
     return check_memory([s.name for s in stage_classes], sum(weights.values()), max(built, default=0), attention,
-                        config.memory_limit, latent_area=h * w)
+                        config.memory_limit, latent_area=h * w, alone=source.loads_models_alone,
+                        fused=fuses_attention(config))
 
 
 def _drop_foreign_stages(ctx: Context) -> None:

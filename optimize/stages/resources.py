@@ -83,30 +83,38 @@ GB = 1e9
 BASE_BYTES = 0.5 * GB      # Python, torch, ONNX Runtime and their libraries (random:sd15's assets stage: 4.74 GB
                            # with its 4.26 GB pipeline loaded)
 
-# What a stage holds at its peak, beyond BASE_BYTES. A build holds one copy of a model's weights at a time (the
-# export lets the pipeline go before the largest component, later stages check engines against PyTorch outputs the
-# export recorded, calibration statistics are merged one sample at a time), so peaks are the whole pipeline while it
-# is loaded, or the largest component's weights beside the activations of one step. Activations are dominated by
-# the attention scores an unfused ONNX graph materialises (``family.attention_bytes``: the largest score tensor at
-# the opt size with CFG) and, for the small components exported beside the loaded pipeline, by the VAE's
-# full-resolution feature maps (they grow with the latent area). Fitted on the SD 1.5 architecture (random:sd15:
-# 4.26 GB pipeline, 3.44 GB U-Net, 1.07 GB attention scores at 512x512; 2-core AMD EPYC, 24 GB; docs/memory.md).
+# What a stage holds at its peak, beyond BASE_BYTES. A build holds one copy of a model's weights at a time: the
+# export reads each component's model alone where the source allows (a diffusers folder or a recipe; otherwise it
+# holds the pipeline and lets it go before the largest component), later stages check engines against PyTorch
+# outputs the export recorded, calibration statistics are merged one sample at a time. So peaks are the whole
+# pipeline while it is loaded (assets, calibration capture), or one component's weights beside the activations of
+# one step. Activations are measured in attention-score tensors (``family.attention_bytes``: the largest score
+# tensor at the opt size with CFG): an unfused ONNX graph materialises several, ONNX Runtime's fused CPU attention
+# (the engine, and the export check at the opt point) none, leaving the other feature maps; the VAE's
+# full-resolution feature maps grow with the latent area. Fitted on the SD 1.5 architecture (random:sd15: 4.26 GB
+# pipeline, 3.44 GB U-Net, 1.07 GB attention scores at 512x512; 2-core AMD EPYC, 24 GB; docs/memory.md).
 REFERENCE_LATENT_AREA = 64 * 64
 SMALL_ITEM_BYTES = 2.6 * GB        # export/check of a VAE or text encoder beside the pipeline, at the reference area
+SMALL_ALONE_BYTES = 2.5 * GB       # the same with the component read alone (VAE decoder: 3.0 GB with BASE_BYTES)
 CAPTURE_BYTES = 1.0 * GB           # PyTorch sampling calibration prompts beside the pipeline (fp32, SDPA)
 ACTIVATION_FACTORS = {             # attention-score tensors' worth of activations one ONNX Runtime step holds
-    "export": 3.2,                 # unoptimized graph, at the second (batch 4) parity point
+    "export": 3.2,                 # unoptimized, unfused graph at the opt point
     "engine": 3.2,
-    "quantize": 2.0,               # calibration session (priority order: one sample's live tensors)
+    "quantize": 2.85,              # calibration session (priority order: one sample's live tensors; 6.98 GB)
 }
+FUSED_FACTORS = {"export": 1.3, "engine": 1.4}   # attention fused (random:sd15: U-Net items 5.31 and 5.43 GB)
 QUANTIZER_FACTOR = 1.35            # quantize_static: the float model loaded plus its int8 weights, x largest
 
 
-def _stage_need(name: str, total: float, largest: float, attention: float, area_ratio: float) -> float:
-    act = ACTIVATION_FACTORS.get(name, ACTIVATION_FACTORS["engine"]) * attention
+def _stage_need(name: str, total: float, largest: float, attention: float, area_ratio: float, alone: bool = False,
+                fused: bool = False) -> float:
+    factors = {**ACTIVATION_FACTORS, **(FUSED_FACTORS if fused else {})}
+    act = factors.get(name, factors["engine"]) * attention
     if name == "assets":
         return total
     if name == "export":
+        if alone:
+            return max(SMALL_ALONE_BYTES * area_ratio, largest + act)
         return max(total + SMALL_ITEM_BYTES * area_ratio, largest + act)
     if name == "quantize":
         return max(total + CAPTURE_BYTES * area_ratio, largest + act, QUANTIZER_FACTOR * largest)
@@ -134,19 +142,24 @@ def available_memory() -> tuple:
 
 
 def estimate_peak(stage_names, total: int, largest: int, attention: int = 1_073_741_824,
-                  latent_area: int = REFERENCE_LATENT_AREA) -> tuple:
+                  latent_area: int = REFERENCE_LATENT_AREA, alone: bool = False, fused: bool = False) -> tuple:
     """(estimated peak RSS in bytes, the stage it happens in) of a build from its stages' names, the fp32 weight
     bytes of the whole pipeline (``total``) and of the largest component it builds (``largest``), the largest
     attention-score tensor at the opt size (``attention``, see the family's ``attention_bytes``) and the opt latent
-    area (height x width). The calibration size does not enter: statistics are merged one sample at a time.
+    area (height x width); ``alone``: the source's models can be read one at a time; ``fused``: the ONNX Runtime
+    engine fuses attention (CPU). The calibration size does not enter: statistics are merged one sample at a time.
 
     >>> need, stage = estimate_peak(["assets", "export", "quantize", "engine"], 4.26e9, 3.44e9)
     >>> stage, round(need / 1e9, 1)
     ('export', 7.4)
+    >>> need, stage = estimate_peak(["assets", "export", "engine"], 4.26e9, 3.44e9, alone=True, fused=True)
+    >>> stage, round(need / 1e9, 1)
+    ('engine', 5.4)
     """
     best = (BASE_BYTES, "")
     for name in stage_names:
-        need = BASE_BYTES + _stage_need(name, total, largest, attention, latent_area / REFERENCE_LATENT_AREA)
+        need = BASE_BYTES + _stage_need(name, total, largest, attention, latent_area / REFERENCE_LATENT_AREA,
+                                        alone, fused)
         best = max(best, (need, name))
     return best
 
@@ -169,12 +182,13 @@ def parse_size(text) -> int:
 
 
 def check_memory(stage_names, total: int, largest: int, attention: int = 1_073_741_824,
-                 limit: "int | None" = None, latent_area: int = REFERENCE_LATENT_AREA) -> dict:
+                 limit: "int | None" = None, latent_area: int = REFERENCE_LATENT_AREA, alone: bool = False,
+                 fused: bool = False) -> dict:
     """Refuse (one line: needed, available, what lowers it) a build whose estimated peak exceeds what this machine
     (or ``limit``) gives; else return the estimate for the manifest."""
     from diffaccel.optimize.artifact.errors import MemoryBudgetError
 
-    need, stage = estimate_peak(stage_names, total, largest, attention, latent_area)
+    need, stage = estimate_peak(stage_names, total, largest, attention, latent_area, alone, fused)
     have, where = available_memory()
     if limit is not None and limit < have:
         have, where = limit, "--memory-limit"
