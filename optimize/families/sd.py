@@ -97,23 +97,22 @@ class ModelGeometry:
 
     @classmethod
     def from_pipeline(cls, pipe) -> "ModelGeometry":
-        unet, vae, te = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
-        vae_scale, latent_multiple = size_factors(unet, vae)
-        sample = unet.sample_size if isinstance(unet.sample_size, int) else unet.sample_size[0]
-        return cls(
-            vocab_size=int(te.vocab_size),
-            max_length=int(pipe.tokenizer.model_max_length),
-            text_hidden=int(te.hidden_size),
-            latent_channels=int(vae.latent_channels),
-            unet_in_channels=int(unet.in_channels),
-            cross_attention_dim=int(unet.cross_attention_dim),
-            vae_scale_factor=vae_scale,
-            latent_multiple=latent_multiple,
-            default_size=int(sample) * vae_scale,
-            num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
-            guidance_doubles_batch=unet.get("time_cond_proj_dim") is None,
-            timestep_cond_dim=int(unet.get("time_cond_proj_dim") or 0),
-        )
+        te = pipe.text_encoder.config
+        return cls(vocab_size=int(te.vocab_size), max_length=int(pipe.tokenizer.model_max_length),
+                   text_hidden=int(te.hidden_size), **denoiser_geometry(pipe))
+
+
+def denoiser_geometry(pipe) -> dict:
+    """The geometry fields the U-Net, the VAE and the scheduler decide (every family's ``ModelGeometry`` has them)."""
+    unet, vae = pipe.unet.config, pipe.vae.config
+    vae_scale, latent_multiple = size_factors(unet, vae)
+    sample = unet.sample_size if isinstance(unet.sample_size, int) else unet.sample_size[0]
+    return dict(latent_channels=int(vae.latent_channels), unet_in_channels=int(unet.in_channels),
+                cross_attention_dim=int(unet.cross_attention_dim), vae_scale_factor=vae_scale,
+                latent_multiple=latent_multiple, default_size=int(sample) * vae_scale,
+                num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
+                guidance_doubles_batch=unet.get("time_cond_proj_dim") is None,
+                timestep_cond_dim=int(unet.get("time_cond_proj_dim") or 0))
 
 
 def latent_opt_size(configs: dict, shapes) -> tuple:

@@ -119,50 +119,27 @@ def _conditioning_problems(unet: dict, te, te2: dict, configs: dict, refiner: bo
     return []
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelGeometry:
-    """What the specs need to know about a loaded SDXL pipeline (read from its configs, JSON-able)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelGeometry(sd.ModelGeometry):
+    """What the specs need to know about a loaded SDXL pipeline (read from its configs, JSON-able): Stable
+    Diffusion's, with the first text encoder's fields 0 where there is none (the refiner), plus the second encoder's
+    and the added conditioning."""
 
-    vocab_size: int
     vocab_size_2: int
-    max_length: int
-    text_hidden: int
     text_hidden_2: int
     pooled_dim: int           # text_encoder_2's projection: the U-Net's text_embeds
     time_ids: int             # 6 (base, Turbo)
-    latent_channels: int
-    unet_in_channels: int
-    cross_attention_dim: int
-    vae_scale_factor: int
-    latent_multiple: int
-    default_size: int
-    num_train_timesteps: int
-    guidance_doubles_batch: bool = True   # classifier-free guidance runs both halves in one U-Net batch
-    timestep_cond_dim: int = 0            # LCM-distilled U-Nets: width of the guidance embedding (0: none)
-
-    @property
-    def pixel_multiple(self) -> int:
-        return self.vae_scale_factor * self.latent_multiple
 
     @classmethod
     def from_pipeline(cls, pipe) -> "ModelGeometry":
-        unet, vae = pipe.unet.config, pipe.vae.config
         te2 = pipe.text_encoder_2.config
         te = pipe.text_encoder.config if pipe.text_encoder is not None else None    # None: the refiner
-        vae_scale, latent_multiple = size_factors(unet, vae)
-        sample = unet.sample_size if isinstance(unet.sample_size, int) else unet.sample_size[0]
         return cls(
             vocab_size=int(te.vocab_size) if te else 0, vocab_size_2=int(te2.vocab_size),
             max_length=int(pipe.tokenizer_2.model_max_length),
             text_hidden=int(te.hidden_size) if te else 0, text_hidden_2=int(te2.hidden_size),
-            pooled_dim=int(te2.projection_dim), time_ids=int(time_id_count(dict(unet), te2.to_dict())),
-            latent_channels=int(vae.latent_channels), unet_in_channels=int(unet.in_channels),
-            cross_attention_dim=int(unet.cross_attention_dim), vae_scale_factor=vae_scale,
-            latent_multiple=latent_multiple, default_size=int(sample) * vae_scale,
-            num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
-            guidance_doubles_batch=unet.get("time_cond_proj_dim") is None,
-            timestep_cond_dim=int(unet.get("time_cond_proj_dim") or 0),
-        )
+            pooled_dim=int(te2.projection_dim), time_ids=int(time_id_count(dict(pipe.unet.config), te2.to_dict())),
+            **sd.denoiser_geometry(pipe))
 
 
 def specs(geo: ModelGeometry, shapes) -> dict:
