@@ -286,7 +286,11 @@ def test_reading_models_alone_and_fused_attention_lower_the_estimate():
     stages = ["assets", "export", "engine"]
     before, _ = estimate_peak(stages, 4.26e9, 3.44e9)
     after, stage = estimate_peak(stages, 4.26e9, 3.44e9, alone=True, fused=True)
-    assert after < before and stage == "engine" and abs(after - 5.43e9) < 0.3e9
-    # SDXL (13.9 GB pipeline, 10.3 GB U-Net, 1.34 GB scores at 1024x1024): the pipeline in assets is the peak
+    assert after < before and stage in ("export", "engine") and abs(after - 5.43e9) < 0.3e9
+    # SDXL (13.9 GB pipeline, 10.3 GB U-Net, 1.34 GB scores at 1024x1024; measured 14.37 GB in assets, 13.9 GB in
+    # the U-Net items of export and engine): the pipeline in assets is the peak
     need, stage = estimate_peak(stages, 13.9e9, 10.3e9, attention=1.34e9, latent_area=128 * 128, alone=True, fused=True)
     assert stage == "assets" and need < 18e9
+    later, _ = estimate_peak(["export", "engine"], 13.9e9, 10.3e9, attention=1.34e9, latent_area=128 * 128,
+                             alone=True, fused=True)
+    assert abs(later - 13.9e9) < 0.6e9

@@ -52,6 +52,9 @@ class AssetsStage(Stage):
             "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
             **assets["pipeline"],
         })
+        del pipe
+        if ctx.source.loads_models_alone and any(s.name == "export" for s in ctx.plan):
+            ctx.release_pipe()      # the export reads each model alone: the pipeline would only sit beside them
         return StageResult(files=files)
 
 

@@ -95,21 +95,26 @@ BASE_BYTES = 0.5 * GB      # Python, torch, ONNX Runtime and their libraries (ra
 # pipeline, 3.44 GB U-Net, 1.07 GB attention scores at 512x512; 2-core AMD EPYC, 24 GB; docs/memory.md).
 REFERENCE_LATENT_AREA = 64 * 64
 SMALL_ITEM_BYTES = 2.6 * GB        # export/check of a VAE or text encoder beside the pipeline, at the reference area
-SMALL_ALONE_BYTES = 2.5 * GB       # the same with the component read alone (VAE decoder: 3.0 GB with BASE_BYTES)
+SMALL_ALONE_BYTES = 2.6 * GB       # the same, read alone (VAE decoder with BASE_BYTES: 3.0 GB; SDXL's at 4x the area 11.0)
 CAPTURE_BYTES = 1.0 * GB           # PyTorch sampling calibration prompts beside the pipeline (fp32, SDPA)
 ACTIVATION_FACTORS = {             # attention-score tensors' worth of activations one ONNX Runtime step holds
     "export": 3.2,                 # unoptimized, unfused graph at the opt point
     "engine": 3.2,
     "quantize": 2.85,              # calibration session (priority order: one sample's live tensors; 6.98 GB)
 }
-FUSED_FACTORS = {"export": 1.3, "engine": 1.4}   # attention fused (random:sd15: U-Net items 5.31 and 5.43 GB)
+# Attention fused (ONNX Runtime's CPU kernel; the export check's opt point): what is left grows with the weights
+# (the exporter's and the graph optimizer's working copies) and with the feature maps. Fitted on random:sd15
+# (U-Net items: export 5.31, engine 5.43 GB) and random:sdxl (13.9 GB both; 10.3 GB U-Net, 1.34 GB scores).
+FUSED_WEIGHT_SHARE, FUSED_ATTENTION_FACTOR = 0.22, 0.65
 QUANTIZER_FACTOR = 1.35            # quantize_static: the float model loaded plus its int8 weights, x largest
 
 
 def _stage_need(name: str, total: float, largest: float, attention: float, area_ratio: float, alone: bool = False,
                 fused: bool = False) -> float:
-    factors = {**ACTIVATION_FACTORS, **(FUSED_FACTORS if fused else {})}
-    act = factors.get(name, factors["engine"]) * attention
+    if fused and name in ("export", "engine"):
+        act = FUSED_WEIGHT_SHARE * largest + FUSED_ATTENTION_FACTOR * attention
+    else:
+        act = ACTIVATION_FACTORS.get(name, ACTIVATION_FACTORS["engine"]) * attention
     if name == "assets":
         return total
     if name == "export":
@@ -154,7 +159,7 @@ def estimate_peak(stage_names, total: int, largest: int, attention: int = 1_073_
     ('export', 7.4)
     >>> need, stage = estimate_peak(["assets", "export", "engine"], 4.26e9, 3.44e9, alone=True, fused=True)
     >>> stage, round(need / 1e9, 1)
-    ('engine', 5.4)
+    ('export', 5.4)
     """
     best = (BASE_BYTES, "")
     for name in stage_names:
