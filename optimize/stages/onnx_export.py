@@ -8,6 +8,7 @@ from diffaccel.optimize.stages.resources import release_memory
 
 REFERENCE_FILE = "reference.pt"     # PyTorch's outputs on the parity inputs (see RecordedReference)
 
+FUSING_LEVELS = ("extended", "all")     # --graph-level values at which exported attention is fused (CPU)
 ADVICE_EXPORT = ("Try --exporter torchscript, another --opset, or a smaller --height/--width range; "
                  "report the model if it persists.")
 
@@ -35,7 +36,7 @@ class ExportStage(Stage):
         for comp in order:
             spec = ctx.specs[comp]
             module = ctx.family.export_module(comp, ctx.models([ctx.family.SOURCE_MODEL[comp]]) if alone else ctx.pipe)
-            if comp == order[-1]:
+            if not alone and comp == order[-1]:
                 ctx.release_pipe()      # the other components' weights; later stages reload it if they need it
             with ctx.timed(self.name, comp), fresh_dir(ctx.root / comp / "export") as d:
                 written = export_onnx(spec, module, d / "model.onnx", exporter=ctx.config.exporter,
@@ -46,7 +47,7 @@ class ExportStage(Stage):
                 del module
                 release_memory()        # the last component's torch weights go before its ONNX Runtime session
                 engine = ExportCheck(d / "model.onnx", spec, ctx.config.threads,
-                                     fuse=ctx.config.graph_level in ("extended", "all"))
+                                     fuse=ctx.config.graph_level in FUSING_LEVELS)
                 report = ctx.check_against_torch(comp, engine, reference=reference, final=False,
                                                  advice=ADVICE_EXPORT)
                 report["fused_attention_at_opt"] = engine.fused
@@ -148,4 +149,4 @@ def fuses_attention(config) -> bool:
     """Whether the engine stage fuses exported attention into ONNX Runtime's MultiHeadAttention (its CPU kernel's
     tiled attention never holds the score matrix; see optimize/export/attention.py). CPU only: that is where it is
     verified; ``--graph-level basic`` (or disable) keeps the graph as exported."""
-    return config.provider == "cpu" and config.graph_level in ("extended", "all")
+    return config.provider == "cpu" and config.graph_level in FUSING_LEVELS
