@@ -3,7 +3,6 @@
 signed webhooks with retries, metrics, and 1,000 hostile requests that all get a 4xx."""
 import base64
 import http.server
-import io
 import json
 import random
 import threading
@@ -19,22 +18,13 @@ pytest.importorskip("httpx", reason="the test client needs httpx (the serve extr
 from starlette.testclient import TestClient  # noqa: E402
 
 from diffaccel.engines.serving.app import create_app  # noqa: E402
-from diffaccel.engines.serving.config import ServeConfig  # noqa: E402
-from diffaccel.engines.serving.service import Service  # noqa: E402
 from diffaccel.engines.serving.webhooks import verify  # noqa: E402
-from diffaccel.optimize.cli.serve import guidance, schedulers  # noqa: E402
 
 from .helpers import run_cli  # noqa: E402
+from .serve_helpers import make_service, models, png_pixels, wait_for_jobs  # noqa: E402,F401  (models: a fixture)
 
 SECRET = "whsec_" + base64.b64encode(b"serve-test-secret-0123456").decode()
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def models(tiny_ort_ts):
-    from diffaccel.engines.serving.models import load_models
-
-    return load_models([tiny_ort_ts], guidance=guidance)
 
 
 @pytest.fixture
@@ -43,8 +33,7 @@ def serve(models, tmp_path):
     opened = []
 
     def make(**kw):
-        cfg = ServeConfig(db=str(tmp_path / f"jobs-{len(opened)}.sqlite"), **kw)
-        service = Service(cfg, models, schedulers())
+        service = make_service(models, tmp_path / f"jobs-{len(opened)}.sqlite", **kw)
         client = TestClient(create_app(service))
         client.__enter__()
         opened.append(client)
@@ -55,18 +44,8 @@ def serve(models, tmp_path):
         c.__exit__(None, None, None)
 
 
-def _png(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
 def _wait(client, job_id, timeout=60):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "canceled"):
-            return job
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} did not end: {job}")
+    return wait_for_jobs(lambda j: client.get(f"/v1/jobs/{j}").json(), [job_id], timeout=timeout, poll=0.02)[0]
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +70,14 @@ def test_sync_call_returns_the_image_diffaccel_generate_makes(serve, generated, 
     assert r.status_code == 200, r.text
     data = r.json()["data"]
     assert len(data) == 1 and data[0]["seed"] == 5
-    assert np.array_equal(_png(base64.b64decode(data[0]["b64_json"])), generated("a red circle", 5, capsys))
+    assert np.array_equal(png_pixels(base64.b64decode(data[0]["b64_json"])), generated("a red circle", 5, capsys))
     r = client.post("/v1/images/generations", json={"prompt": "a red circle", "seed": 5, "steps": STEPS,
                                                      "response_format": "url", "n": 2})
     urls = [d["url"] for d in r.json()["data"]]
     assert [d["seed"] for d in r.json()["data"]] == [5, 6]              # image i has seed + i
     first = client.get(urls[0].replace("http://testserver", ""))
     assert first.headers["content-type"] == "image/png"
-    assert np.array_equal(_png(first.content), generated("a red circle", 5, capsys))
+    assert np.array_equal(png_pixels(first.content), generated("a red circle", 5, capsys))
 
 
 def test_prefer_wait_answers_202_with_the_job_when_not_done(serve):
@@ -122,7 +101,7 @@ def test_compatible_jobs_share_an_engine_call_and_keep_their_solo_images(serve, 
     for j, p, seed in zip(jobs, prompts + ["a red circle"], range(10, 14)):
         png = client.get(f"/v1/jobs/{j['id']}/images/0.png").content
         assert j["output"][0]["seed"] == seed
-        assert np.array_equal(_png(png), generated(p, seed, capsys)), p
+        assert np.array_equal(png_pixels(png), generated(p, seed, capsys)), p
     text = client.get("/metrics").text                                     # a batch of 4 and one of 1
     assert 'diffaccel_batch_size_bucket{le="3"} 1' in text and 'diffaccel_batch_size_bucket{le="4"} 2' in text
 

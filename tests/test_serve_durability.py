@@ -1,34 +1,26 @@
 """Durability: ``kill -9`` the real ``diffaccel serve`` process mid-job, start it again on the same job store, and
 every accepted job completes once, with the image it would have had anyway."""
-import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 httpx = pytest.importorskip("httpx", reason="the serve extra is not installed: pip install -e '.[serve]'")
 
 from .helpers import run_cli  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .serve_helpers import free_port, png_pixels, wait_for_jobs  # noqa: E402
 
 
 class Server:
     """``diffaccel serve`` in a subprocess on the loopback."""
 
     def __init__(self, artifact, db, log):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "diffaccel.optimize.cli", "serve", str(artifact),
                                       "--port", str(self.port), "--db", str(db), "--max-batch", "1",
@@ -72,13 +64,7 @@ def test_kill_9_mid_job_then_restart_completes_every_job_with_its_own_image(tiny
             time.sleep(0.01)
         server.kill9()                                    # mid-job: job 0 running, jobs 1 and 2 queued
         server = Server(tiny_ort_ts, db, log)
-        done = []
-        for jid in ids:
-            end = time.monotonic() + 120
-            while (j := httpx.get(f"{server.url}/v1/jobs/{jid}").json())["status"] not in ("succeeded", "failed"):
-                assert time.monotonic() < end, j
-                time.sleep(0.05)
-            done.append(j)
+        done = wait_for_jobs(lambda jid: httpx.get(f"{server.url}/v1/jobs/{jid}").json(), ids)
         listed = httpx.get(f"{server.url}/v1/jobs").json()["data"]
         images = [httpx.get(f"{server.url}/v1/jobs/{jid}/images/0.png").content for jid in ids]
         missing = httpx.get(f"{server.url}/v1/jobs/{ids[0]}/images/1.png").status_code
@@ -93,5 +79,4 @@ def test_kill_9_mid_job_then_restart_completes_every_job_with_its_own_image(tiny
         code, _, err = run_cli(capsys, "generate", tiny_ort_ts, prompt, "--steps", steps, "--seed", seed, "-o", path)
         assert code == 0, err
         assert j["output"] == [{"index": 0, "seed": seed, "url": j["output"][0]["url"]}]
-        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")),
-                              np.asarray(Image.open(path).convert("RGB"))), prompt
+        assert np.array_equal(png_pixels(png), png_pixels(path.read_bytes())), prompt

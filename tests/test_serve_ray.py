@@ -1,12 +1,9 @@
 """``diffaccel serve --ray``: the same app on a real local Ray Serve (two engine replicas with fractional CPUs).
 Jobs batch across requests in the replicas, keep their solo images, and survive the death of an engine replica."""
-import io
-import socket
 import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 httpx = pytest.importorskip("httpx", reason="the serve extra is not installed: pip install -e '.[serve]'")
@@ -17,20 +14,16 @@ from diffaccel.engines.serving.config import ServeConfig  # noqa: E402
 from diffaccel.engines.serving.ray_app import RayOptions, build_app  # noqa: E402
 from diffaccel.optimize.cli.serve import guidance, schedulers  # noqa: E402
 
+from .serve_helpers import free_port, models, png_pixels, wait_for_jobs  # noqa: E402,F401  (models: a fixture)
+
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ray_url(tiny_ort_ts, tmp_path_factory):
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -44,22 +37,18 @@ def ray_url(tiny_ort_ts, tmp_path_factory):
         ray.shutdown()
 
 
-def _solo(artifact, work):
-    from diffaccel.engines.serving.models import load_models, resolve
+def _solo(models, work):
+    """The image of ``work`` run alone on ``models``, outside Ray."""
+    from diffaccel.engines.serving.models import resolve
     from diffaccel.engines.serving.schemas import JobInput
     from diffaccel.engines.serving.worker import run_batch
 
-    models = load_models([artifact], guidance=guidance)
     full = resolve(JobInput(**work), models, schedulers(), ServeConfig(max_steps=999))
-    return np.asarray(Image.open(io.BytesIO(run_batch(models, schedulers(), [full])[0][0][1])).convert("RGB"))
-
-
-def _png(data):
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return png_pixels(run_batch(models, schedulers(), [full])[0][0][1])
 
 
 @pytest.mark.slow
-def test_ray_serve_batches_across_replicas_and_survives_a_replica_death(ray_url, tiny_ort_ts):
+def test_ray_serve_batches_across_replicas_and_survives_a_replica_death(ray_url, models):
     h = httpx.get(f"{ray_url}/health").json()
     assert h["status"] == "ok"
     r = httpx.post(f"{ray_url}/v1/images/generations", json={"prompt": "a red circle", "seed": 5, "steps": STEPS},
@@ -67,8 +56,8 @@ def test_ray_serve_batches_across_replicas_and_survives_a_replica_death(ray_url,
     assert r.status_code == 200, r.text
     import base64
 
-    solo = _solo(tiny_ort_ts, {"prompt": "a red circle", "seed": 5, "steps": STEPS})
-    assert np.array_equal(_png(base64.b64decode(r.json()["data"][0]["b64_json"])), solo)
+    solo = _solo(models, {"prompt": "a red circle", "seed": 5, "steps": STEPS})
+    assert np.array_equal(png_pixels(base64.b64decode(r.json()["data"][0]["b64_json"])), solo)
 
     works = [{"prompt": f"a {c} square", "seed": 20 + i, "steps": 400} for i, c in enumerate(["red", "blue"] * 4)]
     ids = [httpx.post(f"{ray_url}/v1/jobs", json=w).json()["id"] for w in works]
@@ -80,19 +69,13 @@ def test_ray_serve_batches_across_replicas_and_survives_a_replica_death(ray_url,
         time.sleep(0.05)
     time.sleep(0.3)
     ray.kill(ray.get_actor(engines[0]["name"], namespace=engines[0]["namespace"]), no_restart=False)
-    jobs = []
-    for jid in ids:
-        end = time.monotonic() + 180
-        while (j := httpx.get(f"{ray_url}/v1/jobs/{jid}").json())["status"] not in ("succeeded", "failed"):
-            assert time.monotonic() < end, j
-            time.sleep(0.1)
-        jobs.append(j)
+    jobs = wait_for_jobs(lambda jid: httpx.get(f"{ray_url}/v1/jobs/{jid}").json(), ids, timeout=180, poll=0.1)
     assert [j["status"] for j in jobs] == ["succeeded"] * 8, [j["error"] for j in jobs]
     assert max(j["metrics"]["batch_size"] for j in jobs) >= 2                 # @serve.batch grouped requests
     assert any(j["metrics"]["engine_attempts"] == 2 for j in jobs)             # the lost replica's jobs re-sent
     for w, j in zip(works[:2], jobs[:2]):
         png = httpx.get(f"{ray_url}/v1/jobs/{j['id']}/images/0.png").content
-        assert np.array_equal(_png(png), _solo(tiny_ort_ts, w))
+        assert np.array_equal(png_pixels(png), _solo(models, w))
     assert "diffaccel_images_total 9" in httpx.get(f"{ray_url}/metrics").text
 
 
