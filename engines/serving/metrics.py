@@ -13,21 +13,23 @@ import collections
 import threading
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-HELP = {
-    "diffaccel_queue_depth": ("gauge", "Jobs waiting in the queue"),
-    "diffaccel_jobs_running": ("gauge", "Jobs in the engine call now"),
-    "diffaccel_queue_limit": ("gauge", "Jobs the queue holds before answering 429"),
-    "diffaccel_images_total": ("counter", "Images generated and stored"),
-    "diffaccel_jobs_total": ("counter", "Jobs that ended, by status"),
-    "diffaccel_requests_rejected_total": ("counter", "Requests refused, by reason"),
-    "diffaccel_http_requests_total": ("counter", "HTTP responses, by status code"),
-    "diffaccel_webhook_deliveries_total": ("counter", "Webhook delivery attempts, by outcome"),
-    "diffaccel_batch_size": ("histogram", "Images per engine call"),
-    "diffaccel_batch_seconds": ("histogram", "Seconds per engine call"),
-    "diffaccel_job_queue_seconds": ("histogram", "Seconds a job waited before its engine call"),
-    "diffaccel_job_run_seconds": ("histogram", "Seconds of a job's engine call"),
-    "diffaccel_job_latency_seconds": ("histogram", "Seconds from accepting a job to storing its images"),
-}
+# Every series, in the order /metrics lists them: kind, name, help text.
+SERIES = """
+gauge      diffaccel_queue_depth               Jobs waiting in the queue
+gauge      diffaccel_jobs_running              Jobs in the engine call now
+gauge      diffaccel_queue_limit               Jobs the queue holds before answering 429
+counter    diffaccel_images_total              Images generated and stored
+counter    diffaccel_jobs_total                Jobs that ended, by status
+counter    diffaccel_requests_rejected_total   Requests refused, by reason
+counter    diffaccel_http_requests_total       HTTP responses, by status code
+counter    diffaccel_webhook_deliveries_total  Webhook delivery attempts, by outcome
+histogram  diffaccel_batch_size                Images per engine call
+histogram  diffaccel_batch_seconds             Seconds per engine call
+histogram  diffaccel_job_queue_seconds         Seconds a job waited before its engine call
+histogram  diffaccel_job_run_seconds           Seconds of a job's engine call
+histogram  diffaccel_job_latency_seconds       Seconds from accepting a job to storing its images
+"""
+HELP = {name: (kind, text) for kind, name, text in (row.split(None, 2) for row in SERIES.strip().splitlines())}
 
 
 def _labels(labels: tuple) -> str:
@@ -60,11 +62,9 @@ class Metrics:
     def __init__(self, max_batch: int):
         self._lock = threading.Lock()
         self._counters: "dict[str, collections.Counter]" = collections.defaultdict(collections.Counter)
-        self._hist = {"diffaccel_batch_size": _Histogram(range(1, max_batch + 1)),
-                      **{n: _Histogram(LATENCY_BUCKETS) for n in ("diffaccel_batch_seconds",
-                                                                  "diffaccel_job_queue_seconds",
-                                                                  "diffaccel_job_run_seconds",
-                                                                  "diffaccel_job_latency_seconds")}}
+        # images per call are counted in buckets 1..max_batch; every other histogram holds seconds
+        self._hist = {name: _Histogram(range(1, max_batch + 1) if name == "diffaccel_batch_size" else LATENCY_BUCKETS)
+                      for name, (kind, _) in HELP.items() if kind == "histogram"}
 
     def count(self, name: str, value: float = 1, **labels) -> None:
         with self._lock:
