@@ -8,15 +8,17 @@ import sys
 from diffaccel.optimize.artifact.errors import DiffaccelError
 
 
+SUMMARY = "load benchmark with dynamic batching: latency vs throughput"
+DESCRIPTION = ("Serve generated requests with an in-process dynamic-batching loop on the artifact's engines and "
+               "measure per-request queue wait, service time and latency, throughput, batch sizes and utilization, "
+               "next to the capacity a simple model predicts. Sweep rates x max batch x timeout and pick the fastest "
+               "configuration meeting a p95 SLO. Writes bench.json, bench.md, bench.png.")
+EXAMPLE = ("Example: diffaccel bench out/tiny -o runs/bench --sweep-rates 0.5x,1x,2x --sweep-max-batch 1,4 "
+           "--slo-p95 1.0   (docs/bench.md)")
+
+
 def add_bench(sub) -> None:
-    p = sub.add_parser(
-        "bench", help="load benchmark with dynamic batching: latency vs throughput",
-        description="Serve generated requests with an in-process dynamic-batching loop on the artifact's engines and "
-                    "measure per-request queue wait, service time and latency, throughput, batch sizes and "
-                    "utilization, next to the capacity a simple model predicts. Sweep rates x max batch x timeout "
-                    "and pick the fastest configuration meeting a p95 SLO. Writes bench.json, bench.md, bench.png.",
-        epilog="Example: diffaccel bench out/tiny -o runs/bench --sweep-rates 0.5x,1x,2x --sweep-max-batch 1,4 "
-               "--slo-p95 1.0   (docs/bench.md)")
+    p = sub.add_parser("bench", help=SUMMARY, description=DESCRIPTION, epilog=EXAMPLE)
     p.add_argument("artifact", nargs="?", default=None, help="artifact directory made by diffaccel optimize (or "
                                                               "--url for a running server)")
     p.add_argument("-o", "--out", required=True, help="benchmark folder to write (replaced if it holds a benchmark)")

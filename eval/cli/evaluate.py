@@ -9,15 +9,16 @@ EXAMPLE = ("Example: diffaccel eval out/tiny-fp32 out/tiny-int8 --steps 10,20 --
            "(docs/eval.md)")
 
 
+SUMMARY = "latency and quality of artifacts against the diffusers baseline, side by side"
+DESCRIPTION = ("Generate the same prompts with the same seeds and scheduler on the diffusers fp32 baseline, optional "
+               "peers (torch bf16/fp16/compile, optimum-intel) and each artifact; report the U-Net per-step latency "
+               "distribution, stage times, throughput per batch size and memory next to PSNR/SSIM/latent error "
+               "against the baseline (LPIPS, CLIP score, FID with local weights; prompt adherence on tinyshapes). "
+               "Writes report.json, report.md and a self-contained report.html.")
+
+
 def add_eval(sub) -> None:
-    p = sub.add_parser(
-        "eval", help="latency and quality of artifacts against the diffusers baseline, side by side",
-        description="Generate the same prompts with the same seeds and scheduler on the diffusers fp32 baseline, "
-                    "optional peers (torch bf16/fp16/compile, optimum-intel) and each artifact; report the U-Net "
-                    "per-step latency distribution, stage times, throughput per batch size and memory next to "
-                    "PSNR/SSIM/latent error against the baseline (LPIPS, CLIP score, FID with local weights; prompt "
-                    "adherence on tinyshapes). Writes report.json, report.md and a self-contained report.html.",
-        epilog=EXAMPLE)
+    p = sub.add_parser("eval", help=SUMMARY, description=DESCRIPTION, epilog=EXAMPLE)
     p.add_argument("artifacts", nargs="*", metavar="OUT", help="artifact directories made by diffaccel optimize")
     p.add_argument("-o", "--out", required=True, metavar="REPORT_DIR", help="report folder (replaced if it holds a "
                                                                             "report)")
