@@ -6,6 +6,8 @@ smallest calibration that still covers several denoising steps.
 """
 from __future__ import annotations
 
+import shutil
+
 import torch
 
 FAST = dict(exporter="torchscript")
@@ -19,6 +21,30 @@ def psnr(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     mse = float(np.mean((a - b) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+# ---- builds that start from a session artifact -----------------------------------------------------------------
+def build_over(base, out, config, src="random:tiny", must_run=("quantize", "engine")):
+    """``optimize(src, out, config)`` into a copy of the artifact ``base`` (built from ``src`` with the same export
+    settings): the stages whose settings are unchanged (assets, export) are skipped, as when a user re-runs
+    ``diffaccel optimize`` into an existing OUT, and the others run in full. Fails unless every stage in ``must_run``
+    ran, so a test never checks a stale stage's files. Returns the manifest."""
+    from diffaccel.optimize import optimize
+    from diffaccel.optimize.stages.base import Reporter
+
+    class Ran(Reporter):
+        def __init__(self):
+            self.ran = []
+
+        def stage_end(self, name, seconds, skipped, reason="", **_):
+            if not skipped:
+                self.ran.append(name)
+
+    shutil.copytree(base, out)
+    rec = Ran()
+    manifest = optimize(src, out, config, reporter=rec)
+    assert set(must_run) <= set(rec.ran), (must_run, rec.ran)
+    return manifest
 
 
 # ---- the command line -----------------------------------------------------------------------------------------

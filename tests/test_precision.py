@@ -11,7 +11,7 @@ from diffaccel.optimize.artifact.errors import BackendUnavailableError, Diffacce
 from diffaccel.optimize.artifact.manifest import Manifest
 from diffaccel.optimize.artifact.files import file_sha256
 
-from .helpers import FAST, QUICK, psnr
+from .helpers import FAST, QUICK, build_over, psnr
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,8 @@ def test_calibration_captures_every_step_with_guidance(tiny_pipe):
 
 @pytest.mark.parametrize("method", ["percentile", pytest.param("entropy", marks=pytest.mark.slow)])
 def test_histogram_calibration_methods(tmp_path, method, tiny_int8_unet):
-    """Percentile and entropy calibration build, are reproducible, and give other ranges than min-max."""
+    """Percentile and entropy calibration build, are reproducible (a fresh build and a rebuild over the min-max
+    artifact give the same bytes), and give other ranges than min-max."""
     import onnx
     from onnx import numpy_helper
 
@@ -88,14 +89,14 @@ def test_histogram_calibration_methods(tmp_path, method, tiny_int8_unet):
         return sorted(float(numpy_helper.to_array(inits[n.input[1]]).max()) for n in m.graph.node
                       if n.op_type == "QuantizeLinear" and n.input[1] in inits and "weight" not in n.input[0])
 
+    config = OptimizeConfig(precision="int8", components=("unet",), quant=QuantConfig(method=method, **QUICK), **FAST)
+    minmax = tiny_int8_unet           # the same build with the default calibration
+    optimize("random:tiny", tmp_path / "a", config)
+    build_over(minmax, tmp_path / "b", config)      # the export is minmax's; calibration and quantization run again
     runs = []
     for name in ("a", "b"):
-        out = tmp_path / name
-        optimize("random:tiny", out, OptimizeConfig(precision="int8", components=("unet",),
-                                                    quant=QuantConfig(method=method, **QUICK), **FAST))
-        runs.append(out / "unet/quantized/model.onnx")
-        assert Manifest.load(out).components["unet"]["quantize"]["calibration"] == method
-    minmax = tiny_int8_unet           # the same build with the default calibration
+        runs.append(tmp_path / name / "unet/quantized/model.onnx")
+        assert Manifest.load(tmp_path / name).components["unet"]["quantize"]["calibration"] == method
     assert Manifest.load(minmax).components["unet"]["quantize"]["calibration"] == "minmax"
     runs.append(minmax / "unet/quantized/model.onnx")
     assert file_sha256(runs[0]) == file_sha256(runs[1])
@@ -108,8 +109,7 @@ def test_int8_is_byte_identical_for_the_same_config(int8, tiny_int8_unet, tmp_pa
     for rel in ("unet/quantized/model.onnx", "unet/engine/model.onnx"):
         assert file_sha256(int8 / rel) == file_sha256(again / rel), rel
     other = tmp_path / "other-seed"
-    optimize("random:tiny", other, OptimizeConfig(precision="int8", quant=QuantConfig(calib_seed=5, **QUICK),
-                                                  **unet_only))
+    build_over(again, other, OptimizeConfig(precision="int8", quant=QuantConfig(calib_seed=5, **QUICK), **unet_only))
     assert file_sha256(int8 / "unet/quantized/model.onnx") != file_sha256(other / "unet/quantized/model.onnx")
 
 
@@ -122,12 +122,12 @@ def test_int8_pipeline_runs_and_stays_close(int8, tiny_ort_ts):
     assert np.isfinite(b).all() and psnr(a, b) > 20
 
 
-def test_keep_fp32_pattern_and_smoothquant(tmp_path):
+def test_keep_fp32_pattern_and_smoothquant(tmp_path, tiny_int8_unet):
     import onnx
 
     out = tmp_path / "kept"
     q = QuantConfig(keep_fp32=(r"^down_blocks\.0\.",), smoothquant=0.5, **QUICK)
-    m = optimize("random:tiny", out, OptimizeConfig(precision="int8", quant=q, components=("unet",), **FAST))
+    m = build_over(tiny_int8_unet, out, OptimizeConfig(precision="int8", quant=q, components=("unet",), **FAST))
     info = m.components["unet"]["quantize"]
     assert info["smoothquant"]["balanced_layernorms"] > 0
     model = onnx.load(str(out / "unet/quantized/model.onnx"))
@@ -152,13 +152,14 @@ def test_smoothquant_preserves_the_float_function(tmp_path, tiny_ort_ts, unet_sa
 
 
 def test_bad_calibration_prompts(tmp_path):
+    unet_only = dict(precision="int8", components=("unet",), **FAST)    # the prompts are read after the export
     with pytest.raises(DiffaccelError, match="does not exist"):
         optimize("random:tiny", tmp_path / "x", OptimizeConfig(
-            precision="int8", quant=QuantConfig(calib_prompts=str(tmp_path / "nope.txt")), **FAST))
+            quant=QuantConfig(calib_prompts=str(tmp_path / "nope.txt")), **unet_only))
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(DiffaccelError, match="holds no prompts"):
         optimize("random:tiny", tmp_path / "y", OptimizeConfig(
-            precision="int8", quant=QuantConfig(calib_prompts=str(tmp_path / "empty.txt")), **FAST))
+            quant=QuantConfig(calib_prompts=str(tmp_path / "empty.txt")), **unet_only))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -227,8 +228,8 @@ def test_quality_target_keeps_sensitive_layers_in_float(tmp_path, tiny_int8_unet
     nodes in float until real images reach it, and the artifact holds that model (those nodes float in it)."""
     target = 35.0
     q = QuantConfig(quality_target=target, **QUICK)
-    m = optimize("random:tiny", tmp_path / "qt", OptimizeConfig(precision="int8", quant=q, components=("unet",),
-                                                               **FAST))
+    m = build_over(tiny_int8_unet, tmp_path / "qt", OptimizeConfig(precision="int8", quant=q, components=("unet",),
+                                                                  **FAST))
     result = m.components["unet"]["quantize"]["quality_target"]
     trail = result["trail"]
     assert trail[0]["kept_float_extra"] == 0 and trail[0]["psnr"] < target, \

@@ -17,6 +17,8 @@ from diffaccel.optimize.stages.base import Reporter
 
 from .helpers import FAST   # the exporter is not under test here; the legacy one is 15x faster on tiny
 
+UNET = dict(components=("unet",), **FAST)   # fresh builds of one component: the stages are the same as for four
+
 
 class Recorder(Reporter):
     def __init__(self):
@@ -67,7 +69,7 @@ def test_other_source_is_refused_unless_forced(built, tmp_path, tiny_folder):
     with pytest.raises(ArtifactError, match="another source.*--force"):
         optimize(str(tiny_folder), out, OptimizeConfig(**FAST))
     Manifest.load(out).verify()                      # untouched
-    m = optimize(str(tiny_folder), out, OptimizeConfig(**FAST), force=True)
+    m = optimize(str(tiny_folder), out, OptimizeConfig(**UNET), force=True)
     assert m.source["kind"] == "folder"
 
 
@@ -81,11 +83,11 @@ def test_interrupt_leaves_no_loadable_out_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(OrtEngineStage, "run", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        optimize("random:tiny", out, OptimizeConfig(**FAST))
+        optimize("random:tiny", out, OptimizeConfig(**UNET))
     assert not out.exists() and calls == [1]
     monkeypatch.setattr(OrtEngineStage, "run", original)
     rec = Recorder()
-    optimize("random:tiny", out, OptimizeConfig(**FAST), reporter=rec)
+    optimize("random:tiny", out, OptimizeConfig(**UNET), reporter=rec)
     assert rec.skipped == ["assets", "export"] and rec.ran == ["engine"]
     Manifest.load(out).verify()
 
@@ -105,7 +107,7 @@ def test_kill_9_never_leaves_a_complete_looking_out(tmp_path):
     out = tmp_path / "killed"
     partial = tmp_path / ".killed.partial"
     cmd = [sys.executable, "-m", "diffaccel.optimize.cli", "optimize", "random:tiny", "-o", str(out),
-           "--exporter", "torchscript"]
+           "--exporter", "torchscript", "--components", "unet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -119,7 +121,7 @@ def test_kill_9_never_leaves_a_complete_looking_out(tmp_path):
     with pytest.raises(ArtifactError):
         Manifest.load(out)
     rec = Recorder()
-    optimize("random:tiny", out, OptimizeConfig(**FAST), reporter=rec)
+    optimize("random:tiny", out, OptimizeConfig(**UNET), reporter=rec)
     assert "assets" in rec.skipped
     Manifest.load(out).verify()
 
@@ -132,7 +134,7 @@ def test_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
 
     monkeypatch.setattr(OrtEngineStage, "run", fail)
     with pytest.raises(ParityError):
-        optimize("random:tiny", tmp_path / "x", OptimizeConfig(**FAST))
+        optimize("random:tiny", tmp_path / "x", OptimizeConfig(**UNET))     # fails after the export wrote its files
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
