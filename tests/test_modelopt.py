@@ -9,6 +9,8 @@ from diffaccel.optimize.config import QuantConfig
 from diffaccel.optimize.artifact.errors import DiffaccelError
 from diffaccel.optimize.quant.modelopt import KEEP_FLOAT, recipe_for, recipe_hash
 
+from .helpers import FAST
+
 HAS_MODELOPT = importlib.util.find_spec("modelopt") is not None
 needs_modelopt = pytest.mark.skipif(not HAS_MODELOPT, reason="nvidia-modelopt is not installed (on CPU: pip "
                                     "install 'nvidia-modelopt>=0.47' onnx-graphsurgeon polygraphy onnxconverter-common "
@@ -156,7 +158,7 @@ def test_quantize_and_fp16_stages_run_through_the_orchestrator(tmp_path):
 
     src = resolve_source("random:tiny")
     cfg = OptimizeConfig(backend="tensorrt", precision="int8", components=("unet", "text_encoder"),
-                         quant=QuantConfig(calib_size=2, calib_steps=2))
+                         quant=QuantConfig(calib_size=2, calib_steps=2), **FAST)   # the exporter is not under test
     ctx = Context(source=src, config=cfg, root=tmp_path, manifest=Manifest.new(tmp_path, src.to_dict()),
                   reporter=Reporter())
     ctx.plan = [AssetsStage(), ExportStage(), ModeloptQuantStage(), AutoCastStage()]
