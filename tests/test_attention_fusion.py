@@ -117,3 +117,16 @@ def test_export_check_runs_the_opt_point_fused_and_the_other_as_exported(tiny_or
     opt = check(**spec.random_inputs(gen, **spec.opt_values()))
     assert check._fused_engine and check.fused > 0
     assert all(torch.isfinite(t).all() for t in [*alt.values(), *opt.values()])
+
+
+def test_attention_bench_compares_the_engine_with_its_unfused_export(tiny_ort, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "attention_bench.py"
+    spec = importlib.util.spec_from_file_location("attention_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main([str(tiny_ort), "--size", "64", "--batch", "2", "--runs", "1", "--passes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("pass ") == 4 and "fused attention" in out and "x the unfused step's speed" in out
