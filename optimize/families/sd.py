@@ -324,20 +324,28 @@ def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: floa
     """Run ``pipe`` once per prompt and return the U-Net's inputs at every step, as dicts of CPU tensors named
     ``sample``, ``timestep`` (one per batch row) and ``encoder_hidden_states`` (``call_kwargs``: more arguments of
     the pipeline call, e.g. an inpainting image and mask)."""
+    return capture_with(pipe, prompts, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                        call_kwargs={"height": height, "width": width, **(call_kwargs or {})})
+
+
+def capture_with(pipe, prompts: list, *, steps: int, guidance_scale: float, seed: int, call_kwargs: dict,
+                 added: tuple = ()) -> list:
+    """The U-Net's inputs at every step of ``pipe(prompt, **call_kwargs)`` for each prompt (seeded ``seed + i``):
+    ``sample``, ``timestep`` (one per batch row), ``encoder_hidden_states``, the ``added_cond_kwargs`` named in
+    ``added`` (SDXL's ``text_embeds``, ``time_ids``) and, for LCM U-Nets, ``timestep_cond``; fp32 CPU tensors."""
     import torch
 
     captured = []
 
     def hook(module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        ehs = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
-        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(sample.shape[0]).clone()
-        record = {"sample": sample.detach().float().cpu().clone(), "timestep": t,
-                  "encoder_hidden_states": ehs.detach().float().cpu().clone()}
-        if kwargs.get("timestep_cond") is not None:           # LCM U-Nets: the guidance embedding
-            record["timestep_cond"] = kwargs["timestep_cond"].detach().float().cpu().clone()
-        captured.append(record)
+        given = {**dict(zip(("sample", "timestep", "encoder_hidden_states"), args)), **kwargs}
+        sample, cond = given["sample"], given.get("added_cond_kwargs") or {}
+        t = torch.as_tensor(given["timestep"], dtype=torch.float32).reshape(-1).expand(sample.shape[0])
+        record = {"sample": sample, "timestep": t, "encoder_hidden_states": given["encoder_hidden_states"],
+                  **{k: cond[k] for k in added}}
+        if given.get("timestep_cond") is not None:           # LCM U-Nets: the guidance embedding
+            record["timestep_cond"] = given["timestep_cond"]
+        captured.append({k: v.detach().float().cpu().clone() for k, v in record.items()})
 
     handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
     was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
@@ -346,8 +354,8 @@ def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: floa
         for i, prompt in enumerate(prompts):
             log.info("calibration prompt %d/%d: %s", i + 1, len(prompts), prompt)
             with torch.no_grad():
-                pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-                     generator=torch.Generator().manual_seed(seed + i), output_type="latent", **(call_kwargs or {}))
+                pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+                     generator=torch.Generator().manual_seed(seed + i), output_type="latent", **call_kwargs)
     finally:
         handle.remove()
         pipe.set_progress_bar_config(disable=was_disabled)

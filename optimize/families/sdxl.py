@@ -288,28 +288,5 @@ def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: floa
                                                           generator=torch.Generator().manual_seed(seed))}
         steps = math.ceil(steps / strength)
 
-    captured = []
-
-    def hook(module, args, kwargs):
-        given = {**dict(zip(("sample", "timestep", "encoder_hidden_states"), args)), **kwargs}
-        sample, added = given["sample"], given.get("added_cond_kwargs") or {}
-        t = torch.as_tensor(given["timestep"], dtype=torch.float32).reshape(-1).expand(sample.shape[0]).clone()
-        record = {"sample": sample, "timestep": t, "encoder_hidden_states": given["encoder_hidden_states"],
-                  "text_embeds": added["text_embeds"], "time_ids": added["time_ids"]}
-        if given.get("timestep_cond") is not None:      # LCM U-Nets: the guidance embedding
-            record["timestep_cond"] = given["timestep_cond"]
-        captured.append({k: v.detach().float().cpu().clone() for k, v in record.items()})
-
-    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
-    was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        for i, prompt in enumerate(prompts):
-            log.info("calibration prompt %d/%d: %s", i + 1, len(prompts), prompt)
-            with torch.no_grad():
-                pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, **size, **extra,
-                     generator=torch.Generator().manual_seed(seed + i), output_type="latent")
-    finally:
-        handle.remove()
-        pipe.set_progress_bar_config(disable=was_disabled)
-    return captured
+    return sd.capture_with(pipe, prompts, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                           call_kwargs={**size, **extra}, added=("text_embeds", "time_ids"))
