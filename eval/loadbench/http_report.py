@@ -14,7 +14,7 @@ import collections
 import json
 import math
 
-from diffaccel.eval.loadbench.report import _stats, check_out
+from diffaccel.eval.loadbench.report import _stats, check_out, two_panels
 
 PHASES = (("latency", "e2e"), ("queue_s", "queue"), ("run_s", "run"))
 
@@ -129,13 +129,7 @@ def to_markdown(result: dict) -> str:
 
 
 def plot(result: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    try:
+    with two_panels(path) as (left, right):
         names = sorted({n for r in result["runs"] for n in r["metrics"]["classes"]})
         for name in names:
             pts = [(r["metrics"]["overall"]["throughput_img_min"], r["metrics"]["classes"][name]["e2e"]["p95"])
@@ -149,10 +143,6 @@ def plot(result: dict, path) -> None:
             sizes.update({int(k): v for k, v in r["metrics"]["overall"]["batch_sizes"].items()})
         right.bar(list(sizes), list(sizes.values()), color="#59c")
         right.set(xlabel="images in the engine call", ylabel="requests", title="achieved batch sizes")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
 
 
 def write_http_bench(result: dict, out):

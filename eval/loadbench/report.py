@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 from pathlib import Path
 
@@ -181,7 +182,9 @@ def to_markdown(result: dict) -> str:
 
 
 # ---- plot and files ------------------------------------------------------------------------------------------
-def plot(result: dict, path) -> None:
+@contextlib.contextmanager
+def two_panels(path):
+    """A left and a right axis, saved to ``path`` (PNG) when the block ends; the figure is closed either way."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,6 +192,15 @@ def plot(result: dict, path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     try:
+        yield left, right
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def plot(result: dict, path) -> None:
+    with two_panels(path) as (left, right):
         (_plot_curve if len(result["runs"]) > 1 else _plot_requests)(left, result)
         cal = result["calibration"]
         right.bar([c["batch"] for c in cal], [c["images_per_min"] for c in cal], color="#9ab")
@@ -198,10 +210,6 @@ def plot(result: dict, path) -> None:
         right.set_xticks([c["batch"] for c in cal])
         right.set(xlabel="batch size", ylabel="images/min", title="capacity at each batch size (calibration)")
         right.legend(loc="lower right")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
 
 
 def _plot_curve(ax, result: dict) -> None:
