@@ -17,6 +17,9 @@ pytest.importorskip("peft", reason="LoRA needs peft: pip install -e '.[lora]'")
 
 TARGETS = {"unet": ["to_q", "to_k", "to_v", "to_out.0"], "text": ["q_proj", "k_proj", "v_proj", "out_proj"]}
 PROMPTS = ["a red circle on the left", "a large blue square at the top"]
+# the engines text-to-image runs (a LoRA changes no VAE weights; the VAE encoder is only for image-to-image)
+TXT2IMG = dict(components=("text_encoder", "unet", "vae_decoder"), **FAST)
+TXT2IMG_XL = dict(components=("text_encoder", "text_encoder_2", "unet", "vae_decoder"), **FAST)
 
 
 def make_lora(src: str, path, seed=0, parts=("unet", "text_encoder", "text_encoder_2"), kohya=False):
@@ -84,11 +87,11 @@ def sd_lora(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_ort(sd_lora, tmp_path_factory):
-    """random:tiny with the LoRA fused at 0.7 -> ONNX Runtime fp32."""
+    """random:tiny with the LoRA fused at 0.7 -> ONNX Runtime fp32, the components text-to-image runs."""
     from diffaccel.optimize import OptimizeConfig, optimize
 
     out = tmp_path_factory.mktemp("built") / "tiny-lora"
-    optimize(resolve_source("random:tiny", loras=[f"{sd_lora}:0.7"]), out, OptimizeConfig(**FAST))
+    optimize(resolve_source("random:tiny", loras=[f"{sd_lora}:0.7"]), out, OptimizeConfig(**TXT2IMG))
     return out
 
 
@@ -155,11 +158,11 @@ def test_same_lora_resumes_and_another_lora_rebuilds(lora_ort, sd_lora, tmp_path
     class Rec:
         def __getattr__(self, name):
             return lambda *a, **k: seen.append((name, a))
-    optimize(resolve_source("random:tiny", loras=[f"{sd_lora}:0.7"]), out, OptimizeConfig(**FAST), reporter=Rec())
+    optimize(resolve_source("random:tiny", loras=[f"{sd_lora}:0.7"]), out, OptimizeConfig(**TXT2IMG), reporter=Rec())
     assert [a[3] for n, a in seen if n == "stage_end"] == ["up to date"] * 3, seen
     other = resolve_source("random:tiny", loras=[f"{sd_lora}:0.3"])
     with pytest.raises(ArtifactError, match="another source"):
-        optimize(other, out, OptimizeConfig(**FAST))
+        optimize(other, out, OptimizeConfig(**TXT2IMG))
     shutil.move(str(out), str(_partial_of(tmp_path / "new")))     # an interrupted build with the 0.7 LoRA
     work, fresh = _prepare_workdir(tmp_path / "new", other, force=False)
     assert fresh and not any(work.iterdir())     # resuming with another scale starts over
@@ -223,7 +226,7 @@ def test_sdxl_engine_images_match_diffusers_with_the_same_lora_fused(xl_lora, tm
     from diffaccel.engines import AcceleratedStableDiffusionXLPipeline
     from diffaccel.optimize import OptimizeConfig, optimize
 
-    optimize(resolve_source("random:tiny-xl", loras=[f"{xl_lora}:0.8"]), tmp_path / "xl", OptimizeConfig(**FAST))
+    optimize(resolve_source("random:tiny-xl", loras=[f"{xl_lora}:0.8"]), tmp_path / "xl", OptimizeConfig(**TXT2IMG_XL))
     ref = diffusers_fused("random:tiny-xl", xl_lora, 0.8)
     acc = AcceleratedStableDiffusionXLPipeline.from_pretrained(tmp_path / "xl", spin=False)
     acc.set_progress_bar_config(disable=True)
