@@ -11,7 +11,7 @@ from diffaccel.optimize.artifact.errors import BackendUnavailableError  # noqa: 
 from diffaccel.optimize.artifact.manifest import Manifest  # noqa: E402
 from diffaccel.optimize.config import QuantConfig  # noqa: E402
 
-from .helpers import FAST, QUICK, psnr  # noqa: E402
+from .helpers import FAST, QUICK, build_over, psnr  # noqa: E402
 
 
 def test_bf16_is_refused_where_the_cpu_has_none(tmp_path, monkeypatch):
@@ -33,8 +33,12 @@ def test_fp32_runs_in_f32_with_a_keyed_cache(artifacts):
     assert pipe.unet.engine.precision == "f32"
 
 
-def test_int8_compiles_our_calibrated_qdq_unet(artifacts, tmp_path):
-    out = artifacts("random:tiny", "openvino", "int8", components=("unet",), quant=QuantConfig(**QUICK), **FAST)
+def test_int8_compiles_our_calibrated_qdq_unet(tiny_int8_unet, tmp_path):
+    """Built over the session's ONNX Runtime int8 U-Net (the same export and quantization settings): its calibrated
+    Q/DQ model is what OpenVINO compiles here, and only the OpenVINO engine stage runs."""
+    out = tmp_path / "ov-int8"
+    build_over(tiny_int8_unet, out, OptimizeConfig(backend="openvino", precision="int8", components=("unet",),
+                                                   quant=QuantConfig(**QUICK), **FAST), must_run=("engine",))
     unet = Manifest.load(out).components["unet"]
     assert unet["quantize"]["calibration"] == "minmax" and unet["validation"]["passed"]
     xml = (out / "unet" / "engine" / "model.xml").read_text()

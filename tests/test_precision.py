@@ -1,5 +1,7 @@
 """int8 (calibrated on the pipeline), fp16 conversion and its guards, torch bf16 — on the tiny model."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -151,16 +153,22 @@ def test_smoothquant_preserves_the_float_function(tmp_path, tiny_ort_ts, unet_sa
     assert info["balanced_matmuls"] > 0 and np.abs(a - b).max() < 1e-4
 
 
-def test_bad_calibration_prompts(tmp_path):
-    unet_only = dict(precision="int8", components=("unet",), **FAST)    # the prompts are read after the export
+def test_bad_calibration_prompts(tmp_path, tiny_int8_unet):
+    """A missing or empty prompts file is refused: a fresh build leaves no OUT, a rebuild leaves the old OUT as it
+    was (the prompts are read after the export, so the rebuild is over the session's int8 U-Net, which skips it)."""
+    unet_only = dict(precision="int8", components=("unet",), **FAST)
     with pytest.raises(DiffaccelError, match="does not exist"):
         optimize("random:tiny", tmp_path / "x", OptimizeConfig(
-            quant=QuantConfig(calib_prompts=str(tmp_path / "nope.txt")), **unet_only))
+            quant=QuantConfig(calib_prompts=str(tmp_path / "nope.txt"), **QUICK), **unet_only))
     (tmp_path / "empty.txt").write_text("\n\n")
+    old = tmp_path / "y"
+    shutil.copytree(tiny_int8_unet, old)
     with pytest.raises(DiffaccelError, match="holds no prompts"):
-        optimize("random:tiny", tmp_path / "y", OptimizeConfig(
-            quant=QuantConfig(calib_prompts=str(tmp_path / "empty.txt")), **unet_only))
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+        optimize("random:tiny", old, OptimizeConfig(
+            quant=QuantConfig(calib_prompts=str(tmp_path / "empty.txt"), **QUICK), **unet_only))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "y"]      # no OUT, no work folder left
+    assert (old / "manifest.json").read_bytes() == (tiny_int8_unet / "manifest.json").read_bytes()
+    Manifest.load(old).verify()
 
 
 def test_fp16_conversion_runs_and_guards(tmp_path, tiny_ort_ts, tiny_pipe):
