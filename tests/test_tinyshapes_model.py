@@ -107,7 +107,9 @@ def test_training_captions_leave_out_attributes_at_the_configured_rates():
     n, length = 4000, 3
     ids = torch.arange(8).view(1, 8, 1).expand(n, 8, length).clone()      # token value = variant index
     empty = torch.full((length,), -1)
-    out = train.caption_ids(cfg, ids, empty, np.arange(n), np.random.default_rng(0))[:, 0].numpy()
+    out, dropped = train.caption_ids(cfg, ids, empty, np.arange(n), np.random.default_rng(0))
+    out = out[:, 0].numpy()
+    assert ((out < 0) == dropped.numpy()).all()
     kept = out[out >= 0]
     assert abs((out < 0).mean() - 0.1) < 0.02
     assert abs((kept & 1).astype(bool).mean() - 0.2) < 0.03
@@ -130,10 +132,11 @@ def test_shipped_weights_have_the_training_recipes_architecture(pipe):
     assert pipe.tokenizer.model_max_length == train.TrainConfig().text_tokens
 
 
-def test_training_resumes_where_it_stopped(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["sd", "xl"])
+def test_training_resumes_where_it_stopped(tmp_path, monkeypatch, family):
     """An interrupted run, resumed, ends with the same weights as an unbroken one (a few tiny steps)."""
     train = _train_module()
-    cfg = train.TrainConfig(vae_steps=2, vae_batch=2, pool=8, unet_steps=3, batch=2, warmup=1)
+    cfg = train.TrainConfig(family=family, vae_steps=2, vae_batch=2, pool=8, unet_steps=3, batch=2, warmup=1)
     train.train(cfg, tmp_path / "a", tmp_path / "a" / "pipe", resume=False, every=1)
 
     real_update = train.Progress.update
@@ -151,7 +154,7 @@ def test_training_resumes_where_it_stopped(tmp_path, monkeypatch):
 
     from safetensors.torch import load_file
 
-    for part in ("unet", "text_encoder", "vae"):
+    for part in ("unet", "text_encoder", "vae") + (("text_encoder_2",) if family == "xl" else ()):
         (fa,) = (tmp_path / "a" / "pipe" / part).glob("*.safetensors")
         (fb,) = (tmp_path / "b" / "pipe" / part).glob("*.safetensors")
         a, b = load_file(fa), load_file(fb)

@@ -1,5 +1,9 @@
 """Train the tinyshapes model from scratch: a Stable Diffusion pipeline for the procedural shapes world.
 
+``--family xl`` trains ``tinyshapes-xl`` instead: the same world and recipe in the SDXL architecture (two text
+encoders whose penultimate hidden states are concatenated, the second's pooled projection and the six micro-
+conditioning time ids added to the time embedding), usually reusing the trained tinyshapes VAE (``--vae``).
+
 Two stages, each seeded, checkpointed and resumable:
 1. the AutoencoderKL, on fresh renders each step (64x64 RGB -> 16x16x4 latents);
 2. the CLIP text encoder and the U-Net together, on the cached latents of a pool of training renders, with
@@ -11,6 +15,7 @@ would have seen. The result is written in diffusers format (safetensors) to ``--
     python tools/train_tinyshapes.py                      # from scratch, into optimize/assets/tinyshapes
     python tools/train_tinyshapes.py --resume             # continue from runs/tinyshapes/checkpoint.pt
     python tools/train_tinyshapes.py --threads 1 --unet-steps 200 --out runs/tiny-try   # a quick try
+    python tools/train_tinyshapes.py --family xl --vae optimize/assets/tinyshapes/vae   # tinyshapes-xl
 """
 from __future__ import annotations
 
@@ -42,6 +47,18 @@ UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, block_out_chan
                    cross_attention_dim=64, attention_head_dim=2, norm_num_groups=16)
 TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3,
                    projection_dim=64)
+# tinyshapes-xl: the SDXL layout at tinyshapes scale. The two encoders differ in width (like CLIP ViT-L and
+# OpenCLIP bigG), so the U-Net's cross-attention width (32 + 64) and the pooled width (48) are not the same number
+# and anything that hard-codes one for the other fails on this model.
+TEXT_CONFIG_XL = dict(hidden_size=32, intermediate_size=128, num_attention_heads=2, num_hidden_layers=3,
+                      projection_dim=32)
+TEXT_CONFIG_XL_2 = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3,
+                        projection_dim=48)
+TIME_IDS, TIME_EMBED = 6, 8   # (original h, w, crop top, left, target h, w), each embedded in 8 sinusoids
+UNET_CONFIG_XL = dict(UNET_CONFIG, cross_attention_dim=32 + 64, addition_embed_type="text_time",
+                      addition_time_embed_dim=TIME_EMBED,
+                      projection_class_embeddings_input_dim=TIME_IDS * TIME_EMBED + 48, use_linear_projection=True)
+FAMILIES = ("sd", "xl")
 # Zero terminal SNR (with v-prediction and trailing timesteps): the flat background is the image's mean color,
 # which SD's schedule leaks into the last training step but not into pure-noise sampling (Lin et al., 2023).
 SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -52,6 +69,7 @@ SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scale
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
+    family: str = "sd"              # "sd": tinyshapes (SD 1.x layout); "xl": tinyshapes-xl (SDXL layout)
     vae_steps: int = 2000
     vae_batch: int = 16
     vae_lr: float = 2e-3
@@ -83,6 +101,8 @@ class TrainConfig:
         for name in ("vae_steps", "vae_batch", "pool", "unet_steps", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -103,15 +123,46 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 def build_models(cfg: TrainConfig):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(cfg.seed)
     tokenizer = word_tokenizer(WORDS, max_length=cfg.text_tokens)
-    text = CLIPTextConfig(**TEXT_CONFIG, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
-                          max_position_embeddings=cfg.text_tokens)
-    return dict(tokenizer=tokenizer, vae=AutoencoderKL(**VAE_CONFIG), text_encoder=CLIPTextModel(text),
-                unet=UNet2DConditionModel(**UNET_CONFIG))
+
+    def text_config(kw):
+        return CLIPTextConfig(**kw, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                              max_position_embeddings=cfg.text_tokens)
+
+    if cfg.family == "sd":
+        return dict(tokenizer=tokenizer, vae=AutoencoderKL(**VAE_CONFIG),
+                    text_encoder=CLIPTextModel(text_config(TEXT_CONFIG)), unet=UNet2DConditionModel(**UNET_CONFIG))
+    return dict(tokenizer=tokenizer, vae=AutoencoderKL(**VAE_CONFIG),
+                text_encoder=CLIPTextModel(text_config(TEXT_CONFIG_XL)),
+                text_encoder_2=CLIPTextModelWithProjection(text_config(TEXT_CONFIG_XL_2)),
+                unet=UNet2DConditionModel(**UNET_CONFIG_XL))
+
+
+def trained(models: dict) -> list:
+    """The names of the models stage 2 trains (and checkpoints)."""
+    return [k for k in ("text_encoder", "text_encoder_2", "unet") if k in models]
+
+
+def condition(models: dict, ids: torch.Tensor, dropped: torch.Tensor, size: int = 64) -> dict:
+    """The U-Net's conditioning for caption token ids, as the family's diffusers pipeline computes it.
+
+    SD: the text encoder's last hidden state; a dropped caption is the empty caption's (``ids`` already hold it).
+    SDXL: both encoders' penultimate hidden states side by side, the second's pooled projection and the time ids of
+    an uncropped ``size`` x ``size`` image; a dropped caption is all zeros, which is what StableDiffusionXLPipeline
+    feeds as the unconditional half when ``force_zeros_for_empty_prompt`` is set (as in SDXL base)."""
+    if "text_encoder_2" not in models:
+        return dict(encoder_hidden_states=models["text_encoder"](ids)[0])
+    first = models["text_encoder"](ids, output_hidden_states=True)
+    second = models["text_encoder_2"](ids, output_hidden_states=True)
+    keep = (~dropped).float()
+    states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], -1) * keep.view(-1, 1, 1)
+    pooled = second.text_embeds * keep.view(-1, 1)
+    time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32).repeat(len(ids), 1)
+    return dict(encoder_hidden_states=states, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
 
 
 class Progress:
@@ -198,14 +249,16 @@ def make_pool(cfg: TrainConfig, models: dict):
     return moments, masks, ids, empty[0]
 
 
-def caption_ids(cfg: TrainConfig, ids: torch.Tensor, empty: torch.Tensor, idx, rng) -> torch.Tensor:
-    """Token ids for pool items ``idx``: a random caption variant each, the empty caption with dropout."""
+def caption_ids(cfg: TrainConfig, ids: torch.Tensor, empty: torch.Tensor, idx, rng) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Token ids for pool items ``idx``: a random caption variant each, the empty caption with dropout; and which
+    captions were dropped."""
     n = len(idx)
     variant = ((rng.random(n) < cfg.omit_prob).astype(int) + 2 * (rng.random(n) < cfg.omit_prob).astype(int)
                + 4 * (rng.random(n) < cfg.omit_color_prob).astype(int))
     out = ids[torch.as_tensor(idx), torch.as_tensor(variant)].clone()
-    out[torch.as_tensor(rng.random(n) < cfg.caption_dropout)] = empty
-    return out
+    dropped = torch.as_tensor(rng.random(n) < cfg.caption_dropout)
+    out[dropped] = empty
+    return out, dropped
 
 
 class Ema:
@@ -238,8 +291,7 @@ def unet_loss(cfg: TrainConfig, models: dict, pool, step: int, alphas: torch.Ten
     a = alphas[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     target = a.sqrt() * noise - (1 - a).sqrt() * latents  # v-prediction
-    cond = models["text_encoder"](caption_ids(cfg, ids, empty, idx, rng))[0]
-    pred = models["unet"](noisy, t, cond).sample
+    pred = models["unet"](noisy, t, **condition(models, *caption_ids(cfg, ids, empty, idx, rng))).sample
     pixel_weight = 1 + cfg.object_loss_weight * masks[torch.as_tensor(idx)].float()
     per_sample = (pixel_weight * (pred - target).pow(2)).mean(dim=(1, 2, 3)) / pixel_weight.mean(dim=(1, 2, 3))
     if cfg.snr_gamma > 0:  # min-SNR weights for v-prediction
@@ -252,8 +304,9 @@ def train_unet(cfg: TrainConfig, models: dict, state: dict, save, pool):
     from diffusers import DDIMScheduler
 
     alphas = DDIMScheduler(**SCHEDULER_CONFIG).alphas_cumprod.float()
-    params = list(models["unet"].parameters()) + list(models["text_encoder"].parameters())
-    models["unet"].train(), models["text_encoder"].train()
+    params = [p for k in trained(models) for p in models[k].parameters()]
+    for k in trained(models):
+        models[k].train()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ema = Ema(params, cfg.ema_decay)
     if "unet_opt" in state:
@@ -275,7 +328,8 @@ def train_unet(cfg: TrainConfig, models: dict, state: dict, save, pool):
             state.update(unet_opt=opt.state_dict(), ema=ema.shadow)
             save(state)
     ema.copy_to_params()
-    models["unet"].eval(), models["text_encoder"].eval()
+    for k in trained(models):
+        models[k].eval()
 
 
 class Checkpoint:
@@ -289,7 +343,7 @@ class Checkpoint:
 
     def __call__(self, state: dict):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        weights = {k: self.models[k].state_dict() for k in ("vae", "text_encoder", "unet")}
+        weights = {k: self.models[k].state_dict() for k in ("vae", *trained(self.models))}
         tmp = self.path.with_suffix(".tmp")
         torch.save({**state, "weights": weights}, tmp)
         tmp.replace(self.path)
@@ -305,12 +359,17 @@ class Checkpoint:
 
 
 def save_pipeline(models: dict, out: Path):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(vae=models["vae"], text_encoder=models["text_encoder"],
-                                   tokenizer=models["tokenizer"], unet=models["unet"],
-                                   scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    common = dict(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=models["tokenizer"],
+                  unet=models["unet"], scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
+    if "text_encoder_2" in models:  # no watermark: it would change the images the benchmark scores
+        pipe = StableDiffusionXLPipeline(**common, text_encoder_2=models["text_encoder_2"],
+                                         tokenizer_2=models["tokenizer"], force_zeros_for_empty_prompt=True,
+                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     log.info("pipeline written to %s (%.1f MB)", out, size / 1e6)
@@ -338,9 +397,9 @@ def train(cfg: TrainConfig, work: Path, out: Path, resume: bool, every: int, vae
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "optimize" / "assets" / "tinyshapes",
-                   help="where the diffusers pipeline is written (default: the shipped assets)")
-    p.add_argument("--work", type=Path, default=ROOT / "runs" / "tinyshapes", help="checkpoint folder")
+    p.add_argument("--out", type=Path, help="where the diffusers pipeline is written (default: the shipped assets, "
+                   "optimize/assets/tinyshapes or tinyshapes-xl)")
+    p.add_argument("--work", type=Path, help="checkpoint folder (default: runs/tinyshapes or runs/tinyshapes-xl)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     p.add_argument("--vae", type=Path, help="a trained AutoencoderKL folder to reuse (skips stage 1)")
@@ -351,8 +410,13 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    train(cfg, args.work, args.out, args.resume, args.checkpoint_every, args.vae)
+    try:
+        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    except ValueError as e:
+        p.error(str(e))
+    name = "tinyshapes" if cfg.family == "sd" else "tinyshapes-xl"
+    train(cfg, args.work or ROOT / "runs" / name, args.out or ROOT / "optimize" / "assets" / name, args.resume,
+          args.checkpoint_every, args.vae)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from diffaccel.optimize.artifact.errors import DiffaccelError
+from diffaccel.optimize.sources.builtins import TINYSHAPES
 
 from diffaccel.eval.metrics import images as metrics
 
@@ -35,7 +36,7 @@ def adherence_enabled(setting, source_spec: str, prompts) -> "tuple[bool, str]":
     """(on?, why) for the adherence columns; ``setting`` True forces (prompts must parse), None means auto."""
     if setting is False:
         return False, "not computed (turned off)"
-    if setting is None and source_spec != "tinyshapes":
+    if setting is None and source_spec not in TINYSHAPES:
         return False, "not computed (only for the tinyshapes world; pass --adherence to force)"
     blank = np.full((8, 8, 3), 0.5)
     for p in prompts:

@@ -20,7 +20,8 @@ from pathlib import Path
 from diffaccel.optimize.artifact.errors import SourceError, one_line
 from diffaccel.optimize.artifact.files import file_sha256, tree_sha256
 from diffaccel.optimize.families import configs_of, detect, family, supported_pipelines
-from diffaccel.optimize.sources.builtins import BUILTINS, RECIPES, builtin_hash, builtin_location, random_models
+from diffaccel.optimize.sources.builtins import (BUILTINS, RECIPES, TINYSHAPES, builtin_hash, builtin_location,
+                                                random_models)
 from diffaccel.optimize.sources.lora import Lora, check_loras, fuse_loras, with_loras
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -131,8 +132,8 @@ def resolve_source(spec: str, *, trust_pickle: bool = False, single_file_config:
 
 def _resolve(spec: str, trust_pickle: bool, single_file_config: "str | None") -> Source:
     if spec in BUILTINS:
-        if spec == "tinyshapes" and not Path(builtin_location(spec), "model_index.json").is_file():
-            raise SourceError("the tinyshapes weights are not installed with this copy of diffaccel; "
+        if spec in TINYSHAPES and not Path(builtin_location(spec), "model_index.json").is_file():
+            raise SourceError(f"the {spec} weights are not installed with this copy of diffaccel; "
                               "reinstall diffaccel or train them with tools/train_tinyshapes.py")
         return Source(spec, "builtin", builtin_location(spec), builtin_hash(spec))
     if spec.startswith("random:"):

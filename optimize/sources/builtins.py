@@ -7,12 +7,13 @@
 ``random:sdxl``  the real SDXL base 1.0 architecture with random weights (two text encoders, 6 time ids; its U-Net
                  alone is 10 GB in fp32: build it only on a machine that holds that);
 ``random:tiny-xl`` a tiny SDXL pipeline (diffusers' own SDXL test configuration), for tests and smoke runs;
-``tinyshapes``   a small trained text-to-image model shipped with diffaccel (see ``diffaccel.optimize.assets``).
+``tinyshapes``   a small trained text-to-image model shipped with diffaccel (see ``diffaccel.optimize.assets``);
+``tinyshapes-xl`` the same world trained in the SDXL architecture (two text encoders, pooled embeddings, time ids).
 
 Random weights are drawn from a fixed seed, so the same name always gives the same pipeline on the same torch.
 
 >>> sorted(BUILTINS)
-['random:sd15', 'random:sd21', 'random:sdxl', 'random:tiny', 'random:tiny-xl', 'tinyshapes']
+['random:sd15', 'random:sd21', 'random:sdxl', 'random:tiny', 'random:tiny-xl', 'tinyshapes', 'tinyshapes-xl']
 """
 from __future__ import annotations
 
@@ -205,6 +206,19 @@ def _tinyshapes():
 
     return StableDiffusionPipeline.from_pretrained(
         str(ASSETS / "tinyshapes"), safety_checker=None, requires_safety_checker=False, local_files_only=True)
+
+
+@builtin("tinyshapes-xl")
+def _tinyshapes_xl():
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(str(ASSETS / "tinyshapes-xl"), add_watermarker=False,
+                                                     local_files_only=True)
+
+
+# The trained built-ins of the tinyshapes world (docs/tinyshapes.md): their prompts are its captions, their
+# calibration draws its training scenes and the adherence checker can score their images.
+TINYSHAPES = ("tinyshapes", "tinyshapes-xl")
 
 
 # Classifier-free guidance a trained built-in is meant to run at (diffusers' 7.5 otherwise). tinyshapes: 2.0 gave

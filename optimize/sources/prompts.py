@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import DiffaccelError
+from diffaccel.optimize.sources.builtins import TINYSHAPES
 
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "data" / "prompts.txt"
 TINYSHAPES_EVAL_PROMPTS = 16     # an even spread of tinyshapes' evaluation prompts (seen and held-out pairs)
@@ -37,7 +38,7 @@ def read_prompts(path) -> tuple:
 
 def default_prompts(source_spec: str = "", n: "int | None" = None) -> tuple:
     """The shipped prompts (the first ``n``); for tinyshapes, an even spread of its evaluation prompts."""
-    if source_spec == "tinyshapes":
+    if source_spec in TINYSHAPES:
         from diffaccel.optimize.sources import tinyshapes
 
         every = tinyshapes.eval_prompts()
@@ -53,7 +54,7 @@ def calibration_prompts(source_spec: str, size: int, seed: int, path: "str | Non
     held-out pairs); else the shipped set. Repeated to ``size``."""
     if path:
         prompts = list(read_prompts(path))
-    elif source_spec == "tinyshapes":
+    elif source_spec in TINYSHAPES:
         from diffaccel.optimize.sources import tinyshapes
 
         prompts = [tinyshapes.caption(s) for s in tinyshapes.sample_scenes(size, seed=seed)]
