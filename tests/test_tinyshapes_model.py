@@ -24,12 +24,17 @@ def pipe():
     return pipe
 
 
-def test_files_are_safetensors_and_small():
-    files = [f for f in MODEL.rglob("*") if f.is_file()]
+def shipped_index(folder: Path) -> dict:
+    """The folder's model_index.json, after checking that every weight file is safetensors and all is <= 25 MiB."""
+    files = [f for f in folder.rglob("*") if f.is_file()]
     weights = [f.name for f in files if f.suffix in (".safetensors", ".bin", ".pt", ".ckpt", ".pth")]
     assert weights and all(w.endswith(".safetensors") for w in weights), weights
     assert sum(f.stat().st_size for f in files) <= 25 * 2**20
-    index = json.loads((MODEL / "model_index.json").read_text())
+    return json.loads((folder / "model_index.json").read_text())
+
+
+def test_files_are_safetensors_and_small():
+    index = shipped_index(MODEL)
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert index.get("safety_checker", [None])[0] is None and index.get("feature_extractor", [None])[0] is None
 

@@ -3,14 +3,12 @@
 The training recipe must condition the U-Net exactly as diffusers' StableDiffusionXLPipeline does at inference
 (checked on an untrained model, so it holds before any weights exist); the shipped weights load offline, are small,
 have the recipe's architecture and the SDXL family diffaccel derives from the configs, and run."""
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from diffaccel.optimize.sources.builtins import ASSETS, BUILTINS
-from tests.test_tinyshapes_model import _train_module
+from tests.test_tinyshapes_model import _train_module, shipped_index
 
 MODEL = ASSETS / "tinyshapes-xl"
 shipped = pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason=f"no weights at {MODEL}")
@@ -62,11 +60,7 @@ def pipe():
 
 @shipped
 def test_files_are_safetensors_small_and_sdxl():
-    files = [f for f in MODEL.rglob("*") if f.is_file()]
-    weights = [f.name for f in files if f.suffix in (".safetensors", ".bin", ".pt", ".ckpt", ".pth")]
-    assert weights and all(w.endswith(".safetensors") for w in weights), weights
-    assert sum(f.stat().st_size for f in files) <= 25 * 2**20
-    index = json.loads((MODEL / "model_index.json").read_text())
+    index = shipped_index(MODEL)
     assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
 
 

@@ -14,7 +14,7 @@ import collections
 import json
 import math
 
-from diffaccel.eval.loadbench.report import _stats, check_out, two_panels
+from diffaccel.eval.loadbench.report import _stats, two_panels, write_bench_dir
 
 PHASES = (("latency", "e2e"), ("queue_s", "queue"), ("run_s", "run"))
 
@@ -146,11 +146,4 @@ def plot(result: dict, path) -> None:
 
 
 def write_http_bench(result: dict, out):
-    from diffaccel.optimize.artifact.files import fresh_dir
-
-    out = check_out(out)
-    with fresh_dir(out) as tmp:
-        (tmp / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
-        (tmp / "bench.md").write_text(to_markdown(result))
-        plot(result, tmp / "bench.png")
-    return out
+    return write_bench_dir(result, out, to_markdown, plot)

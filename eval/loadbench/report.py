@@ -251,12 +251,13 @@ def check_out(out) -> Path:
     return out
 
 
-def write_bench_dir(result: dict, out) -> Path:
+def write_bench_dir(result: dict, out, markdown=None, draw=None) -> Path:
     """Write bench.json, bench.md and bench.png into ``out`` all at once (built in a temporary folder, then
-    renamed). An existing ``out`` is replaced only if it holds nothing but a previous benchmark."""
+    renamed). An existing ``out`` is replaced only if it holds nothing but a previous benchmark. ``markdown`` and
+    ``draw`` render another kind of result (the HTTP benchmark's); default: the in-process benchmark's."""
     out = check_out(out)
     with fresh_dir(out) as tmp:
         (tmp / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
-        (tmp / "bench.md").write_text(to_markdown(result))
-        plot(result, tmp / "bench.png")
+        (tmp / "bench.md").write_text((markdown or to_markdown)(result))
+        (draw or plot)(result, tmp / "bench.png")
     return out
