@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from diffaccel.optimize.artifact.keys import source_key
-from diffaccel.optimize.config import Backend, Exporter, Precision, QuantConfig, ShapeRange, TensorRTConfig
+from diffaccel.optimize.config import (Backend, Exporter, Precision, QuantConfig, ShapeRange, TensorRTConfig,
+                                       check_guidance)
 from diffaccel.optimize.artifact.errors import ArtifactError, DiffaccelError
 from diffaccel.optimize.artifact.files import recover_dir, replace_dir, sweep_scratch
 from diffaccel.optimize.artifact.manifest import Manifest
@@ -48,6 +49,8 @@ class OptimizeConfig:
     seed: int = 0
     memory_limit: "int | None" = None     # bytes the build may use (None: what the machine has available)
     memory_check: bool = True             # refuse, before any work, a build whose estimated peak does not fit
+    guidance: float = 7.5                 # the guidance scale deployed: <= 1 builds the U-Net without the doubled
+    #                                       classifier-free batch (SDXL-Turbo: 0); int8 calibrates at it (see quant)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -69,6 +72,19 @@ class OptimizeConfig:
             raise ValueError(f"unknown graph level {self.graph_level!r}; choose one of: disable, basic, extended, all")
         if not 14 <= int(self.opset) <= 23:
             raise ValueError(f"opset {self.opset} is out of range; choose 14-23 (18 is the default)")
+        set_("guidance", check_guidance(self.guidance))
+        calib = self.quant.guidance_scale
+        if calib is None:
+            set_("quant", dataclasses.replace(self.quant, guidance_scale=self.guidance))
+        elif calib > 1 >= self.guidance:
+            raise ValueError(f"calibration guidance {calib:g} runs classifier-free guidance, but guidance "
+                             f"{self.guidance:g} builds the U-Net without it; calibrate at the guidance you deploy")
+
+    @property
+    def classifier_free(self) -> bool:
+        """Whether the U-Net serves classifier-free guidance (both halves in one batch): guidance > 1. A U-Net with a
+        guidance embedding (LCM) never does, whatever the guidance (see the families' ``guidance_doubles_batch``)."""
+        return self.guidance > 1
 
     def to_dict(self) -> dict:
         return json_ready(dataclasses.asdict(self))

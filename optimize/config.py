@@ -91,6 +91,25 @@ class ShapeRange:
         return dataclasses.asdict(self)
 
 
+def check_guidance(value, what: str = "guidance") -> float:
+    """A classifier-free guidance scale as a float: finite and >= 0 (``off`` is 0).
+
+    >>> check_guidance("off"), check_guidance(7.5)
+    (0.0, 7.5)
+    >>> check_guidance("-1")
+    Traceback (most recent call last):
+    ...
+    ValueError: bad guidance '-1': give a scale >= 0, e.g. 7.5 (off = 0: no classifier-free guidance)
+    """
+    try:
+        scale = 0.0 if str(value).strip().lower() == "off" else float(value)
+    except (TypeError, ValueError):
+        scale = float("nan")
+    if not 0.0 <= scale < float("inf"):
+        raise ValueError(f"bad {what} {value!r}: give a scale >= 0, e.g. 7.5 (off = 0: no classifier-free guidance)")
+    return scale
+
+
 class CalibMethod(_StrEnum):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
@@ -107,7 +126,7 @@ class QuantConfig:
     calib_size: int = 8                  # prompts used
     calib_steps: int = 8                 # denoising steps captured per prompt
     calib_seed: int = 0
-    guidance_scale: float = 7.5          # classifier-free guidance as used at inference
+    guidance_scale: "float | None" = None  # guidance sampled at (None: the build's, OptimizeConfig.guidance)
     method: CalibMethod = CalibMethod.MINMAX
     percentile: float = 99.999
     per_channel: bool = True
@@ -120,6 +139,8 @@ class QuantConfig:
         object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
         if self.calib_size < 1 or self.calib_steps < 1:
             raise ValueError("calib-size and calib-steps must be >= 1")
+        if self.guidance_scale is not None:
+            object.__setattr__(self, "guidance_scale", check_guidance(self.guidance_scale, "calibration guidance"))
         if not 90.0 <= self.percentile < 100.0:
             raise ValueError(f"percentile {self.percentile} must be in [90, 100)")
         if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:

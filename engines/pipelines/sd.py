@@ -2,7 +2,8 @@
 
 They inherit diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` and swap in engine-backed
 components, so diffusers' own ``__call__`` (same signature; schedulers, guidance, callbacks, output types) runs
-unchanged. Sizes the engines cannot serve fail before any work.
+unchanged. Calls the engines cannot serve fail before any work: sizes outside their range, fewer images than their
+batch range starts at, and guidance_scale > 1 on an artifact built for guidance <= 1 (``optimize --guidance 0``).
 
 >>> pipe = AcceleratedStableDiffusionPipeline.from_pretrained("out/tiny")          # doctest: +SKIP
 >>> pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # doctest: +SKIP
@@ -255,6 +256,30 @@ class _Accelerated:
     def device(self):
         return self.unet.device
 
+    @property
+    def built_guidance(self) -> float:
+        """The guidance scale the artifact was built for (``diffaccel optimize --guidance``; 7.5 by default)."""
+        return float(((self.manifest.get("optimize_config") if self.manifest else None) or {}).get("guidance", 7.5))
+
+    def _check_call(self, arguments: dict) -> None:
+        """Fail before any work on a call the engines cannot serve: classifier-free guidance on a U-Net built for
+        guidance <= 1, or fewer images than the engines' batch range starts at (more are run in chunks).
+        ``arguments``: the bound call, defaults applied."""
+        guidance = arguments.get("guidance_scale")
+        unet = self.unet
+        if (guidance is not None and guidance > 1 and isinstance(unet, UNetShim) and not unet.takes_timestep_cond
+                and self.built_guidance <= 1):     # an LCM U-Net takes guidance as an input and never doubles
+            raise PipelineArgumentError(
+                f"guidance_scale={guidance:g} needs classifier-free guidance, but this artifact's U-Net was built for "
+                f"guidance <= 1 only (diffaccel optimize --guidance {self.built_guidance:g}); call with "
+                f"guidance_scale <= 1 (SDXL-Turbo: 0.0), or rebuild with --guidance {guidance:g} to serve it")
+        images = _image_batch(arguments)
+        low = max((c.spec.axes["batch"].min for c in (unet, self.vae) if isinstance(c, (UNetShim, VaeShim))),
+                  default=1)
+        if images is not None and images < low:
+            raise ShapeError(f"{images} image(s) per call cannot be served by this artifact: its engines start at "
+                             f"batch {low}; pass more prompts, or rebuild with diffaccel optimize --batch {images}-N")
+
     def _check_size(self, height, width, encode: bool = False) -> None:
         """Fail before any work when the engines cannot serve height x width (pixels), whole or, with VAE tiling
         on, in tiles (``encode``: the image is also VAE-encoded)."""
@@ -279,15 +304,36 @@ class _Accelerated:
                              "pipe.vae.disable_tiling() (the engines decode this size whole) or pick another size")
 
 
+def bound_call(signature: inspect.Signature, *args, **kwargs) -> dict:
+    """The arguments of a pipeline call by name, diffusers' defaults filled in (what the checks read)."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def _image_batch(arguments: dict) -> "int | None":
+    """Images one call makes, as diffusers counts them: prompts (or prompt embeddings) x num_images_per_prompt."""
+    prompt, embeds = arguments.get("prompt"), arguments.get("prompt_embeds")
+    n = 1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, (list, tuple)) else (
+        embeds.shape[0] if getattr(embeds, "ndim", 0) >= 1 else None)
+    return None if n is None else n * (arguments.get("num_images_per_prompt") or 1)
+
+
+_CALL = inspect.signature(StableDiffusionPipeline.__call__)
+_IMG2IMG_CALL = inspect.signature(StableDiffusionImg2ImgPipeline.__call__)
+
+
 class AcceleratedStableDiffusionPipeline(_Accelerated, StableDiffusionPipeline):
     """``StableDiffusionPipeline`` running on diffaccel engines; called exactly like diffusers'."""
+
+    @functools.wraps(StableDiffusionPipeline.__call__)   # diffusers' signature and docs; body unchanged
+    def __call__(self, *args, **kwargs):
+        self._check_call(bound_call(_CALL, self, *args, **kwargs))
+        return super().__call__(*args, **kwargs)
 
     def check_inputs(self, prompt, height, width, *args, **kwargs):
         self._check_size(height, width)
         return super().check_inputs(prompt, height, width, *args, **kwargs)
-
-
-_IMG2IMG_CALL = inspect.signature(StableDiffusionImg2ImgPipeline.__call__)
 
 
 class AcceleratedStableDiffusionImg2ImgPipeline(_Accelerated, StableDiffusionImg2ImgPipeline):
@@ -295,9 +341,11 @@ class AcceleratedStableDiffusionImg2ImgPipeline(_Accelerated, StableDiffusionImg
 
     @functools.wraps(StableDiffusionImg2ImgPipeline.__call__)   # diffusers' signature and docs; body unchanged
     def __call__(self, *args, **kwargs):
-        image = _IMG2IMG_CALL.bind(self, *args, **kwargs).arguments.get("image")
-        height, width, encode = _image_size(image, self.vae_scale_factor, self.vae.config.get("latent_channels", 4))
+        arguments = bound_call(_IMG2IMG_CALL, self, *args, **kwargs)
+        height, width, encode = _image_size(arguments.get("image"), self.vae_scale_factor,
+                                            self.vae.config.get("latent_channels", 4))
         self._check_size(height, width, encode)
+        self._check_call(arguments)
         return super().__call__(*args, **kwargs)
 
 
@@ -309,9 +357,10 @@ class AcceleratedStableDiffusionInpaintPipeline(_Accelerated, StableDiffusionInp
 
     @functools.wraps(StableDiffusionInpaintPipeline.__call__)
     def __call__(self, *args, **kwargs):
-        arguments = self._CALL.bind(self, *args, **kwargs).arguments
+        arguments = bound_call(self._CALL, self, *args, **kwargs)
         size = self.unet.config.sample_size * self.vae_scale_factor       # diffusers' default, not the image's
         self._check_size(arguments.get("height") or size, arguments.get("width") or size, encode=True)
+        self._check_call(arguments)
         return super().__call__(*args, **kwargs)
 
 

@@ -4,7 +4,8 @@ They inherit diffusers' ``StableDiffusionXLPipeline`` / ``StableDiffusionXLImg2I
 engine-backed components (two text encoders, the U-Net with its ``text_embeds``/``time_ids`` inputs, the VAE), so
 diffusers' own ``__call__`` (same signature) runs unchanged: its time ids, ``force_zeros_for_empty_prompt`` (as the
 source pipeline had it), guidance and schedulers. The invisible watermark is off. Calls the engines cannot serve
-fail before any work, naming why (a size outside the engines' range, ``clip_skip``, IP-Adapter images, LoRA scales).
+fail before any work, naming why (a size outside the engines' range, guidance_scale > 1 on a build for guidance <= 1
+such as SDXL-Turbo's, ``clip_skip``, IP-Adapter images, LoRA scales).
 
 >>> pipe = AcceleratedStableDiffusionXLPipeline.from_pretrained("out/sdxl")                 # doctest: +SKIP
 >>> pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)     # doctest: +SKIP
@@ -19,7 +20,7 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaint
 
 from diffaccel.optimize.artifact.errors import PipelineArgumentError
 from diffaccel.engines.pipelines.sd import (
-    REFUSED, _Accelerated, _image_size, engine_loader, load_scheduler, load_tokenizer, text_encoder_shim,
+    REFUSED, _Accelerated, _image_size, bound_call, engine_loader, load_scheduler, load_tokenizer, text_encoder_shim,
     unet_shim, vae_shim)
 from diffaccel.engines.pipelines.shims import CLIP_SKIP
 
@@ -69,8 +70,10 @@ class _AcceleratedXL(_Accelerated):
         return out
 
     def _refuse_unservable(self, arguments: dict, height, width, encode: bool = False) -> None:
-        """Before any work: sizes outside the engines' range and what exported engines cannot compute."""
+        """Before any work: sizes outside the engines' range, guidance or batches the U-Net was not built for, and
+        what exported engines cannot compute."""
         self._check_size(height, width, encode)
+        self._check_call(arguments)
         if arguments.get("clip_skip") is not None:
             raise PipelineArgumentError(CLIP_SKIP)
         if arguments.get("ip_adapter_image") is not None or arguments.get("ip_adapter_image_embeds") is not None:
@@ -95,7 +98,7 @@ class AcceleratedStableDiffusionXLPipeline(_AcceleratedXL, StableDiffusionXLPipe
 
     @functools.wraps(StableDiffusionXLPipeline.__call__)   # diffusers' signature and docs; body unchanged
     def __call__(self, *args, **kwargs):
-        arguments = _XL_CALL.bind(self, *args, **kwargs).arguments
+        arguments = bound_call(_XL_CALL, self, *args, **kwargs)
         self._refuse_unservable(arguments, *self._default_size(arguments.get("height"), arguments.get("width")))
         return super().__call__(*args, **kwargs)
 
@@ -109,7 +112,7 @@ class AcceleratedStableDiffusionXLImg2ImgPipeline(_AcceleratedXL, StableDiffusio
 
     @functools.wraps(StableDiffusionXLImg2ImgPipeline.__call__)
     def __call__(self, *args, **kwargs):
-        arguments = _XL_IMG2IMG_CALL.bind(self, *args, **kwargs).arguments
+        arguments = bound_call(_XL_IMG2IMG_CALL, self, *args, **kwargs)
         height, width, encode = _image_size(arguments.get("image"), self.vae_scale_factor,
                                             self.vae.config.get("latent_channels", 4))
         self._refuse_unservable(arguments, height, width, encode)
@@ -126,7 +129,7 @@ class AcceleratedStableDiffusionXLInpaintPipeline(_AcceleratedXL, StableDiffusio
 
     @functools.wraps(StableDiffusionXLInpaintPipeline.__call__)
     def __call__(self, *args, **kwargs):
-        arguments = self._CALL.bind(self, *args, **kwargs).arguments
+        arguments = bound_call(self._CALL, self, *args, **kwargs)
         size = self.unet.config.sample_size * self.vae_scale_factor       # diffusers' default, not the image's
         self._refuse_unservable(arguments, arguments.get("height") or size, arguments.get("width") or size, True)
         return super().__call__(*args, **kwargs)

@@ -52,6 +52,10 @@ def _add_optimize(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse a LoRA .safetensors (diffusers or kohya format) into the U-Net and text encoders "
                         "before export, at SCALE (default 1); repeatable, fused in order")
+    p.add_argument("--guidance", default="7.5", metavar="SCALE|off",
+                   help="the classifier-free guidance scale the engines will run at (default 7.5). 1 or below (off = "
+                        "0: SDXL-Turbo, LCM-LoRA) builds the U-Net for one guidance half only, a batch range half as "
+                        "large, and the drop-in pipelines refuse guidance_scale > 1; int8 calibrates at this scale")
     p.add_argument("--components", default=None, help="comma-separated subset of text_encoder,unet,vae_decoder,"
                                                        "vae_encoder to build (default: all)")
     q = p.add_argument_group("int8 calibration and quantization")
@@ -113,7 +117,7 @@ def _cmd_optimize(args) -> int:
                              opset=args.opset, graph_level=args.graph_level, threads=args.threads,
                              components=comps, quant=quant, tensorrt=trt,
                              memory_limit=parse_size(args.memory_limit) if args.memory_limit else None,
-                             memory_check=not args.no_memory_check)
+                             memory_check=not args.no_memory_check, guidance=args.guidance)
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
     src = args.src
@@ -144,7 +148,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: 2.0 for a tinyshapes artifact, else 7.5)")
+                   help="classifier-free guidance scale (default: the artifact's when built with --guidance <= 1, "
+                        "2.0 for a tinyshapes artifact, else 7.5)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
@@ -180,8 +185,8 @@ def _cmd_generate(args) -> int:
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if (args.height is None) != (args.width is None):   # diffusers would silently reset both to the default
         args.height, args.width = args.height or native, args.width or native
-    if args.guidance is None:
-        args.guidance = artifact_guidance(pipe.manifest.source)
+    if args.guidance is None:   # an artifact built for guidance <= 1 (optimize --guidance) runs at that guidance
+        args.guidance = pipe.built_guidance if pipe.built_guidance <= 1 else artifact_guidance(pipe.manifest.source)
     t0 = time.perf_counter()
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, height=args.height, width=args.width,

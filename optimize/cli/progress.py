@@ -57,6 +57,17 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def guidance_text(m) -> str:
+    """How the artifact's U-Net serves classifier-free guidance (``optimize --guidance``), for ``diffaccel info``."""
+    scale = (m.get("optimize_config") or {}).get("guidance", 7.5)
+    inputs = m.components.get("unet", {}).get("spec", {}).get("inputs", [])
+    if any(t["name"] == "timestep_cond" for t in inputs):
+        return f"{scale:g}: an LCM U-Net (guidance embedding; its batch is never doubled)"
+    if scale <= 1:
+        return f"{scale:g}: built for guidance <= 1 only (U-Net batch not doubled; guidance_scale > 1 is refused)"
+    return f"{scale:g}: classifier-free guidance doubles the U-Net batch (guidance <= 1 runs too)"
+
+
 def format_info(m) -> str:
     src = m.source
     lines = [f"artifact   {m.root}",
@@ -66,6 +77,7 @@ def format_info(m) -> str:
              f"precision  {m.get('precision')}",
              f"shapes     batch {m['shapes']['batch']}, height {m['shapes']['height'] or 'default'}, "
              f"width {m['shapes']['width'] or 'default'}",
+             f"guidance   {guidance_text(m)}",
              "", f"{'component':<13} {'precision':<9} {'size':>10}  {'parity (max abs err)':<24} engine"]
     for name, c in m.components.items():
         size = sum(f["bytes"] for f in c.get("files", []))

@@ -88,7 +88,8 @@ class ModelGeometry:
     latent_multiple: int      # the U-Net needs latent sizes divisible by this (2 ** number of downsamplers)
     default_size: int         # the model's native image size in pixels
     num_train_timesteps: int
-    guidance_doubles_batch: bool = True   # classifier-free guidance runs both halves in one U-Net batch
+    guidance_doubles_batch: bool = True   # classifier-free guidance runs both halves in one U-Net batch (a build
+    #                                       for guidance <= 1 sets it False)
     timestep_cond_dim: int = 0            # LCM-distilled U-Nets: width of the guidance embedding (0: none)
 
     @property
@@ -204,7 +205,8 @@ def specs(geo: ModelGeometry, shapes) -> dict:
     lat_w = _pixel_axis(shapes.width, geo, "width")
     images = AxisRange(bmin, bopt, bmax)
     # classifier-free guidance doubles the U-Net batch; batch 1 without guidance is also served. LCM-distilled
-    # U-Nets (a timestep_cond input: the guidance embedding) never run classifier-free guidance in diffusers.
+    # U-Nets (a timestep_cond input: the guidance embedding) never run classifier-free guidance in diffusers, and a
+    # build for guidance <= 1 (optimize --guidance 0: SDXL-Turbo) has it off (see Context.specs)
     k = 2 if geo.guidance_doubles_batch else 1
     unet_batch = AxisRange(1, k * bopt, k * bmax)
     lcm = (TensorSpec("timestep_cond", ("batch", geo.timestep_cond_dim)),) if geo.timestep_cond_dim else ()

@@ -147,7 +147,8 @@ def specs(geo: ModelGeometry, shapes) -> dict:
     geometry has none: the refiner).
 
     The U-Net's batch range doubles the image batch where classifier-free guidance runs both halves in one call
-    (and serves batch 1 upward, so guidance <= 1 runs too; not for LCM U-Nets, which never double it); its
+    (and serves batch 1 upward, so guidance <= 1 runs too; not for LCM U-Nets, which never double it, nor for builds
+    for guidance <= 1 such as SDXL-Turbo's, ``optimize --guidance 0``); its
     ``time_ids`` hold pixel sizes, drawn as integers up to 4x the native size for validation."""
     bmin, bmax = shapes.batch
     bopt = min(max(1, bmin), bmax)

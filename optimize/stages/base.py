@@ -138,7 +138,10 @@ class Context:
 
     @property
     def specs(self) -> dict:
-        return self.family.specs(self.geometry, self.config.shapes)
+        geo = self.geometry
+        if not getattr(self.config, "classifier_free", True):   # built for guidance <= 1: the U-Net batch is not
+            geo = dataclasses.replace(geo, guidance_doubles_batch=False)   # doubled (optimize --guidance)
+        return self.family.specs(geo, self.config.shapes)
 
     # ---- what earlier stages recorded ------------------------------------------------------------------------
     def info_of(self, stage: str, comp: str) -> dict:

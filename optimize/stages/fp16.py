@@ -59,7 +59,8 @@ def capture_validation_inputs(ctx, prompts: list, steps: int = 8) -> dict:
 
     pipe = ctx.pipe
     h, w = calibration_size(ctx)
-    unet = ctx.family.capture_unet_inputs(pipe, prompts, steps=steps, guidance_scale=7.5, seed=0, height=h, width=w)
+    unet = ctx.family.capture_unet_inputs(pipe, prompts, steps=steps, guidance_scale=ctx.config.guidance, seed=0,
+                                          height=h, width=w)
     latents = []
     for i, p in enumerate(prompts):
         with torch.no_grad():
