@@ -43,7 +43,9 @@ def add_bench(sub) -> None:
     work.add_argument("--steps", type=int, default=10, help="denoising steps per image (default 10)")
     work.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     work.add_argument("--width", type=int, default=None)
-    work.add_argument("--guidance", type=float, default=7.5)
+    work.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the artifact's when "
+                                                                    "built with optimize --guidance <= 1, else 7.5; "
+                                                                    "with --url: the server's)")
     work.add_argument("--prompts", default=None, metavar="FILE", help="text file, one prompt per line, used in turn")
     work.add_argument("--seed", type=int, default=0, help="seeds arrivals; request i uses seed+i")
     work.add_argument("--provider", default=None, help="ONNX Runtime provider (default: the one built for)")
@@ -74,6 +76,17 @@ def add_bench(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+def _guidance(args) -> float:
+    """--guidance, else the artifact's own where it was built for guidance <= 1, else 7.5."""
+    if args.guidance is not None:
+        return args.guidance
+    from diffaccel.optimize.artifact.manifest import Manifest
+
+    from diffaccel.eval.harness.variants import default_guidance
+
+    return default_guidance([(args.artifact, Manifest.load(args.artifact))])
+
+
 def _configs(args):
     from diffaccel.optimize.cli.args import comma_list
 
@@ -86,7 +99,7 @@ def _configs(args):
                           requests=args.requests if args.requests is not None or args.duration is not None
                           else LoadConfig.requests,
                           duration_s=args.duration, max_batch=args.max_batch, timeout_ms=args.batch_timeout,
-                          steps=args.steps, height=args.height, width=args.width, guidance=args.guidance,
+                          steps=args.steps, height=args.height, width=args.width, guidance=_guidance(args),
                           seed=args.seed, time_limit_s=args.time_limit)
         sweep = SweepConfig(rates=comma_list(args.sweep_rates, "--sweep-rates", what="rates", example="0.5x,1x,2x"),
                             max_batches=comma_list(args.sweep_max_batch, "--sweep-max-batch", int, example="1,2,4"),
@@ -156,7 +169,7 @@ def _http_configs(args):
                              concurrency=args.concurrency, trace=args.trace,
                              requests=args.requests if args.requests is not None or args.duration is not None
                              else 48, duration_s=args.duration, steps=args.steps,
-                             guidance=args.guidance if args.guidance != 7.5 else None, seed=args.seed,
+                             guidance=args.guidance, seed=args.seed,
                              request_timeout_s=args.request_timeout, time_limit_s=args.time_limit)
         rates = comma_list(args.sweep_rates, "--sweep-rates", what="rates", example="0.5x,1x,2x") or ()
         for r in rates:

@@ -34,7 +34,9 @@ def add_eval(sub) -> None:
     p.add_argument("--batch-sizes", default="1,2,4", help="throughput batch sizes (default 1,2,4)")
     p.add_argument("--scheduler", default=None, help="diffusers scheduler class or alias for every variant, e.g. "
                                                      "EulerDiscreteScheduler, euler-a, dpm++ (default: the baseline's)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
+                                                                 "artifacts' own when built with optimize --guidance "
+                                                                 "<= 1, else 7.5)")
     p.add_argument("--peers", default="", help="extra rows a user might try instead: torch-bf16, torch-fp16, "
                                                "torch-compile, optimum-intel-fp32, optimum-intel-bf16, "
                                                "optimum-intel-int8 (comma-separated; optimum-intel: README)")

@@ -43,7 +43,7 @@ class EvalConfig:
     width: "int | None" = None
     batch_sizes: tuple = (1, 2, 4)        # throughput (images/s) for each
     scheduler: "str | None" = None        # a diffusers scheduler class name or alias; None = the baseline's
-    guidance_scale: float = 7.5
+    guidance_scale: "float | None" = None  # None = the artifacts' own where built for guidance <= 1, else 7.5
     peers: tuple = ()                     # extra rows: torch-bf16, torch-fp16, torch-compile
     warmup: int = 1                       # untimed calls per variant before timing
     repeat: int = 3                       # timed calls per batch size
@@ -75,7 +75,7 @@ class EvalConfig:
             raise ValueError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
         if self.warmup < 0 or self.repeat < 1:
             raise ValueError(f"bad warmup {self.warmup} / repeat {self.repeat}: need warmup >= 0 and repeat >= 1")
-        if self.guidance_scale < 0:
+        if self.guidance_scale is not None and self.guidance_scale < 0:
             raise ValueError(f"bad guidance scale {self.guidance_scale}: must be >= 0")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"bad threads {self.threads}: must be >= 1")
@@ -129,8 +129,10 @@ def evaluate(artifacts=(), baseline: "str | None" = None, config: EvalConfig = E
     reporter = reporter or Reporter()
     manifests = var.load_manifests([Path(a) for a in artifacts])
     source = resolve_source(var.baseline_spec(manifests, baseline), trust_pickle=trust_pickle,
-                            single_file_config=single_file_config)
+                            single_file_config=single_file_config, loras=var.baseline_loras(manifests))
     var.check_sources(manifests, source, config.allow_different_source)
+    guidance = var.default_guidance(manifests) if config.guidance_scale is None else config.guidance_scale
+    var.check_guidance(manifests, guidance)
     prompts = list(config.prompts or default_prompts(source.spec))
     adherence_on, adherence_why = quality.adherence_enabled(config.adherence, source.spec, prompts)
     learned = quality.Learned(config.clip_model, config.inception, config.lpips)
@@ -139,7 +141,7 @@ def evaluate(artifacts=(), baseline: "str | None" = None, config: EvalConfig = E
 
     benches = bench_summaries(config.bench, out)
     rp = RunPlan(prompts, config.seeds, config.steps, config.batch_sizes, config.height, config.width,
-                 config.guidance_scale, config.warmup, config.repeat, config.device,
+                 guidance, config.warmup, config.repeat, config.device,
                  scheduler_cls=scheduler_class(config.scheduler) if config.scheduler is not None else None)
     preimport()
     with torch_threads(config.threads):
@@ -202,7 +204,7 @@ def assemble(config: EvalConfig, source, rp, runs: list, learned, adherence_on: 
         if run.row["status"] == "ok":
             images.update(_score_run(run, base, rp, learned, adherence_on))
     resolved = {"prompts": list(rp.prompts), "height": base.row["size"][0], "width": base.row["size"][1],
-                "scheduler": type(rp.scheduler).__name__, "headline_steps": rp.top}
+                "scheduler": type(rp.scheduler).__name__, "headline_steps": rp.top, "guidance_scale": rp.guidance_scale}
     n_images = len(rp.prompts) * len(rp.seeds)
     report = {"schema_version": SCHEMA_VERSION, "kind": "diffaccel-eval", "created": now(),
               "config": {**config.to_dict(), **resolved},

@@ -111,7 +111,7 @@ def _hook_module(module, component: str, clock, timings: Timings, patches: _Patc
 def _targets(pipe) -> list:
     """(component, object, attribute or None for module hooks) for what this pipeline has."""
     out = []
-    for component, attr in (("text_encoder", "text_encoder"), ("unet", "unet")):
+    for component, attr in (("text_encoder", "text_encoder"), ("text_encoder", "text_encoder_2"), ("unet", "unet")):
         obj = getattr(pipe, attr, None)
         if obj is None:
             continue

@@ -85,37 +85,57 @@ def _defaults(cls) -> dict:
 
 
 def _input_shapes(source, pipe=None) -> dict:
-    """What the inputs are made of, from the loaded pipeline or, without loading any weights, the source's configs."""
-    if pipe is not None:
-        return {"channels": pipe.unet.config.in_channels, "scale": 2 ** (len(pipe.vae.config.block_out_channels) - 1),
-                "tokens": pipe.tokenizer.model_max_length, "width": pipe.unet.config.cross_attention_dim}
+    """What the inputs are made of, from the loaded pipeline or, without loading any weights, the source's configs:
+    latent channels and scale, tokens and cross-attention width, and for SDXL U-Nets the pooled text embedding
+    width and time id count (``text_embeds``, ``time_ids``), for LCM U-Nets the guidance embedding width."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    c = source.configs()
+    from diffaccel.optimize.families import configs_of
+    from diffaccel.optimize.families.sdxl import time_id_count
+
+    c = configs_of(pipe) if pipe is not None else source.configs()
     if c is None:
         return _input_shapes(source, source.load())
     unet, vae = {**_defaults(UNet2DConditionModel), **c["unet"]}, {**_defaults(AutoencoderKL), **c["vae"]}
-    return {"channels": unet["in_channels"], "scale": 2 ** (len(vae["block_out_channels"]) - 1),
-            "tokens": c["text_encoder"].get("max_position_embeddings", 77), "width": unet["cross_attention_dim"]}
+    text = c.get("text_encoder") or c.get("text_encoder_2") or {}
+    tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+    out = {"channels": unet["in_channels"], "scale": 2 ** (len(vae["block_out_channels"]) - 1),
+           "tokens": tokenizer.model_max_length if tokenizer is not None else text.get("max_position_embeddings", 77),
+           "width": unet["cross_attention_dim"]}
+    if unet.get("addition_embed_type") == "text_time":           # SDXL: pooled text embeddings and time ids
+        out.update(text_embeds=c["text_encoder_2"]["projection_dim"],
+                   time_ids=time_id_count(unet, c["text_encoder_2"]))
+    if unet.get("time_cond_proj_dim"):                             # LCM: the guidance embedding
+        out["timestep_cond"] = unet["time_cond_proj_dim"]
+    return out
 
 
 def make_inputs(shapes: dict, cfg: UNetBenchConfig) -> dict:
+    """The U-Net's inputs by name, in the order of its spec (what the eager module takes positionally)."""
     import torch
 
     g = torch.Generator().manual_seed(cfg.seed)
-    s = shapes["scale"]
-    return {"sample": torch.randn(cfg.batch, shapes["channels"], cfg.height // s, cfg.width // s, generator=g),
-            "timestep": torch.full((cfg.batch,), 500.0),
-            "encoder_hidden_states": torch.randn(cfg.batch, shapes["tokens"], shapes["width"], generator=g)}
+    s, b = shapes["scale"], cfg.batch
+    out = {"sample": torch.randn(b, shapes["channels"], cfg.height // s, cfg.width // s, generator=g),
+           "timestep": torch.full((b,), 500.0),
+           "encoder_hidden_states": torch.randn(b, shapes["tokens"], shapes["width"], generator=g)}
+    if "text_embeds" in shapes:
+        size = [cfg.height, cfg.width, 0.0, 0.0]           # original size, crop top-left, then target size or score
+        ids = size + ([cfg.height, cfg.width] if shapes["time_ids"] == 6 else [6.0])
+        out["text_embeds"] = torch.randn(b, shapes["text_embeds"], generator=g)
+        out["time_ids"] = torch.tensor([ids[:shapes["time_ids"]]] * b, dtype=torch.float32)
+    if "timestep_cond" in shapes:
+        out["timestep_cond"] = torch.randn(b, shapes["timestep_cond"], generator=g)
+    return out
 
 
 def _eager(pipe, dtype_name: str):
     import torch
 
-    from diffaccel.optimize.families.sd import export_module
+    from diffaccel.optimize.families import configs_of, detect
 
     dtype = getattr(torch, dtype_name)
-    module = export_module("unet", pipe).to(dtype)
+    module = detect(configs_of(pipe), "the source").export_module("unet", pipe).to(dtype)
 
     def run(inputs):
         with torch.inference_mode():

@@ -198,6 +198,7 @@ def run_variant(variant, rp: RunPlan, reporter) -> Run:
             reporter.item(variant.name, "load")
             pipe, setup = _load(variant, rp)
             row["setup"].update(setup)
+            row["pipeline"] = type(pipe).__name__      # the family's diffusers pipeline or its drop-in
             mem.mark_loaded()
             reporter.item_done(variant.name, "load", setup["load_seconds"] + setup["prepare_seconds"])
             outputs = _measure(pipe, rp, reporter, variant.name, row)

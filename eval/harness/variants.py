@@ -1,8 +1,10 @@
 """What is evaluated: the baseline, the peers a user would try instead, and diffaccel artifacts.
 
 Each :class:`Variant` knows how to load its pipeline (timed as *load*) and how to prepare it (a dtype cast or
-``torch.compile``, timed as *prepare*). The baseline is the diffusers pipeline at fp32 eager; peers are built from
-a fresh copy of it; artifacts load as :class:`~diffaccel.engines.AcceleratedStableDiffusionPipeline`. Peers are a
+``torch.compile``, timed as *prepare*). The baseline is the diffusers pipeline of the source's family at fp32 eager
+(``StableDiffusionXLPipeline`` for SDXL, its invisible watermark off) with the artifacts' LoRAs fused at their
+scales (:func:`baseline_loras`); peers are built from a fresh copy of it; artifacts load as their family's drop-in
+pipeline (:func:`~diffaccel.engines.pipelines.pipeline_class`). Peers are a
 plain registry: ``PEERS[name](pipe, device) -> pipe`` (a row with a ``source`` keyword also gets the Source). The
 optimum-intel rows (its own OpenVINO pipeline, ``peers_optimum``) need the ``openvino-peer`` extra; where it is
 absent their rows are skipped with the reason.
@@ -88,6 +90,45 @@ def baseline_spec(manifests, baseline: "str | None") -> str:
     return src["spec"] if src.get("kind") in ("builtin", "hub") else src.get("location", src["spec"])
 
 
+def baseline_loras(manifests) -> list:
+    """The LoRAs (``FILE:SCALE``, in fusing order) the first artifact was built with: the baseline gets them fused
+    too, or it would be another model than the one the engines run. Their files must still be where the build
+    read them (their hashes are checked against the artifact's by :func:`check_sources`)."""
+    if not manifests:
+        return []
+    path, m = manifests[0]
+    loras = m.source.get("loras") or []
+    missing = [x["path"] for x in loras if not Path(x["path"]).is_file()]
+    if missing:
+        raise DiffaccelError(f"{path} was built with LoRA {missing[0]}, which is no longer there; the baseline needs "
+                             "it fused to be the same model: put the file back (same content)")
+    return [f"{x['path']}:{x['scale']!r}" for x in loras]
+
+
+def check_guidance(manifests, guidance: float) -> None:
+    """Refuse, before any work, classifier-free guidance for artifacts built for guidance <= 1 (their drop-in would
+    refuse each call)."""
+    bad = [str(path) for path, m in manifests if guidance > 1 and built_guidance(m) <= 1 and not _lcm(m)]
+    if bad:
+        raise DiffaccelError(f"--guidance {guidance:g}: {', '.join(bad)} built for guidance <= 1 (diffaccel optimize "
+                             "--guidance); evaluate at the guidance they serve, e.g. --guidance 0")
+
+
+def built_guidance(m) -> float:
+    """The guidance scale an artifact was built for (``optimize --guidance``; 7.5 before the option existed)."""
+    return float((m.get("optimize_config") or {}).get("guidance", 7.5))
+
+
+def default_guidance(manifests) -> float:
+    """Evaluation's guidance when none is given: the artifacts' own where built for guidance <= 1, else 7.5."""
+    off = [built_guidance(m) for _, m in manifests if built_guidance(m) <= 1 and not _lcm(m)]
+    return max(off) if off else 7.5
+
+
+def _lcm(m) -> bool:
+    return any(t["name"] == "timestep_cond" for t in m.components.get("unet", {}).get("spec", {}).get("inputs", []))
+
+
 def check_sources(manifests, source, allow_different: bool) -> None:
     """Refuse artifacts built from other weights than the baseline's: their images are not comparable."""
     bad = [f"{path} (built from {m.source.get('spec')})" for path, m in manifests
@@ -123,9 +164,9 @@ def plan(source, manifests, peers, device="cpu", provider=None, threads=None) ->
 
 def _artifact_loader(path: Path, provider, threads):
     def load():
-        from diffaccel.engines import AcceleratedStableDiffusionPipeline
+        from diffaccel.engines.pipelines import pipeline_class
 
-        return AcceleratedStableDiffusionPipeline.from_pretrained(path, provider=provider, threads=threads)
+        return pipeline_class(path).from_pretrained(path, provider=provider, threads=threads)
     return load
 
 

@@ -70,9 +70,9 @@ class LoadBench:
     """The artifact's drop-in pipeline with a fixed workload (steps, size, guidance), ready to serve load tests."""
 
     def __init__(self, artifact, base: LoadConfig, prompts=(), provider=None, threads=None):
-        from diffaccel.engines import AcceleratedStableDiffusionPipeline
+        from diffaccel.engines.pipelines import pipeline_class
 
-        self.pipe = AcceleratedStableDiffusionPipeline.from_pretrained(artifact, provider=provider, threads=threads)
+        self.pipe = pipeline_class(artifact).from_pretrained(artifact, provider=provider, threads=threads)
         self.pipe.set_progress_bar_config(disable=True)
         native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.base = dataclasses.replace(base, height=base.height or native, width=base.width or native)
