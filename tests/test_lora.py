@@ -235,3 +235,75 @@ def test_sdxl_engine_images_match_diffusers_with_the_same_lora_fused(xl_lora, tm
     b = acc(PROMPTS, generator=torch.Generator().manual_seed(0), **kw).images
     print(f"SDXL LoRA engine vs diffusers: {psnr(a, b):.1f} dB")
     assert psnr(a, b) >= 40, psnr(a, b)
+
+
+# ---- eval of a LoRA build: the baseline has the same LoRA fused ---------------------------------------------------
+def test_eval_baseline_is_diffusers_with_the_artifacts_lora_fused(lora_ort, sd_lora, tmp_path, monkeypatch):
+    """The baseline of a ``--lora`` artifact is the source with its LoRAs fused at their scales (the weights diffusers'
+    ``fuse_lora`` gives, not the plain model): the fp32 engines match it, and it is not the model without them."""
+    from diffaccel.eval import EvalConfig, evaluate
+    from diffaccel.eval.harness import runner
+    from diffaccel.optimize.artifact.manifest import Manifest
+
+    pipes, real = [], runner.generate
+    monkeypatch.setattr(runner, "generate", lambda pipe, *a: pipes.append(pipe) or real(pipe, *a))
+    config = EvalConfig(prompts=PROMPTS, seeds=(0,), steps=(3,), batch_sizes=(1,), repeat=1, warmup=0,
+                        guidance_scale=5.0)
+    report = evaluate([lora_ort], config=config, out_dir=tmp_path / "report")
+    rows = {v["name"]: v for v in report["variants"]}
+    q = rows["onnxruntime-fp32"]["quality"]["aggregate"]
+    print(f"LoRA build vs the LoRA-fused baseline in eval: {q['psnr']:.1f} dB")
+    assert q["psnr"] >= 40, q
+    assert report["baseline"]["source"]["loras"] == Manifest.load(lora_ort).source["loras"]
+    baseline = pipes[0]                                               # the baseline runs first
+    assert type(baseline).__name__ == "StableDiffusionPipeline"
+    assert_same_weights(baseline, diffusers_fused("random:tiny", sd_lora, 0.7), ("unet", "text_encoder"))
+    assert changed(baseline, "random:tiny", "unet") > 1e-3            # not the model without the LoRA
+
+
+def test_eval_of_a_lora_build_whose_file_is_gone_is_refused(lora_ort, capsys, tmp_path):
+    import json
+
+    art = tmp_path / "art"
+    shutil.copytree(lora_ort, art)
+    m = json.loads((art / "manifest.json").read_text())
+    m["source"]["loras"][0]["path"] = str(tmp_path / "moved.safetensors")
+    (art / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(capsys, "eval", art, "--steps", "2", "-o", tmp_path / "r")
+    assert_one_line_error(code, err, "moved.safetensors, which is no longer there", "put the file back")
+    assert not (tmp_path / "r").exists()
+
+
+# ---- int8 with a LoRA: calibrated on the fused model ------------------------------------------------------------
+def test_int8_lora_build_calibrates_the_fused_model(lora_ort, sd_lora, tiny_int8_unet, tmp_path):
+    from diffaccel.engines import AcceleratedStableDiffusionPipeline
+    from diffaccel.engines.base import load_engine
+    from diffaccel.optimize import OptimizeConfig
+    from diffaccel.optimize.artifact.manifest import Manifest
+    from diffaccel.optimize.config import QuantConfig
+
+    from .helpers import QUICK, build_over
+
+    src = resolve_source("random:tiny", loras=[f"{sd_lora}:0.7"])
+    out = tmp_path / "lora-int8"
+    m = build_over(lora_ort, out, OptimizeConfig(precision="int8", quant=QuantConfig(**QUICK), **TXT2IMG), src=src)
+    assert m.source["loras"][0]["scale"] == 0.7 and m.source["sha256"] == src.sha256
+    assert m.components["unet"]["precision"] == "int8" and m.components["unet"]["validation"]["passed"]
+    kept = torch.load(out / "unet" / "quantized" / "validation_inputs.pt", weights_only=True)
+    plain = torch.load(tiny_int8_unet / "unet" / "quantized" / "validation_inputs.pt", weights_only=True)
+    # the same prompts and seeds through the LoRA'd text encoder: calibration ran on the fused pipeline
+    assert (kept[0]["encoder_hidden_states"] - plain[0]["encoder_hidden_states"]).abs().max() > 1e-3
+
+    def unet(root):
+        return load_engine("onnxruntime", root, "unet", Manifest.load(root).components["unet"])
+
+    x = kept[-1]
+    ours, other, fp32 = (unet(r)(**x)["out_sample"] for r in (out, tiny_int8_unet, lora_ort))
+    err = lambda a: ((a - fp32).norm() / fp32.norm()).item()              # noqa: E731
+    print(f"int8 LoRA U-Net vs fp32 LoRA U-Net: rel err {err(ours):.4f}; int8 U-Net without the LoRA: {err(other):.4f}")
+    assert err(ours) < 0.6 * err(other)                                  # nearer the fp32 LoRA U-Net
+    kw = dict(prompt=PROMPTS, num_inference_steps=4, guidance_scale=5.0, output_type="np")
+    a, b = (AcceleratedStableDiffusionPipeline.from_pretrained(r, spin=False)(
+        **kw, generator=torch.Generator().manual_seed(0)).images for r in (lora_ort, out))
+    print(f"int8 LoRA build vs fp32 LoRA build: {psnr(a, b):.1f} dB")
+    assert psnr(a, b) > 20
