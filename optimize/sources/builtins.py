@@ -224,7 +224,7 @@ TINYSHAPES = ("tinyshapes", "tinyshapes-xl")
 # Classifier-free guidance a trained built-in is meant to run at (diffusers' 7.5 otherwise). tinyshapes: 2.0 gave
 # the best prompt adherence on seeds kept apart from its benchmark's (docs/tinyshapes.md); higher guidance pulls a
 # shape toward the one its color was trained with.
-RECOMMENDED_GUIDANCE = {"tinyshapes": 2.0}
+RECOMMENDED_GUIDANCE = {"tinyshapes": 2.0, "tinyshapes-xl": 3.0}
 DEFAULT_GUIDANCE = 7.5
 
 
