@@ -22,8 +22,9 @@ def test_eval_of_an_sdxl_artifact_against_diffusers_sdxl_pipeline(xl_ort, capsys
     monkeypatch.setattr(runner, "generate", lambda pipe, *a: watermarks.append(pipe.watermark) or real(pipe, *a))
     out = tmp_path / "report"
     (tmp_path / "p.txt").write_text("a red circle on the left\n")
-    code, stdout, err = run_cli(capsys, "eval", xl_ort, "--prompts", tmp_path / "p.txt", "--steps", "3", "--seeds", "0,1", "--batch-sizes", "1",
-                                "--repeat", "1", "--warmup", "0", "--guidance", "5", "-o", out)
+    code, stdout, err = run_cli(capsys, "eval", xl_ort, "--prompts", tmp_path / "p.txt", "--steps", "3", "--seeds",
+                                "0,1", "--batch-sizes", "1", "--repeat", "1", "--warmup", "0", "--guidance", "5",
+                                "-o", out)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     rows = {v["name"]: v for v in report["variants"]}
