@@ -16,18 +16,20 @@ from .helpers import psnr
 BACKENDS = ["onnxruntime", "torch",
             pytest.param("openvino", marks=pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
                                                               reason="openvino is not installed (diffaccel[openvino])"))]
-# openvino compiles the same ONNX export as onnxruntime: its artifact uses the faster legacy exporter (the default
-# exporter is covered by the onnxruntime case)
-OPTIONS = {"openvino": {"exporter": "torchscript"}}
 
 
-def _built(artifacts, backend):
-    return artifacts("random:tiny", backend, **OPTIONS.get(backend, {}))
+def _built(request, backend):
+    """The session's fp32 artifact of random:tiny for ``backend``. openvino compiles the same ONNX export as
+    onnxruntime: its artifact is conftest's ``tiny_ov``, the engine stage run over a copy of the legacy exporter's
+    ONNX Runtime build (the default exporter is covered by the onnxruntime case)."""
+    if backend == "openvino":
+        return request.getfixturevalue("tiny_ov")
+    return request.getfixturevalue("artifacts")("random:tiny", backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_manifest_records_what_was_built(artifacts, backend):
-    out = _built(artifacts, backend)
+def test_manifest_records_what_was_built(request, backend):
+    out = _built(request, backend)
     m = Manifest.load(out)
     assert m.complete and m["backend"] == backend and m["precision"] == "fp32"
     assert m.source["spec"] == "random:tiny" and len(m.source["sha256"]) == 64
@@ -43,8 +45,8 @@ def test_manifest_records_what_was_built(artifacts, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_engines_match_torch_on_fresh_inputs(artifacts, tiny_pipe, backend):
-    out = _built(artifacts, backend)
+def test_engines_match_torch_on_fresh_inputs(request, tiny_pipe, backend):
+    out = _built(request, backend)
     m = Manifest.load(out)
     gen = torch.Generator().manual_seed(99)
     for name, entry in m.components.items():
@@ -60,8 +62,8 @@ def test_engines_match_torch_on_fresh_inputs(artifacts, tiny_pipe, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_pipeline_images_match_diffusers(artifacts, tiny_pipe, backend):
-    pipe = AcceleratedStableDiffusionPipeline.from_pretrained(_built(artifacts, backend))
+def test_pipeline_images_match_diffusers(request, tiny_pipe, backend):
+    pipe = AcceleratedStableDiffusionPipeline.from_pretrained(_built(request, backend))
     pipe.set_progress_bar_config(disable=True)
     kw = dict(prompt="a red circle", num_inference_steps=4, output_type="np")
     ref = tiny_pipe(generator=torch.Generator().manual_seed(3), **kw).images
@@ -71,10 +73,10 @@ def test_pipeline_images_match_diffusers(artifacts, tiny_pipe, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_save_pretrained_round_trips(artifacts, tmp_path, backend):
+def test_save_pretrained_round_trips(request, tmp_path, backend):
     from diffusers import EulerDiscreteScheduler
 
-    pipe = AcceleratedStableDiffusionPipeline.from_pretrained(_built(artifacts, backend))
+    pipe = AcceleratedStableDiffusionPipeline.from_pretrained(_built(request, backend))
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.save_pretrained(tmp_path / "copy")

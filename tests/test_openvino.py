@@ -21,8 +21,8 @@ def test_bf16_is_refused_where_the_cpu_has_none(tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
-def test_fp32_runs_in_f32_with_a_keyed_cache(artifacts):
-    out = artifacts("random:tiny", "openvino", **FAST)
+def test_fp32_runs_in_f32_with_a_keyed_cache(tiny_ov):
+    out = tiny_ov
     m = Manifest.load(out)
     for name, c in m.components.items():
         assert c["backend"] == "openvino" and c["openvino"]["inference_precision"] == "f32", name
@@ -47,12 +47,12 @@ def test_int8_compiles_our_calibrated_qdq_unet(tiny_int8_unet, tmp_path):
     assert unet["openvino"]["inference_precision"] == ("bf16" if "BF16" in caps else "f32")
 
 
-def test_openvino_images_match_onnxruntime(artifacts, tiny_pipe):
+def test_openvino_images_match_onnxruntime(tiny_ort_ts, tiny_ov):
     import torch
 
     images = []
-    for backend in ("onnxruntime", "openvino"):
-        pipe = AcceleratedStableDiffusionPipeline.from_pretrained(artifacts("random:tiny", backend, **FAST))
+    for art in (tiny_ort_ts, tiny_ov):                  # the same ONNX export, two runtimes
+        pipe = AcceleratedStableDiffusionPipeline.from_pretrained(art)
         pipe.set_progress_bar_config(disable=True)
         images.append(pipe("a red circle", num_inference_steps=4, height=64, width=64, output_type="np",
                            generator=torch.Generator().manual_seed(0)).images)
