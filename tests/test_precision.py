@@ -154,18 +154,34 @@ def test_smoothquant_preserves_the_float_function(tmp_path, tiny_ort_ts, unet_sa
 
 
 def test_bad_calibration_prompts(tmp_path, tiny_int8_unet):
-    """A missing or empty prompts file is refused: a fresh build leaves no OUT, a rebuild leaves the old OUT as it
-    was (the prompts are read after the export, so the rebuild is over the session's int8 U-Net, which skips it)."""
+    """A missing or empty prompts file is refused before any stage starts (the int8 stages' preflight; the prompts
+    are first read after the export): a fresh build leaves no OUT, a rebuild leaves the old OUT as it was."""
+    from diffaccel.optimize.stages.base import Reporter
+
+    class Started(Reporter):
+        def __init__(self):
+            self.names = []
+
+        def stage_start(self, name, items):
+            self.names.append(name)
+
+    started = Started()
     unet_only = dict(precision="int8", components=("unet",), **FAST)
     with pytest.raises(DiffaccelError, match="does not exist"):
         optimize("random:tiny", tmp_path / "x", OptimizeConfig(
-            quant=QuantConfig(calib_prompts=str(tmp_path / "nope.txt"), **QUICK), **unet_only))
+            quant=QuantConfig(calib_prompts=str(tmp_path / "nope.txt"), **QUICK), **unet_only), reporter=started)
+    (tmp_path / "latin1.txt").write_bytes("a caf\xe9 at night\n".encode("latin-1"))
+    with pytest.raises(DiffaccelError, match="latin1.txt cannot be read .*UTF-8"):
+        optimize("random:tiny", tmp_path / "x", OptimizeConfig(
+            quant=QuantConfig(calib_prompts=str(tmp_path / "latin1.txt"), **QUICK), **unet_only), reporter=started)
+    (tmp_path / "latin1.txt").unlink()
     (tmp_path / "empty.txt").write_text("\n\n")
     old = tmp_path / "y"
     shutil.copytree(tiny_int8_unet, old)
     with pytest.raises(DiffaccelError, match="holds no prompts"):
         optimize("random:tiny", old, OptimizeConfig(
-            quant=QuantConfig(calib_prompts=str(tmp_path / "empty.txt"), **QUICK), **unet_only))
+            quant=QuantConfig(calib_prompts=str(tmp_path / "empty.txt"), **QUICK), **unet_only), reporter=started)
+    assert started.names == []                  # refused before any stage (no export, no pipeline load)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "y"]      # no OUT, no work folder left
     assert (old / "manifest.json").read_bytes() == (tiny_int8_unet / "manifest.json").read_bytes()
     Manifest.load(old).verify()

@@ -20,6 +20,21 @@ def calibration_prompts(ctx) -> list:
     return prompts(ctx.source.spec, q.calib_size, q.calib_seed, q.calib_prompts)
 
 
+def check_prompts_file(quant) -> None:
+    """Refuse a ``calib_prompts`` file that is missing, empty or unreadable, before any work (stages' preflight):
+    the prompts are first needed after the export, and a bad file should fail in a second, not after it."""
+    if not quant.calib_prompts:
+        return
+    from diffaccel.optimize.artifact.errors import DiffaccelError
+    from diffaccel.optimize.sources.prompts import read_prompts
+
+    try:
+        read_prompts(quant.calib_prompts)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DiffaccelError(f"prompts file {quant.calib_prompts} cannot be read ({e}); give a UTF-8 text file "
+                             "with one prompt per line") from None
+
+
 def calibration_size(ctx) -> tuple:
     """(height, width) in pixels calibration runs at: the U-Net spec's typical (opt) latent size."""
     opt, scale = ctx.specs["unet"].opt_values(), ctx.geometry.vae_scale_factor

@@ -167,6 +167,9 @@ class ModeloptQuantStage(Stage):
 
             probe_environment()
         recipe_for(config.precision, config.quant)
+        from diffaccel.optimize.quant.calibration import check_prompts_file
+
+        check_prompts_file(config.quant)
         _require_modelopt(f"--precision {config.precision} with --backend tensorrt")
 
     def settings(self, ctx):

@@ -17,6 +17,12 @@ MIN_SPEEDUP = 1.10            # dynamic int8 must beat fp32 by this much to be k
 class QuantizeStage(Stage):
     name = "quantize"
 
+    @classmethod
+    def preflight(cls, config) -> None:
+        from diffaccel.optimize.quant.calibration import check_prompts_file
+
+        check_prompts_file(config.quant)
+
     def settings(self, ctx):
         import dataclasses
 
