@@ -2,7 +2,8 @@
 
 A request is *resolved* once, when it is accepted: the model, size, steps, guidance, scheduler and seed are filled
 in and stored with the job, so a job re-run after a crash does exactly the same work. Two jobs can share an engine
-call when their :func:`batch_key` is equal (same model, size, steps, scheduler and guidance).
+call when their :func:`batch_key` is equal (same model, size, steps, scheduler and guidance, and both with or both
+without a negative prompt: SDXL's unconditional half is zeros without one, an encoded prompt with one).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class ServedModel:
     pipe: object
     default_guidance: float
     base_scheduler_config: object = None    # each engine call starts from a fresh scheduler made from this
+    max_guidance: "float | None" = None     # a U-Net built for guidance <= 1 (optimize --guidance 0): no CFG
 
     @property
     def scale(self) -> int:
@@ -62,21 +64,26 @@ class ServedModel:
 
 
 def load_models(paths, threads=None, guidance: "Callable | None" = None, provider=None) -> dict:
-    """name -> :class:`ServedModel` for each artifact folder (named by the folder; a repeated name gets ``-2``...).
-    ``guidance(manifest)`` gives a model's default guidance (default 7.5)."""
-    from diffaccel.engines.pipelines.sd import AcceleratedStableDiffusionPipeline
+    """name -> :class:`ServedModel` for each artifact folder (named by the folder; a repeated name gets ``-2``...),
+    loaded as its family's drop-in (SD, SDXL, ...). ``guidance(manifest)`` gives a model's default guidance (default
+    7.5); an artifact built for guidance <= 1 defaults to the guidance it was built for and serves no more."""
+    from diffaccel.engines.pipelines import pipeline_class
 
     models = {}
     for p in paths:
         path = Path(p)
-        pipe = AcceleratedStableDiffusionPipeline.from_pretrained(path, provider=provider, threads=threads)
+        pipe = pipeline_class(path).from_pretrained(path, provider=provider, threads=threads)
         pipe.set_progress_bar_config(disable=True)
         name, k = path.resolve().name, 2
         while name in models:
             name, k = f"{path.resolve().name}-{k}", k + 1
         g = guidance(pipe.manifest) if guidance is not None else DEFAULT_GUIDANCE
-        models[name] = ServedModel(name, path, pipe, float(g), pipe.scheduler.config)
-        log.info("serving %s from %s (default guidance %g)", name, path, g)
+        lcm = getattr(pipe.unet, "takes_timestep_cond", False)   # guidance is the U-Net's input: no CFG batch
+        most = pipe.built_guidance if pipe.built_guidance <= 1 and not lcm else None
+        if most is not None:
+            g = most
+        models[name] = ServedModel(name, path, pipe, float(g), pipe.scheduler.config, most)
+        log.info("serving %s (%s) from %s (default guidance %g)", name, type(pipe).__name__, path, g)
     return models
 
 
@@ -106,12 +113,17 @@ def resolve(body, models: dict, schedulers: dict, cfg) -> dict:
     scheduler = "default" if body.scheduler is None else body.scheduler.strip().lower()
     if scheduler != "default" and scheduler not in schedulers:
         raise _one_of("scheduler", body.scheduler, ["default", *schedulers])
+    guidance = float(model.default_guidance if body.guidance_scale is None else body.guidance_scale)
+    if model.max_guidance is not None and guidance > 1:
+        raise RequestError(f"guidance_scale={guidance:g} needs classifier-free guidance, which model {model.name} was "
+                           f"built without; allowed: 0-1", "guidance_scale")
     return {"model": model.name, "prompt": body.prompt, "negative_prompt": body.negative_prompt, "n": body.n,
             "height": height, "width": width, "steps": steps, "scheduler": scheduler,
-            "guidance_scale": float(model.default_guidance if body.guidance_scale is None else body.guidance_scale),
+            "guidance_scale": guidance,
             "seed": secrets.randbelow(2**31) if body.seed is None else body.seed}
 
 
 def batch_key(work: dict) -> tuple:
     """Jobs with equal keys can share one engine call and each still get the image it would get alone."""
-    return (work["model"], work["height"], work["width"], work["steps"], work["scheduler"], work["guidance_scale"])
+    return (work["model"], work["height"], work["width"], work["steps"], work["scheduler"], work["guidance_scale"],
+            bool(work["negative_prompt"]))

@@ -126,7 +126,10 @@ def run_batch(models: dict, schedulers: dict, works: list, on_step=None) -> list
     pipe.scheduler = cls.from_config(model.base_scheduler_config)
     seeds = [x["seed"] + i for x in works for i in range(x["n"])]
     prompts = [x["prompt"] for x in works for _ in range(x["n"])]
+    # no negative prompt at all is None, as `diffaccel generate` passes it: SDXL pipelines with
+    # force_zeros_for_empty_prompt then use zeros, not the empty prompt's embedding (batch_key keeps the two apart)
     negatives = [x["negative_prompt"] or "" for x in works for _ in range(x["n"])]
+    negatives = negatives if any(negatives) else None
 
     def callback(p, i, t, kwargs):
         if on_step is not None and on_step(i + 1):
