@@ -1,11 +1,11 @@
 """What a build costs the host: each stage's peak RSS and time, in the manifest, the stage summary and `info`."""
 import pytest
-import subprocess
-import sys
 
 from diffaccel.optimize.artifact.manifest import Manifest
 from diffaccel.optimize.cli.progress import format_info
 from diffaccel.optimize.stages.resources import StagePeak, peak_rss_bytes, reset_peak
+
+from .helpers import assert_one_line_error, run_cli
 
 
 def test_stage_peak_sees_a_block_and_resets_between_blocks():
@@ -32,13 +32,12 @@ def test_every_stage_records_its_peak_and_time(tiny_ort_ts):
         assert f"{stage['peak_rss_bytes'] / 1e9:.2f} GB" in info
 
 
-def test_cli_stage_summary_prints_peak_rss(tmp_path):
-    out = tmp_path / "o"
-    proc = subprocess.run([sys.executable, "-m", "diffaccel.optimize.cli", "optimize", "random:tiny", "-o", str(out),
-                           "--components", "text_encoder", "--exporter", "torchscript"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "peak RSS" in proc.stderr and "export: done in" in proc.stderr
+def test_cli_stage_summary_prints_peak_rss(tmp_path, capsys):
+    # in this process (the `python -m diffaccel.optimize.cli` entry point is test_cli's)
+    code, _, err = run_cli(capsys, "optimize", "random:tiny", "-o", tmp_path / "o", "--components", "text_encoder",
+                           "--exporter", "torchscript")
+    assert code == 0, err[-2000:]
+    assert "peak RSS" in err and "export: done in" in err
 
 
 # ---- pre-flight: refuse a build that cannot fit, before any work (simulated limits; nothing exhausts memory) ----
@@ -86,14 +85,12 @@ def test_machine_limit_is_read_and_the_check_can_be_turned_off(tmp_path, monkeyp
     assert m.get("memory_estimate") is None and (tmp_path / "o" / "manifest.json").is_file()
 
 
-def test_cli_refusal_is_one_line_with_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "diffaccel.optimize.cli", "optimize", "random:tiny", "-o",
-                           str(tmp_path / "o"), "--memory-limit", "100M"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 and "memory" in proc.stderr
-    bad = subprocess.run([sys.executable, "-m", "diffaccel.optimize.cli", "optimize", "random:tiny", "-o",
-                          str(tmp_path / "o"), "--memory-limit", "lots"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "write it like 16G" in bad.stderr
+def test_cli_refusal_is_one_line_with_exit_2(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "optimize", "random:tiny", "-o", tmp_path / "o", "--memory-limit", "100M")
+    assert_one_line_error(code, err, "memory")
+    code, _, err = run_cli(capsys, "optimize", "random:tiny", "-o", tmp_path / "o", "--memory-limit", "lots")
+    assert code == 2 and "write it like 16G" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_manifest_records_the_estimate(tiny_ort_ts):
@@ -102,19 +99,32 @@ def test_manifest_records_the_estimate(tiny_ort_ts):
 
 
 # ---- one copy of a model's weights at a time -------------------------------------------------------------------
-def test_later_stages_check_engines_without_reloading_the_pipeline(tmp_path):
-    """The export records PyTorch's outputs on the parity inputs; the engine stage checks against them, so an fp32
-    build loads the torch pipeline once (assets/export), never again for the engine's parity."""
+@pytest.fixture(scope="module")
+def recorded_build(tmp_path_factory):
+    """One fp32 build of random:tiny (legacy exporter, every component) that records the stages it starts and the
+    models it reads alone: (manifest, stage names, Source.load_models calls)."""
     from diffaccel.optimize import OptimizeConfig, optimize
+    from diffaccel.optimize.sources import Source
     from diffaccel.optimize.stages.base import Reporter
 
-    events = []
+    events, asked = [], []
 
     class Recorder(Reporter):
         def stage_start(self, name, items):
             events.append(name)
 
-    m = optimize("random:tiny", tmp_path / "o", OptimizeConfig(exporter="torchscript"), reporter=Recorder())
+    real = Source.load_models
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Source, "load_models", lambda self, names: asked.append(tuple(names)) or real(self, names))
+        m = optimize("random:tiny", tmp_path_factory.mktemp("recorded") / "o", OptimizeConfig(exporter="torchscript"),
+                     reporter=Recorder())
+    return m, events, asked
+
+
+def test_later_stages_check_engines_without_reloading_the_pipeline(recorded_build):
+    """The export records PyTorch's outputs on the parity inputs; the engine stage checks against them, so an fp32
+    build loads the torch pipeline once (assets/export), never again for the engine's parity."""
+    m, events, _ = recorded_build
     assert events.count("load") == 1, events
     assert events.index("load") < events.index("engine")
     for comp, entry in m.components.items():
@@ -267,15 +277,9 @@ def test_a_folders_models_are_read_alone(tiny_pipe, tmp_path):
         src.load_models(["unet"])
 
 
-def test_export_reads_each_component_alone(tmp_path, monkeypatch):
+def test_export_reads_each_component_alone(recorded_build):
     """With a source that can, the export stage reads one model per component and never holds the pipeline."""
-    from diffaccel.optimize import OptimizeConfig, optimize
-    from diffaccel.optimize.sources import Source
-
-    asked = []
-    real = Source.load_models
-    monkeypatch.setattr(Source, "load_models", lambda self, names: asked.append(tuple(names)) or real(self, names))
-    optimize("random:tiny", tmp_path / "o", OptimizeConfig(exporter="torchscript"))
+    _, _, asked = recorded_build
     assert sorted(asked) == [("text_encoder",), ("unet",), ("vae",), ("vae",)]
 
 
