@@ -10,6 +10,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# one intra-op thread for PyTorch, here and in the CLI/server subprocesses the tests start (before torch is imported):
+# the tiny models gain nothing from more, and a second thread spinning at each op's barrier on the shared 2-core
+# machine cost CPU time and wall time alike (test_resume's first three tests side by side: 34.7 -> 21.4 CPU-s,
+# 123 -> 93 s). Set OMP_NUM_THREADS to run them with more.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import gc  # noqa: E402
 import sys  # noqa: E402
