@@ -179,12 +179,18 @@ def _drop_foreign_stages(ctx: Context) -> None:
         del ctx.manifest.components[comp]
 
 
-def _run_stages(ctx: Context) -> None:
-    _drop_foreign_stages(ctx)
+def _keyed_plan(ctx: Context):
+    """(stage, key) along the plan, each key folding in the keys upstream of it; lazily, so a stage's key is taken
+    after the stages before it have run (its settings may read what they recorded)."""
     upstream = source_key(ctx.source.sha256)
     for stage in ctx.plan:
-        key = stage.key(ctx, upstream)
-        upstream = key
+        upstream = stage.key(ctx, upstream)
+        yield stage, upstream
+
+
+def _run_stages(ctx: Context) -> None:
+    _drop_foreign_stages(ctx)
+    for stage, key in _keyed_plan(ctx):
         if ctx.manifest.stage_is_current(stage.name, key):
             ctx.reporter.stage_end(stage.name, 0.0, True, "up to date")
             continue
@@ -229,11 +235,8 @@ def _current_artifact(out: Path, source: Source, config: OptimizeConfig, family,
     ctx.plan = [cls() for cls in stage_classes]
     if set(manifest.stages) - {s.name for s in ctx.plan} or set(manifest.components) - set(ctx.components):
         return None
-    upstream = source_key(source.sha256)
-    for stage in ctx.plan:
-        upstream = stage.key(ctx, upstream)
-        if not manifest.stage_is_current(stage.name, upstream):
-            return None
+    if not all(manifest.stage_is_current(stage.name, key) for stage, key in _keyed_plan(ctx)):
+        return None
     for stage in ctx.plan:
         reporter.stage_end(stage.name, 0.0, True, "up to date")
     log.info("%s is up to date; nothing to build", out)

@@ -261,14 +261,22 @@ class _Accelerated:
         """The guidance scale the artifact was built for (``diffaccel optimize --guidance``; 7.5 by default)."""
         return float(((self.manifest.get("optimize_config") if self.manifest else None) or {}).get("guidance", 7.5))
 
+    @property
+    def guidance_limit(self) -> "float | None":
+        """The largest guidance_scale the engines serve where the U-Net was built without the classifier-free batch
+        (``optimize --guidance`` <= 1), else None. An LCM U-Net takes guidance as an input and is never doubled."""
+        unet = self.unet
+        if isinstance(unet, UNetShim) and not unet.takes_timestep_cond and self.built_guidance <= 1:
+            return self.built_guidance
+        return None
+
     def _check_call(self, arguments: dict) -> None:
         """Fail before any work on a call the engines cannot serve: classifier-free guidance on a U-Net built for
         guidance <= 1, or fewer images than the engines' batch range starts at (more are run in chunks).
         ``arguments``: the bound call, defaults applied."""
         guidance = arguments.get("guidance_scale")
         unet = self.unet
-        if (guidance is not None and guidance > 1 and isinstance(unet, UNetShim) and not unet.takes_timestep_cond
-                and self.built_guidance <= 1):     # an LCM U-Net takes guidance as an input and never doubles
+        if guidance is not None and guidance > 1 and self.guidance_limit is not None:
             raise PipelineArgumentError(
                 f"guidance_scale={guidance:g} needs classifier-free guidance, but this artifact's U-Net was built for "
                 f"guidance <= 1 only (diffaccel optimize --guidance {self.built_guidance:g}); call with "

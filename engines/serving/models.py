@@ -78,8 +78,7 @@ def load_models(paths, threads=None, guidance: "Callable | None" = None, provide
         while name in models:
             name, k = f"{path.resolve().name}-{k}", k + 1
         g = guidance(pipe.manifest) if guidance is not None else DEFAULT_GUIDANCE
-        lcm = getattr(pipe.unet, "takes_timestep_cond", False)   # guidance is the U-Net's input: no CFG batch
-        most = pipe.built_guidance if pipe.built_guidance <= 1 and not lcm else None
+        most = pipe.guidance_limit
         if most is not None:
             g = most
         models[name] = ServedModel(name, path, pipe, float(g), pipe.scheduler.config, most)
