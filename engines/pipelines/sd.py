@@ -259,7 +259,7 @@ class _Accelerated:
     @property
     def built_guidance(self) -> float:
         """The guidance scale the artifact was built for (``diffaccel optimize --guidance``; 7.5 by default)."""
-        return float(((self.manifest.get("optimize_config") if self.manifest else None) or {}).get("guidance", 7.5))
+        return self.manifest.built_guidance if self.manifest else 7.5
 
     @property
     def guidance_limit(self) -> "float | None":

@@ -108,25 +108,16 @@ def baseline_loras(manifests) -> list:
 def check_guidance(manifests, guidance: float) -> None:
     """Refuse, before any work, classifier-free guidance for artifacts built for guidance <= 1 (their drop-in would
     refuse each call)."""
-    bad = [str(path) for path, m in manifests if guidance > 1 and built_guidance(m) <= 1 and not _lcm(m)]
+    bad = [str(path) for path, m in manifests if guidance > 1 and m.guidance_limit is not None]
     if bad:
         raise DiffaccelError(f"--guidance {guidance:g}: {', '.join(bad)} built for guidance <= 1 (diffaccel optimize "
                              "--guidance); evaluate at the guidance they serve, e.g. --guidance 0")
 
 
-def built_guidance(m) -> float:
-    """The guidance scale an artifact was built for (``optimize --guidance``; 7.5 before the option existed)."""
-    return float((m.get("optimize_config") or {}).get("guidance", 7.5))
-
-
 def default_guidance(manifests) -> float:
     """Evaluation's guidance when none is given: the artifacts' own where built for guidance <= 1, else 7.5."""
-    off = [built_guidance(m) for _, m in manifests if built_guidance(m) <= 1 and not _lcm(m)]
+    off = [m.guidance_limit for _, m in manifests if m.guidance_limit is not None]
     return max(off) if off else 7.5
-
-
-def _lcm(m) -> bool:
-    return any(t["name"] == "timestep_cond" for t in m.components.get("unet", {}).get("spec", {}).get("inputs", []))
 
 
 def check_sources(manifests, source, allow_different: bool) -> None:

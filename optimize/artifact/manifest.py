@@ -110,6 +110,20 @@ class Manifest:
             self.stages.pop(n, None)
 
     # ---- verification -------------------------------------------------------------------------------------
+    @property
+    def built_guidance(self) -> float:
+        """The guidance scale the artifact was built for (``optimize --guidance``; 7.5 before the option existed)."""
+        return float((self.get("optimize_config") or {}).get("guidance", 7.5))
+
+    @property
+    def guidance_limit(self) -> "float | None":
+        """The largest guidance scale the artifact serves where its U-Net was built without the classifier-free
+        batch (guidance <= 1), else None. An LCM U-Net (a ``timestep_cond`` input) takes guidance as an input and
+        is never doubled, so it has no limit."""
+        inputs = self.components.get("unet", {}).get("spec", {}).get("inputs", [])
+        lcm = any(t["name"] == "timestep_cond" for t in inputs)
+        return self.built_guidance if self.built_guidance <= 1 and not lcm else None
+
     def verify(self, components=None) -> None:
         """Raise :class:`ArtifactError` unless the artifact is complete and its engine files are unmodified."""
         if not self.complete:
