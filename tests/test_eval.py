@@ -221,3 +221,18 @@ def test_microbench_times_variants_side_by_side(tmp_path, monkeypatch):
     assert "onnxruntime/fp32@torchscript" in table and str(rows["onnxruntime/fp32"]["graph_nodes"]) in table
     with pytest.raises(DiffaccelError, match="backend/precision"):
         run_unet_bench(UNetBenchConfig(src="random:tiny", variants=("onnxruntime/fp32@",), work=str(tmp_path)))
+
+
+def test_microbench_int8_builds_take_the_calibration_size(tmp_path):
+    """SDXL-size int8 builds need a smaller calibration than optimize's default: --calib-size/--calib-steps reach the
+    build's quantize stage (and the default build stays optimize's own)."""
+    from diffaccel.eval.harness.microbench import UNetBenchConfig, run_unet_bench
+    from diffaccel.optimize.artifact.manifest import Manifest
+
+    cfg = UNetBenchConfig(src="random:tiny", variants=("onnxruntime/int8",), height=64, width=64, warmup=0, repeat=1,
+                          work=str(tmp_path), threads=1, isolation="interleaved", calib_size=1, calib_steps=2)
+    run_unet_bench(cfg)
+    quant = Manifest.load(tmp_path / "random_tiny-unet-onnxruntime-int8").stages["quantize"]["config"]["quant"]
+    assert (quant["calib_size"], quant["calib_steps"]) == (1, 2)
+    with pytest.raises(ValueError, match="calib"):
+        UNetBenchConfig(calib_steps=0)

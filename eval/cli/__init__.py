@@ -27,6 +27,10 @@ def add_microbench(sub) -> None:
                         "median of the per-pass medians; interleaved: all in this process, one call each per round")
     p.add_argument("--passes", type=int, default=2, help="passes over the variants with --isolation process")
     p.add_argument("--work", default="runs/microbench", help="where engines are built and cached")
+    p.add_argument("--calib-size", type=int, default=None,
+                   help="int8 builds: calibration prompts (default: optimize's, 8); fewer for SDXL-size models")
+    p.add_argument("--calib-steps", type=int, default=None,
+                   help="int8 builds: denoising steps captured per prompt (default: optimize's, 8)")
     p.add_argument("--json", default=None, help="also write the full record (samples, host, config) here")
     p.set_defaults(func=_cmd_microbench)
 
@@ -45,7 +49,7 @@ def _cmd_microbench(args) -> int:
         cfg = UNetBenchConfig(src=args.src, variants=variants,
                               height=args.height, width=args.width, batch=args.batch, warmup=args.warmup,
                               repeat=args.repeat, work=args.work, threads=args.threads, isolation=args.isolation,
-                              passes=args.passes)
+                              passes=args.passes, calib_size=args.calib_size, calib_steps=args.calib_steps)
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
     result = run_unet_bench(cfg, reporter=ConsoleReporter())

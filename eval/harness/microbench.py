@@ -64,6 +64,8 @@ class UNetBenchConfig:
     seed: int = 0
     isolation: str = "process"
     passes: int = 2           # process isolation: passes over all variants, the order reversed every other pass
+    calib_size: "int | None" = None    # int8 builds: calibration prompts / steps per prompt (None: optimize's
+    calib_steps: "int | None" = None   # defaults); fewer for models whose calibration would take hours (SDXL)
 
     def __post_init__(self):
         object.__setattr__(self, "variants", tuple(self.variants))
@@ -72,6 +74,8 @@ class UNetBenchConfig:
         if self.passes < 1 or self.repeat < 1 or self.warmup < 0:
             raise ValueError(f"bad passes {self.passes} / repeat {self.repeat} / warmup {self.warmup}: need passes "
                              ">= 1, repeat >= 1 and warmup >= 0")
+        if any(v is not None and v < 1 for v in (self.calib_size, self.calib_steps)):
+            raise ValueError(f"bad calib_size {self.calib_size} / calib_steps {self.calib_steps}: need >= 1")
 
 
 def variant_name(parsed: tuple) -> str:
@@ -147,16 +151,18 @@ def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, exporter
     """(runner, facts) for an engine built by diffaccel optimize (U-Net only, cached under ``cfg.work``)."""
     from diffaccel.engines import load_engine
     from diffaccel.optimize import OptimizeConfig, optimize
-    from diffaccel.optimize.config import ShapeRange
+    from diffaccel.optimize.config import QuantConfig, ShapeRange
 
     images = max(1, (cfg.batch + 1) // 2)
+    calib = {k: v for k, v in (("calib_size", cfg.calib_size), ("calib_steps", cfg.calib_steps)) if v is not None}
     try:
         ocfg = OptimizeConfig(backend=backend, precision=precision, components=("unet",), threads=cfg.threads,
                               shapes=ShapeRange(batch=(1, images), height=(cfg.height, cfg.height),
                                                 width=(cfg.width, cfg.width)),
                               # builds may run in a process beside the variants already loaded: the pre-flight
                               # estimate is for a build on its own, so it would refuse builds that fit
-                              memory_check=False, **({"exporter": exporter} if exporter else {}))
+                              memory_check=False, **({"exporter": exporter} if exporter else {}),
+                              **({"quant": QuantConfig(**calib)} if calib else {}))
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
     out = Path(cfg.work) / (f"{source.spec.replace(':', '_').replace('/', '_')}-unet-{backend}-{precision}"
