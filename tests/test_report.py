@@ -8,7 +8,7 @@ import pytest
 
 from diffaccel.eval.report.plots import pareto_front
 from diffaccel.eval.report.write import json_safe, load_report, render_report, write_report
-from diffaccel.eval.report.tables import format_summary, summary_rows
+from diffaccel.eval.report.tables import format_summary, reference_peer, summary_rows
 from diffaccel.optimize.artifact.errors import DiffaccelError
 
 PROMPTS = ["a small red circle at the top left on a white background", "a large blue star in the center on a "
@@ -146,6 +146,48 @@ def test_summary_table_rows():
     assert rows[3][2:5] == ["2.00", "2.40", "5.00x"] and rows[3][7] == "31.0"
     text = format_summary(report)
     assert "failed: torch-fp16: RuntimeError" in text and "host: Test CPU" in text
+
+
+def with_peers(report):
+    """``report`` plus two measured peers (torch-bf16 at 8 ms, a faster "reference" at 5 ms: listed second, and not
+    named like a peer, so the fastest is found by the rows' kind and p50) and one skipped peer."""
+    skipped = {**_variant("optimum-intel-int8", "peer", 0, 0, status="failed"), "status": "skipped",
+               "error": "optimum-intel is not installed"}
+    report["variants"][1:1] = [_variant("torch-bf16", "peer", 8.0, 40.0), _variant("reference", "peer", 5.0, 35.0),
+                               skipped]
+    return report
+
+
+def test_summary_vs_peer_column():
+    """Each engine's U-Net step p50 against the fastest measured peer's: peer p50 / engine p50, named; "—" for the
+    baseline and the peers; a line under the table names the reference."""
+    report = json.loads(json.dumps(json_safe(with_peers(synthetic_report()))))
+    assert reference_peer(report)["name"] == "reference"
+    rows = summary_rows(report)
+    assert rows[0][-1] == "vs peer" and all(len(r) == len(rows[0]) for r in rows)
+    col = {r[0]: r[-1] for r in rows[1:]}
+    assert col == {"torch-fp32 (baseline)": "—", "torch-bf16": "—", "reference": "—", "optimum-intel-int8": "—",
+                   "onnxruntime-fp32": "1.25× reference", "onnxruntime-int8": "2.50× reference", "torch-fp16": "—"}
+    assert rows[4][1] == "skipped"
+    text = format_summary(report)
+    assert "vs peer: the fastest peer's U-Net step p50 (reference, 5.00 ms)" in text
+    assert "2.50× reference" in text and "skipped: optimum-intel-int8: optimum-intel is not installed" in text
+
+
+def test_summary_has_no_vs_peer_column_without_a_measured_peer(tmp_path):
+    report = synthetic_report()                                 # its only peer (torch-fp16) failed
+    assert reference_peer(report) is None
+    assert "vs peer" not in summary_rows(report)[0] and "vs peer" not in format_summary(report)
+    report["variants"] = [v for v in report["variants"] if v["kind"] != "peer"]
+    assert len(summary_rows(report)[0]) == 11 and "vs peer" not in format_summary(report)
+
+
+def test_report_files_name_the_reference_peer(tmp_path):
+    report = with_peers(synthetic_report())
+    write_report(report, {}, tmp_path / "report")
+    md, page = (tmp_path / "report" / "report.md").read_text(), (tmp_path / "report" / "report.html").read_text()
+    assert "| vs peer |" in md and "| 2.50× reference |" in md and "vs peer: the fastest peer's" in md
+    assert "<th>vs peer</th>" in page and "2.50× reference" in page and "vs peer: the fastest peer&#x27;s" in page
 
 
 def test_wrong_schema_is_refused(tmp_path):

@@ -93,11 +93,12 @@ def render(report: dict, figures: dict, grids: dict, title: str = "diffaccel eva
     body = [f"<h1>{esc(title)}</h1>"]
     if report.get("variants") and report.get("baseline"):
         from diffaccel.eval.harness.host import describe
-        from diffaccel.eval.report.tables import failures, headline, sections, summary_rows
+        from diffaccel.eval.report.tables import failures, headline, peer_note, sections, summary_rows
 
         body.append(f'<p class="meta">{esc(headline(report))}<br>host: {esc(describe(report["host"]))}<br>'
                     f'created {esc(report.get("created", ""))}, schema {esc(report.get("schema_version"))}</p>')
-        body.append(_section("Summary", table(summary_rows(report)) +
+        note = peer_note(report)
+        body.append(_section("Summary", table(summary_rows(report)) + (f"<p>{esc(note)}</p>" if note else "") +
                              "".join(f'<p class="fail">failed: {esc(f)}</p>' for f in failures(report))))
         body += [figure(png, name, CAPTIONS.get(name, "")) for name, png in figures.items()]
         body.append(_section("Baseline vs variants, per prompt and seed", _grids(report, grids)))

@@ -38,14 +38,43 @@ def _ok(report: dict) -> list:
     return [v for v in report["variants"] if v["status"] == "ok"]
 
 
+def _unet_p50(v: dict) -> "float | None":
+    return num(v["latency"]["unet_step"]["p50"])
+
+
+def reference_peer(report: dict) -> "dict | None":
+    """The fastest measured peer row (``kind`` "peer", lowest U-Net step p50): what "vs peer" compares with."""
+    peers = [v for v in _ok(report) if v.get("kind") == "peer" and _unet_p50(v)]
+    return min(peers, key=_unet_p50, default=None)
+
+
+def _vs_peer(v: dict, peer: dict) -> str:
+    """An engine row's U-Net step speed relative to ``peer`` (peer p50 / engine p50), e.g. "1.42× torch-bf16"."""
+    mine = _unet_p50(v)
+    if v.get("kind") != "artifact" or not mine:
+        return "—"
+    return f"{fmt(_unet_p50(peer) / mine, '.2f')}× {peer['name']}"
+
+
+def peer_note(report: dict) -> str:
+    """The line under the summary that names the "vs peer" reference ("" when no peer was measured)."""
+    peer = reference_peer(report)
+    if peer is None:
+        return ""
+    return (f"vs peer: the fastest peer's U-Net step p50 ({peer['name']}, {fmt(_unet_p50(peer), '.2f', 1e3)} ms) "
+            "divided by each engine's; above 1 the engine is faster")
+
+
 def summary_rows(report: dict) -> list:
-    """Header plus one row per variant: the headline numbers."""
+    """Header plus one row per variant: the headline numbers. With a measured peer, a "vs peer" column gives each
+    engine's U-Net step speed relative to the fastest peer (see :func:`peer_note`)."""
+    peer = reference_peer(report)
     head = ["variant", "status", "U-Net p50 ms", "p90 ms", "speedup", "e2e s/img", "best img/s", "PSNR dB",
-            "SSIM", "latent err", "adherence"]
+            "SSIM", "latent err", "adherence"] + (["vs peer"] if peer else [])
     rows = [head]
     for v in report["variants"]:
         if v["status"] != "ok":
-            rows.append([v["name"], "failed"] + ["—"] * (len(head) - 2))
+            rows.append([v["name"], v["status"]] + ["—"] * (len(head) - 2))   # failed | skipped
             continue
         lat, agg = v["latency"], v["quality"]["aggregate"]
         ref = agg.get("reference")
@@ -57,7 +86,8 @@ def summary_rows(report: dict) -> list:
                      f"{fmt(best['images_per_second'], '.2f')} @b{best['batch_size']}" if best else "—",
                      "ref" if ref else fmt(agg["psnr"], ".1f"), "ref" if ref else fmt(agg["ssim"], ".4f"),
                      "ref" if ref else fmt(agg["latent_rel_error"], ".2e"),
-                     fmt(adh["splits"]["overall"]["all"], ".0%") if adh else "—"])
+                     fmt(adh["splits"]["overall"]["all"], ".0%") if adh else "—"] +
+                    ([_vs_peer(v, peer)] if peer else []))
     return rows
 
 
@@ -86,11 +116,12 @@ def headline(report: dict) -> str:
 
 
 def format_summary(report: dict) -> str:
-    """The console summary: a headline, the per-variant table, failures and the host."""
+    """The console summary: a headline, the per-variant table, the "vs peer" reference, failed and skipped rows with
+    their reasons, and the host."""
     from diffaccel.eval.harness.host import describe
 
-    lines = [headline(report), text_table(summary_rows(report))]
-    lines += [f"failed: {f}" for f in failures(report)]
+    lines = [headline(report), text_table(summary_rows(report))] + [n for n in [peer_note(report)] if n]
+    lines += [f"{v['status']}: {v['name']}: {v['error']}" for v in report["variants"] if v["status"] != "ok"]
     return "\n".join(lines + [f"host: {describe(report['host'])}"])
 
 
