@@ -142,3 +142,25 @@ def test_real_console_script_reports_one_line(tmp_path):
     help_ = subprocess.run([sys.executable, "-m", "diffaccel.optimize.cli", "optimize", "--help"],
                            capture_output=True, text=True)
     assert help_.returncode == 0 and "--precision" in help_.stdout and "Built-in sources" in help_.stdout
+
+
+def test_full_disk_is_one_line_not_a_traceback(capsys, tmp_path, monkeypatch):
+    """A build that runs out of disk (an SDXL U-Net writes tens of GB) ends with one line saying so and what to do;
+    other OSErrors are not dressed up as a full disk."""
+    import errno
+
+    import diffaccel.optimize.api as api
+
+    def full(ctx):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "unet" / "model.onnx.data"))
+
+    monkeypatch.setattr(api, "_run_stages", full)
+    code, _, err = run(capsys, "optimize", "random:tiny", "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "no space left", "model.onnx.data", "df -h", "same command again")
+
+    def other(ctx):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(api, "_run_stages", other)
+    with pytest.raises(PermissionError):
+        run(capsys, "optimize", "random:tiny", "-o", tmp_path / "o2")

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffaccel.optimize.artifact.errors import BackendUnavailableError, DiffaccelError, one_line
+from diffaccel.optimize.artifact.errors import BackendUnavailableError, DiffaccelError, disk_full, one_line
 
 
 log = logging.getLogger(__name__)
@@ -323,6 +323,11 @@ def main(argv: list) -> int:
     except DiffaccelError as e:
         print(f"error: {name}: {one_line(e)}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if (full := disk_full(e)) is None:
+            raise
+        print(f"error: {name}: {one_line(full)}", file=sys.stderr)
+        return full.exit_code
     Path(out).write_text(json.dumps(record))
     return 0
 

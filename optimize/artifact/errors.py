@@ -5,6 +5,8 @@ what to do next. The CLI prints it and exits with code 2; library callers catch 
 """
 from __future__ import annotations
 
+import errno
+
 
 class DiffaccelError(Exception):
     """An error caused by input, configuration or environment, with a one-line message that advises."""
@@ -43,3 +45,14 @@ class BackendUnavailableError(DiffaccelError):
 def one_line(text: str) -> str:
     """Collapse whitespace so a message always prints as a single line."""
     return " ".join(str(text).split())
+
+
+def disk_full(e: OSError) -> "DiffaccelError | None":
+    """The one-line error for a full disk (ENOSPC, EDQUOT); None for any other OSError. A stage that fails this way
+    leaves only its ``.partial`` folder, which the next run replaces."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = f" while writing {e.filename}" if e.filename else ""
+    return DiffaccelError(f"no space left on the device{where}: free disk space (df -h shows how much is left; an "
+                          "SDXL U-Net build needs about 25 GB) and run the same command again; finished stages "
+                          "are kept")

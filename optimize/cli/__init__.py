@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from diffaccel.optimize.artifact.errors import DiffaccelError, one_line
+from diffaccel.optimize.artifact.errors import DiffaccelError, disk_full, one_line
 
 EPILOG = "Built-in sources: tinyshapes, random:tiny, random:sd15, random:sd21. Docs: README.md"
 
@@ -256,6 +256,12 @@ def main(argv=None) -> int:
     except DiffaccelError as e:
         print(f"diffaccel: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        full = disk_full(e)
+        if full is None:
+            raise
+        print(f"diffaccel: error: {one_line(full)}", file=sys.stderr)
+        return full.exit_code
     except KeyboardInterrupt:
         print("diffaccel: interrupted; finished stages are kept and the same command resumes", file=sys.stderr)
         return 130
