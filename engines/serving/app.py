@@ -205,10 +205,9 @@ def _routes(app: FastAPI) -> None:
         if done["status"] == JobStatus.CANCELED.value:
             return error(409, "the job was canceled")
         data = []
-        for i, seed in s.store.images(job["id"]):
+        for i, seed, png in s.store.outputs(job["id"]):
             entry = {"url": f"{_base(request)}/v1/jobs/{job['id']}/images/{i}.png"} \
-                if body.response_format == "url" else {"b64_json": base64.b64encode(s.store.image(job["id"], i))
-                                                                      .decode()}
+                if body.response_format == "url" else {"b64_json": base64.b64encode(png).decode()}
             data.append({**entry, "seed": seed})
         return JSONResponse({"created": int(done["created"]), "id": job["id"], "data": data,
                              "metrics": done["metrics"]}, headers=applied)
@@ -264,15 +263,12 @@ def _routes(app: FastAPI) -> None:
 
 async def _wait_done(s, job_id: str, timeout: float) -> "dict | None":
     """The job once it ended, or None after ``timeout`` seconds."""
-    with s.hub.subscribe(job_id) as q:
+    with s.hub.subscribe(job_id, events=("completed",)) as q:
         job = s.store.get(job_id)
         if JobStatus(job["status"]).terminal:
             return job
-        async def completed():
-            while (await q.get())[0] != "completed":
-                pass
         try:
-            await asyncio.wait_for(completed(), timeout)
+            await asyncio.wait_for(q.get(), timeout)          # the only event it subscribed to
         except asyncio.TimeoutError:
             return None
     return s.store.get(job_id)

@@ -11,6 +11,13 @@ its job) holds an ``asyncio.Queue`` filled on the event loop through ``call_soon
 ...         return await q.get()
 >>> asyncio.run(demo())
 ('progress', {'step': 1})
+>>> async def waiter():             # a subscriber of "completed" alone is not woken by progress
+...     hub = EventHub(asyncio.get_running_loop())
+...     with hub.subscribe("j", events=("completed",)) as q:
+...         hub.publish("j", "progress", {"step": 1}); hub.publish("j", "completed", {"status": "succeeded"})
+...         return await q.get(), q.qsize()
+>>> asyncio.run(waiter())
+(('completed', {'status': 'succeeded'}), 0)
 """
 from __future__ import annotations
 
@@ -28,25 +35,28 @@ class EventHub:
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def subscribe(self, job_id: str):
-        """An ``asyncio.Queue`` of ``(event, data)`` for ``job_id`` while the block runs (call on the loop)."""
+    def subscribe(self, job_id: str, events=None):
+        """An ``asyncio.Queue`` of ``(event, data)`` for ``job_id`` while the block runs (call on the loop); only
+        ``events`` when given (a synchronous request waits for "completed" alone: the engine thread's per-step
+        progress then wakes nothing)."""
         q: asyncio.Queue = asyncio.Queue()
+        entry = (q, None if events is None else frozenset(events))
         with self._lock:
-            self._subs[job_id].append(q)
+            self._subs[job_id].append(entry)
         try:
             yield q
         finally:
             with self._lock:
                 subs = self._subs.get(job_id, [])
-                if q in subs:
-                    subs.remove(q)
+                if entry in subs:
+                    subs.remove(entry)
                 if not subs:
                     self._subs.pop(job_id, None)
 
     def publish(self, job_id: str, event: str, data: dict) -> None:
         """Hand ``(event, data)`` to every subscriber of ``job_id`` (from any thread)."""
         with self._lock:
-            subs = list(self._subs.get(job_id, ()))
+            subs = [q for q, wanted in self._subs.get(job_id, ()) if wanted is None or event in wanted]
         if not subs or self.loop is None or self.loop.is_closed():
             return
         for q in subs:

@@ -179,6 +179,12 @@ class JobStore:
             return self._db.execute("SELECT idx, seed FROM images WHERE job_id = ? ORDER BY idx",
                                     (job_id,)).fetchall()
 
+    def outputs(self, job_id: str) -> list:
+        """[(index, seed, PNG bytes)] of a job's images, in one query (the synchronous answer's)."""
+        with self._lock:
+            return self._db.execute("SELECT idx, seed, png FROM images WHERE job_id = ? ORDER BY idx",
+                                    (job_id,)).fetchall()
+
     def image(self, job_id: str, index: int) -> "bytes | None":
         with self._lock:
             row = self._db.execute("SELECT png FROM images WHERE job_id = ? AND idx = ?", (job_id, index)).fetchone()

@@ -16,6 +16,10 @@ from diffaccel.engines.serving.schemas import JobStatus
 from diffaccel.optimize.artifact.errors import one_line
 
 log = logging.getLogger(__name__)
+# zlib level 1 instead of Pillow's 6: the encoding runs on the engine thread between batches, and level 6 took
+# 2.6 ms per 64x64 image and 48 / 197 ms per 512 / 1024 image against 0.5 / 25 / 99 ms at level 1, for files
+# 0-14% larger (2-core AMD EPYC, Pillow 12; smooth images like a diffusion model's)
+PNG_LEVEL = 1
 
 
 @dataclasses.dataclass(eq=False)
@@ -144,7 +148,7 @@ def run_batch(models: dict, schedulers: dict, works: list, on_step=None) -> list
         mine = []
         for _ in range(x["n"]):
             buf = io.BytesIO()
-            out[k].save(buf, format="PNG")
+            out[k].save(buf, format="PNG", compress_level=PNG_LEVEL)
             mine.append((seeds[k], buf.getvalue()))
             k += 1
         results.append(mine)
