@@ -59,11 +59,16 @@ def test_demo_runs_tinyshapes_at_its_recommended_guidance_unless_told():
     from diffaccel.optimize.cli import build_parser
 
     def guidance(*argv):
-        return demo_configs(build_parser().parse_args(["demo", *argv]))[1].guidance_scale
+        configs, eval_cfg = demo_configs(build_parser().parse_args(["demo", *argv]))
+        # the engines are built, and int8 calibrated, at the guidance the demo evaluates at
+        assert {c.guidance for c in configs.values()} == {eval_cfg.guidance_scale}
+        assert {c.quant.guidance_scale for c in configs.values()} == {eval_cfg.guidance_scale}
+        return eval_cfg.guidance_scale
 
     assert guidance() == 2.0
     assert guidance("--src", "random:tiny") == 7.5
     assert guidance("--guidance", "5") == 5.0
+    assert guidance("--src", "tinyshapes-xl") == 3.0
     with pytest.raises(DiffaccelError, match="guidance"):
         guidance("--guidance", "-1")
 

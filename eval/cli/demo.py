@@ -46,9 +46,9 @@ def add_demo(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-def variant_configs(text: str, threads: "int | None") -> dict:
-    """{"backend/precision": OptimizeConfig} for ``--variants``, in the order given; a bad or repeated item is a
-    one-line :class:`DiffaccelError` listing the supported pairs."""
+def variant_configs(text: str, threads: "int | None", guidance: float = 7.5) -> dict:
+    """{"backend/precision": OptimizeConfig} for ``--variants``, in the order given, built for ``guidance`` (int8
+    calibrates at it); a bad or repeated item is a one-line :class:`DiffaccelError` listing the supported pairs."""
     from diffaccel.optimize import OptimizeConfig
     from diffaccel.optimize.cli.args import comma_list
     from diffaccel.optimize.stages.plans import supported_pairs
@@ -57,7 +57,8 @@ def variant_configs(text: str, threads: "int | None") -> dict:
     for item in comma_list(text, "--variants", what="backend/precision pairs", example=VARIANTS):
         backend, _, precision = item.partition("/")
         try:
-            cfg = OptimizeConfig(backend=backend.strip(), precision=precision.strip(), threads=threads)
+            cfg = OptimizeConfig(backend=backend.strip(), precision=precision.strip(), threads=threads,
+                                 guidance=guidance)
         except ValueError:
             raise DiffaccelError(f"bad --variants item {item!r}: give comma-separated BACKEND/PRECISION pairs, "
                                  f"supported: {supported_pairs()}") from None
@@ -76,8 +77,13 @@ def demo_configs(args):
 
     from diffaccel.eval.harness.evaluate import EvalConfig
 
-    configs = variant_configs(args.variants, args.threads)
-    guidance = recommended_guidance(args.src) if args.guidance is None else args.guidance
+    from diffaccel.optimize.config import check_guidance
+
+    try:
+        guidance = recommended_guidance(args.src) if args.guidance is None else check_guidance(args.guidance)
+    except ValueError as e:
+        raise DiffaccelError(str(e)) from None
+    configs = variant_configs(args.variants, args.threads, guidance)   # int8 calibrates at the guidance evaluated
     try:
         eval_cfg = EvalConfig(steps=comma_list(args.steps, "--steps", int),
                               seeds=comma_list(args.seeds, "--seeds", int),
