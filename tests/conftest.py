@@ -41,6 +41,32 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
+# Test files that share an expensive session artifact run in one worker under pytest-xdist (`-n 2 --dist loadfile`,
+# what CI runs): session fixtures are built once per worker, so splitting a set would build its artifact twice. Every
+# other file is a work unit of its own (loadfile), so its module fixtures are built once too. (A scheduler, not
+# xdist_group marks: --dist loadgroup renames node ids, which pytest 9 no longer lets it do, so the marks are ignored.)
+XDIST_GROUPS = {
+    "tiny_ort": ("test_attention_fusion", "test_cli", "test_demo", "test_pipeline"),      # the dynamo export
+    "tiny_xl": ("test_guidance", "test_sdxl", "test_sdxl_tools", "test_serve_sdxl"),       # random:tiny-xl
+    "tiny_int8": ("test_lora", "test_openvino", "test_precision"),                         # tiny_int8_unet
+}
+_GROUP_OF = {f"tests/{name}.py": group for group, names in XDIST_GROUPS.items() for name in names}
+
+
+@pytest.hookimpl(optionalhook=True)     # an xdist hook: pytest without xdist never calls it
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class GroupedFiles(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            path = super()._split_scope(nodeid)
+            return _GROUP_OF.get(path, path)
+
+    return GroupedFiles(config, log)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """The diffusers reference pipeline of random:tiny (fp32 PyTorch)."""
