@@ -133,6 +133,7 @@ class QuantConfig:
     smoothquant: "float | None" = None   # SmoothQuant alpha (0..1) or None for off
     keep_fp32: tuple = ()                # node-name regexes kept in float (added to the documented defaults)
     quality_target: "float | None" = None  # PSNR (dB) the int8 U-Net must keep on calibration prompts
+    attention_scores: "str | None" = None  # "float" | "int8": attention's QK^T/AV MatMuls (None: the backend's default)
 
     def __post_init__(self):
         object.__setattr__(self, "method", CalibMethod.parse(self.method, "calibration method"))
@@ -143,6 +144,8 @@ class QuantConfig:
             object.__setattr__(self, "guidance_scale", check_guidance(self.guidance_scale, "calibration guidance"))
         if not 90.0 <= self.percentile < 100.0:
             raise ValueError(f"percentile {self.percentile} must be in [90, 100)")
+        if self.attention_scores not in (None, "float", "int8"):
+            raise ValueError(f"attention scores {self.attention_scores!r} must be float or int8")
         if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:
             raise ValueError(f"smoothquant alpha {self.smoothquant} must be in [0, 1]")
 

@@ -117,6 +117,7 @@ def test_a_microbench_child_times_one_variant_and_skips_an_absent_peer(tmp_path,
 def test_microbench_refuses_bad_settings():
     from diffaccel.eval.harness.microbench import UNetBenchConfig, parse_variant
     from diffaccel.optimize.artifact.errors import DiffaccelError
+    from diffaccel.optimize.config import QuantConfig
 
     with pytest.raises(ValueError, match="isolation 'threads'.*process, interleaved"):
         UNetBenchConfig(isolation="threads")
@@ -124,6 +125,14 @@ def test_microbench_refuses_bad_settings():
         UNetBenchConfig(passes=0)
     with pytest.raises(DiffaccelError, match="no exporter"):
         parse_variant("optimum-intel/int8@torchscript")
+    with pytest.raises(DiffaccelError, match=r"bad variant option 'int4-scores'.*\+int8-scores"):
+        parse_variant("openvino/int8+int4-scores")
+    with pytest.raises(DiffaccelError, match="int8 variants take"):
+        parse_variant("openvino/bf16+int8-scores")
+    with pytest.raises(DiffaccelError, match="diffaccel's own int8 builds"):
+        parse_variant("optimum-intel/int8+int8-scores")
+    with pytest.raises(ValueError, match="attention scores 'int4' must be float or int8"):
+        QuantConfig(attention_scores="int4")
 
 
 @pytest.mark.parametrize("src", ["random:tiny", "tinyshapes"])

@@ -309,3 +309,25 @@ def test_unreachable_quality_target_says_what_to_try(int8, unet_samples):
     model = int8 / "unet" / "quantized" / "model.onnx"
     with pytest.raises(DiffaccelError, match="not reachable: the best was 20.00 dB.*lower the target"):
         meet_target(lambda extra: model, Stubborn(), model, unet_samples, 30.0)
+
+
+@pytest.mark.slow
+def test_attention_scores_int8_quantizes_the_qk_matmuls_and_nothing_else(tmp_path, tiny_int8_unet):
+    """--attention-scores int8 puts Q/DQ on attention's QK^T MatMuls (kept float by default), leaves every other
+    quantization decision as it was, keys the quantize stage apart from the default build, and records it."""
+    import onnx
+
+    from diffaccel.optimize.quant.ort_static import attention_score_matmuls
+
+    m = build_over(tiny_int8_unet, tmp_path / "s8", OptimizeConfig(
+        precision="int8", components=("unet",), quant=QuantConfig(attention_scores="int8", **QUICK), **FAST),
+        must_run=("quantize",))
+    default = _fed_by_dequantize(tiny_int8_unet / "unet/quantized/model.onnx")
+    scores8 = _fed_by_dequantize(tmp_path / "s8/unet/quantized/model.onnx")
+    qk = attention_score_matmuls(onnx.load(str(tiny_int8_unet / "unet/quantized/model.onnx")))
+    assert qk and not any(default[n] for n in qk) and all(scores8[n] for n in qk)
+    assert {n for n in default if n not in qk and default[n] != scores8[n]} == set()
+    q = m.components["unet"]["quantize"]
+    assert q["attention_scores_kept_float"] == 0 and m.components["unet"]["validation"]["passed"]
+    assert m.stages["quantize"]["config"]["attention_scores"] == "int8"
+    assert "attention_scores" not in Manifest.load(tiny_int8_unet).stages["quantize"]["config"]

@@ -18,6 +18,11 @@ every variant in this process and times one call of each per round.
 ('onnxruntime', 'fp32', 'torchscript')
 >>> parse_variant("optimum-intel/int8")
 ('optimum-intel', 'int8', None)
+>>> parse_variant("openvino/int8+int8-scores")
+('openvino', 'int8', None, 'int8-scores')
+
+A ``+option`` suffix builds a diffaccel int8 variant with one quantization choice changed (``VARIANT_OPTIONS``), so
+two int8 builds of the same backend can be timed side by side.
 """
 from __future__ import annotations
 
@@ -36,18 +41,25 @@ log = logging.getLogger(__name__)
 EAGER = {"torch/fp32": "float32", "torch/bf16": "bfloat16"}   # run from the source pipeline, no artifact needed
 PEER_BACKENDS = ("optimum-intel",)                             # another project's pipeline, not a diffaccel build
 ISOLATION = ("process", "interleaved")
+VARIANT_OPTIONS = {"int8-scores": {"attention_scores": "int8"}, "float-scores": {"attention_scores": "float"}}
 
 
 def parse_variant(text: str) -> tuple:
-    """(backend, precision, exporter or None) from ``backend/precision[@exporter]``."""
-    pair, at, exporter = text.strip().partition("@")
+    """(backend, precision, exporter or None[, option]) from ``backend/precision[@exporter][+option]``."""
+    text, plus, option = text.strip().partition("+")
+    if plus and (option not in VARIANT_OPTIONS or not text.partition("/")[2].startswith("int8")):
+        raise DiffaccelError(f"bad variant option {option!r} in {text + plus + option!r}: int8 variants take one of "
+                             f"+{', +'.join(VARIANT_OPTIONS)}, e.g. openvino/int8+int8-scores")
+    pair, at, exporter = text.partition("@")
     backend, _slash, precision = pair.partition("/")
     if not backend or not precision or (at and not exporter) or (exporter and (pair in EAGER
                                                                                or backend in PEER_BACKENDS)):
         raise DiffaccelError(f"bad variant {text!r}: write backend/precision[@exporter], e.g. onnxruntime/fp32, "
                              "onnxruntime/fp32@torchscript, torch/fp32 or optimum-intel/int8 (eager PyTorch and "
                              "the optimum-intel peer have no exporter)")
-    return backend, precision, exporter or None
+    if backend in PEER_BACKENDS and plus:
+        raise DiffaccelError(f"bad variant {text + plus + option!r}: +options are for diffaccel's own int8 builds")
+    return (backend, precision, exporter or None) + ((option,) if plus else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +91,8 @@ class UNetBenchConfig:
 
 
 def variant_name(parsed: tuple) -> str:
-    backend, precision, exporter = parsed
-    return f"{backend}/{precision}" + (f"@{exporter}" if exporter else "")
+    backend, precision, exporter, *option = parsed
+    return f"{backend}/{precision}" + (f"@{exporter}" if exporter else "") + "".join(f"+{o}" for o in option)
 
 
 def _defaults(cls) -> dict:
@@ -147,7 +159,7 @@ def _eager(pipe, dtype_name: str):
     return run
 
 
-def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, exporter, reporter, spin):
+def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, exporter, reporter, spin, option=None):
     """(runner, facts) for an engine built by diffaccel optimize (U-Net only, cached under ``cfg.work``)."""
     from diffaccel.engines import load_engine
     from diffaccel.optimize import OptimizeConfig, optimize
@@ -155,6 +167,7 @@ def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, exporter
 
     images = max(1, (cfg.batch + 1) // 2)
     calib = {k: v for k, v in (("calib_size", cfg.calib_size), ("calib_steps", cfg.calib_steps)) if v is not None}
+    calib.update(VARIANT_OPTIONS.get(option, {}))
     try:
         ocfg = OptimizeConfig(backend=backend, precision=precision, components=("unet",), threads=cfg.threads,
                               shapes=ShapeRange(batch=(1, images), height=(cfg.height, cfg.height),
@@ -166,7 +179,7 @@ def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, exporter
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
     out = Path(cfg.work) / (f"{source.spec.replace(':', '_').replace('/', '_')}-unet-{backend}-{precision}"
-                            + (f"-{exporter}" if exporter else ""))
+                            + (f"-{exporter}" if exporter else "") + (f"-{option}" if option else ""))
     manifest = optimize(source, out, ocfg, reporter=reporter)
     entry = manifest.components["unet"]
     engine = load_engine(backend, out, "unet", entry, threads=cfg.threads, spin=spin)
@@ -186,7 +199,7 @@ def _peer(cfg: UNetBenchConfig, source, backend: str, precision: str, inputs: di
 
 def prepare_variant(cfg: UNetBenchConfig, source, parsed: tuple, reporter=None, spin=None, pipe=None) -> tuple:
     """(runner, inputs, facts) for one variant; ``pipe``: the loaded source, where the caller has one."""
-    backend, precision, exporter = parsed
+    backend, precision, exporter, *option = parsed
     pair = f"{backend}/{precision}"
     if pair in EAGER:
         pipe = pipe if pipe is not None else source.load()
@@ -195,7 +208,7 @@ def prepare_variant(cfg: UNetBenchConfig, source, parsed: tuple, reporter=None, 
     if backend in PEER_BACKENDS:
         run, facts = _peer(cfg, source, backend, precision, inputs)
         return run, inputs, facts
-    run, facts = _engine(cfg, source, backend, precision, exporter, reporter, spin)
+    run, facts = _engine(cfg, source, backend, precision, exporter, reporter, spin, *option)
     return run, inputs, facts
 
 

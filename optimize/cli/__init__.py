@@ -69,6 +69,9 @@ def _add_optimize(sub) -> None:
                    help="SmoothQuant activation/weight balancing strength 0..1 (default off)")
     q.add_argument("--keep-fp32", action="append", default=[], metavar="PATTERN",
                    help="regex of node names kept in float, in addition to the defaults (repeatable)")
+    q.add_argument("--attention-scores", choices=("float", "int8"), default=None,
+                   help="attention's score MatMul (QK^T, into the softmax) in float or int8 (default: the backend's; "
+                        "float for onnxruntime, whose int8 softmax is slower)")
     q.add_argument("--quality-target", default=None, metavar="psnr=DB",
                    help="keep the most sensitive layers in float until the int8 U-Net keeps this PSNR")
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
@@ -125,7 +128,8 @@ def _cmd_optimize(args) -> int:
         quant = QuantConfig(calib_prompts=args.calib_prompts, calib_size=args.calib_size,
                             calib_steps=args.calib_steps, calib_seed=args.calib_seed, method=args.calib_method,
                             smoothquant=args.smoothquant, keep_fp32=tuple(args.keep_fp32),
-                            quality_target=_quality_target(args.quality_target))
+                            quality_target=_quality_target(args.quality_target),
+                            attention_scores=args.attention_scores)
         trt = TensorRTConfig(opt_level=args.opt_level, workspace_gb=args.workspace_gb, timing_cache=args.timing_cache,
                              static_shapes=args.static_shapes, cuda_graph=args.cuda_graph)
         comps = comma_list(args.components, "--components", what="component names",

@@ -12,6 +12,46 @@ from diffaccel.optimize.quant.ort_static import preprocess, quantize_static_qdq
 from diffaccel.optimize.stages.base import ComponentOutcome, Stage, StageResult
 
 MIN_SPEEDUP = 1.10            # dynamic int8 must beat fp32 by this much to be kept
+# attention's QK^T MatMul by backend when --attention-scores is not given (measured: see attention_score_matmuls)
+DEFAULT_ATTENTION_SCORES = {"onnxruntime": "float", "openvino": "float", "tensorrt": "float"}
+
+
+def attention_scores(config) -> str:
+    """Whether the U-Net's attention score MatMuls are quantized: the user's choice, else the backend's default.
+
+    >>> from diffaccel.optimize.config import QuantConfig
+    >>> from types import SimpleNamespace as NS
+    >>> attention_scores(NS(backend="onnxruntime", quant=QuantConfig())), attention_scores(
+    ...     NS(backend="onnxruntime", quant=QuantConfig(attention_scores="int8")))
+    ('float', 'int8')
+    """
+    return config.quant.attention_scores or DEFAULT_ATTENTION_SCORES.get(str(config.backend), "float")
+
+
+def judged_on(config) -> str:
+    """The runtime --quality-target judges candidates on: the one the engine stage compiles for.
+
+    >>> from types import SimpleNamespace as NS
+    >>> judged_on(NS(backend="onnxruntime"))
+    'onnxruntime'
+    """
+    if str(config.backend) == "openvino":
+        from diffaccel.engines.backends.openvino import capabilities
+        from diffaccel.optimize.stages.openvino import inference_precision
+
+        return f"openvino {inference_precision('int8', capabilities())}"
+    return "onnxruntime"
+
+
+def judging_engine(config, spec):
+    """``engine(path, threads)`` for the ImageJudge: OpenVINO builds are judged by OpenVINO (its int8 kernels, and
+    bf16 for what stays float where the CPU has it), everything else by ONNX Runtime's CPU kernels."""
+    if str(config.backend) != "openvino":
+        return None
+    from diffaccel.engines.backends.openvino import OvEngine
+
+    precision = judged_on(config).split()[1]
+    return lambda path, threads: OvEngine(path, precision, threads, spec=spec)   # OpenVINO reads the ONNX itself
 
 
 class QuantizeStage(Stage):
@@ -28,8 +68,11 @@ class QuantizeStage(Stage):
 
         from diffaccel.optimize.quant.ort_static import ALGORITHM_VERSION, DEFAULT_KEEP_FP32
 
-        return {"precision": str(ctx.config.precision), "quant": dataclasses.asdict(ctx.config.quant),
-                "defaults": sorted(DEFAULT_KEEP_FP32), "algorithm": ALGORITHM_VERSION, "threads": ctx.config.threads}
+        quant = dataclasses.asdict(ctx.config.quant)
+        del quant["attention_scores"]       # keyed as resolved below; float scores keep the keys builds had before
+        scores = {"attention_scores": "int8"} if attention_scores(ctx.config) == "int8" else {}
+        return {"precision": str(ctx.config.precision), "quant": quant, "defaults": sorted(DEFAULT_KEEP_FP32),
+                "algorithm": ALGORITHM_VERSION, "threads": ctx.config.threads, **scores}
 
     def run(self, ctx):
         result = StageResult()
@@ -54,6 +97,7 @@ class QuantizeStage(Stage):
         reference = RecordedReference.of(ctx.specs["unet"], ctx.torch_reference("unet"), samples=keep)
         src = ctx.latest_model("unet", self.name)
         external = len(onnx_files(src)) > 1
+        float_scores = attention_scores(ctx.config) == "float"
         if q.quality_target is None:
             ctx.release_pipe()   # quantizing holds the ONNX weights: one copy of them at a time, not two
         with fresh_dir(ctx.root / "unet" / "quantized") as d, \
@@ -66,10 +110,10 @@ class QuantizeStage(Stage):
                 smoothing = smooth(pre, Path(tmp) / "smooth.onnx", samples, q.smoothquant, external=external)
                 pre = Path(tmp) / "smooth.onnx"
             report = quantize_static_qdq(pre, d / "model.onnx", samples, q, external=external,
-                                         cache=Path(tmp) / "calibration.json")
+                                         cache=Path(tmp) / "calibration.json", float_attention_scores=float_scores)
             report["smoothquant"] = smoothing
             if q.quality_target is not None:
-                report["quality_target"] = self._meet_target(ctx, pre, d, Path(tmp), samples, external)
+                report["quality_target"] = self._meet_target(ctx, pre, d, Path(tmp), samples, external, float_scores)
             torch.save(keep, d / "validation_inputs.pt")
             reference.save(d / "reference.pt")
             written = [p.name for p in onnx_files(d / "model.onnx")] + ["validation_inputs.pt", "reference.pt"]
@@ -78,7 +122,8 @@ class QuantizeStage(Stage):
                                    validation_inputs="unet/quantized/validation_inputs.pt", facts=report)
         return outcome, [ctx.root / "unet" / "quantized" / n for n in written]
 
-    def _meet_target(self, ctx, pre: Path, d: Path, tmp: Path, samples: list, external: bool) -> dict:
+    def _meet_target(self, ctx, pre: Path, d: Path, tmp: Path, samples: list, external: bool,
+                     float_scores: bool) -> dict:
         """Keep the most sensitive layers in float until images reach --quality-target (judged on the
         calibration prompts); the chosen model replaces d/model.onnx."""
         import shutil
@@ -88,16 +133,17 @@ class QuantizeStage(Stage):
 
         q = ctx.config.quant
         judge = ImageJudge(ctx.pipe, ctx.specs["unet"], calibration_prompts(ctx), q.calib_steps, q.guidance_scale,
-                           q.calib_seed, calibration_size(ctx))
+                           q.calib_seed, calibration_size(ctx), engine=judging_engine(ctx.config, ctx.specs["unet"]))
 
         def quantize(extra):
             out = tmp / f"candidate-{len(extra)}" / "model.onnx"
             out.parent.mkdir()
             quantize_static_qdq(pre, out, samples, q, external=external, extra_exclude=extra,
-                                cache=tmp / "calibration.json")
+                                cache=tmp / "calibration.json", float_attention_scores=float_scores)
             return out
 
         result = meet_target(quantize, judge, d / "model.onnx", samples, q.quality_target, ctx.config.threads)
+        result["judged_on"] = judged_on(ctx.config)
         chosen = Path(result.pop("model"))
         if chosen != d / "model.onnx":
             for p in onnx_files(chosen):
