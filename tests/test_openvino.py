@@ -57,3 +57,35 @@ def test_openvino_images_match_onnxruntime(tiny_ort_ts, tiny_ov):
         images.append(pipe("a red circle", num_inference_steps=4, height=64, width=64, output_type="np",
                            generator=torch.Generator().manual_seed(0)).images)
     assert psnr(images[0], images[1]) >= 40
+
+
+@pytest.mark.slow
+def test_quality_target_judges_candidates_on_openvino(tiny_int8_unet, tmp_path, monkeypatch):
+    """--quality-target with --backend openvino: every candidate is judged by images made with the OpenVINO engine
+    it will be deployed as (OpenVINO's int8 kernels, bf16 for the float rest where the CPU has it), not by ONNX
+    Runtime, and the model that reached the target is the one OpenVINO compiles."""
+    from diffaccel.engines.backends import openvino as backend
+
+    judged = []
+
+    class Spy(backend.OvEngine):
+        def __init__(self, path, precision="f32", *a, **kw):
+            judged.append((str(path), precision))
+            super().__init__(path, precision, *a, **kw)
+
+    monkeypatch.setattr(backend, "OvEngine", Spy)
+    target = 35.0
+    out = tmp_path / "ov-qt"
+    m = build_over(tiny_int8_unet, out, OptimizeConfig(backend="openvino", precision="int8", components=("unet",),
+                                                       quant=QuantConfig(quality_target=target, **QUICK), **FAST))
+    unet = m.components["unet"]
+    result = unet["quantize"]["quality_target"]
+    precision = unet["openvino"]["inference_precision"]
+    assert result["judged_on"] == f"openvino {precision}" and result["reached"]
+    assert result["trail"][0]["psnr"] < target <= result["trail"][-1]["psnr"], result["trail"]
+    candidates = [p for p, prec in judged if p.endswith("model.onnx")]
+    assert len(candidates) == len(result["trail"]) and all(prec == precision for _, prec in judged)
+    default_fq = (tiny_int8_unet / "unet" / "quantized" / "model.onnx").read_bytes().count(b"QuantizeLinear")
+    chosen_fq = (out / "unet" / "quantized" / "model.onnx").read_bytes().count(b"QuantizeLinear")
+    assert chosen_fq < default_fq                      # the extra float nodes lost their Q/DQ pairs
+    assert unet["validation"]["passed"]

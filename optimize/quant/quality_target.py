@@ -61,8 +61,12 @@ def activation_sqnr(qdq_model: Path, samples: list) -> dict:
 class ImageJudge:
     """PSNR of images made with an int8 U-Net engine against the float pipeline's, on fixed prompts and seeds."""
 
-    def __init__(self, pipe, spec, prompts: list, steps: int, guidance: float, seed: int, size: tuple):
+    def __init__(self, pipe, spec, prompts: list, steps: int, guidance: float, seed: int, size: tuple,
+                 engine=None):
+        """``engine(path, threads)``: the runtime the candidate U-Net will be deployed on (default ONNX Runtime),
+        so that its int8 kernels and its float precision (e.g. OpenVINO's bf16) are what is judged."""
         self.pipe, self.spec, self.prompts = pipe, spec, prompts
+        self.engine = engine or _ort_engine
         self.kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=size[0], width=size[1],
                        output_type="np")
         self.seed = seed
@@ -78,15 +82,20 @@ class ImageJudge:
         import numpy as np
         from diffusers import StableDiffusionPipeline
 
-        from diffaccel.engines.backends.onnxruntime import OrtEngine
         from diffaccel.engines.pipelines.shims import UNetShim
 
-        shim = UNetShim(OrtEngine(engine_path, threads=threads), self.spec, self.pipe.unet.config)
+        shim = UNetShim(self.engine(engine_path, threads), self.spec, self.pipe.unet.config)
         parts = {**self.pipe.components, "unet": shim}
         candidate = StableDiffusionPipeline(**parts)
         mse = float(np.mean([np.mean((self._run(candidate, i) - ref) ** 2)
                              for i, ref in enumerate(self.reference)]))
         return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def _ort_engine(path: Path, threads=None):
+    from diffaccel.engines.backends.onnxruntime import OrtEngine
+
+    return OrtEngine(path, threads=threads)
 
 
 def meet_target(quantize, judge: ImageJudge, first: Path, samples: list, target: float, threads=None) -> dict:
