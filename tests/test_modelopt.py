@@ -29,7 +29,8 @@ def test_recipes_follow_the_quant_config():
 
 def test_settings_this_path_cannot_honour_are_refused_in_one_line():
     for quant, needle in ((QuantConfig(method="percentile"), "--calib-method minmax"),
-                          (QuantConfig(quality_target=30.0), "--quality-target"),):
+                          (QuantConfig(quality_target=30.0), "--quality-target"),
+                          (QuantConfig(attention_scores="int8"), "--attention-scores is a choice of the onnxruntime"),):
         with pytest.raises(DiffaccelError, match=needle):
             recipe_for("int8", quant)
     with pytest.raises(DiffaccelError, match="--smoothquant applies to int8"):

@@ -58,8 +58,11 @@ def recipe_for(precision, quant: QuantConfig) -> ModeloptRecipe:
         raise DiffaccelError(f"--calib-method {quant.method} is not available with --backend tensorrt (Model "
                              "Optimizer calibrates with minmax, optionally --smoothquant); use --calib-method minmax")
     if quant.quality_target is not None:
-        raise DiffaccelError("--quality-target is implemented by the onnxruntime int8 path; drop it with "
-                             "--backend tensorrt, or add layers to keep in float with --keep-fp32")
+        raise DiffaccelError("--quality-target is implemented by the onnxruntime and openvino int8 paths; drop it "
+                             "with --backend tensorrt, or add layers to keep in float with --keep-fp32")
+    if quant.attention_scores is not None:
+        raise DiffaccelError("--attention-scores is a choice of the onnxruntime and openvino int8 paths; drop it with "
+                             "--backend tensorrt (Model Optimizer's recipe decides attention quantization)")
     if precision == "fp8" and quant.smoothquant is not None:
         raise DiffaccelError("--smoothquant applies to int8; drop it with --precision fp8")
     return ModeloptRecipe(precision=precision, algorithm="smoothquant" if quant.smoothquant is not None else "max",
