@@ -133,7 +133,7 @@ class QuantConfig:
     smoothquant: "float | None" = None   # SmoothQuant alpha (0..1) or None for off
     keep_fp32: tuple = ()                # node-name regexes kept in float (added to the documented defaults)
     quality_target: "float | None" = None  # PSNR (dB) the int8 U-Net must keep on calibration prompts
-    attention_scores: "str | None" = None  # "float" | "int8": attention's QK^T/AV MatMuls (None: the backend's default)
+    attention_scores: "str | None" = None  # "float" | "int8": attention's QK^T MatMuls (None: the backend's default)
 
     def __post_init__(self):
         object.__setattr__(self, "method", CalibMethod.parse(self.method, "calibration method"))

@@ -29,6 +29,14 @@ def attention_scores(config) -> str:
     return config.quant.attention_scores or DEFAULT_ATTENTION_SCORES.get(str(config.backend), "float")
 
 
+def _openvino_precision() -> str:
+    """The float precision an OpenVINO int8 engine runs its non-quantized layers in on this CPU."""
+    from diffaccel.engines.backends.openvino import capabilities
+    from diffaccel.optimize.stages.openvino import inference_precision
+
+    return inference_precision("int8", capabilities())
+
+
 def judged_on(config) -> str:
     """The runtime --quality-target judges candidates on: the one the engine stage compiles for.
 
@@ -36,22 +44,17 @@ def judged_on(config) -> str:
     >>> judged_on(NS(backend="onnxruntime"))
     'onnxruntime'
     """
-    if str(config.backend) == "openvino":
-        from diffaccel.engines.backends.openvino import capabilities
-        from diffaccel.optimize.stages.openvino import inference_precision
-
-        return f"openvino {inference_precision('int8', capabilities())}"
-    return "onnxruntime"
+    return f"openvino {_openvino_precision()}" if str(config.backend) == "openvino" else "onnxruntime"
 
 
 def judging_engine(config, spec):
     """``engine(path, threads)`` for the ImageJudge: OpenVINO builds are judged by OpenVINO (its int8 kernels, and
-    bf16 for what stays float where the CPU has it), everything else by ONNX Runtime's CPU kernels."""
+    bf16 for what stays float where the CPU has it), everything else by ONNX Runtime's CPU kernels (None)."""
     if str(config.backend) != "openvino":
         return None
     from diffaccel.engines.backends.openvino import OvEngine
 
-    precision = judged_on(config).split()[1]
+    precision = _openvino_precision()
     return lambda path, threads: OvEngine(path, precision, threads, spec=spec)   # OpenVINO reads the ONNX itself
 
 
