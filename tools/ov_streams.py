@@ -25,8 +25,7 @@ def child(path: str, mode: str, size: int, batch: int, seconds: float, precision
 
     import openvino as ov
 
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from ov_profile import _feeds
+    from ov_profile import _feeds          # the same inputs the profile uses (tools/ is this script's sys.path[0])
 
     hint = "THROUGHPUT" if mode == "throughput" else "LATENCY"
     factor = int(mode.split("-x")[1]) if "-x" in mode else 1

@@ -166,8 +166,8 @@ def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, exporter
     from diffaccel.optimize.config import QuantConfig, ShapeRange
 
     images = max(1, (cfg.batch + 1) // 2)
-    calib = {k: v for k, v in (("calib_size", cfg.calib_size), ("calib_steps", cfg.calib_steps)) if v is not None}
-    calib.update(VARIANT_OPTIONS.get(option, {}))
+    quant = {k: v for k, v in (("calib_size", cfg.calib_size), ("calib_steps", cfg.calib_steps)) if v is not None}
+    quant.update(VARIANT_OPTIONS.get(option, {}))     # the variant's +option, e.g. int8 attention scores
     try:
         ocfg = OptimizeConfig(backend=backend, precision=precision, components=("unet",), threads=cfg.threads,
                               shapes=ShapeRange(batch=(1, images), height=(cfg.height, cfg.height),
@@ -175,7 +175,7 @@ def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, exporter
                               # builds may run in a process beside the variants already loaded: the pre-flight
                               # estimate is for a build on its own, so it would refuse builds that fit
                               memory_check=False, **({"exporter": exporter} if exporter else {}),
-                              **({"quant": QuantConfig(**calib)} if calib else {}))
+                              **({"quant": QuantConfig(**quant)} if quant else {}))
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
     out = Path(cfg.work) / (f"{source.spec.replace(':', '_').replace('/', '_')}-unet-{backend}-{precision}"
