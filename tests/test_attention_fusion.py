@@ -2,6 +2,8 @@
 the same outputs, a CPU kernel that never holds the score matrix, and nothing fused that is not plain attention."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -104,7 +106,7 @@ def test_export_check_runs_the_opt_point_fused_and_the_other_as_exported(tiny_or
 
     from diffaccel.optimize.artifact.manifest import Manifest
     from diffaccel.optimize.artifact.specs import ComponentSpec
-    from diffaccel.optimize.stages.onnx_export import ExportCheck
+    from diffaccel.optimize.stages.export import ExportCheck
 
     m = Manifest.load(tiny_ort)
     report = m.stages["export"]["components"]["unet"]["validation"]
@@ -119,14 +121,44 @@ def test_export_check_runs_the_opt_point_fused_and_the_other_as_exported(tiny_or
     assert all(torch.isfinite(t).all() for t in [*alt.values(), *opt.values()])
 
 
-def test_attention_bench_compares_the_engine_with_its_unfused_export(tiny_ort, capsys):
-    import importlib.util
-    from pathlib import Path
+@pytest.mark.slow
+def test_microbench_times_the_engine_beside_its_unfused_export(tmp_path, capsys):
+    """``diffaccel microbench --variants onnxruntime/fp32+unfused-attention,onnxruntime/fp32``: one build, its export
+    run with attention as exported beside its fused engine; an isolated child also records its process's peak RSS."""
+    import json
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "attention_bench.py"
-    spec = importlib.util.spec_from_file_location("attention_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert bench.main([str(tiny_ort), "--size", "64", "--batch", "2", "--runs", "1", "--passes", "2"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("pass ") == 4 and "fused attention" in out and "x the unfused step's speed" in out
+    from diffaccel.eval.harness import microbench
+
+    from .helpers import assert_one_line_error, run_cli
+
+    code, out, err = run_cli(capsys, "microbench", "random:tiny", "--variants",
+                             "onnxruntime/fp32+unfused-attention,onnxruntime/fp32", "--height", 64, "--width", 64,
+                             "--warmup", 0, "--repeat", 2, "--threads", 1, "--isolation", "interleaved",
+                             "--work", tmp_path / "w", "--json", tmp_path / "r.json")
+    assert code == 0, err
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "r.json").read_text())["rows"]}
+    unfused, fused = rows["onnxruntime/fp32+unfused-attention"], rows["onnxruntime/fp32"]
+    assert unfused["fused_attention"] == 0 < fused["fused_attention"]
+    assert unfused["graph_nodes"] > fused["graph_nodes"]                 # the export, not the optimized engine
+    assert all(len(r["samples"]) == 2 for r in (unfused, fused)) and "onnxruntime/fp32+unfused-attention" in out
+    assert [p.name for p in (tmp_path / "w").iterdir()] == ["random_tiny-unet-onnxruntime-fp32"]   # one build
+    cfg = microbench.UNetBenchConfig(src="random:tiny", height=64, width=64, warmup=0, repeat=1, threads=1,
+                                     work=str(tmp_path / "w"))
+    assert microbench.main([json.dumps(dataclasses.asdict(cfg)), "onnxruntime/fp32+unfused-attention",
+                            str(tmp_path / "child.json")]) == 0              # what each isolated process runs
+    child = json.loads((tmp_path / "child.json").read_text())
+    assert child["facts"]["peak_rss_gb"] > 0 and child["facts"]["fused_attention"] == 0
+    code, _, err = run_cli(capsys, "microbench", "random:tiny", "--variants", "onnxruntime/int8+unfused-attention",
+                           "--work", tmp_path / "w")
+    assert_one_line_error(code, err, "+unfused-attention is for onnxruntime/fp32")
+
+
+def test_isolated_microbench_table_names_each_process_peak():
+    from diffaccel.eval.harness.microbench import format_table
+
+    row = {"variant": "onnxruntime/fp32", "stats": {"median_of_medians": 0.01}, "pass_medians": [0.01],
+           "pass_speedups": [1.0], "speedup_vs_first": 1.0, "peak_rss_gb": 1.25}
+    result = {"config": {"isolation": "process", "passes": 1, "height": 64, "width": 64, "batch": 2, "warmup": 0,
+                         "repeat": 1}, "source": {"spec": "random:tiny"}, "passes": [["onnxruntime/fp32"]],
+              "rows": [row], "host": {"cpu": {"model": "x", "logical_cores": 2, "flags": []}}}
+    assert format_table(result).splitlines()[-1] == "peak RSS of the first pass's process: onnxruntime/fp32 1.25 GB"

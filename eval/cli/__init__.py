@@ -15,7 +15,9 @@ def add_microbench(sub) -> None:
     p.add_argument("src", nargs="?", default="random:sd15", help="checkpoint or built-in (default random:sd15)")
     p.add_argument("--variants", default="torch/fp32,onnxruntime/fp32",
                    help="comma-separated backend/precision list; the first is the reference; optimum-intel/fp32, "
-                        "/bf16 and /int8 are the optimum-intel peer (diffaccel[openvino-peer], see README)")
+                        "/bf16 and /int8 are the optimum-intel peer (diffaccel[openvino-peer], docs/openvino.md); "
+                        "+int8-scores / +float-scores change an int8 build's attention scores; "
+                        "onnxruntime/fp32+unfused-attention runs that build's export with attention unfused")
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--batch", type=int, default=2, help="U-Net input batch (2 = one image with guidance)")

@@ -20,9 +20,14 @@ every variant in this process and times one call of each per round.
 ('optimum-intel', 'int8', None)
 >>> parse_variant("openvino/int8+int8-scores")
 ('openvino', 'int8', None, 'int8-scores')
+>>> parse_variant("onnxruntime/fp32+unfused-attention")
+('onnxruntime', 'fp32', None, 'unfused-attention')
 
 A ``+option`` suffix builds a diffaccel int8 variant with one quantization choice changed (``VARIANT_OPTIONS``), so
-two int8 builds of the same backend can be timed side by side.
+two int8 builds of the same backend can be timed side by side. ``onnxruntime/fp32+unfused-attention`` loads the same
+fp32 build's exported U-Net instead of its engine: attention as exported (MatMul/Softmax/MatMul, the score matrix
+held) rather than fused into ONNX Runtime's ``MultiHeadAttention``, at the build's graph level, so the fusion's
+speed and memory show beside ``onnxruntime/fp32``. Isolated rows give each process's peak RSS.
 """
 from __future__ import annotations
 
@@ -42,14 +47,20 @@ EAGER = {"torch/fp32": "float32", "torch/bf16": "bfloat16"}   # run from the sou
 PEER_BACKENDS = ("optimum-intel",)                             # another project's pipeline, not a diffaccel build
 ISOLATION = ("process", "interleaved")
 VARIANT_OPTIONS = {"int8-scores": {"attention_scores": "int8"}, "float-scores": {"attention_scores": "float"}}
+UNFUSED = "unfused-attention"     # onnxruntime/fp32: the same build's export, attention not fused
 
 
 def parse_variant(text: str) -> tuple:
     """(backend, precision, exporter or None[, option]) from ``backend/precision[@exporter][+option]``."""
     text, plus, option = text.strip().partition("+")
-    if plus and (option not in VARIANT_OPTIONS or not text.partition("/")[2].startswith("int8")):
+    if plus and option == UNFUSED and text.partition("@")[0] != "onnxruntime/fp32":
+        raise DiffaccelError(f"bad variant {text + plus + option!r}: +{UNFUSED} is for onnxruntime/fp32 (the engine "
+                             "that fuses attention), e.g. onnxruntime/fp32+unfused-attention")
+    if plus and option != UNFUSED and (option not in VARIANT_OPTIONS
+                                       or not text.partition("/")[2].startswith("int8")):
         raise DiffaccelError(f"bad variant option {option!r} in {text + plus + option!r}: int8 variants take one of "
-                             f"+{', +'.join(VARIANT_OPTIONS)}, e.g. openvino/int8+int8-scores")
+                             f"+{', +'.join(VARIANT_OPTIONS)}, e.g. openvino/int8+int8-scores; onnxruntime/fp32 "
+                             f"takes +{UNFUSED}")
     pair, at, exporter = text.partition("@")
     backend, _slash, precision = pair.partition("/")
     if not backend or not precision or (at and not exporter) or (exporter and (pair in EAGER
@@ -168,6 +179,7 @@ def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, exporter
     images = max(1, (cfg.batch + 1) // 2)
     quant = {k: v for k, v in (("calib_size", cfg.calib_size), ("calib_steps", cfg.calib_steps)) if v is not None}
     quant.update(VARIANT_OPTIONS.get(option, {}))     # the variant's +option, e.g. int8 attention scores
+    build_option = option if option in VARIANT_OPTIONS else None          # +unfused-attention: the plain build
     try:
         ocfg = OptimizeConfig(backend=backend, precision=precision, components=("unet",), threads=cfg.threads,
                               shapes=ShapeRange(batch=(1, images), height=(cfg.height, cfg.height),
@@ -179,12 +191,26 @@ def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, exporter
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
     out = Path(cfg.work) / (f"{source.spec.replace(':', '_').replace('/', '_')}-unet-{backend}-{precision}"
-                            + (f"-{exporter}" if exporter else "") + (f"-{option}" if option else ""))
+                            + (f"-{exporter}" if exporter else "") + (f"-{build_option}" if build_option else ""))
     manifest = optimize(source, out, ocfg, reporter=reporter)
     entry = manifest.components["unet"]
-    engine = load_engine(backend, out, "unet", entry, threads=cfg.threads, spin=spin)
-    facts = {"exporter": str(ocfg.exporter), "graph_nodes": _node_count(out / entry["engine"])}
+    if option == UNFUSED:
+        engine, path = _unfused(out, ocfg, cfg.threads, spin), out / "unet" / "export" / "model.onnx"
+    else:
+        engine, path = load_engine(backend, out, "unet", entry, threads=cfg.threads, spin=spin), out / entry["engine"]
+    facts = {"exporter": str(ocfg.exporter), "graph_nodes": _node_count(path)}
+    if backend == "onnxruntime":
+        facts["fused_attention"] = 0 if option == UNFUSED else entry.get("fused_attention", 0)
     return (lambda inputs: engine(**inputs)), facts
+
+
+def _unfused(out: Path, ocfg, threads, spin):
+    """The build's exported U-Net as ONNX Runtime loads it at the build's graph level: what the engine stage starts
+    from before it fuses attention into ``MultiHeadAttention`` (the same weights, the same other optimizations)."""
+    from diffaccel.engines.backends.onnxruntime import OrtEngine
+
+    return OrtEngine(out / "unet" / "export" / "model.onnx", provider=ocfg.provider, threads=threads,
+                     level=ocfg.graph_level, spin=spin)
 
 
 def _peer(cfg: UNetBenchConfig, source, backend: str, precision: str, inputs: dict):
@@ -284,19 +310,21 @@ def format_table(result: dict) -> str:
     if cfg.get("isolation") == "process":
         from diffaccel.eval.harness.isolated import format_isolated
 
-        return format_isolated(result)
+        peaks = [f"{r['variant']} {r['peak_rss_gb']:.2f} GB" for r in result["rows"] if "peak_rss_gb" in r]
+        return format_isolated(result) + (f"\npeak RSS of the first pass's process: {', '.join(peaks)}"
+                                          if peaks else "")
     timed = [r for r in result["rows"] if "stats" in r]
     lines = [f"U-Net step, {result['source']['spec']}, {cfg['height']}x{cfg['width']}, U-Net batch {cfg['batch']}, "
              f"{cfg['repeat']} interleaved timed rounds after {cfg['warmup']} warm-up",
-             f"{'variant':<30} {'mean ms':>9} {'p50 ms':>9} {'p90 ms':>9} {'min ms':>9} {'nodes':>6} "
+             f"{'variant':<36} {'mean ms':>9} {'p50 ms':>9} {'p90 ms':>9} {'min ms':>9} {'nodes':>6} "
              f"{'x vs ' + (timed[0]['variant'] if timed else '-'):>18}"]
     for r in result["rows"]:
         if "stats" not in r:
-            lines.append(f"{r['variant']:<30} skipped: {r['skipped']}")
+            lines.append(f"{r['variant']:<36} skipped: {r['skipped']}")
             continue
         s = r["stats"]
         nodes = r.get("graph_nodes") or "-"
-        lines.append(f"{r['variant']:<30} {s['mean'] * 1e3:9.1f} {s['p50'] * 1e3:9.1f} {s['p90'] * 1e3:9.1f} "
+        lines.append(f"{r['variant']:<36} {s['mean'] * 1e3:9.1f} {s['p50'] * 1e3:9.1f} {s['p90'] * 1e3:9.1f} "
                      f"{s['min'] * 1e3:9.1f} {nodes:>6} {r['speedup_vs_first']:17.2f}x")
     return "\n".join(lines)
 
@@ -324,7 +352,10 @@ def time_one(cfg: UNetBenchConfig, name: str, build_only: bool = False) -> dict:
     if build_only:
         return {"variant": name, "setup_seconds": setup}
     _stats, samples = measure(lambda: run(inputs), warmup=cfg.warmup, repeat=cfg.repeat)
-    return {"variant": name, "setup_seconds": setup, "samples": samples, "facts": facts}
+    import resource
+
+    peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)    # this variant's process, in GB
+    return {"variant": name, "setup_seconds": setup, "samples": samples, "facts": {**facts, "peak_rss_gb": peak}}
 
 
 def main(argv: list) -> int:
