@@ -1,5 +1,6 @@
 """``diffaccel bench --url`` against a real server on the loopback (uvicorn in a thread, random:tiny engines):
-request mixes, open and closed loop, per-class figures, 429s under overload, the capacity plan; mix/trace parsing."""
+request mixes, open and closed loop, per-class figures, 429s under overload, the capacity plan; mix/trace parsing.
+``diffaccel bench ARTIFACT --vs-server ROUNDS``: the embedded server in a subprocess beside the in-process loop."""
 import json
 
 import pytest
@@ -76,6 +77,41 @@ def test_bad_http_bench_input_fails_in_one_line(tmp_path, capsys):
     assert_one_line_error(code, err, "sync, jobs")
     code, _, err = run_cli(capsys, "bench", "-o", tmp_path / "b")
     assert_one_line_error(code, err, "--url")
+    code, _, err = run_cli(capsys, "bench", tmp_path, "-o", tmp_path / "b", "--vs-server", 2, "--rate", 2,
+                           "--sweep-max-batch", "1,2")
+    assert_one_line_error(code, err, "--vs-server runs closed-loop clients", "drop --rate, --sweep-max-batch")
+    code, _, err = run_cli(capsys, "bench", tmp_path, "-o", tmp_path / "b", "--vs-server", 0)
+    assert_one_line_error(code, err, "--vs-server 0", ">= 1")
+    code, _, err = run_cli(capsys, "bench", "--url", "http://127.0.0.1:9", "-o", tmp_path / "b", "--vs-server", 2)
+    assert_one_line_error(code, err, "--vs-server", "drop --url")
+
+
+@pytest.mark.slow
+def test_vs_server_times_the_embedded_server_beside_the_in_process_loop(tiny_ort_ts, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "bench", tiny_ort_ts, "-o", tmp_path / "b", "--vs-server", 2, "--requests", 4,
+                             "--concurrency", 2, "--max-batch", 2, "--batch-timeout", 20, "--steps", 2,
+                             "--threads", 1)
+    assert code == 0, err
+    result = json.loads((tmp_path / "b" / "bench.json").read_text())
+    rounds = result["rounds"]
+    assert result["benchmark"] == "server-overhead" and len(rounds) == 2
+    for r in rounds:
+        assert r["http"]["served"] == r["http"]["requests"] == 4 and r["local"]["img_min"] > 0
+        assert r["http"]["p50_s"] > r["http"]["run_p50_s"] > 0 and r["http"]["outside_queue_p50_s"] > 0
+        assert 1 <= r["local"]["mean_batch"] <= 2 and 1 <= r["http"]["mean_batch"] <= 2
+    assert result["throughput_ratio"] == pytest.approx(sum(r["http"]["img_min"] for r in rounds)
+                                                       / sum(r["local"]["img_min"] for r in rounds), abs=1e-4)
+    assert "HTTP / in-process throughput" in out and "round 2:" in err
+    assert (tmp_path / "b" / "bench.png").stat().st_size > 0 and "in-process" in (tmp_path / "b" / "bench.md") \
+        .read_text()
+
+
+def test_a_server_that_does_not_start_fails_naming_its_last_words(tmp_path):
+    from diffaccel.eval.loadbench.overhead import free_port, start_server
+    from diffaccel.optimize.artifact.errors import DiffaccelError
+
+    with pytest.raises(DiffaccelError, match=r"did not answer /health.*: .*manifest"):
+        start_server(tmp_path, free_port(), tmp_path / "jobs.sqlite", 2, 20, 1, timeout_s=60)
 
 
 def test_mix_trace_and_plan_units(tmp_path):

@@ -73,6 +73,11 @@ def add_bench(sub) -> None:
                    help="capacity plan: requests/s to serve within --slo-p95")
     h.add_argument("--price-per-hour", type=float, default=None, help="capacity plan: price of one replica-hour")
     h.add_argument("--measured-replicas", type=int, default=1, help="replicas behind --url (default 1)")
+    v = p.add_argument_group("the embedded server's overhead, with ARTIFACT")
+    v.add_argument("--vs-server", type=int, default=None, metavar="ROUNDS",
+                   help="also start diffaccel serve ARTIFACT on the loopback and alternate ROUNDS in-process and HTTP "
+                        "(sync) runs with the same closed-loop clients (--concurrency, default 4), batching policy, "
+                        "steps and prompts; prints the throughput ratio HTTP / in-process and the added latency")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -135,6 +140,8 @@ def _cmd_bench(args) -> int:
 
     if (args.artifact is None) == (args.url is None):
         raise DiffaccelError("give an artifact folder (in-process benchmark) or --url of a running server, not both")
+    if args.vs_server is not None:
+        _vs_server_args(args)
     if args.url is not None:
         return _cmd_bench_url(args)
     base, sweep = _configs(args)
@@ -143,6 +150,8 @@ def _cmd_bench(args) -> int:
     if Path(args.out).resolve() == Path(args.artifact).resolve():
         raise DiffaccelError("-o must be a new folder, not the artifact itself")
     check_out(args.out)
+    if args.vs_server is not None:
+        return _cmd_vs_server(args, base, prompts)
     n = len(sweep.points(base))
     print(f"loading {args.artifact}, calibrating, then {n} run(s) ...", file=sys.stderr, flush=True)
     result = run_bench(args.artifact, base, sweep, prompts=prompts, provider=args.provider, threads=args.threads,
@@ -211,5 +220,39 @@ def _cmd_bench_url(args) -> int:
         raise DiffaccelError(str(e)) from None
     out = write_http_bench(result, args.out)
     print(format_console(result))
+    print(f"wrote {out}/bench.json, bench.md, bench.png")
+    return 0
+
+
+def _vs_server_args(args) -> None:
+    """--vs-server: closed-loop clients for a number of requests at the model's size, one policy; else one line."""
+    if args.vs_server < 1:
+        raise DiffaccelError(f"--vs-server {args.vs_server}: give the number of rounds, >= 1")
+    given = {"--url": args.url, "--rate": args.rate, "--duration": args.duration, "--height": args.height,
+             "--width": args.width, "--provider": args.provider, "--sweep-rates": args.sweep_rates,
+             "--sweep-max-batch": args.sweep_max_batch, "--sweep-timeout-ms": args.sweep_timeout_ms,
+             "--slo-p95": args.slo_p95}
+    extra = [flag for flag, value in given.items() if value is not None]
+    if extra:
+        raise DiffaccelError(f"--vs-server runs closed-loop clients (--concurrency) for --requests at the model's "
+                             f"size and the built provider, one policy, on ARTIFACT; drop {', '.join(extra)}")
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        raise DiffaccelError('diffaccel bench --vs-server needs the serve extra: pip install -e ".[serve]"') from None
+    args.concurrency = args.concurrency or 4
+
+
+def _cmd_vs_server(args, base, prompts) -> int:
+    from diffaccel.eval.loadbench import overhead
+    from diffaccel.eval.loadbench.report import write_bench_dir
+
+    print(f"starting diffaccel serve {args.artifact}, loading it here, then {args.vs_server} round(s) of each ...",
+          file=sys.stderr, flush=True)
+    result = overhead.run_vs_server(args.artifact, base, args.vs_server, prompts, threads=args.threads,
+                                    on_round=lambda i, r: print(overhead.format_round(i, r), file=sys.stderr,
+                                                                flush=True))
+    out = write_bench_dir(result, args.out, markdown=overhead.to_markdown, draw=overhead.plot)
+    print(overhead.format_console(result))
     print(f"wrote {out}/bench.json, bench.md, bench.png")
     return 0

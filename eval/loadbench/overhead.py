@@ -1,0 +1,148 @@
+"""The embedded server's overhead: ``diffaccel serve ARTIFACT`` beside the in-process load benchmark.
+
+``diffaccel bench ARTIFACT --vs-server ROUNDS`` starts the server in a subprocess on the loopback (its job store in a
+temporary folder), loads the same artifact in this process, then alternates rounds: one in-process run (``diffaccel
+bench``'s serving loop) and one HTTP run (``diffaccel bench --url``'s client, synchronous mode) with the same
+closed-loop clients, batching policy, steps, guidance and prompts. It reports each round and the pooled ratios:
+throughput HTTP / in-process, and the median added latency per request (p50 HTTP - p50 in-process, median over the
+rounds), with where an HTTP request's time goes: the server's queue and engine call (its own clock) and the rest
+(transport, JSON, base64, the job store, the event loop).
+
+>>> overhead([{"local": {"img_min": 100.0, "p50_s": 1.0}, "http": {"img_min": 95.0, "p50_s": 1.02}},
+...           {"local": {"img_min": 100.0, "p50_s": 1.0}, "http": {"img_min": 97.0, "p50_s": 1.01}}])
+{'throughput_ratio': 0.96, 'added_latency_ms': 15.0}
+"""
+from __future__ import annotations
+
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from diffaccel.optimize.artifact.errors import DiffaccelError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(artifact, port, db, max_batch, wait_ms, threads, queue_limit=256, timeout_s=120.0):
+    """``diffaccel serve ARTIFACT`` on the loopback in a subprocess (argv list; its stderr in ``DB.log``), returned
+    once ``/health`` answers 200; a server that exits or stays silent fails naming its last log line."""
+    import httpx
+
+    argv = [sys.executable, "-m", "diffaccel.optimize.cli", "serve", str(artifact), "--port", str(port), "--db",
+            str(db), "--max-batch", str(max_batch), "--max-wait-ms", str(wait_ms), "--queue-limit", str(queue_limit)]
+    argv += ["--threads", str(threads)] if threads else []
+    log = Path(f"{db}.log")
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    last = ([ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] or ["(no output)"])[-1]
+    raise DiffaccelError(f"diffaccel serve {artifact} did not answer /health within {timeout_s:g} s: {last}")
+
+
+def overhead(rounds: list) -> dict:
+    """Pooled throughput ratio (HTTP / in-process) and median added latency per request over ``rounds``."""
+    ratio = sum(r["http"]["img_min"] for r in rounds) / sum(r["local"]["img_min"] for r in rounds)
+    added = statistics.median(r["http"]["p50_s"] - r["local"]["p50_s"] for r in rounds)
+    return {"throughput_ratio": round(ratio, 4), "added_latency_ms": round(added * 1000, 2)}
+
+
+def _round(run: dict, hrun: dict) -> dict:
+    from diffaccel.eval.loadbench.http_report import summarize
+
+    m, h = run["metrics"], summarize(hrun)["overall"]
+    served = [x for x in hrun["requests"] if x["status"] == "succeeded"]
+    rest = statistics.median(x["latency"] - x["queue_s"] - x["run_s"] for x in served) if served else None
+    return {"local": {"img_min": m["throughput_img_min"], "p50_s": m["latency_s"]["p50"], "wait_p50_s":
+                      m["wait_s"]["p50"], "service_p50_s": m["service_s"]["p50"], "mean_batch": m["mean_batch"]},
+            "http": {"img_min": h["throughput_img_min"], "p50_s": h["e2e"]["p50"], "queue_p50_s": h["queue"]["p50"],
+                     "run_p50_s": h["run"]["p50"], "outside_queue_p50_s": rest, "mean_batch": h["mean_batch"],
+                     "served": h["served"], "requests": h["requests"]}}
+
+
+def run_vs_server(artifact, load, rounds: int, prompts=(), threads=None, on_round=None) -> dict:
+    """``rounds`` alternating in-process / HTTP runs of the closed-loop ``load`` (a LoadConfig with concurrency)."""
+    from diffaccel.optimize.artifact.manifest import now
+
+    from diffaccel.eval.harness.host import describe, host_info
+    from diffaccel.eval.loadbench.http import HttpBench, HttpLoadConfig
+    from diffaccel.eval.loadbench.runner import LoadBench
+
+    with tempfile.TemporaryDirectory(prefix="diffaccel-vs-server-") as d:
+        port = free_port()
+        server = start_server(artifact, port, Path(d) / "jobs.sqlite", load.max_batch, load.timeout_ms, threads)
+        try:
+            local = LoadBench(artifact, load, prompts, threads=threads)
+            local.calibrate(load.max_batch)
+            http = HttpBench(HttpLoadConfig(url=f"http://127.0.0.1:{port}", mode="sync", rate=None,
+                                            concurrency=load.concurrency, requests=load.requests, steps=load.steps,
+                                            guidance=load.guidance), prompts=local.prompts)
+            http.calibrate(1)                                   # warms the server's engines
+            out = []
+            for i in range(rounds):
+                run, _ = local.run(load)
+                out.append(_round(run, http.run()))
+                if on_round is not None:
+                    on_round(i, out[-1])
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=30)
+    host = host_info()
+    return {"benchmark": "server-overhead", "created": now(), "artifact": str(artifact), "rounds": out,
+            "config": {**local.base.to_dict(), "rounds": rounds, "threads": threads, "prompts": list(local.prompts)},
+            **overhead(out), "host": host, "host_text": describe(host)}
+
+
+def format_round(i: int, r: dict) -> str:
+    lo, h = r["local"], r["http"]
+    rest = "-" if h["outside_queue_p50_s"] is None else f"{h['outside_queue_p50_s'] * 1000:.1f} ms"
+    return (f"round {i + 1}: in-process {lo['img_min']:.0f} img/min, p50 {lo['p50_s']:.3f} s (wait "
+            f"{lo['wait_p50_s']:.3f} + service {lo['service_p50_s']:.3f}), mean batch {lo['mean_batch']:.2f} | HTTP "
+            f"{h['img_min']:.0f} img/min, p50 {h['p50_s']:.3f} s (queue {h['queue_p50_s']:.3f} + run "
+            f"{h['run_p50_s']:.3f} + outside the engine queue {rest}), mean batch {h['mean_batch']:.2f}, served "
+            f"{h['served']}/{h['requests']}")
+
+
+def format_console(result: dict) -> str:
+    c = result["config"]
+    return "\n".join([*(format_round(i, r) for i, r in enumerate(result["rounds"])),
+                      f"HTTP / in-process throughput {result['throughput_ratio']:.3f}; median added latency "
+                      f"{result['added_latency_ms']:.1f} ms per request (p50 HTTP - p50 in-process, median over "
+                      f"{len(result['rounds'])} rounds); {c['concurrency']} clients, max batch {c['max_batch']}, "
+                      f"wait {c['timeout_ms']:g} ms, {c['steps']} steps",
+                      f"host: {result['host_text']}"])
+
+
+def to_markdown(result: dict) -> str:
+    return "\n".join(["# Embedded server vs in-process", "", "```", format_console(result), "```", ""])
+
+
+def plot(result: dict, path) -> None:
+    """Throughput and p50 latency per round, in-process beside HTTP."""
+    from diffaccel.eval.loadbench.report import two_panels
+
+    with two_panels(path) as (left, right):
+        xs = range(1, len(result["rounds"]) + 1)
+        for side, name in (("local", "in-process"), ("http", "HTTP")):
+            left.plot(xs, [r[side]["img_min"] for r in result["rounds"]], "o-", label=name)
+            right.plot(xs, [r[side]["p50_s"] for r in result["rounds"]], "o-", label=name)
+        left.set(xlabel="round", ylabel="images/min")
+        right.set(xlabel="round", ylabel="p50 latency (s)")
+        left.legend()
