@@ -2,7 +2,6 @@
 a Service on its own job store, a real uvicorn server on the loopback in a thread, a free port, PNG pixels, and waiting
 until jobs end. Needs the serve extra; test modules skip before importing this."""
 import io
-import socket
 import threading
 import time
 
@@ -11,16 +10,11 @@ import pytest
 from PIL import Image
 
 from diffaccel.engines.serving.config import ServeConfig
+from diffaccel.engines.serving.process import free_port
 from diffaccel.engines.serving.service import Service
 from diffaccel.optimize.cli.serve import guidance, schedulers
 
 ENDED = ("succeeded", "failed", "canceled")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_pixels(data: bytes) -> np.ndarray:

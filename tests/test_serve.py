@@ -129,7 +129,7 @@ def test_job_progress_streams_as_server_sent_events(serve):
 
 
 def test_cancel_a_queued_and_a_running_job(serve):
-    client, _ = serve(max_wait_ms=0, max_batch=1, max_steps=5000)
+    client, _ = serve(max_wait_ms=0, max_batch=1, max_steps=999)
     r = client.post("/v1/jobs", json={"prompt": "x", "steps": 1000})
     assert r.status_code == 400 and "1-999" in r.json()["error"]["message"]      # the model's trained steps
     running = client.post("/v1/jobs", json={"prompt": "x", "steps": 999}).json()["id"]
@@ -196,7 +196,8 @@ def test_webhooks_are_signed_filtered_and_retried_with_the_same_id(serve):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        client, service = serve(max_wait_ms=0, webhook_secret=SECRET, webhook_backoff_s=0.05)
+        client, service = serve(max_wait_ms=0, webhook_secret=SECRET, webhook_backoff_s=0.05,
+                                webhook_allow=("127.0.0.1",))
         url = f"http://127.0.0.1:{httpd.server_port}/hook"
         job = client.post("/v1/jobs", json={"prompt": "x", "steps": STEPS, "webhook": url,
                                             "webhook_events_filter": ["start", "completed"]}).json()

@@ -1,9 +1,5 @@
 """Durability: ``kill -9`` the real ``diffaccel serve`` process mid-job, start it again on the same job store, and
 every accepted job completes once, with the image it would have had anyway."""
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -12,49 +8,20 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 httpx = pytest.importorskip("httpx", reason="the serve extra is not installed: pip install -e '.[serve]'")
 
+from diffaccel.engines.serving.process import ServerProcess  # noqa: E402
+
 from .helpers import run_cli  # noqa: E402
-from .serve_helpers import free_port, png_pixels, wait_for_jobs  # noqa: E402
+from .serve_helpers import png_pixels, wait_for_jobs  # noqa: E402
 
 
-class Server:
-    """``diffaccel serve`` in a subprocess on the loopback."""
-
-    def __init__(self, artifact, db, log):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "diffaccel.optimize.cli", "serve", str(artifact),
-                                      "--port", str(self.port), "--db", str(db), "--max-batch", "1",
-                                      "--max-wait-ms", "0", "--max-steps", "999", "--threads", "1"],
-                                     stdout=log, stderr=subprocess.STDOUT)
-        end = time.monotonic() + 120
-        while True:
-            assert self.proc.poll() is None, "the server exited while starting"
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < end, "the server did not start"
-            time.sleep(0.2)
-
-    def kill9(self):
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill9()
+ARGS = ["--max-batch", "1", "--max-wait-ms", "0", "--max-steps", "999", "--threads", "1"]
 
 
 @pytest.mark.slow
 def test_kill_9_mid_job_then_restart_completes_every_job_with_its_own_image(tiny_ort_ts, tmp_path, capsys):
     db, log = tmp_path / "jobs.sqlite", open(tmp_path / "server.log", "wb")
     jobs = [("a red circle", 7, 400), ("a blue star", 8, 3), ("a green square", 9, 3)]
-    server = Server(tiny_ort_ts, db, log)
+    server = ServerProcess([tiny_ort_ts], db, ARGS, log=log)
     try:
         ids = [httpx.post(f"{server.url}/v1/jobs", json={"prompt": p, "seed": s, "steps": n}).json()["id"]
                for p, s, n in jobs]
@@ -63,7 +30,7 @@ def test_kill_9_mid_job_then_restart_completes_every_job_with_its_own_image(tiny
             assert j["status"] in ("queued", "running") and time.monotonic() < end, j
             time.sleep(0.01)
         server.kill9()                                    # mid-job: job 0 running, jobs 1 and 2 queued
-        server = Server(tiny_ort_ts, db, log)
+        server.restart()
         done = wait_for_jobs(lambda jid: httpx.get(f"{server.url}/v1/jobs/{jid}").json(), ids)
         listed = httpx.get(f"{server.url}/v1/jobs").json()["data"]
         images = [httpx.get(f"{server.url}/v1/jobs/{jid}/images/0.png").content for jid in ids]

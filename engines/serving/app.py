@@ -1,8 +1,11 @@
 """The HTTP API (FastAPI): OpenAI-compatible synchronous generations, Replicate-style durable jobs with progress,
-server-sent events, cancel and webhooks, ``/health``, Prometheus ``/metrics`` and a playground page at ``/``.
+server-sent events, cancel and webhooks, liveness and readiness, Prometheus ``/metrics`` and a playground page at ``/``.
 
 Errors are OpenAI-shaped, ``{"error": {"message", "type", "param"}}``, with a one-line message that names the
-allowed values; bad input is always a 4xx, a full queue a 429 with ``Retry-After``.
+allowed values; bad input is always a 4xx, a full queue a 429 with ``Retry-After``. The OpenAPI document lists every
+status each route answers with its real body (:mod:`diffaccel.engines.serving.routes`); FastAPI's own 422 validation
+shape, which this server never sends, is taken out of it. Anything a route raises unexpectedly still answers a
+JSON 500 of that shape and is counted in ``/metrics``.
 
 >>> app = create_app(service=None)              # doctest: +SKIP
 >>> import uvicorn; uvicorn.run(app, port=8000)  # doctest: +SKIP
@@ -10,68 +13,66 @@ allowed values; bad input is always a 4xx, a full queue a 429 with ``Retry-After
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import re
-import time
+import json
+import logging
 
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from diffaccel.engines.serving.events import sse
 from diffaccel.engines.serving.models import RequestError
-from diffaccel.engines.serving.schemas import JOB_ID, GenerationRequest, JobCreate, JobStatus
+from diffaccel.engines.serving.schemas import GenerationRequest, JobCreate
 from diffaccel.engines.serving.service import QueueFull
 from diffaccel.engines.serving.store import IdempotencyConflict
 
-KEEPALIVE_S = 15.0
+log = logging.getLogger(__name__)
+JSON_BODY = 'the body must be a JSON object in UTF-8 (Content-Type: application/json), e.g. {"prompt": "a red circle"}'
+
+
+class SafeJSON(JSONResponse):
+    """JSON with non-ASCII escaped: whatever text a job holds (even a lone surrogate from an old store) answers."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def error(status: int, message: str, param=None, kind="invalid_request_error", headers=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": " ".join(str(message).split()), "type": kind, "param": param}},
-                        status_code=status, headers=headers)
+    return SafeJSON({"error": {"message": " ".join(str(message).split()), "type": kind, "param": param}},
+                    status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError, model) -> "tuple[str, str | None]":
+def limits(cfg) -> dict:
+    """What this server allows of the bounded request fields (the schema's ceilings are looser)."""
+    return {"n": (1, cfg.max_images), "steps": (1, cfg.max_steps)}
+
+
+def _validation_message(exc: RequestValidationError, model, cfg=None) -> "tuple[str, str | None]":
     errs = exc.errors()
     e = errs[0]
     loc = [str(x) for x in e.get("loc", ()) if x != "body"]
     field = ".".join(loc) or None
-    if e.get("type") == "extra_forbidden":
+    bounded = limits(cfg).get(field) if cfg is not None else None
+    if bounded and e.get("type") in ("less_than_equal", "greater_than_equal"):
+        msg = f"{field}={e.get('input')!r:.40} is outside what this server runs; allowed: {bounded[0]}-{bounded[1]}"
+    elif e.get("type") == "extra_forbidden":
         msg = f"unknown field {field!r}; allowed: {', '.join(model.model_fields)}"
     elif e.get("type") in ("json_invalid", "model_attributes_type", "dict_type"):
-        msg, field = "the body must be a JSON object (Content-Type: application/json), e.g. {\"prompt\": \"a red " \
-                     "circle\"}", None
+        msg, field = JSON_BODY, None
     else:
-        msg = f"{field}: {e.get('msg', 'invalid')}" if field else e.get("msg", "invalid request")
+        text = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        msg = f"{field}: {text}" if field else text
     more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
     return msg[:300] + more, field
 
 
-def _prefer_wait(prefer: "str | None", limit: float) -> float:
-    """``Prefer: wait=N`` (RFC 7240) in seconds, capped at ``limit``; absent or malformed: ``limit``."""
-    m = re.search(r"(?:^|[,;\s])wait=(\d{1,6})(?:$|[,;\s])", prefer or "")
-    return min(float(m.group(1)), limit) if m else limit
-
-
-def _job_or_404(service, job_id: str):
-    job = service.store.get(job_id) if JOB_ID.match(job_id) else None
-    if job is None:
-        raise HTTPException(404, f"no job {job_id[:64]!r}; job ids are 32 hex characters from POST /v1/jobs")
-    return job
-
-
-def _base(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
-
-
 class _Guard:
-    """Pure ASGI middleware: refuse bodies over ``limit()`` bytes with 413 (read before the app sees them) and count
-    responses by status code."""
+    """Pure ASGI middleware: refuse bodies over ``limit()`` bytes with 413 (read before the app sees them), count
+    responses by status code, and answer a JSON 500 (counted) for anything the app raises."""
 
-    def __init__(self, app, limit: int, metrics):
+    def __init__(self, app, limit, metrics):
         self.app, self.limit, self.metrics = app, limit, metrics
 
     async def __call__(self, scope, receive, send):
@@ -84,13 +85,13 @@ class _Guard:
                 return
             size += len(msg.get("body", b""))
             if size > self.limit():
-                resp = error(413, f"the body has more than {self.limit()} bytes; send at most {self.limit()}")
                 self.metrics().count("diffaccel_http_requests_total", code="413")
+                resp = error(413, f"the body has more than {self.limit()} bytes; send at most {self.limit()}")
                 return await resp(scope, receive, send)
             chunks.append(msg.get("body", b""))
             if not msg.get("more_body"):
                 break
-        body, replayed = b"".join(chunks), False
+        body, replayed, started = b"".join(chunks), False, False
 
         async def replay():
             nonlocal replayed
@@ -100,17 +101,27 @@ class _Guard:
             return await receive()
 
         async def counting_send(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics().count("diffaccel_http_requests_total", code=str(message["status"]))
             await send(message)
 
-        await self.app(scope, replay, counting_send)
+        try:
+            await self.app(scope, replay, counting_send)
+        except Exception:
+            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            if started:
+                raise                   # the answer had begun: let the server close the connection
+            await error(500, "the server failed on this request; it is logged", kind="server_error")(
+                scope, receive, counting_send)
 
 
 def create_app(service=None, start_service: bool = True, service_factory=None) -> FastAPI:
     """The app over ``service`` (a :class:`~diffaccel.engines.serving.service.Service`), or over the one
     ``service_factory()`` makes when the app starts (a Ray Serve replica). With ``start_service`` the app's lifespan
     starts and stops it."""
+    from diffaccel.engines.serving.routes import add_routes
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -126,12 +137,14 @@ def create_app(service=None, start_service: bool = True, service_factory=None) -
             if start_service:
                 app.state.service.stop()
 
-    app = FastAPI(title="diffaccel", description="Diffusion engines over HTTP", lifespan=lifespan)
+    app = FastAPI(title="diffaccel", description="Diffusion engines over HTTP", lifespan=lifespan,
+                  default_response_class=SafeJSON, redirect_slashes=False)   # /v1/jobs/ is a 404, not a 307
     app.state.service = service
     app.add_middleware(_Guard, limit=lambda: app.state.service.cfg.max_body_bytes,
                        metrics=lambda: app.state.service.metrics)
     _handlers(app)
-    _routes(app)
+    add_routes(app, error)
+    app.openapi = lambda: _openapi(app)
     return app
 
 
@@ -139,14 +152,20 @@ def _handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):
         model = GenerationRequest if request.url.path.endswith("/generations") else JobCreate
-        msg, field = _validation_message(exc, model)
+        service = app.state.service
+        msg, field = _validation_message(exc, model, service.cfg if service is not None else None)
         return error(400, msg, field)
 
     @app.exception_handler(HTTPException)
     async def _http(request, exc):
         if exc.status_code == 405:
-            return error(405, f"{request.method} is not allowed on {request.url.path[:100]}")
-        return error(exc.status_code, exc.detail if isinstance(exc.detail, str) else "not found",
+            allowed = _methods_of(app, request.scope)
+            return error(405, f"{request.method} is not allowed on {request.url.path[:100]}; allowed: "
+                              f"{', '.join(allowed)}", headers={"Allow": ", ".join(allowed)})
+        detail = exc.detail if isinstance(exc.detail, str) else "not found"
+        if exc.status_code == 400 and "parsing the body" in detail:       # FastAPI's words for a body not JSON
+            detail = JSON_BODY
+        return error(exc.status_code, detail,
                      kind="not_found_error" if exc.status_code == 404 else "invalid_request_error")
 
     @app.exception_handler(RequestError)
@@ -163,133 +182,47 @@ def _handlers(app: FastAPI) -> None:
                      "Idempotency-Key")
 
 
-def _routes(app: FastAPI) -> None:
-    from diffaccel.engines.serving.page import PAGE
+def _methods_of(app: FastAPI, scope) -> list:
+    """Every method some route serves at the request's path (Starlette's own 405 names only one route's)."""
+    from starlette.routing import Match
 
-    svc = lambda: app.state.service      # noqa: E731  (set by the embedded server or a Ray replica)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page():
-        return PAGE
-
-    @app.get("/health")
-    async def health():
-        s = svc()
-        return {"status": "ok", "models": list(s.models), "queue_depth": len(s.worker.queue),
-                "running": len(s.worker.running), "queue_limit": s.cfg.queue_limit,
-                "uptime_s": time.time() - (s.started_at or time.time())}
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics():
-        s = svc()
-        return PlainTextResponse(s.metrics.render(s.gauges()), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
-    async def models():
-        s = svc()
-        return {"object": "list", "data": [{"id": n, "object": "model", "sizes": m.size_text(),
-                                            "default_guidance": m.default_guidance} for n, m in s.models.items()]}
-
-    @app.post("/v1/images/generations")
-    async def generations(body: GenerationRequest, request: Request, prefer: "str | None" = Header(None)):
-        s = svc()
-        wait = _prefer_wait(prefer, s.cfg.sync_wait_s)
-        job = s.create(body)
-        done = await _wait_done(s, job["id"], wait)
-        applied = {"Preference-Applied": f"wait={wait:g}"} if prefer else {}
-        if done is None:
-            view = s.view(s.store.get(job["id"]), _base(request))
-            return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["get"], **applied})
-        if done["status"] == JobStatus.FAILED.value:
-            return error(500, f"generation failed: {done['error']}", kind="server_error")
-        if done["status"] == JobStatus.CANCELED.value:
-            return error(409, "the job was canceled")
-        data = []
-        for i, seed, png in s.store.outputs(job["id"]):
-            entry = {"url": f"{_base(request)}/v1/jobs/{job['id']}/images/{i}.png"} \
-                if body.response_format == "url" else {"b64_json": base64.b64encode(png).decode()}
-            data.append({**entry, "seed": seed})
-        return JSONResponse({"created": int(done["created"]), "id": job["id"], "data": data,
-                             "metrics": done["metrics"]}, headers=applied)
-
-    @app.post("/v1/jobs", status_code=202)
-    async def create_job(body: JobCreate, request: Request,
-                         idempotency_key: "str | None" = Header(None, max_length=200)):
-        s = svc()
-        if idempotency_key is not None and body.id is not None and idempotency_key != body.id:
-            raise RequestError("Idempotency-Key and the body's id differ; give one of them", "id")
-        job = s.create(body, idempotency_key or body.id, body.webhook, body.webhook_events_filter)
-        view = s.view(job, _base(request))
-        headers = {"Location": view["urls"]["get"]}
-        if job["replayed"]:
-            headers["Idempotent-Replayed"] = "true"
-        return JSONResponse(view, status_code=202, headers=headers)
-
-    @app.get("/v1/jobs")
-    async def list_jobs(request: Request, status: "str | None" = None, limit: int = Query(100, ge=1, le=1000)):
-        s = svc()
-        if status is not None and status not in {x.value for x in JobStatus}:
-            raise RequestError(f"unknown status {status[:40]!r}; allowed: {', '.join(x.value for x in JobStatus)}",
-                               "status")
-        return {"object": "list", "data": [s.view(j, _base(request)) for j in s.store.list(status, limit)]}
-
-    @app.get("/v1/jobs/{job_id}")
-    async def get_job(job_id: str, request: Request):
-        s = svc()
-        return s.view(_job_or_404(s, job_id), _base(request))
-
-    @app.post("/v1/jobs/{job_id}/cancel")
-    async def cancel_job(job_id: str, request: Request):
-        s = svc()
-        _job_or_404(s, job_id)
-        return s.view(s.cancel(job_id), _base(request))
-
-    @app.get("/v1/jobs/{job_id}/images/{index}.png")
-    async def job_image(job_id: str, index: int):
-        s = svc()
-        _job_or_404(s, job_id)
-        png = s.store.image(job_id, index) if 0 <= index < 1000 else None
-        if png is None:
-            raise HTTPException(404, f"job {job_id} has no image {index}")
-        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=31536000, immutable"})
-
-    @app.get("/v1/jobs/{job_id}/events")
-    async def job_events(job_id: str, request: Request):
-        s = svc()
-        _job_or_404(s, job_id)
-        return StreamingResponse(_stream(s, job_id, _base(request)), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    methods = set()
+    for route in app.router.routes:
+        if getattr(route, "methods", None) and route.matches({**scope, "method": "GET"})[0] != Match.NONE:
+            methods |= set(route.methods)
+    return sorted(methods)
 
 
-async def _wait_done(s, job_id: str, timeout: float) -> "dict | None":
-    """The job once it ended, or None after ``timeout`` seconds."""
-    with s.hub.subscribe(job_id, events=("completed",)) as q:
-        job = s.store.get(job_id)
-        if JobStatus(job["status"]).terminal:
-            return job
-        try:
-            await asyncio.wait_for(q.get(), timeout)          # the only event it subscribed to
-        except asyncio.TimeoutError:
-            return None
-    return s.store.get(job_id)
+def _served_values(service) -> dict:
+    """Request fields whose allowed values this server knows: the served model names and scheduler names."""
+    return {"model": sorted(service.models), "scheduler": ["default", *sorted(service.schedulers)]}
 
 
-async def _stream(s, job_id: str, base: str):
-    """Server-sent events: the job as it is now (``status``), then ``start``, ``progress`` and ``completed``."""
-    with s.hub.subscribe(job_id) as q:
-        view = s.view(s.store.get(job_id), base)
-        n = 0
-        yield sse("status", view, n)
-        if JobStatus(view["status"]).terminal:
-            yield sse("completed", {k: view[k] for k in ("id", "status", "error", "metrics", "output")}, n + 1)
-            return
-        while True:
-            try:
-                event, data = await asyncio.wait_for(q.get(), KEEPALIVE_S)
-            except asyncio.TimeoutError:
-                yield ": keep-alive\n\n"
-                continue
-            n += 1
-            yield sse(event, data, n)
-            if event == "completed":
-                return
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document without the 422 validation responses it adds by itself (this server answers 400 with
+    the error body instead; the 422 a route declares itself stays), with this server's own limits on ``n`` and
+    ``steps``."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in doc.get("paths", {}).values():
+            for op in path.values():
+                resp = op.get("responses", {}).get("422", {})
+                if "HTTPValidationError" in json.dumps(resp):
+                    del op["responses"]["422"]
+        schemas = doc.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        service = app.state.service
+        if service is not None:
+            for body in ("GenerationRequest", "JobCreate"):
+                props = schemas.get(body, {}).get("properties", {})
+                for field, (_, most) in limits(service.cfg).items():
+                    for alt in props.get(field, {}).get("anyOf", [props.get(field, {})]):
+                        if "maximum" in alt:
+                            alt["maximum"] = most
+                for field, values in _served_values(service).items():
+                    for alt in props.get(field, {}).get("anyOf", []):
+                        if alt.get("type") == "string":
+                            alt["enum"] = values
+        app.openapi_schema = doc
+    return app.openapi_schema

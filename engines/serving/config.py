@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from diffaccel.engines.serving.batching import BatchPolicy
+from diffaccel.engines.serving.schemas import MAX_IMAGES, MAX_STEPS
 
 
 def _int_at_least(name, value, low):
@@ -52,7 +53,10 @@ class ServeConfig:
     Batching: one engine call takes up to ``max_batch`` images of compatible jobs, dispatched when that many wait or
     the oldest has waited ``max_wait_ms``. Backpressure: at most ``queue_limit`` jobs wait; beyond that a create
     answers 429 with Retry-After. ``webhook_secret`` signs webhooks (Standard Webhooks); without it, jobs that ask
-    for a webhook are refused."""
+    for a webhook are refused; ``webhook_allow`` (hosts or CIDR networks) opens private targets, refused by default
+    (:mod:`~diffaccel.engines.serving.egress`). Health: the engine worker is ready while its heartbeat is younger than
+    ``heartbeat_timeout_s``. A job the server died running ``max_attempts`` times is failed (quarantined) instead of
+    run again at the next start."""
 
     db: "str | None" = None
     max_batch: int = 4
@@ -69,13 +73,24 @@ class ServeConfig:
     webhook_timeout_s: float = 5.0
     max_body_bytes: int = 65536
     threads: "int | None" = None         # ONNX Runtime intra-op threads per engine
+    webhook_allow: tuple = ()            # hosts / CIDR networks webhooks may reach besides public addresses
+    max_attempts: int = 2                # runs a crash may cut off before the job is failed as a suspect
+    heartbeat_timeout_s: float = 120.0   # longer than one denoising step of the slowest model served
 
     def __post_init__(self):
         for name, low in (("max_batch", 1), ("queue_limit", 1), ("max_prompt_chars", 1), ("max_images", 1),
-                          ("max_steps", 1), ("default_steps", 1), ("webhook_attempts", 1), ("max_body_bytes", 256)):
+                          ("max_steps", 1), ("default_steps", 1), ("webhook_attempts", 1), ("max_body_bytes", 256),
+                          ("max_attempts", 1)):
             _int_at_least(name.replace("_", " "), getattr(self, name), low)
+        for name, most in (("max_images", MAX_IMAGES), ("max_steps", MAX_STEPS)):
+            if getattr(self, name) > most:
+                raise ValueError(f"{name.replace('_', ' ')} {getattr(self, name)} is more than the API allows "
+                                 f"({most})")
         for name in ("max_wait_ms", "sync_wait_s", "webhook_backoff_s", "webhook_timeout_s"):
             _number_at_least(name.replace("_", " "), getattr(self, name), 0)
+        _number_at_least("heartbeat timeout s", self.heartbeat_timeout_s, 1)
+        object.__setattr__(self, "webhook_allow", tuple(self.webhook_allow))
+        self.egress()                    # a bad --webhook-allow fails here, naming it
         if self.default_steps > self.max_steps:
             raise ValueError(f"default steps {self.default_steps} exceed max steps {self.max_steps}")
         if self.threads is not None:
@@ -90,6 +105,12 @@ class ServeConfig:
     @property
     def db_path(self) -> Path:
         return Path(self.db or "diffaccel-jobs.sqlite")
+
+    def egress(self):
+        """The :class:`~diffaccel.engines.serving.egress.EgressPolicy` for webhook targets."""
+        from diffaccel.engines.serving.egress import EgressPolicy
+
+        return EgressPolicy(self.webhook_allow)
 
     @property
     def secret_key(self) -> "bytes | None":

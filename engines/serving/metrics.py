@@ -18,11 +18,14 @@ SERIES = """
 gauge      diffaccel_queue_depth               Jobs waiting in the queue
 gauge      diffaccel_jobs_running              Jobs in the engine call now
 gauge      diffaccel_queue_limit               Jobs the queue holds before answering 429
+gauge      diffaccel_worker_heartbeat_age_seconds  Seconds since the engine worker last reported
 counter    diffaccel_images_total              Images generated and stored
 counter    diffaccel_jobs_total                Jobs that ended, by status
 counter    diffaccel_requests_rejected_total   Requests refused, by reason
 counter    diffaccel_http_requests_total       HTTP responses, by status code
 counter    diffaccel_webhook_deliveries_total  Webhook delivery attempts, by outcome
+counter    diffaccel_worker_restarts_total     Engine threads started again after one died
+counter    diffaccel_jobs_quarantined_total    Jobs failed at start-up because the server died running them too often
 histogram  diffaccel_batch_size                Images per engine call
 histogram  diffaccel_batch_seconds             Seconds per engine call
 histogram  diffaccel_job_queue_seconds         Seconds a job waited before its engine call

@@ -35,6 +35,17 @@ class ServedModel:
     default_guidance: float
     base_scheduler_config: object = None    # each engine call starts from a fresh scheduler made from this
     max_guidance: "float | None" = None     # a U-Net built for guidance <= 1 (optimize --guidance 0): no CFG
+    default_scheduler: "type | None" = None  # the artifact's scheduler class ("default"; the pipe's changes per call)
+    _schedules: dict = dataclasses.field(default_factory=dict)   # (scheduler, steps) -> why it cannot run, or ""
+
+    def schedule_problem(self, name: str, cls, steps: int) -> str:
+        """Why scheduler ``cls`` (requested as ``name``) cannot take ``steps`` denoising steps on this model ("" if it
+        can), found by running its schedule on a 1-pixel latent: cheap, and it fails exactly where the real call
+        would (PNDM's warm-up needs more steps than 1-3, for instance). Cached per (name, steps)."""
+        key = (name, steps)
+        if key not in self._schedules:
+            self._schedules[key] = dry_run_problem(cls or self.default_scheduler, self.base_scheduler_config, steps)
+        return self._schedules[key]
 
     @property
     def scale(self) -> int:
@@ -81,9 +92,24 @@ def load_models(paths, threads=None, guidance: "Callable | None" = None, provide
         most = pipe.guidance_limit
         if most is not None:
             g = most
-        models[name] = ServedModel(name, path, pipe, float(g), pipe.scheduler.config, most)
+        models[name] = ServedModel(name, path, pipe, float(g), pipe.scheduler.config, most, type(pipe.scheduler))
         log.info("serving %s (%s) from %s (default guidance %g)", name, type(pipe).__name__, path, g)
     return models
+
+
+def dry_run_problem(cls, config, steps: int) -> str:
+    """Run a scheduler's whole schedule on a zero 1x1 latent: '' if it completes, else the error (one line)."""
+    import torch
+
+    try:
+        scheduler = cls.from_config(config)
+        scheduler.set_timesteps(steps)
+        x = torch.zeros(1, 4, 1, 1)
+        for t in scheduler.timesteps:
+            x = scheduler.step(torch.zeros_like(x), t, scheduler.scale_model_input(x, t), return_dict=False)[0]
+    except Exception as e:          # whatever the scheduler raises is the reason it cannot serve these steps
+        return " ".join(f"{type(e).__name__}: {e}".split())[:200]
+    return ""
 
 
 def _one_of(what: str, value, allowed) -> RequestError:
@@ -112,6 +138,10 @@ def resolve(body, models: dict, schedulers: dict, cfg) -> dict:
     scheduler = "default" if body.scheduler is None else body.scheduler.strip().lower()
     if scheduler != "default" and scheduler not in schedulers:
         raise _one_of("scheduler", body.scheduler, ["default", *schedulers])
+    problem = model.schedule_problem(scheduler, schedulers.get(scheduler), steps)
+    if problem:
+        raise RequestError(f"scheduler {scheduler} cannot run {steps} step(s) on model {model.name} ({problem}); "
+                           "ask for more steps or another scheduler", "steps")
     guidance = float(model.default_guidance if body.guidance_scale is None else body.guidance_scale)
     if model.max_guidance is not None and guidance > 1:
         raise RequestError(f"guidance_scale={guidance:g} needs classifier-free guidance, which model {model.name} was "

@@ -4,6 +4,7 @@ a live progress bar from the job's event stream, then the image, and the queue."
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>diffaccel playground</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
 <style>
  body{font:15px system-ui,sans-serif;margin:2em auto;max-width:760px;color:#222}
  label{display:inline-block;margin:.3em 1em .3em 0} input{font:inherit;padding:.2em}

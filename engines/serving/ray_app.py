@@ -72,28 +72,18 @@ class RemoteWorker(Worker):
     """Hands each queued job (FIFO) to the engine replicas; ``in_flight`` dispatcher threads, one job each. Progress
     is reported when the call returns (the engine runs in another process)."""
 
+    NAME = "diffaccel-dispatch"
+
     def __init__(self, call, in_flight: int, models, schedulers, policy, on_start, on_progress, on_done):
+        self.THREADS = in_flight
         super().__init__(models, schedulers, BatchPolicy(1, 0.0), on_start, on_progress, on_done)
         self._call = call
-        self._threads = [threading.Thread(target=self._loop, name=f"diffaccel-dispatch-{i}", daemon=True)
-                         for i in range(in_flight)]
-
-    def start(self) -> None:
-        for t in self._threads:
-            t.start()
-
-    def stop(self) -> None:
-        with self.cond:
-            self._stop = True
-            self.cond.notify_all()
-        for t in self._threads:
-            t.join(timeout=60)
 
     def _run(self, batch: list) -> list:
         it = batch[0]
         for attempt in range(1, RETRIES + 1):
             try:
-                out = self._call(it.work)
+                out = self._call(it.work, self.beat)
                 break
             except Exception as e:              # a replica died or was restarted: send the job again (seeded)
                 if attempt == RETRIES or not _replica_lost(e):
@@ -162,8 +152,13 @@ def deployments(cfg, opts: RayOptions):
                 from diffaccel.engines.serving.models import load_models
                 from diffaccel.engines.serving.service import Service
 
-                def call(work):
-                    return engine.generate.remote(work).result()
+                def call(work, beat):
+                    response = engine.generate.remote(work)
+                    while True:              # beat while the replica works: readiness reads the heartbeat
+                        try:
+                            return response.result(timeout_s=1.0)
+                        except TimeoutError:
+                            beat()
 
                 def worker(models, scheds, policy, on_start, on_progress, on_done):
                     return RemoteWorker(call, in_flight, models, scheds, policy, on_start, on_progress, on_done)
@@ -173,6 +168,14 @@ def deployments(cfg, opts: RayOptions):
             from diffaccel.engines.serving import ray_app   # the module itself: this class was pickled by value
 
             ray_app._REPLICA["factory"] = factory
+
+        def check_health(self):
+            """Ray Serve's health check: a replica whose service gave up (or whose dispatch threads died) is
+            restarted by Ray, as a supervisor restarts the embedded server."""
+            service = app.state.service
+            problems = service.watchdog.live_problems() if service is not None else []
+            if problems:
+                raise RuntimeError("; ".join(problems))
 
     return Engine, Api
 

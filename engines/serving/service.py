@@ -10,12 +10,14 @@ import math
 import time
 
 from diffaccel.engines.serving.events import EventHub
+from diffaccel.engines.serving.health import Watchdog
 from diffaccel.engines.serving.metrics import Metrics
 from diffaccel.engines.serving.models import RequestError, resolve
 from diffaccel.engines.serving.schemas import EVENTS, JobStatus
 from diffaccel.engines.serving.store import JobStore
 from diffaccel.engines.serving.webhooks import Sender
 from diffaccel.engines.serving.worker import Worker, finish_status
+from diffaccel.optimize.artifact.errors import one_line
 
 log = logging.getLogger(__name__)
 PROGRESS_WEBHOOK_EVERY_S = 1.0
@@ -37,29 +39,40 @@ class Service:
         self.hub = EventHub()
         self.worker = worker(models, schedulers, cfg.policy, self._started, self._progress, self._done)
         key = cfg.secret_key
+        self.egress = cfg.egress()
         self.sender = None if key is None else Sender(self.store, key, cfg.webhook_attempts, cfg.webhook_backoff_s,
-                                                      cfg.webhook_timeout_s, self.metrics)
+                                                      cfg.webhook_timeout_s, self.metrics, self.egress)
         self._webhooks: "dict[str, tuple]" = {}     # job id -> (url, events) for jobs in flight
         self._last_progress_hook: "dict[str, float]" = {}
         self.started_at = None
+        self.on_fatal = None                        # called once if the service gives up (the CLI exits then)
+        self.watchdog = Watchdog(self)              # restarts a dead engine thread; answers liveness, readiness
 
     # ---- life ----------------------------------------------------------------------------------------------
     def start(self, loop=None) -> int:
         """Re-enqueue what a previous run left queued or running, start the threads; returns the jobs recovered."""
         self.hub.loop = loop
-        recovered = self.store.recover()
+        recovered, suspects = self.store.recover(self.cfg.max_attempts)
+        for job in suspects:
+            self._remember_webhook(job)
+            self._finish(job["id"], JobStatus.FAILED, (), f"quarantined: the server stopped {job['attempts']} times "
+                         "while running this job, so it is not run again (resubmit it to try once more)", None)
+            self.metrics.count("diffaccel_jobs_quarantined_total")
         for job in recovered:
             self._remember_webhook(job)
             self.worker.add(job["id"], job["request"])
-        if recovered:
-            log.warning("recovered %d job(s) from %s", len(recovered), self.store.path)
+        if recovered or suspects:
+            log.warning("recovered %d job(s) from %s, quarantined %d", len(recovered), self.store.path,
+                        len(suspects))
         self.worker.start()
         if self.sender is not None:
             self.sender.start()
+        self.watchdog.start()
         self.started_at = time.time()
         return len(recovered)
 
     def stop(self) -> None:
+        self.watchdog.stop()
         self.worker.stop()
         if self.sender is not None:
             self.sender.stop()
@@ -77,6 +90,9 @@ class Service:
         if webhook is not None and self.sender is None:
             raise RequestError("this server signs no webhooks; start it with --webhook-secret (Standard Webhooks "
                                "secret) to use them", "webhook")
+        refused = None if webhook is None else self.egress.problem(webhook)     # resolves the host: call off the loop
+        if refused:
+            raise RequestError(refused, "webhook")
         if len(self.worker.queue) >= self.cfg.queue_limit:
             self.metrics.count("diffaccel_requests_rejected_total", reason="queue_full")
             raise QueueFull(self.retry_after())
@@ -84,7 +100,13 @@ class Service:
         job = self.store.create(work, idem_key, webhook, events, fingerprint=fingerprint)
         if not job["replayed"]:
             self._remember_webhook(job)
-            self.worker.add(job["id"], work)
+            try:
+                self.worker.add(job["id"], work)
+            except Exception as e:        # committed but not queued: it ends now, failed, not lost
+                log.exception("could not queue job %s", job["id"])
+                self._finish(job["id"], JobStatus.FAILED, (), one_line(f"could not be queued ({type(e).__name__}: "
+                                                                       f"{e})"), None)
+                job = dict(self.store.get(job["id"]), replayed=False)
         return job
 
     def cancel(self, job_id: str) -> "dict | None":
@@ -123,7 +145,8 @@ class Service:
 
     def gauges(self) -> dict:
         return {"diffaccel_queue_depth": len(self.worker.queue), "diffaccel_jobs_running": len(self.worker.running),
-                "diffaccel_queue_limit": self.cfg.queue_limit}
+                "diffaccel_queue_limit": self.cfg.queue_limit,
+                "diffaccel_worker_heartbeat_age_seconds": time.monotonic() - self.worker.heartbeat}
 
     # ---- from the engine thread ----------------------------------------------------------------------------
     def _remember_webhook(self, job: dict) -> None:
@@ -145,11 +168,17 @@ class Service:
             self.sender.wake()
 
     def _started(self, batch: list) -> None:
-        self.store.mark_running([it.id for it in batch])
+        try:
+            self.store.mark_running([it.id for it in batch])
+        except Exception:             # the jobs run anyway; their end is stored (or failed) when they finish
+            log.exception("could not mark %d job(s) running", len(batch))
         for it in batch:
             data = {"id": it.id, "status": "running", "batch_size": sum(x.work["n"] for x in batch)}
-            self.hub.publish(it.id, "start", data)
-            self._send(it.id, "start", data, f"msg_{it.id}_start_{time.time_ns()}")
+            try:
+                self.hub.publish(it.id, "start", data)
+                self._send(it.id, "start", data, f"msg_{it.id}_start_{time.time_ns()}")
+            except Exception:             # events and webhooks are reports: the job runs regardless
+                log.exception("could not report the start of job %s", it.id)
 
     def _progress(self, batch: list) -> None:
         now = time.monotonic()
@@ -161,27 +190,44 @@ class Service:
                 self._last_progress_hook[it.id] = now
                 self._send(it.id, "progress", data, f"msg_{it.id}_progress_{it.step}_{time.time_ns()}")
 
-    def _done(self, batch: list, results, error, end: float) -> None:
+    def _done(self, batch: list, outcomes: list, end: float) -> None:
+        """Store each job's end, on its own: a job whose result cannot be stored (or whose bookkeeping fails) is
+        failed with the reason, and its neighbours are stored as they are."""
         images = sum(x.work["n"] for x in batch)
-        run_s = end - batch[0].dispatch
+        run_s = end - (batch[0].dispatch if batch[0].dispatch is not None else end)
         self.metrics.observe_batch(images, run_s)
-        for k, it in enumerate(batch):
-            status = finish_status(it, error)
-            metrics = {"queue_s": it.dispatch - it.arrival, "run_s": run_s, "batch_size": it.engine_batch or images,
-                       "batch_jobs": len(batch), "steps_done": it.step, "s_per_step": run_s / max(1, it.step)}
-            if it.engine_attempts is not None:
-                metrics["engine_attempts"] = it.engine_attempts
-            mine = results[k] if results is not None and status == JobStatus.SUCCEEDED else ()
-            self._finish(it.id, status, mine, error if status == JobStatus.FAILED else None, metrics)
-            self.metrics.observe("diffaccel_job_queue_seconds", metrics["queue_s"])
-            self.metrics.observe("diffaccel_job_run_seconds", run_s)
-            self.metrics.observe("diffaccel_job_latency_seconds", end - it.arrival)
+        for it, (mine, error) in zip(batch, outcomes):
+            try:
+                self._done_one(it, mine, error, images, len(batch), run_s, end)
+            except Exception as e:
+                log.exception("could not store the result of job %s", it.id)
+                reason = one_line(f"the result could not be stored ({type(e).__name__}: {e})")
+                self._finish(it.id, JobStatus.FAILED, (), reason, None)
+
+    def _done_one(self, it, mine, error, images: int, jobs: int, run_s: float, end: float) -> None:
+        status = finish_status(it, mine, error)
+        dispatch = it.dispatch if it.dispatch is not None else end
+        metrics = {"queue_s": dispatch - it.arrival, "run_s": run_s, "batch_size": it.engine_batch or images,
+                   "batch_jobs": jobs, "steps_done": it.step, "s_per_step": run_s / max(1, it.step)}
+        if it.engine_attempts is not None:
+            metrics["engine_attempts"] = it.engine_attempts
+        self._finish(it.id, status, mine if status == JobStatus.SUCCEEDED else (),
+                     error if status == JobStatus.FAILED else None, metrics)
+        self.metrics.observe("diffaccel_job_queue_seconds", metrics["queue_s"])
+        self.metrics.observe("diffaccel_job_run_seconds", run_s)
+        self.metrics.observe("diffaccel_job_latency_seconds", end - it.arrival)
 
     def _finish(self, job_id, status: JobStatus, images, error, metrics) -> None:
         job = self.store.get(job_id)
+        if job is None:
+            return
         final = dict(job, status=status.value, error=error, metrics=metrics, finished=time.time())
         data = self._completed_data(final, images)
-        hook = self._hook(job_id, "completed", data, f"msg_{job_id}_completed")
+        try:
+            hook = self._hook(job_id, "completed", data, f"msg_{job_id}_completed")
+        except Exception:                 # the job's end is stored regardless; only its webhook is lost
+            log.exception("could not make the completed webhook of job %s", job_id)
+            hook = None
         if not self.store.finish(job_id, status, images, error, metrics, [hook] if hook else []):
             return                                      # already ended (e.g. canceled while queued)
         self.metrics.count("diffaccel_jobs_total", status=status.value)

@@ -9,7 +9,7 @@ seeds are recorded, so the re-run gives the same images).
 >>> s = JobStore(os.path.join(tempfile.mkdtemp(), "jobs.sqlite"))
 >>> job = s.create({"prompt": "a red circle", "seed": 1, "n": 1}); job["status"]
 'queued'
->>> [j["id"] for j in s.recover()] == [job["id"]]
+>>> [j["id"] for j in s.recover()[0]] == [job["id"]]
 True
 """
 from __future__ import annotations
@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(status, next_at);
+CREATE TABLE IF NOT EXISTS health (k TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 COLUMNS = ("id", "idem_key", "request", "status", "created", "started", "finished", "attempts", "error", "metrics",
            "webhook", "webhook_events")
@@ -190,13 +191,40 @@ class JobStore:
             row = self._db.execute("SELECT png FROM images WHERE job_id = ? AND idx = ?", (job_id, index)).fetchone()
         return None if row is None else row[0]
 
-    def recover(self) -> list:
-        """Jobs to run again after a restart, oldest first: queued ones and running ones whose worker died (they go
-        back to queued)."""
-        self._tx(lambda db: db.execute("UPDATE jobs SET status = ? WHERE status = ?",
-                                       (JobStatus.QUEUED.value, JobStatus.RUNNING.value)))
-        return self._rows(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE status = ? ORDER BY seq",
+    def recover(self, max_attempts: "int | None" = None) -> "tuple[list, list]":
+        """After a restart: (jobs to run again, oldest first: queued ones and running ones whose worker died, which go
+        back to queued; suspects: running jobs the server already died running ``max_attempts`` times, left running
+        for the caller to fail, so a job that kills the process is not run forever)."""
+        def requeue(db):
+            suspects = []
+            if max_attempts is not None:
+                suspects = [r[0] for r in db.execute("SELECT id FROM jobs WHERE status = ? AND attempts >= ?",
+                                                     (JobStatus.RUNNING.value, max_attempts))]
+            db.executemany("UPDATE jobs SET status = ? WHERE id = ? AND status = ?",
+                           [(JobStatus.QUEUED.value, j, JobStatus.RUNNING.value)
+                            for j in (r[0] for r in db.execute("SELECT id FROM jobs WHERE status = ?",
+                                                              (JobStatus.RUNNING.value,)).fetchall())
+                            if j not in suspects])
+            return suspects
+
+        suspects = self._tx(requeue)
+        rows = self._rows(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE status = ? ORDER BY seq",
                           (JobStatus.QUEUED.value,))
+        return rows, [self.get(j) for j in suspects]
+
+    def writable(self, timeout_s: float = 0.5) -> "str | None":
+        """None when the store takes a write within ``timeout_s``, else why not (one line): readiness checks this,
+        on a connection of its own, so a locked or read-only file answers in half a second, not the 30 s a job's
+        write may wait."""
+        try:
+            db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
+            try:
+                db.execute("INSERT OR REPLACE INTO health (k, at) VALUES ('probe', ?)", (time.time(),))
+            finally:
+                db.close()
+        except (sqlite3.Error, OSError) as e:
+            return f"the job store cannot be written ({type(e).__name__}: {e})"
+        return None
 
     def counts(self) -> dict:
         with self._lock:

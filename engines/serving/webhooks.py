@@ -3,7 +3,9 @@
 Each event is one delivery with a fixed ``webhook-id`` (the same on every retry, so receivers can drop duplicates);
 each attempt is signed anew: ``webhook-signature: v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`` with
 ``webhook-timestamp`` the attempt's Unix seconds. A 2xx answer ends the delivery; anything else (or no answer within
-the timeout) retries after ``backoff * 4**(attempt-1)`` seconds, up to ``attempts`` tries.
+the timeout) retries after ``backoff * 4**(attempt-1)`` seconds, up to ``attempts`` tries. Each attempt goes only
+where the :class:`~diffaccel.engines.serving.egress.EgressPolicy` allows, to the address it checked; redirects are not
+followed (a 3xx is a failed attempt), so a receiver cannot bounce a delivery inside the network.
 
 >>> now = int(time.time())
 >>> sig = sign(b"k" * 24, "msg_1", now, b'{"a":1}')
@@ -15,11 +17,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import http.client
 import logging
+import socket
+import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +48,43 @@ def headers(key: bytes, msg_id: str, body: bytes, now: "float | None" = None) ->
             "webhook-signature": sign(key, msg_id, ts, body), "user-agent": "diffaccel-webhooks"}
 
 
+def post(policy, url: str, body: bytes, head: dict, timeout_s: float) -> int:
+    """POST ``body`` to ``url`` at an address ``policy`` allows (resolved and checked now, then connected to
+    directly); the HTTP status. Raises ValueError (a refused target), LookupError or OSError."""
+    scheme, host, port, ips = policy.addresses(url)
+    parts = urllib.parse.urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    sock = None
+    for ip in ips:
+        try:
+            sock = socket.create_connection((str(ip), port), timeout=timeout_s)
+            break
+        except OSError:
+            if ip == ips[-1]:
+                raise
+    if scheme == "https":
+        sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+    conn.sock = sock                       # the checked address; Host stays the URL's
+    name = f"[{host}]" if ":" in host else host
+    name = name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
+    try:
+        conn.request("POST", target, body=body, headers={**head, "Host": name})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
 class Sender:
     """A thread that posts due deliveries from the store's outbox; :meth:`wake` after queueing one."""
 
-    def __init__(self, store, key: bytes, attempts: int, backoff_s: float, timeout_s: float, metrics=None):
+    def __init__(self, store, key: bytes, attempts: int, backoff_s: float, timeout_s: float, metrics=None,
+                 policy=None):
+        from diffaccel.engines.serving.egress import EgressPolicy
+
         self.store, self.key, self.attempts = store, key, attempts
         self.backoff_s, self.timeout_s, self.metrics = backoff_s, timeout_s, metrics
+        self.policy = policy or EgressPolicy()
         self._wake = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="diffaccel-webhooks", daemon=True)
@@ -67,28 +102,31 @@ class Sender:
 
     def _loop(self) -> None:
         while not self._stop:
-            for d in self.store.due_deliveries(time.time()):
-                if self._stop:
-                    return
-                self._attempt(d)
-            nxt = self.store.next_delivery_at()
+            try:
+                for d in self.store.due_deliveries(time.time()):
+                    if self._stop:
+                        return
+                    self._attempt(d)
+                nxt = self.store.next_delivery_at()
+            except Exception:          # the store failed (disk full, locked): try again in a second, never die
+                log.exception("webhook outbox failed; retrying")
+                nxt = None
             self._wake.wait(timeout=1.0 if nxt is None else min(1.0, max(0.0, nxt - time.time())))
             self._wake.clear()
 
     def _attempt(self, d: dict) -> None:
         body = d["body"].encode()
-        req = urllib.request.Request(d["url"], data=body, method="POST", headers=headers(self.key, d["id"], body))
-        error = None
+        refused = False
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                ok = 200 <= resp.status < 300
-                error = None if ok else f"HTTP {resp.status}"
-        except urllib.error.HTTPError as e:
-            ok, error = False, f"HTTP {e.code}"
-        except Exception as e:     # refused, timed out, bad host: retried like a 5xx
+            status = post(self.policy, d["url"], body, headers(self.key, d["id"], body), self.timeout_s)
+            ok, error = 200 <= status < 300, None if 200 <= status < 300 else f"HTTP {status}"
+        except ValueError as e:    # a target the policy refuses (it resolves to a private address now): no retry
+            ok, error, refused = False, f"refused: {e}"[:300], True
+        except Exception as e:     # refused connection, timed out, does not resolve: retried like a 5xx
             ok, error = False, f"{type(e).__name__}: {e}"[:300]
         tries = d["attempts"] + 1
-        retry_at = None if ok or tries >= self.attempts else time.time() + self.backoff_s * 4 ** (tries - 1)
+        retry_at = None if ok or refused or tries >= self.attempts else \
+            time.time() + self.backoff_s * 4 ** (tries - 1)
         self.store.delivery_result(d["id"], ok, error, retry_at)
         if self.metrics is not None:
             self.metrics.count("diffaccel_webhook_deliveries_total",

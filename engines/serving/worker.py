@@ -1,6 +1,7 @@
 """The engine thread: takes batches of compatible jobs from the :class:`BatchQueue`, runs each batch as one pipeline
 call (one seeded generator per image, so each job's images are the ones it would get alone), reports every job's
-denoising step, stops at the next step when every job of the batch was canceled, and stores the results.
+denoising step, stops at the next step when every job of the batch was canceled, and stores the results. No job can
+stop it (see :class:`Worker`).
 """
 from __future__ import annotations
 
@@ -36,10 +37,19 @@ class Item:
     cancel: bool = False
     engine_batch: "int | None" = None     # images in the engine call, when another process made it (Ray)
     engine_attempts: "int | None" = None  # engine calls it took (Ray: a lost replica's calls are sent again)
+    thread: str = ""                      # the engine thread running it
 
 
 class Worker:
-    """One engine thread over ``models``; ``on_*`` callbacks tell the service what happened (from this thread)."""
+    """The engine thread(s) over ``models``; ``on_*`` callbacks tell the service what happened (from the thread).
+
+    Nothing a job does stops the thread: a batch whose call fails is run again job by job, so only the job that
+    fails is failed, with the reason recorded; a failure while reporting or storing is that job's alone. The thread
+    beats a heartbeat at least every second while idle and at every denoising step (readiness reads it), and
+    :meth:`ensure_alive` starts a new thread if one died anyway (the service's watchdog calls it)."""
+
+    THREADS = 1
+    NAME = "diffaccel-engine"
 
     def __init__(self, models: dict, schedulers: dict, policy, on_start, on_progress, on_done):
         self.models, self.schedulers = models, schedulers
@@ -49,16 +59,48 @@ class Worker:
         self._on_start, self._on_progress, self._on_done = on_start, on_progress, on_done
         self._stop = False
         self.batch_seconds = None          # moving average of one engine call (for Retry-After)
-        self._thread = threading.Thread(target=self._loop, name="diffaccel-engine", daemon=True)
+        self.heartbeat = time.monotonic()
+        self.restarts = 0
+        self._threads = [self._spawn(i) for i in range(self.THREADS)]
+
+    def _spawn(self, i: int) -> threading.Thread:
+        return threading.Thread(target=self._loop, name=f"{self.NAME}-{i}" if self.THREADS > 1 else self.NAME,
+                                daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        self.heartbeat = time.monotonic()
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
         with self.cond:
             self._stop = True
             self.cond.notify_all()
-        self._thread.join(timeout=60)
+        for t in self._threads:
+            t.join(timeout=60)
+
+    @property
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self._threads)
+
+    def ensure_alive(self) -> int:
+        """Start a new thread in place of each one that died (jobs it was running fail, reason recorded); the
+        number restarted."""
+        if self._stop:
+            return 0
+        dead = [i for i, t in enumerate(self._threads) if t.ident is not None and not t.is_alive()]
+        for i in dead:
+            log.error("the engine thread %s died; starting a new one", self._threads[i].name)
+            with self.cond:
+                orphans = [it for it in self.running.values() if it.thread == self._threads[i].name]
+            self._fail(orphans, "the engine thread stopped while running this job (it was restarted)")
+            self._threads[i] = self._spawn(i)
+            self._threads[i].start()
+            self.restarts += 1
+        return len(dead)
+
+    def beat(self) -> None:
+        self.heartbeat = time.monotonic()
 
     def add(self, job_id: str, work: dict) -> Item:
         with self.cond:
@@ -81,37 +123,78 @@ class Worker:
     def _take(self) -> "list | None":
         with self.cond:
             while not self._stop:
+                self.beat()
                 now = time.monotonic()
                 if self.queue.ready(now):
                     batch = self.queue.next_batch(now)
+                    name = threading.current_thread().name
+                    for it in batch:
+                        it.thread = name
                     self.running.update((it.id, it) for it in batch)
                     return batch
                 deadline = self.queue.next_deadline()
-                self.cond.wait(None if deadline is None else max(0.0, deadline - now))
+                self.cond.wait(1.0 if deadline is None else min(1.0, max(0.0, deadline - now)))
         return None
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
             try:
-                self._on_start(batch)
-                images, error = self._run(batch), None
-            except Exception as e:       # one bad batch fails its jobs, never the worker
-                log.exception("engine call failed")
-                images, error = None, one_line(f"{type(e).__name__}: {e}")
-            end = time.monotonic()
-            seconds = end - batch[0].dispatch
-            self.batch_seconds = seconds if self.batch_seconds is None else 0.8 * self.batch_seconds + 0.2 * seconds
-            with self.cond:
-                for it in batch:
-                    self.running.pop(it.id, None)
-            self._on_done(batch, images, error, end)
+                self._serve(batch)
+            except Exception as e:       # a bug in the bookkeeping itself: these jobs fail, the thread goes on
+                log.exception("engine worker failed serving a batch")
+                self._fail(batch, one_line(f"{type(e).__name__}: {e}"))
+            finally:
+                with self.cond:
+                    for it in batch:
+                        self.running.pop(it.id, None)
+
+    def _serve(self, batch: list) -> None:
+        self._on_start(batch)
+        outcomes = self._outcomes(batch)
+        end = time.monotonic()
+        seconds = end - batch[0].dispatch
+        self.batch_seconds = seconds if self.batch_seconds is None else 0.8 * self.batch_seconds + 0.2 * seconds
+        self._on_done(batch, outcomes, end)
+
+    def _outcomes(self, batch: list) -> list:
+        """Per job, (its images, None) or (None, why it failed). A failed call of several jobs is run again job by
+        job, so a poison job fails alone and its neighbours get the images they would get anyway."""
+        try:
+            return [(images, None) for images in self._run(batch)]
+        except Exception as e:
+            error = one_line(f"{type(e).__name__}: {e}")
+            log.exception("engine call of %d job(s) failed", len(batch))
+        live = [it for it in batch if not it.cancel]
+        if len(batch) == 1 or not live:
+            return [(None, error)] * len(batch)
+        log.warning("running the %d jobs of the failed batch one by one", len(live))
+        out = []
+        for it in batch:
+            try:
+                out.append((None, None) if it.cancel else (self._run([it])[0], None))
+            except Exception as e:
+                log.exception("job %s failed alone", it.id)
+                out.append((None, one_line(f"{type(e).__name__}: {e}")))
+        return out
+
+    def _fail(self, items: list, reason: str) -> None:
+        """Record ``items`` as failed with ``reason``, each on its own (a failure to record one is logged)."""
+        for it in items:
+            try:
+                self._on_done([it], [(None, reason)], time.monotonic())
+            except Exception:
+                log.exception("could not record job %s as failed", it.id)
 
     def _run(self, batch: list) -> list:
         """One pipeline call; returns, per job, its list of (seed, PNG bytes)."""
         def on_step(step: int) -> bool:
+            self.beat()
             for it in batch:
                 it.step = step
-            self._on_progress(batch)
+            try:
+                self._on_progress(batch)
+            except Exception:            # progress is best effort: the job goes on
+                log.exception("progress report failed")
             return all(it.cancel for it in batch)
 
         return run_batch(self.models, self.schedulers, [it.work for it in batch], on_step)
@@ -126,7 +209,7 @@ def run_batch(models: dict, schedulers: dict, works: list, on_step=None) -> list
     w = works[0]
     model = models[w["model"]]
     pipe = model.pipe
-    cls = schedulers[w["scheduler"]] if w["scheduler"] != "default" else type(pipe.scheduler)
+    cls = schedulers[w["scheduler"]] if w["scheduler"] != "default" else model.default_scheduler
     pipe.scheduler = cls.from_config(model.base_scheduler_config)
     seeds = [x["seed"] + i for x in works for i in range(x["n"])]
     prompts = [x["prompt"] for x in works for _ in range(x["n"])]
@@ -155,7 +238,7 @@ def run_batch(models: dict, schedulers: dict, works: list, on_step=None) -> list
     return results
 
 
-def finish_status(item: Item, error: "str | None") -> JobStatus:
+def finish_status(item: Item, images, error: "str | None") -> JobStatus:
     if item.cancel:
         return JobStatus.CANCELED
-    return JobStatus.FAILED if error is not None else JobStatus.SUCCEEDED
+    return JobStatus.FAILED if error is not None or images is None else JobStatus.SUCCEEDED

@@ -33,6 +33,14 @@ def add_serve(sub) -> None:
     p.add_argument("--max-images", type=int, default=4, help="most images per request (n; default 4)")
     p.add_argument("--webhook-secret", default=None, help=f"Standard Webhooks secret whsec_... (or ${SECRET_ENV}); "
                                                           "without one, webhooks are refused")
+    p.add_argument("--webhook-allow", action="append", default=[], metavar="HOST|CIDR",
+                   help="a webhook target to allow besides public addresses (repeatable), e.g. 10.0.0.0/8 or "
+                        "hooks.internal; loopback, private, link-local and metadata addresses are refused otherwise")
+    p.add_argument("--max-attempts", type=int, default=2, help="runs a crash may cut off before a job is failed "
+                                                               "instead of run again at start-up (default 2)")
+    p.add_argument("--heartbeat-timeout", type=float, default=120.0, metavar="S",
+                   help="readiness fails when the engine has not reported for this long (default 120 s; longer "
+                        "than one denoising step of the slowest model)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per engine")
     p.add_argument("--provider", default=None, help="ONNX Runtime provider (default: the one built for)")
     r = p.add_argument_group("Ray Serve (scale-out)")
@@ -67,7 +75,9 @@ def serve_config(args):
         return ServeConfig(db=args.db, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                            queue_limit=args.queue_limit, default_steps=args.steps, max_steps=args.max_steps,
                            max_images=args.max_images, threads=args.threads,
-                           webhook_secret=args.webhook_secret or os.environ.get(SECRET_ENV) or None)
+                           webhook_secret=args.webhook_secret or os.environ.get(SECRET_ENV) or None,
+                           webhook_allow=tuple(args.webhook_allow), max_attempts=args.max_attempts,
+                           heartbeat_timeout_s=args.heartbeat_timeout)
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
 
@@ -102,5 +112,12 @@ def _cmd_serve(args) -> int:
     print(f"serving {', '.join(service.models)} on http://{args.host}:{args.port}/ (jobs in {cfg.db_path}; "
           f"batch up to {cfg.max_batch}, wait {cfg.max_wait_ms:g} ms, queue limit {cfg.queue_limit})",
           file=sys.stderr, flush=True)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    service.on_fatal = lambda: setattr(server, "should_exit", True)   # a supervisor restarts what exits non-zero
+    server.run()
+    if service.watchdog.fatal:
+        print(f"diffaccel: error: {service.watchdog.fatal}; exiting so that a supervisor restarts the server",
+              file=sys.stderr)
+        return 3
     return 0
