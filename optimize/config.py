@@ -134,10 +134,13 @@ class QuantConfig:
     keep_fp32: tuple = ()                # node-name regexes kept in float (added to the documented defaults)
     quality_target: "float | None" = None  # PSNR (dB) the int8 U-Net must keep on calibration prompts
     attention_scores: "str | None" = None  # "float" | "int8": attention's QK^T MatMuls (None: the backend's default)
+    dynamic_int8: tuple = ()             # components besides the U-Net given dynamic int8 MatMuls (): all float
 
     def __post_init__(self):
         object.__setattr__(self, "method", CalibMethod.parse(self.method, "calibration method"))
         object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
+        dynamic = self.dynamic_int8.split(",") if isinstance(self.dynamic_int8, str) else self.dynamic_int8
+        object.__setattr__(self, "dynamic_int8", tuple(sorted({c.strip() for c in dynamic if c.strip()})))
         if self.calib_size < 1 or self.calib_steps < 1:
             raise ValueError("calib-size and calib-steps must be >= 1")
         if self.guidance_scale is not None:
