@@ -14,10 +14,8 @@ import dataclasses
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 
-from diffaccel.optimize.artifact.keys import source_key
 from diffaccel.optimize.config import (Backend, Exporter, Precision, QuantConfig, ShapeRange, TensorRTConfig,
                                        check_guidance)
 from diffaccel.optimize.artifact.errors import ArtifactError, DiffaccelError
@@ -25,9 +23,10 @@ from diffaccel.optimize.artifact.files import recover_dir, replace_dir, sweep_sc
 from diffaccel.optimize.artifact.manifest import Manifest
 from diffaccel.optimize.families import COMPONENTS, components_of, detect
 from diffaccel.optimize.sources import Source, resolve_source
-from diffaccel.optimize.stages.resources import StagePeak, release_memory, check_memory
+from diffaccel.optimize.stages.base import Context, Reporter
 from diffaccel.optimize.stages.plans import plans, stages_for, supported_pairs
-from diffaccel.optimize.stages.base import Context, Reporter, record_files
+from diffaccel.optimize.stages.resources import check_memory
+from diffaccel.optimize.stages.runner import plan_is_current, run_stages as _run_stages   # patched in tests
 
 log = logging.getLogger(__name__)
 
@@ -161,60 +160,11 @@ def _check_memory(source: Source, configs: "dict | None", family, config: Optimi
     built = [weights.get(family.SOURCE_MODEL[c], 0) for c in components_of(family, config.components)]
     h, w = family.latent_opt_size(configs, config.shapes)
     attention = family.attention_bytes(configs, h, w) if hasattr(family, "attention_bytes") else 0
-    from diffaccel.optimize.stages.onnx_export import fuses_attention
+    from diffaccel.optimize.stages.ort_engine import fuses_attention
 
     return check_memory([s.name for s in stage_classes], sum(weights.values()), max(built, default=0), attention,
                         config.memory_limit, latent_area=h * w, alone=source.loads_models_alone,
                         fused=fuses_attention(config))
-
-
-def _drop_foreign_stages(ctx: Context) -> None:
-    """Forget (and delete the files of) stages an earlier run made with another plan, e.g. int8 -> fp32."""
-    names = {s.name for s in ctx.plan}
-    for name in [n for n in ctx.manifest.stages if n not in names]:
-        for f in ctx.manifest.stages[name].get("files", []):
-            (ctx.root / f["path"]).unlink(missing_ok=True)
-        del ctx.manifest.stages[name]
-    for comp in [c for c in ctx.manifest.components if c not in ctx.components]:
-        del ctx.manifest.components[comp]
-
-
-def _keyed_plan(ctx: Context):
-    """(stage, key) along the plan, each key folding in the keys upstream of it; lazily, so a stage's key is taken
-    after the stages before it have run (its settings may read what they recorded)."""
-    upstream = source_key(ctx.source.sha256)
-    for stage in ctx.plan:
-        upstream = stage.key(ctx, upstream)
-        yield stage, upstream
-
-
-def _run_stages(ctx: Context) -> None:
-    _drop_foreign_stages(ctx)
-    for stage, key in _keyed_plan(ctx):
-        if ctx.manifest.stage_is_current(stage.name, key):
-            ctx.reporter.stage_end(stage.name, 0.0, True, "up to date")
-            continue
-        ctx.manifest.invalidate_from([s.name for s in ctx.plan[ctx.plan.index(stage):]])
-        ctx.manifest.save()
-        ctx.reporter.stage_start(stage.name, list(ctx.components) if stage.name != "assets" else [])
-        t0 = time.perf_counter()
-        ctx.stage_peak_floor = 0
-        with StagePeak() as peak:
-            result = stage.run(ctx)
-            release_memory()       # what the stage let go of, before the next one starts
-        peak.peak_bytes = max(peak.peak_bytes, ctx.stage_peak_floor)   # items reset the peak as they start
-        seconds = time.perf_counter() - t0
-        ctx.manifest.record_stage(stage.name, stage.settings(ctx), key, seconds, record_files(ctx.root, result.files))
-        record = ctx.manifest.stages[stage.name]
-        record.update(peak.record())
-        if ctx.item_peaks.get(stage.name):
-            record["component_peak_rss_bytes"] = dict(ctx.item_peaks[stage.name])
-        if result.outputs():
-            record["outputs"] = result.outputs()
-        if result.records():
-            record["components"] = result.records()
-        ctx.manifest.save()
-        ctx.reporter.stage_end(stage.name, seconds, False, peak_bytes=peak.peak_bytes)
 
 
 def _current_artifact(out: Path, source: Source, config: OptimizeConfig, family, stage_classes,
@@ -233,9 +183,7 @@ def _current_artifact(out: Path, source: Source, config: OptimizeConfig, family,
         return None
     ctx = Context(source=source, config=config, root=out, manifest=manifest, reporter=reporter, family=family)
     ctx.plan = [cls() for cls in stage_classes]
-    if set(manifest.stages) - {s.name for s in ctx.plan} or set(manifest.components) - set(ctx.components):
-        return None
-    if not all(manifest.stage_is_current(stage.name, key) for stage, key in _keyed_plan(ctx)):
+    if not plan_is_current(ctx):
         return None
     for stage in ctx.plan:
         reporter.stage_end(stage.name, 0.0, True, "up to date")

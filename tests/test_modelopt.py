@@ -130,12 +130,13 @@ def staged(tmp_path_factory):
         pytest.skip(needs_modelopt.kwargs["reason"])
     import torch
 
-    from diffaccel.optimize.api import OptimizeConfig, _run_stages
+    from diffaccel.optimize.api import OptimizeConfig
+    from diffaccel.optimize.stages.runner import run_stages
     from diffaccel.optimize.artifact.manifest import Manifest
-    from diffaccel.optimize.quant.modelopt import ModeloptQuantStage
+    from diffaccel.optimize.stages.modelopt_quantize import ModeloptQuantStage
     from diffaccel.optimize.sources import resolve_source
-    from diffaccel.optimize.stages.onnx_export import ExportStage
-    from diffaccel.optimize.stages.tensorrt import AutoCastStage
+    from diffaccel.optimize.stages.export import ExportStage
+    from diffaccel.optimize.stages.autocast import AutoCastStage
     from diffaccel.optimize.stages.base import Context, Reporter
     from diffaccel.optimize.stages.assets import AssetsStage
 
@@ -148,7 +149,7 @@ def staged(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)     # as int8_tiny, and as this build ran before (int8_tiny's setting leaked into it):
     try:                         # two threads spent 134.6 CPU-s on it on the busy 2-core machine, one 48 when idle
-        _run_stages(ctx)
+        run_stages(ctx)
     finally:
         torch.set_num_threads(threads)
     return root, ctx

@@ -12,7 +12,7 @@ import pytest
 from diffaccel.optimize import OptimizeConfig, optimize
 from diffaccel.optimize.artifact.errors import ArtifactError
 from diffaccel.optimize.artifact.manifest import Manifest
-from diffaccel.optimize.stages.onnx_export import OrtEngineStage
+from diffaccel.optimize.stages.ort_engine import OrtEngineStage
 from diffaccel.optimize.stages.base import Reporter
 
 from .helpers import FAST   # the exporter is not under test here; the legacy one is 15x faster on tiny
@@ -61,6 +61,41 @@ def test_changed_setting_redoes_only_what_it_affects(built, tmp_path):
     optimize("random:tiny", out, OptimizeConfig(opset=17, graph_level="basic", **FAST), reporter=rec)
     assert rec.skipped == ["assets"] and rec.ran[-2:] == ["export", "engine"]
     m = Manifest.load(out)
+    m.verify()
+
+
+def test_one_name_per_stage_in_code_plan_and_manifest(built):
+    """A stage's name is its class's ``name``, its name in the plan table and its key in the manifest; every plan
+    runs the named roles in one order, each at most once."""
+    from diffaccel.optimize.stages.plans import IMPLEMENTATIONS, PLANS, STAGE_NAMES, stage_class, stages_for
+
+    assert set(IMPLEMENTATIONS) == set(STAGE_NAMES)
+    for (backend, precision), (names, _) in PLANS.items():
+        assert [cls.name for cls in stages_for(backend, precision)] == list(names), (backend, precision)
+        assert list(names) == sorted(names, key=STAGE_NAMES.index) and len(set(names)) == len(names)
+    assert stage_class("engine", "openvino") is not stage_class("engine", "onnxruntime")
+    assert stage_class("quantize", "openvino") is stage_class("quantize", "onnxruntime")   # shared work
+    with pytest.raises(ValueError, match="unknown stage 'int8'; known: assets, export, quantize, fp16, engine"):
+        stage_class("int8", "onnxruntime")
+    with pytest.raises(ValueError, match="no fp16 stage for backend openvino"):
+        stage_class("fp16", "openvino")
+    m = Manifest.load(built)
+    assert list(m.stages) == list(PLANS[(m["backend"], m["precision"])][0])
+
+
+def test_stages_under_names_this_version_does_not_know_are_dropped(built, tmp_path):
+    """An artifact whose manifest holds stages under other names (an older version's, a plan since removed) is
+    rebuilt: those stages and their files are dropped, the rest is redone or kept by its key."""
+    out, rec = _copy(built, tmp_path), Recorder()
+    m = Manifest.load(out)
+    (out / "old").mkdir()
+    (out / "old" / "x.onnx").write_bytes(b"old")
+    m.stages["ort_engine"] = {**m.stages["engine"], "files": [{"path": "old/x.onnx", "bytes": 3, "sha256": "0" * 64}]}
+    m.stages["int8"] = dict(m.stages["export"], files=[])
+    m.save()
+    m = optimize("random:tiny", out, OptimizeConfig(**FAST), reporter=rec)
+    assert list(m.stages) == ["assets", "export", "engine"] and rec.ran == []      # nothing else to redo
+    assert not (out / "old" / "x.onnx").exists()
     m.verify()
 
 

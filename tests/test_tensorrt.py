@@ -219,6 +219,7 @@ def test_importing_diffaccel_never_imports_tensorrt_or_modelopt():
             "plans()\n"
             "import diffaccel.engines.backends.tensorrt, diffaccel.optimize.stages.tensorrt\n"
             "import diffaccel.optimize.quant.modelopt, diffaccel.engines.backends.tensorrt_env\n"
+            "import diffaccel.optimize.stages.autocast, diffaccel.optimize.stages.modelopt_quantize\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'modelopt', 'pycuda', 'cuda'))\n"
             "assert not bad, bad\n"
             "print('ok')\n")

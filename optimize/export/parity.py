@@ -42,6 +42,13 @@ def compare(ref: dict, got: dict, atol: float, rtol: float, kind: str = "max") -
     return out
 
 
+def named_outputs(module, spec, inputs: dict) -> dict:
+    """Call a torch module with the spec's inputs in order and name its outputs as the spec does."""
+    out = module(*(inputs[t.name] for t in spec.inputs))
+    out = out if isinstance(out, tuple) else (out,)
+    return {t.name: o for t, o in zip(spec.outputs, out)}
+
+
 def parity_cases(spec, *, seed: int = 1234, samples: "list | None" = None):
     """The (axis values, inputs) a parity check runs: ``samples`` (realistic inputs) when given, else fresh seeded
     random inputs at the spec's opt shape and a second shape. The same seed gives the same tensors, so a reference

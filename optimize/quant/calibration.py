@@ -101,38 +101,17 @@ def collect(src, samples: list, op_types, *, method: str, external: bool, percen
     from pathlib import Path
 
     import onnxruntime as ort
-    from onnxruntime.quantization import calibrate as cal
 
-    from diffaccel.optimize.stages.resources import release_memory
+    from diffaccel.optimize.memory import release_memory
 
-    skip = set(skip_nodes)
     with tempfile.TemporaryDirectory(prefix="diffaccel-calib-", dir=scratch) as tmp:
-        common = dict(augmented_model_path=str(Path(tmp) / "augmented.onnx"), use_external_data_format=external)
-        if method == "minmax":
-            calibrator = cal.MinMaxCalibrater(Path(src), list(op_types), symmetric=False, **common)
-        elif method == "percentile":
-            calibrator = _skipping(cal.PercentileCalibrater, skip)(Path(src), list(op_types), symmetric=True,
-                                                                    num_bins=num_bins or 2048, percentile=percentile,
-                                                                    **common)
-        elif method == "entropy":
-            calibrator = _skipping(cal.EntropyCalibrater, skip)(Path(src), list(op_types), symmetric=False,
-                                                                 num_bins=num_bins or 128, **common)
-        else:
-            raise ValueError(f"unknown calibration method {method!r}")
+        augmented = str(Path(tmp) / "augmented.onnx")
+        calibrator = _calibrator(method, Path(src), list(op_types), set(skip_nodes), percentile, num_bins,
+                                 augmented_model_path=augmented, use_external_data_format=external)
         calibrator.augment_graph()
         calibrator.model = None          # its weights were written out with the augmented graph
         release_memory()
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # as ORT's calibrators do
-        so.enable_cpu_mem_arena = False
-        # ORT's default order runs the added ReduceMin/ReduceMax branches late, keeping every activation they read
-        # alive: 19.5 GB for one SD 1.5 U-Net sample at 512x512 against 5.5 GB in priority order (same kernels,
-        # same values)
-        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = int(threads)
-        calibrator.infer_session = ort.InferenceSession(common["augmented_model_path"], so,
+        calibrator.infer_session = ort.InferenceSession(augmented, _session_options(threads),
                                                         providers=["CPUExecutionProvider"])
         for s in samples:
             calibrator.collect_data(CalibrationReader([s]))
@@ -142,6 +121,37 @@ def collect(src, samples: list, op_types, *, method: str, external: bool, percen
             calibrator.infer_session = None
             del calibrator
             release_memory()
+
+
+def _calibrator(method: str, src, op_types: list, skip: set, percentile: float, num_bins, **common):
+    """ONNX Runtime's calibrator object for ``method``."""
+    from onnxruntime.quantization import calibrate as cal
+
+    if method == "minmax":
+        return cal.MinMaxCalibrater(src, op_types, symmetric=False, **common)
+    if method == "percentile":
+        return _skipping(cal.PercentileCalibrater, skip)(src, op_types, symmetric=True, num_bins=num_bins or 2048,
+                                                         percentile=percentile, **common)
+    if method == "entropy":
+        return _skipping(cal.EntropyCalibrater, skip)(src, op_types, symmetric=False, num_bins=num_bins or 128,
+                                                      **common)
+    raise ValueError(f"unknown calibration method {method!r}; choose one of: minmax, percentile, entropy")
+
+
+def _session_options(threads: "int | None"):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # as ORT's calibrators do
+    so.enable_cpu_mem_arena = False
+    # ORT's default order runs the added ReduceMin/ReduceMax branches late, keeping every activation they read
+    # alive: 19.5 GB for one SD 1.5 U-Net sample at 512x512 against 5.5 GB in priority order (same kernels, same
+    # values)
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    return so
 
 
 def _skipping(cls, skip: set):

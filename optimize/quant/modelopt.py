@@ -1,16 +1,17 @@
 """Model Optimizer (nvidia-modelopt) for the TensorRT plans: int8/fp8 Q/DQ U-Nets, and fp16 ONNX via AutoCast.
 
-:class:`ModeloptQuantStage` quantizes a copy of the PyTorch U-Net with ``mtq.quantize``, calibrated by a forward loop
+:func:`quantize_unet` quantizes a copy of the PyTorch U-Net with ``mtq.quantize``, calibrated by a forward loop
 over the U-Net inputs that the real pipeline produces (:func:`~diffaccel.optimize.quant.calibration.capture_unet_inputs`,
 the same capture as the ONNX Runtime int8 path), keeps in float what Model Optimizer's diffusers example keeps
-(time and conditioning embeddings, ``conv_in``/``conv_out``, skip convolutions), then exports ONNX with Q/DQ nodes
-for a strongly typed TensorRT build. int8 quantizes convolutions and linear layers; fp8 quantizes linear layers
-only (attention and feed-forward; convolutions stay fp16). The export uses the TorchScript exporter: torch.export
-cannot trace Model Optimizer's quantizers (a data-dependent branch).
+(time and conditioning embeddings, ``conv_in``/``conv_out``, skip convolutions), then :func:`export_qdq` exports ONNX
+with Q/DQ nodes for a strongly typed TensorRT build (the ``quantize`` stage of the TensorRT int8/fp8 plans,
+:class:`~diffaccel.optimize.stages.modelopt_quantize.ModeloptQuantStage`). int8 quantizes convolutions and linear
+layers; fp8 quantizes linear layers only (attention and feed-forward; convolutions stay fp16). The export uses the
+TorchScript exporter: torch.export cannot trace Model Optimizer's quantizers (a data-dependent branch).
 
 :func:`autocast_fp16` converts an ONNX model to fp16 with ``modelopt.onnx.autocast`` (fp32 where the reference run
 shows values beyond fp16's range), keeping fp32 inputs and outputs; the ``fp16`` stage of the TensorRT plans
-(:class:`~diffaccel.optimize.stages.tensorrt.AutoCastStage`) runs it and checks the result with ONNX Runtime on CPU.
+(:class:`~diffaccel.optimize.stages.autocast.AutoCastStage`) runs it and checks the result with ONNX Runtime on CPU.
 
 >>> from diffaccel.optimize.config import QuantConfig
 >>> recipe_for("int8", QuantConfig()).algorithm
@@ -28,12 +29,10 @@ import tempfile
 from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import BackendUnavailableError, DiffaccelError
-from diffaccel.optimize.artifact.files import fresh_dir
 from diffaccel.optimize.artifact.keys import stable_hash
 from diffaccel.optimize.artifact.specs import tolerance
 from diffaccel.optimize.config import QuantConfig
-from diffaccel.optimize.export.parity import check_parity
-from diffaccel.optimize.stages.base import ComponentOutcome, Stage, StageResult, named_outputs
+from diffaccel.optimize.export.parity import check_parity, named_outputs
 
 # what Model Optimizer's diffusers example (examples/diffusers/quantization, filter_func_default) keeps in float
 KEEP_FLOAT = ("time_emb_proj", "time_embedding", "conv_in", "conv_out", "conv_shortcut", "add_embedding")
@@ -63,6 +62,9 @@ def recipe_for(precision, quant: QuantConfig) -> ModeloptRecipe:
     if quant.attention_scores is not None:
         raise DiffaccelError("--attention-scores is a choice of the onnxruntime and openvino int8 paths; drop it with "
                              "--backend tensorrt (Model Optimizer's recipe decides attention quantization)")
+    if quant.dynamic_int8:
+        raise DiffaccelError("dynamic int8 for other components is a choice of the onnxruntime and openvino int8 "
+                             "paths; drop it with --backend tensorrt (its other components are fp16)")
     if precision == "fp8" and quant.smoothquant is not None:
         raise DiffaccelError("--smoothquant applies to int8; drop it with --precision fp8")
     return ModeloptRecipe(precision=precision, algorithm="smoothquant" if quant.smoothquant is not None else "max",
@@ -140,7 +142,7 @@ def export_qdq(module, spec, dst: Path, opset: int) -> list:
     return export_onnx(spec, module, dst, exporter=Exporter.TORCHSCRIPT, opset=opset)
 
 
-def _require_modelopt(what: str):
+def require_modelopt(what: str):
     try:
         import modelopt  # noqa: F401
         import modelopt.torch.quantization  # noqa: F401
@@ -149,71 +151,13 @@ def _require_modelopt(what: str):
                                       "installed; install diffaccel[gpu]") from None
 
 
-def _modelopt_version() -> str:
+def modelopt_version() -> str:
     from importlib import metadata
 
     try:
         return metadata.version("nvidia-modelopt")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-class ModeloptQuantStage(Stage):
-    """int8/fp8 Q/DQ U-Net; every other component passes through unchanged."""
-
-    name = "quantize"
-
-    @classmethod
-    def preflight(cls, config) -> None:
-        if str(config.backend) == "tensorrt":
-            from diffaccel.engines.backends.tensorrt_env import probe_environment
-
-            probe_environment()
-        recipe_for(config.precision, config.quant)
-        from diffaccel.optimize.quant.calibration import check_prompts_file
-
-        check_prompts_file(config.quant)
-        _require_modelopt(f"--precision {config.precision} with --backend tensorrt")
-
-    def settings(self, ctx):
-        recipe = recipe_for(ctx.config.precision, ctx.config.quant)
-        return {"recipe": dataclasses.asdict(recipe), "recipe_hash": recipe_hash(recipe, ctx.config.quant),
-                "modelopt": _modelopt_version(), "opset": ctx.config.opset}
-
-    def run(self, ctx):
-        if "unet" not in ctx.components:
-            return []
-        with ctx.timed(self.name, "unet"):
-            outcome, files = self._quantize(ctx)
-        result = StageResult()
-        result.add("unet", outcome, files)
-        return result
-
-    def _quantize(self, ctx) -> list:
-        import torch
-
-        from diffaccel.optimize.quant.calibration import calibration_samples, calibration_size
-
-        quant, spec = ctx.config.quant, ctx.specs["unet"]
-        recipe = recipe_for(ctx.config.precision, quant)
-        size = dict(zip(("height", "width"), calibration_size(ctx)))
-        _, calib = calibration_samples(ctx)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        unet = quantize_unet(copy.deepcopy(ctx.pipe.unet), recipe, calib, device)
-        module = ctx.family.export_module("unet", {"unet": unet})
-        keep = [calib[0], calib[len(calib) // 2], calib[-1]]       # noisy, middle and late steps
-        with fresh_dir(ctx.root / "unet" / "quantize") as d:
-            written = [p.name for p in export_qdq(module, spec, d / "model.onnx", ctx.config.opset)]
-            report = validate_qdq(spec, module, ctx.family.export_module("unet", ctx.pipe), d / "model.onnx", keep,
-                                  recipe)
-            torch.save(keep, d / "validation_inputs.pt")
-        outcome = ComponentOutcome(
-            model="unet/quantize/model.onnx", validation=report, tolerance=tolerance("int8"),
-            validation_inputs="unet/quantize/validation_inputs.pt",
-            facts={"method": "modelopt", "precision": recipe.precision, "recipe": dataclasses.asdict(recipe),
-                   "recipe_hash": recipe_hash(recipe, quant), "modelopt": _modelopt_version(),
-                   "calibration": {"samples": len(calib), **size}})
-        return outcome, [ctx.root / "unet" / "quantize" / n for n in written + ["validation_inputs.pt"]]
 
 
 def validate_qdq(spec, fake_quant, fp32, path: Path, samples: list, recipe: ModeloptRecipe) -> dict:

@@ -17,9 +17,16 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from diffaccel.optimize.artifact.keys import stage_key
 from diffaccel.optimize.artifact.manifest import Manifest, file_entry
+from diffaccel.optimize.memory import PeakWatch, release_memory
+
+if TYPE_CHECKING:        # annotations only: optimize() (api) builds the Context, so importing it here would loop
+    from diffaccel.optimize.api import OptimizeConfig
+    from diffaccel.optimize.sources import Source
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +85,15 @@ class StageResult:
 # ---- what a stage sees ------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Context:
-    source: "object"                 # diffaccel.optimize.sources.Source
-    config: "object"                 # diffaccel.optimize.api.OptimizeConfig
+    source: Source
+    config: OptimizeConfig
     root: Path                       # the work directory (renamed to OUT at the end)
     manifest: Manifest
     reporter: Reporter
-    family: "object" = None          # the model family module (None: detected from the loaded pipeline)
-    plan: list = dataclasses.field(default_factory=list)
-    _pipe: "object" = None
-    item_peaks: dict = dataclasses.field(default_factory=dict)   # stage -> component -> peak RSS bytes
-    stage_peak_floor: int = 0        # the highest peak an item of the running stage reached (items reset the peak)
+    family: "ModuleType | None" = None   # the model family module (None: detected from the loaded pipeline)
+    plan: "list[Stage]" = dataclasses.field(default_factory=list)
+    _pipe: "object | None" = None    # the diffusers pipeline, loaded on first use (see ``pipe``)
+    item_peaks: "dict[str, dict[str, int]]" = dataclasses.field(default_factory=dict)  # stage -> item -> peak RSS
 
     def __post_init__(self):
         if self.family is None:   # configs unreadable without loading (a single-file checkpoint without --config)
@@ -117,8 +123,6 @@ class Context:
 
     def release_pipe(self) -> None:
         """Free the PyTorch pipeline (GBs for real checkpoints) before a memory-hungry step; reloaded on demand."""
-        from diffaccel.optimize.stages.resources import release_memory
-
         self._pipe = None
         release_memory()
 
@@ -178,19 +182,14 @@ class Context:
     # ---- helpers every stage uses ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def timed(self, stage: str, comp: str):
-        """Report the start and (on success) the time and peak RSS of one item of a stage (peaks in ``item_peaks``,
-        the stage's own peak still covers the whole stage)."""
-        from diffaccel.optimize.stages.resources import peak_rss_bytes, reset_peak
-
-        stage_peak = peak_rss_bytes()          # what the stage reached before this item
-        reset_peak()
+        """Report the start and (on success) the time and peak RSS of one item of a stage (peaks in ``item_peaks``;
+        measured without resetting anything, see :mod:`diffaccel.optimize.memory`)."""
         t0 = time.perf_counter()
         self.reporter.item(stage, comp)
-        yield
-        peak = peak_rss_bytes()
-        self.item_peaks.setdefault(stage, {})[comp] = peak
-        self.stage_peak_floor = max(self.stage_peak_floor, stage_peak, peak)
-        self.reporter.item_done(stage, comp, time.perf_counter() - t0, peak_bytes=peak)
+        with PeakWatch() as peak:
+            yield
+        self.item_peaks.setdefault(stage, {})[comp] = peak.peak_bytes
+        self.reporter.item_done(stage, comp, time.perf_counter() - t0, peak_bytes=peak.peak_bytes)
 
     def parity_advice(self, component: str) -> str:
         return ("Try keeping this component in fp32 (--precision fp32), another --opset, or a smaller shape range."
@@ -204,7 +203,7 @@ class Context:
         signature), else the outputs earlier stages recorded, falling back to the loaded pipeline's module for inputs
         nobody recorded. By default the final engine's check, on the tolerance and realistic inputs that earlier
         stages recorded; ``overrides`` (atol, rtol, kind, samples, advice) replace those."""
-        from diffaccel.optimize.export.parity import check_parity
+        from diffaccel.optimize.export.parity import check_parity, named_outputs
 
         spec = self.specs[comp]
         if reference is None:
@@ -217,6 +216,8 @@ class Context:
 
     def torch_reference(self, comp: str):
         """The PyTorch component as a parity reference (named inputs -> named outputs); loads the pipeline."""
+        from diffaccel.optimize.export.parity import named_outputs
+
         spec = self.specs[comp]
         module = self.family.export_module(comp, self.pipe)
         return lambda **x: named_outputs(module, spec, x)
@@ -244,13 +245,6 @@ class Context:
             if stage.name != "engine" and self.info_of(stage.name, comp):
                 entry[stage.name] = self.info_of(stage.name, comp)
         self.manifest.components[comp] = entry
-
-
-def named_outputs(module, spec, inputs: dict) -> dict:
-    """Call a torch module with the spec's inputs in order and name its outputs as the spec does."""
-    out = module(*(inputs[t.name] for t in spec.inputs))
-    out = out if isinstance(out, tuple) else (out,)
-    return {t.name: o for t, o in zip(spec.outputs, out)}
 
 
 class Stage:

@@ -1,54 +1,63 @@
 """The plan table: which stages build which (backend, precision) pair.
 
-Adding a backend or precision = its stage module(s) and rows here; ``optimize()`` does not change. Stage classes are
-named as ``module:Class`` and imported only when a plan runs, so nothing here imports a GPU library.
+A stage has one name, used alike as its class's ``Stage.name``, in the plan table, as its key in the manifest's
+``stages`` and in progress output: ``assets``, ``export``, ``quantize``, ``fp16``, ``engine``. A name is a role in the
+build; a backend may fill it with its own class (``IMPLEMENTATIONS``), and a plan holds each name at most once, so the
+manifest of an artifact names each stage once. Where two backends' classes fill one role they record different
+settings (the stage key), so one never passes for the other when a build changes backend in the same OUT; where
+they share a class (ONNX Runtime's and OpenVINO's int8 ``quantize``), the work is shared too.
+
+Adding a backend or precision = its stage module(s), rows in ``IMPLEMENTATIONS`` and ``PLANS``; ``optimize()`` does
+not change. Classes are named as ``module:Class`` and imported only when a plan runs, so nothing here imports a GPU
+library.
 
 >>> from diffaccel.optimize.config import Backend, Precision
 >>> (Backend.ONNXRUNTIME, Precision.FP32) in plans()
 True
 >>> [s.name for s in stages_for("onnxruntime", "int8")]
 ['assets', 'export', 'quantize', 'engine']
+>>> stage_class("engine", "openvino").__name__
+'OpenVinoEngineStage'
 """
 from __future__ import annotations
 
 import importlib
 
+STAGE_NAMES = ("assets", "export", "quantize", "fp16", "engine")   # the order stages run in, in every plan
+ANY = "*"
 _S = "diffaccel.optimize.stages."
-STAGES = {  # stage name in the plan table -> "module:Class"
-    "assets": _S + "assets:AssetsStage",
-    "export": _S + "onnx_export:ExportStage",
-    "ort_engine": _S + "onnx_export:OrtEngineStage",
-    "int8": _S + "int8:QuantizeStage",
-    "fp16": _S + "fp16:Fp16Stage",
-    "torch_save": _S + "torch_save:TorchSaveStage",
-    "modelopt": "diffaccel.optimize.quant.modelopt:ModeloptQuantStage",
-    "autocast": _S + "tensorrt:AutoCastStage",
-    "trt_engine": _S + "tensorrt:TensorRTBuildStage",
-    "ov_engine": _S + "openvino:OpenVinoEngineStage",
+IMPLEMENTATIONS = {  # stage name -> {backend (ANY: every backend): "module:Class"}
+    "assets": {ANY: _S + "assets:AssetsStage"},
+    "export": {ANY: _S + "export:ExportStage"},
+    "quantize": {"onnxruntime": _S + "int8:QuantizeStage", "openvino": _S + "int8:QuantizeStage",
+                 "tensorrt": _S + "modelopt_quantize:ModeloptQuantStage"},
+    "fp16": {"onnxruntime": _S + "fp16:Fp16Stage", "tensorrt": _S + "autocast:AutoCastStage"},
+    "engine": {"onnxruntime": _S + "ort_engine:OrtEngineStage", "tensorrt": _S + "tensorrt:TensorRTBuildStage",
+               "openvino": _S + "openvino:OpenVinoEngineStage", "torch": _S + "torch_save:TorchSaveStage"},
 }
 
 _TRT_QUANT = ("Model Optimizer {} Q/DQ U-Net calibrated on the pipeline, fp16 elsewhere, strongly typed TensorRT "
               "engines")
-PLANS = {  # (backend, precision) -> (stages, note)
-    ("onnxruntime", "fp32"): (("assets", "export", "ort_engine"),
+PLANS = {  # (backend, precision) -> (stage names, note)
+    ("onnxruntime", "fp32"): (("assets", "export", "engine"),
                               "ONNX export, ORT graph optimization for the chosen provider"),
-    ("onnxruntime", "int8"): (("assets", "export", "int8", "ort_engine"),
-                              "static QDQ int8 U-Net calibrated on the pipeline; dynamic int8 elsewhere only where it "
-                              "pays"),
-    ("onnxruntime", "fp16"): (("assets", "export", "fp16", "ort_engine"),
+    ("onnxruntime", "int8"): (("assets", "export", "quantize", "engine"),
+                              "static QDQ int8 U-Net calibrated on the pipeline; other components float unless "
+                              "QuantConfig.dynamic_int8 names them"),
+    ("onnxruntime", "fp16"): (("assets", "export", "fp16", "engine"),
                               "fp16 for the CUDA/TensorRT providers; VAE fp32; NaN/black guard"),
-    ("torch", "fp32"): (("assets", "torch_save"), "PyTorch eager reference"),
-    ("torch", "bf16"): (("assets", "torch_save"), "PyTorch eager in bfloat16 (fp32 I/O)"),
-    ("tensorrt", "fp32"): (("assets", "export", "trt_engine"),
+    ("torch", "fp32"): (("assets", "engine"), "PyTorch eager reference"),
+    ("torch", "bf16"): (("assets", "engine"), "PyTorch eager in bfloat16 (fp32 I/O)"),
+    ("tensorrt", "fp32"): (("assets", "export", "engine"),
                            "ONNX export, strongly typed fp32 TensorRT engines (TF32 off)"),
-    ("tensorrt", "fp16"): (("assets", "export", "autocast", "trt_engine"),
+    ("tensorrt", "fp16"): (("assets", "export", "fp16", "engine"),
                            "ONNX export, Model Optimizer AutoCast to fp16, strongly typed TensorRT engines"),
-    ("tensorrt", "int8"): (("assets", "export", "modelopt", "autocast", "trt_engine"), _TRT_QUANT.format("int8")),
-    ("tensorrt", "fp8"): (("assets", "export", "modelopt", "autocast", "trt_engine"), _TRT_QUANT.format("fp8")),
-    ("openvino", "fp32"): (("assets", "export", "ov_engine"), "ONNX export, OpenVINO IR compiled for the CPU in f32"),
-    ("openvino", "bf16"): (("assets", "export", "ov_engine"),
+    ("tensorrt", "int8"): (("assets", "export", "quantize", "fp16", "engine"), _TRT_QUANT.format("int8")),
+    ("tensorrt", "fp8"): (("assets", "export", "quantize", "fp16", "engine"), _TRT_QUANT.format("fp8")),
+    ("openvino", "fp32"): (("assets", "export", "engine"), "ONNX export, OpenVINO IR compiled for the CPU in f32"),
+    ("openvino", "bf16"): (("assets", "export", "engine"),
                            "ONNX export, OpenVINO IR compiled for the CPU in bf16 (CPUs with AVX512_BF16 or AMX)"),
-    ("openvino", "int8"): (("assets", "export", "int8", "ov_engine"),
+    ("openvino", "int8"): (("assets", "export", "quantize", "engine"),
                            "diffaccel's calibrated int8 Q/DQ U-Net compiled by OpenVINO, float parts in bf16 where the "
                            "CPU has it"),
 }
@@ -61,14 +70,24 @@ def plans() -> dict:
     return {(Backend(b), Precision(p)): {"stages": list(s), "note": n} for (b, p), (s, n) in PLANS.items()}
 
 
-def stage_class(name: str):
-    module, _, cls = STAGES[name].partition(":")
+def stage_class(name: str, backend) -> type:
+    """The class that fills stage ``name`` for ``backend`` (imported now)."""
+    impls = IMPLEMENTATIONS.get(name)
+    if impls is None:
+        raise ValueError(f"unknown stage {name!r}; known: {', '.join(IMPLEMENTATIONS)}")
+    ref = impls.get(str(backend), impls.get(ANY))
+    if ref is None:
+        raise ValueError(f"no {name} stage for backend {backend}; backends with one: {', '.join(impls)}")
+    module, _, cls = ref.partition(":")
     return getattr(importlib.import_module(module), cls)
 
 
 def stages_for(backend, precision) -> list:
     """The stage classes of a plan, in order (imported now)."""
-    return [stage_class(n) for n in PLANS[(str(backend), str(precision))][0]]
+    key = (str(backend), str(precision))
+    if key not in PLANS:
+        raise ValueError(f"no plan for {key[0]}/{key[1]}; supported backend/precision pairs: {supported_pairs()}")
+    return [stage_class(name, key[0]) for name in PLANS[key][0]]
 
 
 def supported_pairs() -> str:
