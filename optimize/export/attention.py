@@ -70,79 +70,107 @@ def _dims(value_info) -> "list | None":
 def fuse_attention(model) -> int:
     """Rewrite ``model`` (an ``onnx.ModelProto``, weights may stay external) in place; returns how many attentions
     were fused."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    import numpy as np
-
     g = model.graph
-    groups = defaultdict(list)          # fx node text -> [node indices]
+    groups = _sdpa_groups(g)
+    if not groups:
+        return 0
+    facts = _GraphFacts(g)
+    replace, drop, shape_consts = {}, set(), {}   # index of a group's last node -> new nodes; other nodes dropped
+    for fx, idx in groups.items():
+        found = _fusable(fx, idx, g, facts)
+        if found is not None:
+            replace[max(idx)] = _mha_nodes(g, shape_consts, *found)
+            drop.update(idx)
+    if not replace:
+        return 0
+    _splice(model, replace, drop, facts.consts | set(shape_consts.values()))
+    log.info("fused %d attention(s) into MultiHeadAttention", len(replace))
+    return len(replace)
+
+
+def _sdpa_groups(g) -> dict:
+    """{fx node text: [indices of the ONNX nodes the exporter made from that scaled_dot_product_attention call]}."""
+    groups = defaultdict(list)
     for i, n in enumerate(g.node):
         for p in n.metadata_props:
             if p.key == FX_KEY and SDPA_TARGET in p.value and "call_function[target=torch.ops.aten.scaled_dot" in p.value:
                 groups[p.value].append(i)
-    if not groups:
-        return 0
-    shapes = {v.name: _dims(v) for v in list(g.value_info) + list(g.input) + list(g.output)}
-    consumers = defaultdict(list)
-    for i, n in enumerate(g.node):
-        for x in n.input:
-            consumers[x].append(i)
-    graph_outputs = {o.name for o in g.output}
-    consts = {t.name for t in g.initializer}
+    return groups
 
-    replace = {}                        # index of a group's last node -> new nodes; other group nodes dropped
-    drop = set()
-    shape_consts = {}
-    for fx, idx in groups.items():
-        call = _parse_call(fx)
-        plain = call and _plain(call)
-        if not plain:
-            continue
-        q, k, v, scale = plain
-        members = set(idx)
-        produced = {o for i in idx for o in g.node[i].output}
-        inputs = {x for i in idx for x in g.node[i].input if x and x not in produced and x not in consts}
-        outputs = [o for o in produced if o in graph_outputs or any(c not in members for c in consumers[o])]
-        qs = shapes.get(q)
-        if inputs - {q, k, v} or len(outputs) != 1 or not qs or len(qs) != 4 or None in (qs[1], qs[3]):
-            log.debug("attention %s left unfused (inputs %s, outputs %s, shape %s)", call[0], inputs, outputs, qs)
-            continue
-        heads, head = qs[1], qs[3]
-        if any((shapes.get(x) or [None] * 4)[1::2] not in ([heads, head], [None, None]) for x in (k, v)):
-            # key/value heads differ from the query's (grouped-query attention): not this op's layout
-            log.debug("attention %s left unfused (key/value heads differ)", call[0])
-            continue
-        for name, val in (("bsd", [0, 0, -1]), (f"bsnh{heads}_{head}", [0, 0, heads, head])):
-            if name not in shape_consts:
-                shape_consts[name] = f"diffaccel_attn_shape_{name}"
-                g.initializer.append(numpy_helper.from_array(np.array(val, np.int64), shape_consts[name]))
-        tag = f"diffaccel_attn_{call[0]}"
-        new = []
-        flat = []
-        for x in (q, k, v):
-            new.append(helper.make_node("Transpose", [x], [f"{tag}_{x}_bsnh"], perm=[0, 2, 1, 3]))
-            new.append(helper.make_node("Reshape", [f"{tag}_{x}_bsnh", shape_consts["bsd"]], [f"{tag}_{x}_bsd"]))
-            flat.append(f"{tag}_{x}_bsd")
-        attrs = {"num_heads": heads}
-        if scale is not None:
-            attrs["scale"] = scale
-        new.append(helper.make_node("MultiHeadAttention", flat, [f"{tag}_out_bsd"], domain="com.microsoft",
-                                    name=f"{tag}_mha", **attrs))
-        new.append(helper.make_node("Reshape", [f"{tag}_out_bsd", shape_consts[f"bsnh{heads}_{head}"]],
-                                    [f"{tag}_out_bsnh"]))
-        new.append(helper.make_node("Transpose", [f"{tag}_out_bsnh"], [outputs[0]], perm=[0, 2, 1, 3]))
-        replace[max(idx)] = new
-        drop.update(idx)
-    if not replace:
-        return 0
+
+class _GraphFacts:
+    """What the fusion asks of the whole graph: value shapes, consumers, graph outputs, constants."""
+
+    def __init__(self, g):
+        self.shapes = {v.name: _dims(v) for v in list(g.value_info) + list(g.input) + list(g.output)}
+        self.consumers = defaultdict(list)
+        for i, n in enumerate(g.node):
+            for x in n.input:
+                self.consumers[x].append(i)
+        self.graph_outputs = {o.name for o in g.output}
+        self.consts = {t.name for t in g.initializer}
+
+
+def _fusable(fx: str, idx: list, g, facts: _GraphFacts) -> "tuple | None":
+    """(tag, q, k, v, scale, heads, head size, output) of one attention that is plain attention with nothing else
+    inside, else None (left as exported)."""
+    call = _parse_call(fx)
+    plain = call and _plain(call)
+    if not plain:
+        return None
+    q, k, v, scale = plain
+    members = set(idx)
+    produced = {o for i in idx for o in g.node[i].output}
+    inputs = {x for i in idx for x in g.node[i].input if x and x not in produced and x not in facts.consts}
+    outputs = [o for o in produced if o in facts.graph_outputs or any(c not in members for c in facts.consumers[o])]
+    qs = facts.shapes.get(q)
+    if inputs - {q, k, v} or len(outputs) != 1 or not qs or len(qs) != 4 or None in (qs[1], qs[3]):
+        log.debug("attention %s left unfused (inputs %s, outputs %s, shape %s)", call[0], inputs, outputs, qs)
+        return None
+    heads, head = qs[1], qs[3]
+    if any((facts.shapes.get(x) or [None] * 4)[1::2] not in ([heads, head], [None, None]) for x in (k, v)):
+        # key/value heads differ from the query's (grouped-query attention): not this op's layout
+        log.debug("attention %s left unfused (key/value heads differ)", call[0])
+        return None
+    return f"diffaccel_attn_{call[0]}", q, k, v, scale, heads, head, outputs[0]
+
+
+def _mha_nodes(g, shape_consts: dict, tag, q, k, v, scale, heads, head, output) -> list:
+    """The nodes replacing one attention: q, k, v to (batch, seq, hidden), MultiHeadAttention, back to
+    (batch, heads, seq, head size). Shape constants are added to ``g`` once each (named in ``shape_consts``)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    for name, val in (("bsd", [0, 0, -1]), (f"bsnh{heads}_{head}", [0, 0, heads, head])):
+        if name not in shape_consts:
+            shape_consts[name] = f"diffaccel_attn_shape_{name}"
+            g.initializer.append(numpy_helper.from_array(np.array(val, np.int64), shape_consts[name]))
+    new, flat = [], []
+    for x in (q, k, v):
+        new.append(helper.make_node("Transpose", [x], [f"{tag}_{x}_bsnh"], perm=[0, 2, 1, 3]))
+        new.append(helper.make_node("Reshape", [f"{tag}_{x}_bsnh", shape_consts["bsd"]], [f"{tag}_{x}_bsd"]))
+        flat.append(f"{tag}_{x}_bsd")
+    attrs = {"num_heads": heads, **({"scale": scale} if scale is not None else {})}
+    new.append(helper.make_node("MultiHeadAttention", flat, [f"{tag}_out_bsd"], domain="com.microsoft",
+                                name=f"{tag}_mha", **attrs))
+    new.append(helper.make_node("Reshape", [f"{tag}_out_bsd", shape_consts[f"bsnh{heads}_{head}"]],
+                                [f"{tag}_out_bsnh"]))
+    new.append(helper.make_node("Transpose", [f"{tag}_out_bsnh"], [output], perm=[0, 2, 1, 3]))
+    return new
+
+
+def _splice(model, replace: dict, drop: set, available: set) -> None:
+    """Put the new nodes in place of each fused group, then drop what nothing uses any more."""
+    import onnx
+
+    g = model.graph
     nodes = []
     for i, n in enumerate(g.node):
         if i in replace:
             nodes.extend(replace[i])
         elif i not in drop:
             nodes.append(n)
-    if not _topological(nodes, {x.name for x in g.input} | consts | set(shape_consts.values())):
+    if not _topological(nodes, {x.name for x in g.input} | available):
         raise ValueError("attention fusion broke the graph's order (a consumer of an attention output sits inside "
                          "the attention's nodes); build with --graph-level basic to skip the fusion")
     del g.node[:]
@@ -159,8 +187,6 @@ def fuse_attention(model) -> int:
     g.value_info.extend(kept)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    log.info("fused %d attention(s) into MultiHeadAttention", len(replace))
-    return len(replace)
 
 
 def _topological(nodes, available: set) -> bool:
