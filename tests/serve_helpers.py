@@ -12,7 +12,7 @@ from PIL import Image
 from diffaccel.engines.serving.config import ServeConfig
 from diffaccel.engines.serving.process import free_port
 from diffaccel.engines.serving.service import Service
-from diffaccel.optimize.cli.serve import guidance, schedulers
+from diffaccel.engines.pipelines.schedulers import served as schedulers
 
 ENDED = ("succeeded", "failed", "canceled")
 
@@ -44,7 +44,7 @@ def wait_for_jobs(get_job, ids, timeout=120.0, poll=0.05) -> list:
 def models(tiny_ort_ts):
     from diffaccel.engines.serving.models import load_models
 
-    return load_models([tiny_ort_ts], guidance=guidance)
+    return load_models([tiny_ort_ts])
 
 
 @pytest.fixture

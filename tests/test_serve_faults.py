@@ -262,7 +262,7 @@ def test_a_job_the_server_died_running_twice_is_quarantined(models, tmp_path):
     from diffaccel.engines.serving.config import ServeConfig
     from diffaccel.engines.serving.models import resolve
     from diffaccel.engines.serving.schemas import JobInput
-    from diffaccel.optimize.cli.serve import schedulers
+    from diffaccel.engines.pipelines.schedulers import served as schedulers
 
     db = tmp_path / "jobs.sqlite"
     store = JobStore(db)

@@ -58,9 +58,9 @@ def _solo_hashes(artifact) -> dict:
     from diffaccel.engines.serving.models import load_models, resolve
     from diffaccel.engines.serving.schemas import JobInput
     from diffaccel.engines.serving.worker import run_batch
-    from diffaccel.optimize.cli.serve import guidance, schedulers
+    from diffaccel.engines.pipelines.schedulers import served as schedulers
 
-    models, scheds, out = load_models([artifact], guidance=guidance), schedulers(), {}
+    models, scheds, out = load_models([artifact]), schedulers(), {}
     for i in range(JOBS):
         work = resolve(JobInput(prompt=f"a red circle number {i}", seed=1000 + i, steps=STEPS), models, scheds,
                        ServeConfig())

@@ -12,7 +12,7 @@ pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip ins
 
 from diffaccel.engines.serving.config import ServeConfig  # noqa: E402
 from diffaccel.engines.serving.ray_app import RayOptions, build_app  # noqa: E402
-from diffaccel.optimize.cli.serve import guidance, schedulers  # noqa: E402
+from diffaccel.engines.pipelines.schedulers import served as schedulers  # noqa: E402
 
 from .serve_helpers import free_port, models, png_pixels, wait_for_jobs  # noqa: E402,F401  (models: a fixture)
 
@@ -40,8 +40,8 @@ def ray_url(tiny_ort_ts, tmp_path_factory):
                 port = free_port()
         cfg = ServeConfig(db=str(tmp_path_factory.mktemp("ray") / "jobs.sqlite"), max_batch=4, max_wait_ms=200,
                           max_steps=999, threads=1)
-        serve.run(build_app([tiny_ort_ts], cfg, RayOptions(replicas=2, cpus_per_replica=0.5), schedulers(),
-                            guidance), name="diffaccel", route_prefix="/")
+        serve.run(build_app([tiny_ort_ts], cfg, RayOptions(replicas=2, cpus_per_replica=0.5)), name="diffaccel",
+                  route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

@@ -264,11 +264,11 @@ class _Accelerated:
     @property
     def guidance_limit(self) -> "float | None":
         """The largest guidance_scale the engines serve where the U-Net was built without the classifier-free batch
-        (``optimize --guidance`` <= 1), else None. An LCM U-Net takes guidance as an input and is never doubled."""
-        unet = self.unet
-        if isinstance(unet, UNetShim) and not unet.takes_timestep_cond and self.built_guidance <= 1:
-            return self.built_guidance
-        return None
+        (``optimize --guidance`` <= 1), else None: the manifest's one rule
+        (:attr:`~diffaccel.optimize.artifact.manifest.Manifest.guidance_limit`), while the U-Net is the engine's."""
+        if self.manifest is None or not isinstance(self.unet, UNetShim):
+            return None
+        return self.manifest.guidance_limit
 
     def _check_call(self, arguments: dict) -> None:
         """Fail before any work on a call the engines cannot serve: classifier-free guidance on a U-Net built for

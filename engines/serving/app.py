@@ -20,28 +20,15 @@ import logging
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from diffaccel.engines.serving.models import RequestError
+from diffaccel.engines.serving.responses import JSON_BODY, SafeJSON, error
 from diffaccel.engines.serving.schemas import GenerationRequest, JobCreate
 from diffaccel.engines.serving.service import QueueFull
 from diffaccel.engines.serving.store import IdempotencyConflict
 
 log = logging.getLogger(__name__)
-JSON_BODY = 'the body must be a JSON object in UTF-8 (Content-Type: application/json), e.g. {"prompt": "a red circle"}'
-
-
-class SafeJSON(JSONResponse):
-    """JSON with non-ASCII escaped: whatever text a job holds (even a lone surrogate from an old store) answers."""
-
-    def render(self, content) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
-def error(status: int, message: str, param=None, kind="invalid_request_error", headers=None) -> JSONResponse:
-    return SafeJSON({"error": {"message": " ".join(str(message).split()), "type": kind, "param": param}},
-                    status_code=status, headers=headers)
 
 
 def limits(cfg) -> dict:
@@ -143,7 +130,7 @@ def create_app(service=None, start_service: bool = True, service_factory=None) -
     app.add_middleware(_Guard, limit=lambda: app.state.service.cfg.max_body_bytes,
                        metrics=lambda: app.state.service.metrics)
     _handlers(app)
-    add_routes(app, error)
+    add_routes(app)
     app.openapi = lambda: _openapi(app)
     return app
 

@@ -10,12 +10,10 @@ def missing_extra() -> "str | None":
     return (f"diffaccel serve needs {' and '.join(absent)}: pip install -e \".[serve]\"") if absent else None
 
 
-def build_service(paths, cfg, schedulers: "dict | None" = None, guidance=None, provider=None):
+def build_service(paths, cfg, provider=None):
     """A :class:`~diffaccel.engines.serving.service.Service` over the artifacts at ``paths`` (not started: the app's
-    lifespan starts it). ``schedulers`` maps the names requests may use to diffusers scheduler classes;
-    ``guidance(manifest)`` gives each model's default guidance."""
+    lifespan starts it); requests may name the schedulers of :func:`~diffaccel.engines.pipelines.schedulers.served`."""
     from diffaccel.engines.serving.models import load_models
     from diffaccel.engines.serving.service import Service
 
-    models = load_models(paths, threads=cfg.threads, guidance=guidance, provider=provider)
-    return Service(cfg, models, dict(schedulers or {}))
+    return Service(cfg, load_models(paths, threads=cfg.threads, provider=provider))

@@ -11,12 +11,10 @@ import dataclasses
 import logging
 import secrets
 from pathlib import Path
-from typing import Callable
 
 from diffaccel.optimize.artifact.errors import DiffaccelError
 
 log = logging.getLogger(__name__)
-DEFAULT_GUIDANCE = 7.5
 
 
 class RequestError(DiffaccelError):
@@ -74,10 +72,11 @@ class ServedModel:
                    for v, r in ((height, a["height"]), (width, a["width"])))
 
 
-def load_models(paths, threads=None, guidance: "Callable | None" = None, provider=None) -> dict:
+def load_models(paths, threads=None, provider=None) -> dict:
     """name -> :class:`ServedModel` for each artifact folder (named by the folder; a repeated name gets ``-2``...),
-    loaded as its family's drop-in (SD, SDXL, ...). ``guidance(manifest)`` gives a model's default guidance (default
-    7.5); an artifact built for guidance <= 1 defaults to the guidance it was built for and serves no more."""
+    loaded as its family's drop-in (SD, SDXL, ...). A model's default guidance is the one it was built for
+    (:attr:`~diffaccel.optimize.artifact.manifest.Manifest.built_guidance`: a built-in's recommended one, or
+    ``optimize --guidance``), as every command uses; one built for guidance <= 1 serves no more."""
     from diffaccel.engines.pipelines import pipeline_class
 
     models = {}
@@ -88,10 +87,7 @@ def load_models(paths, threads=None, guidance: "Callable | None" = None, provide
         name, k = path.resolve().name, 2
         while name in models:
             name, k = f"{path.resolve().name}-{k}", k + 1
-        g = guidance(pipe.manifest) if guidance is not None else DEFAULT_GUIDANCE
-        most = pipe.guidance_limit
-        if most is not None:
-            g = most
+        g, most = pipe.manifest.built_guidance, pipe.manifest.guidance_limit
         models[name] = ServedModel(name, path, pipe, float(g), pipe.scheduler.config, most, type(pipe.scheduler))
         log.info("serving %s (%s) from %s (default guidance %g)", name, type(pipe).__name__, path, g)
     return models

@@ -131,10 +131,11 @@ def deployments(cfg, opts: RayOptions):
 
     @serve.deployment(**opts.deployment_options(cfg.max_batch))
     class Engine:
-        def __init__(self, paths, schedulers, threads, provider):
+        def __init__(self, paths, threads, provider):
+            from diffaccel.engines.pipelines.schedulers import served
             from diffaccel.engines.serving.models import load_models
 
-            self.models, self.schedulers = load_models(paths, threads=threads, provider=provider), schedulers
+            self.models, self.schedulers = load_models(paths, threads=threads, provider=provider), served()
             self._lock = asyncio.Lock()           # one engine call at a time per replica
 
         @serve.batch(max_batch_size=cfg.max_batch, batch_wait_timeout_s=cfg.max_wait_ms / 1000.0)
@@ -147,7 +148,7 @@ def deployments(cfg, opts: RayOptions):
     @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=10_000)
     @serve.ingress(app)
     class Api:
-        def __init__(self, engine, paths, scfg, schedulers, guidance, provider, in_flight):
+        def __init__(self, engine, paths, scfg, provider, in_flight):
             def factory():
                 from diffaccel.engines.serving.models import load_models
                 from diffaccel.engines.serving.service import Service
@@ -163,8 +164,7 @@ def deployments(cfg, opts: RayOptions):
                 def worker(models, scheds, policy, on_start, on_progress, on_done):
                     return RemoteWorker(call, in_flight, models, scheds, policy, on_start, on_progress, on_done)
 
-                models = load_models(paths, threads=1, guidance=guidance, provider=provider)
-                return Service(scfg, models, schedulers, worker=worker)
+                return Service(scfg, load_models(paths, threads=1, provider=provider), worker=worker)
             from diffaccel.engines.serving import ray_app   # the module itself: this class was pickled by value
 
             ray_app._REPLICA["factory"] = factory
@@ -180,15 +180,16 @@ def deployments(cfg, opts: RayOptions):
     return Engine, Api
 
 
-def build_app(paths, cfg, opts: RayOptions, schedulers, guidance=None, provider=None):
-    """The Ray Serve application (bound deployments) for ``serve.run``."""
+def build_app(paths, cfg, opts: RayOptions, provider=None):
+    """The Ray Serve application (bound deployments) for ``serve.run``: only data (paths, configs) travels into the
+    replicas; each finds its schedulers and guidance itself, as the embedded server does."""
     Engine, Api = deployments(cfg, opts)
-    engine = Engine.bind([str(p) for p in paths], schedulers, cfg.threads, provider)
+    engine = Engine.bind([str(p) for p in paths], cfg.threads, provider)
     in_flight = opts.most_replicas * cfg.max_batch * 2
-    return Api.bind(engine, [str(p) for p in paths], cfg, schedulers, guidance, provider, in_flight)
+    return Api.bind(engine, [str(p) for p in paths], cfg, provider, in_flight)
 
 
-def run_ray(paths, cfg, opts: RayOptions, host, port, schedulers, guidance=None, provider=None) -> int:
+def run_ray(paths, cfg, opts: RayOptions, host, port, provider=None) -> int:
     """Start (or join, with RAY_ADDRESS) a Ray cluster, run the app on Ray Serve's proxy at host:port, block until
     SIGINT or SIGTERM, then shut Serve and Ray down (a local Ray's processes with them)."""
     import signal
@@ -198,7 +199,7 @@ def run_ray(paths, cfg, opts: RayOptions, host, port, schedulers, guidance=None,
 
     ray.init(ignore_reinit_error=True, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(paths, cfg, opts, schedulers, guidance, provider), name="diffaccel", route_prefix="/")
+    serve.run(build_app(paths, cfg, opts, provider), name="diffaccel", route_prefix="/")
     print(f"serving on Ray Serve at http://{host}:{port}/ ({opts.most_replicas} engine replica(s) at most); "
           "Ctrl-C stops", flush=True)
     stop = threading.Event()

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 from diffaccel.engines.serving.events import sse
 from diffaccel.engines.serving.models import RequestError
+from diffaccel.engines.serving.responses import SafeJSON, error
 from diffaccel.engines.serving.schemas import (JOB_ID, ErrorResponse, GenerationRequest, GenerationResponse, Health,
                                                JobCreate, JobList, JobStatus, JobView, ModelList)
 
@@ -54,8 +55,8 @@ def _base(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
-def add_routes(app: FastAPI, error) -> None:
-    """Add every route to ``app``; ``error(status, message, ...)`` makes the error answers."""
+def add_routes(app: FastAPI) -> None:
+    """Add every route to ``app``."""
     from diffaccel.engines.serving.page import PAGE
 
     svc = lambda: app.state.service      # noqa: E731  (set by the embedded server or a Ray replica)
@@ -65,8 +66,6 @@ def add_routes(app: FastAPI, error) -> None:
         return PAGE
 
     def health_answer(problems: list):
-        from diffaccel.engines.serving.app import SafeJSON
-
         return SafeJSON(svc().watchdog.answer(problems), status_code=503 if problems else 200)
 
     @app.get("/health/live", response_model=Health, responses={**_health_doc(), **errors()})
@@ -107,7 +106,7 @@ def add_routes(app: FastAPI, error) -> None:
         applied = {"Preference-Applied": f"wait={wait:g}"} if prefer else {}
         if done is None:
             view = s.view(s.store.get(job["id"]), _base(request))
-            return app.router.default_response_class(view, status_code=202,
+            return SafeJSON(view, status_code=202,
                                                      headers={"Location": view["urls"]["get"], **applied})
         if done["status"] == JobStatus.FAILED.value:
             return error(500, f"generation failed: {done['error']}", kind="server_error")
@@ -118,7 +117,7 @@ def add_routes(app: FastAPI, error) -> None:
             entry = {"url": f"{_base(request)}/v1/jobs/{job['id']}/images/{i}.png"} \
                 if body.response_format == "url" else {"b64_json": base64.b64encode(png).decode()}
             data.append({**entry, "seed": seed})
-        return app.router.default_response_class(
+        return SafeJSON(
             {"created": int(done["created"]), "id": job["id"], "data": data, "metrics": done["metrics"]},
             headers=applied)
 
@@ -134,7 +133,7 @@ def add_routes(app: FastAPI, error) -> None:
         headers = {"Location": view["urls"]["get"]}
         if job["replayed"]:
             headers["Idempotent-Replayed"] = "true"
-        return app.router.default_response_class(view, status_code=202, headers=headers)
+        return SafeJSON(view, status_code=202, headers=headers)
 
     _job_routes(app, svc)
 

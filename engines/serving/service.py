@@ -30,14 +30,19 @@ class QueueFull(Exception):
 
 
 class Service:
-    def __init__(self, cfg, models: dict, schedulers: dict, worker=Worker):
-        """``worker(models, schedulers, policy, on_start, on_progress, on_done)`` makes the engine side: the local
-        :class:`Worker` thread, or one that hands jobs to Ray Serve replicas."""
-        self.cfg, self.models, self.schedulers = cfg, models, schedulers
+    def __init__(self, cfg, models: dict, schedulers: "dict | None" = None, worker=Worker):
+        """``schedulers`` maps the names requests may use to scheduler classes (default: the aliases of
+        :func:`~diffaccel.engines.pipelines.schedulers.served`); ``worker(models, schedulers, policy, on_start,
+        on_progress, on_done)`` makes the engine side: the local :class:`Worker` thread, or one that hands jobs to
+        Ray Serve replicas."""
+        from diffaccel.engines.pipelines.schedulers import served
+
+        self.cfg, self.models = cfg, models
+        self.schedulers = served() if schedulers is None else dict(schedulers)
         self.store = JobStore(cfg.db_path)
         self.metrics = Metrics(cfg.max_batch)
         self.hub = EventHub()
-        self.worker = worker(models, schedulers, cfg.policy, self._started, self._progress, self._done)
+        self.worker = worker(models, self.schedulers, cfg.policy, self._started, self._progress, self._done)
         key = cfg.secret_key
         self.egress = cfg.egress()
         self.sender = None if key is None else Sender(self.store, key, cfg.webhook_attempts, cfg.webhook_backoff_s,

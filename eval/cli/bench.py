@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from diffaccel.optimize.artifact.errors import DiffaccelError
+from diffaccel.optimize.cli.args import GUIDANCE_HELP, guidance_arg
 
 
 SUMMARY = "load benchmark with dynamic batching: latency vs throughput"
@@ -43,9 +44,8 @@ def add_bench(sub) -> None:
     work.add_argument("--steps", type=int, default=10, help="denoising steps per image (default 10)")
     work.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     work.add_argument("--width", type=int, default=None)
-    work.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the artifact's when "
-                                                                    "built with optimize --guidance <= 1, else 7.5; "
-                                                                    "with --url: the server's)")
+    work.add_argument("--guidance", type=guidance_arg, default=None, metavar="SCALE|off",
+                      help=GUIDANCE_HELP + "; with --url: the server's, which follows the same rule")
     work.add_argument("--prompts", default=None, metavar="FILE", help="text file, one prompt per line, used in turn")
     work.add_argument("--seed", type=int, default=0, help="seeds arrivals; request i uses seed+i")
     work.add_argument("--provider", default=None, help="ONNX Runtime provider (default: the one built for)")
@@ -82,14 +82,10 @@ def add_bench(sub) -> None:
 
 
 def _guidance(args) -> float:
-    """--guidance, else the artifact's own where it was built for guidance <= 1, else 7.5."""
-    if args.guidance is not None:
-        return args.guidance
+    """--guidance, else the one the artifact was built for (every command's rule)."""
     from diffaccel.optimize.artifact.manifest import Manifest
 
-    from diffaccel.eval.harness.variants import default_guidance
-
-    return default_guidance([(args.artifact, Manifest.load(args.artifact))])
+    return Manifest.load(args.artifact).built_guidance if args.guidance is None else args.guidance
 
 
 def _configs(args):

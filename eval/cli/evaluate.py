@@ -4,6 +4,7 @@ Heavy imports happen inside the command, so ``diffaccel --help`` stays fast."""
 from __future__ import annotations
 
 from diffaccel.optimize.artifact.errors import DiffaccelError
+from diffaccel.optimize.cli.args import GUIDANCE_HELP, guidance_arg
 
 EXAMPLE = ("Example: diffaccel eval out/tiny-fp32 out/tiny-int8 --steps 10,20 --peers torch-bf16 -o runs/eval   "
            "(docs/eval.md)")
@@ -34,9 +35,8 @@ def add_eval(sub) -> None:
     p.add_argument("--batch-sizes", default="1,2,4", help="throughput batch sizes (default 1,2,4)")
     p.add_argument("--scheduler", default=None, help="diffusers scheduler class or alias for every variant, e.g. "
                                                      "EulerDiscreteScheduler, euler-a, dpm++ (default: the baseline's)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
-                                                                 "artifacts' own when built with optimize --guidance "
-                                                                 "<= 1, else 7.5)")
+    p.add_argument("--guidance", type=guidance_arg, default=None, metavar="SCALE|off",
+                   help=GUIDANCE_HELP + "; artifacts built for different ones are all run at the first's")
     p.add_argument("--peers", default="", help="extra rows a user might try instead: torch-bf16, torch-fp16, "
                                                "torch-compile, optimum-intel-fp32, optimum-intel-bf16, "
                                                "optimum-intel-int8 (comma-separated; optimum-intel: README)")

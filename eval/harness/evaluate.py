@@ -117,7 +117,7 @@ def evaluate(artifacts=(), baseline: "str | None" = None, config: EvalConfig = E
     48.1
     """
     from diffaccel.optimize.sources import resolve_source
-    from diffaccel.optimize.sources.schedulers import scheduler_class
+    from diffaccel.engines.pipelines.schedulers import scheduler_class
 
     from diffaccel.eval.metrics import quality
 

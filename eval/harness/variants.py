@@ -17,10 +17,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 from pathlib import Path
 from typing import Callable
 
 from diffaccel.optimize.artifact.errors import DiffaccelError
+
+log = logging.getLogger(__name__)
 
 BASELINE = "torch-fp32"
 
@@ -115,9 +118,17 @@ def check_guidance(manifests, guidance: float) -> None:
 
 
 def default_guidance(manifests) -> float:
-    """Evaluation's guidance when none is given: the artifacts' own where built for guidance <= 1, else 7.5."""
-    off = [m.guidance_limit for _, m in manifests if m.guidance_limit is not None]
-    return max(off) if off else 7.5
+    """Evaluation's guidance when none is given: the one the first artifact was built for (every command's rule:
+    :attr:`~diffaccel.optimize.artifact.manifest.Manifest.built_guidance`); artifacts built for others are run at
+    it too, with a warning (their images are compared on the same prompts, seeds and guidance)."""
+    if not manifests:
+        return 7.5
+    guidance = manifests[0][1].built_guidance
+    others = sorted({m.built_guidance for _, m in manifests} - {guidance})
+    if others:
+        log.warning("the artifacts were built for guidance %g and %s; all run at %g (pass --guidance to choose)",
+                    guidance, ", ".join(f"{g:g}" for g in others), guidance)
+    return guidance
 
 
 def check_sources(manifests, source, allow_different: bool) -> None:

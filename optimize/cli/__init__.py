@@ -8,6 +8,7 @@ import sys
 import time
 
 from diffaccel.optimize.artifact.errors import DiffaccelError, disk_full, one_line
+from diffaccel.optimize.cli.args import GUIDANCE_HELP, guidance_arg
 
 EPILOG = "Built-in sources: tinyshapes, random:tiny, random:sd15, random:sd21. Docs: README.md"
 
@@ -52,7 +53,7 @@ def _add_optimize(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse a LoRA .safetensors (diffusers or kohya format) into the U-Net and text encoders "
                         "before export, at SCALE (default 1); repeatable, fused in order")
-    p.add_argument("--guidance", default=None, metavar="SCALE|off",
+    p.add_argument("--guidance", type=guidance_arg, default=None, metavar="SCALE|off",
                    help="the classifier-free guidance scale the engines will run at (default: a trained built-in's "
                         "recommended one, 2 for tinyshapes and 3 for tinyshapes-xl, else 7.5). 1 or below (off = "
                         "0: SDXL-Turbo, LCM-LoRA) builds the U-Net for one guidance half only, a batch range half as "
@@ -106,8 +107,8 @@ def _build_guidance(args):
     >>> import argparse
     >>> _build_guidance(argparse.Namespace(guidance=None, src="tinyshapes"))
     2.0
-    >>> _build_guidance(argparse.Namespace(guidance="off", src="tinyshapes"))
-    'off'
+    >>> _build_guidance(argparse.Namespace(guidance=0.0, src="tinyshapes"))
+    0.0
     >>> _build_guidance(argparse.Namespace(guidance=None, src="./my-model"))
     7.5
     """
@@ -169,9 +170,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the artifact's when built with --guidance <= 1, "
-                        "2.0 for a tinyshapes artifact, else 7.5)")
+    p.add_argument("--guidance", type=guidance_arg, default=None, metavar="SCALE|off", help=GUIDANCE_HELP)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
@@ -183,22 +182,11 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
-def artifact_guidance(source: dict) -> float:
-    """Default guidance for an artifact, from the source recorded in its manifest: a built-in's recommended one.
-
-    >>> artifact_guidance({"spec": "tinyshapes", "kind": "builtin"}), artifact_guidance({"spec": "x", "kind": "folder"})
-    (2.0, 7.5)
-    """
-    from diffaccel.optimize.sources.builtins import recommended_guidance
-
-    return recommended_guidance(source.get("spec", "") if source.get("kind") == "builtin" else "")
-
-
 def _cmd_generate(args) -> int:
     import torch
 
     from diffaccel.engines.pipelines import pipeline_class
-    from diffaccel.optimize.sources.schedulers import scheduler_class
+    from diffaccel.engines.pipelines.schedulers import scheduler_class
 
     scheduler = scheduler_class(args.scheduler) if args.scheduler else None   # a typo fails before the engines load
     pipe = pipeline_class(args.artifact).from_pretrained(args.artifact, provider=args.provider)  # the family's drop-in
@@ -207,8 +195,8 @@ def _cmd_generate(args) -> int:
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if (args.height is None) != (args.width is None):   # diffusers would silently reset both to the default
         args.height, args.width = args.height or native, args.width or native
-    if args.guidance is None:   # an artifact built for guidance <= 1 (optimize --guidance) runs at that guidance
-        args.guidance = pipe.built_guidance if pipe.built_guidance <= 1 else artifact_guidance(pipe.manifest.source)
+    if args.guidance is None:   # the one rule of every command: the guidance the artifact was built for
+        args.guidance = pipe.manifest.built_guidance
     t0 = time.perf_counter()
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, height=args.height, width=args.width,
@@ -254,24 +242,34 @@ def _cmd_info(args) -> int:
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error convention: one line naming what is wrong (``diffaccel: error: ...``, no
+    usage block), exit code 2, as every other error. Subcommands' parsers are of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"diffaccel: error: {one_line(message)}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffaccel", description="Accelerate diffusion checkpoints and measure "
-                                     "what was gained and lost.", epilog=EPILOG)
+    parser = _Parser(prog="diffaccel", description="Accelerate diffusion checkpoints and measure "
+                     "what was gained and lost.", epilog=EPILOG)
     parser.add_argument("-v", "--verbose", action="store_true", help="log library details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_optimize, _add_generate, _add_info):
         add(sub)
-    from diffaccel.eval.cli import register   # measuring commands (argparse wiring only; imports stay lazy)
+    from diffaccel.engines.serving.cli import register as serving   # the HTTP server
+    from diffaccel.eval.cli import register as measuring             # microbench, eval, bench, demo
 
-    register(sub)
-    from diffaccel.optimize.cli.serve import add_serve   # the HTTP server (diffaccel.engines.serving)
-
-    add_serve(sub)
+    for register in (measuring, serving):  # each package registers its own commands (argparse wiring only)
+        register(sub)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:            # --help (0) or a bad flag (2, after its one line)
+        return e.code
     _quiet_libraries(args.verbose)
     try:
         return args.func(args)

@@ -11,6 +11,8 @@ diffaccel.optimize.artifact.errors.DiffaccelError: bad --seeds '0,x': give comma
 """
 from __future__ import annotations
 
+import argparse
+
 from diffaccel.optimize.artifact.errors import DiffaccelError
 
 _KINDS = {int: ("integers", "1,2"), float: ("numbers", "0.5,1")}
@@ -35,3 +37,25 @@ def comma_list(text, flag: str, kind=str, *, empty_ok: bool = False, what: "str 
         raise DiffaccelError(f"bad {flag} {text!r}: give comma-separated {what or default_what}, "
                              f"e.g. {flag} {example or default_example}")
     return values
+
+
+GUIDANCE_HELP = ("classifier-free guidance scale, or off (= 0) (default: the one the artifact was built for: a trained "
+                 "built-in's recommended one, 2 for tinyshapes and 3 for tinyshapes-xl, optimize --guidance, else 7.5)")
+
+
+def guidance_arg(text: str) -> float:
+    """The argparse type of every ``--guidance``: a scale >= 0, or ``off`` (0).
+
+    >>> guidance_arg("2"), guidance_arg("off")
+    (2.0, 0.0)
+    >>> guidance_arg("-1")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: bad guidance '-1': give a scale >= 0, e.g. 7.5 (off = 0: no classifier-free guidance)
+    """
+    from diffaccel.optimize.config import check_guidance
+
+    try:
+        return check_guidance(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -1,5 +1,6 @@
-"""``diffaccel serve``: argparse wiring, and what only the CLI layer may know (scheduler names, each built-in's
-default guidance), handed to the server in :mod:`diffaccel.engines.serving`. Heavy imports stay inside the command."""
+"""``diffaccel serve``: the command's argparse wiring, registered by the main CLI (:func:`register`). Everything the
+server needs it finds itself: each model's default guidance and limit in its manifest, the scheduler names next to
+the pipelines. Heavy imports stay inside the command."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ from diffaccel.optimize.artifact.errors import DiffaccelError
 SECRET_ENV = "DIFFACCEL_WEBHOOK_SECRET"
 
 
-def add_serve(sub) -> None:
+def register(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve artifacts over HTTP: sync calls, durable jobs, batching",
         description="Serve one or more artifacts over HTTP: OpenAI-compatible POST /v1/images/generations, durable "
@@ -53,21 +54,6 @@ def add_serve(sub) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
-def schedulers() -> dict:
-    """The scheduler names requests may use: diffaccel's aliases (ddim, euler, dpm++ ...)."""
-    from diffaccel.optimize.sources.schedulers import ALIASES, scheduler_class
-
-    return {alias: scheduler_class(alias) for alias in ALIASES}
-
-
-def guidance(manifest) -> float:
-    """A built-in's recommended guidance (as ``diffaccel generate`` uses), else diffusers' 7.5."""
-    from diffaccel.optimize.sources.builtins import recommended_guidance
-
-    source = manifest.source
-    return recommended_guidance(source.get("spec", "") if source.get("kind") == "builtin" else "")
-
-
 def serve_config(args):
     from diffaccel.engines.serving.config import ServeConfig
 
@@ -103,12 +89,12 @@ def _cmd_serve(args) -> int:
             opts = RayOptions.parse(args.replicas, args.autoscale, args.gpus_per_replica, args.cpus_per_replica)
         except ValueError as e:
             raise DiffaccelError(str(e)) from None
-        return run_ray(args.artifacts, cfg, opts, args.host, args.port, schedulers(), guidance, args.provider)
+        return run_ray(args.artifacts, cfg, opts, args.host, args.port, args.provider)
     import uvicorn
 
     from diffaccel.engines.serving.app import create_app
 
-    service = build_service(args.artifacts, cfg, schedulers(), guidance, args.provider)
+    service = build_service(args.artifacts, cfg, args.provider)
     print(f"serving {', '.join(service.models)} on http://{args.host}:{args.port}/ (jobs in {cfg.db_path}; "
           f"batch up to {cfg.max_batch}, wait {cfg.max_wait_ms:g} ms, queue limit {cfg.queue_limit})",
           file=sys.stderr, flush=True)

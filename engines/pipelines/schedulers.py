@@ -1,4 +1,5 @@
-"""The one lookup from what a user calls a scheduler to its diffusers class.
+"""The one lookup from what a user calls a scheduler to its diffusers class (the drop-in pipelines', the CLI's and the
+server's: :func:`served` is the table of names requests may use).
 
 A name is a diffusers scheduler class name in any case (``EulerDiscreteScheduler``, ``eulerdiscretescheduler``) or a
 short alias (``ddim``, ``euler``, ``euler-a``, ``dpm++``, ``lcm``, ...). Give the pipeline a fresh one on its own
@@ -53,3 +54,9 @@ def scheduler_class(name: str):
         raise DiffaccelError(f"unknown scheduler {name!r}; choose an alias ({', '.join(ALIASES)}) or a diffusers "
                              f"scheduler class (any case), e.g. {', '.join(_stable_diffusion_schedulers())}")
     return cls
+
+
+def served() -> dict:
+    """The scheduler names a server's requests may use: the aliases, each to its class (``"default"`` is the
+    artifact's own scheduler and is not in the table)."""
+    return {alias: scheduler_class(alias) for alias in ALIASES}
