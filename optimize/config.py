@@ -134,6 +134,7 @@ class QuantConfig:
     keep_fp32: tuple = ()                # node-name regexes kept in float (added to the documented defaults)
     quality_target: "float | None" = None  # PSNR (dB) the int8 U-Net must keep on calibration prompts
     attention_scores: "str | None" = None  # "float" | "int8": attention's QK^T MatMuls (None: the backend's default)
+    int8_weights: str = "auto"           # "8bit" | "7bit" | "auto": 7-bit where this CPU's int8 saturates (no VNNI/AMX)
     dynamic_int8: tuple = ()             # components besides the U-Net given dynamic int8 MatMuls (): all float
 
     def __post_init__(self):
@@ -149,6 +150,8 @@ class QuantConfig:
             raise ValueError(f"percentile {self.percentile} must be in [90, 100)")
         if self.attention_scores not in (None, "float", "int8"):
             raise ValueError(f"attention scores {self.attention_scores!r} must be float or int8")
+        if self.int8_weights not in ("auto", "8bit", "7bit"):
+            raise ValueError(f"int8 weights {self.int8_weights!r} must be auto, 8bit or 7bit")
         if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:
             raise ValueError(f"smoothquant alpha {self.smoothquant} must be in [0, 1]")
 

@@ -398,3 +398,34 @@ def test_attention_scores_int8_quantizes_the_qk_matmuls_and_nothing_else(tmp_pat
     assert q["attention_scores_kept_float"] == 0 and m.components["unet"]["validation"]["passed"]
     assert m.stages["quantize"]["config"]["attention_scores"] == "int8"
     assert "attention_scores" not in Manifest.load(tiny_int8_unet).stages["quantize"]["config"]
+
+
+def test_int8_weights_follow_the_cpu_rule_and_the_model_holds_them(tiny_int8_unet, monkeypatch, caplog):
+    """Without VNNI/AMX, x86 int8 kernels saturate 8-bit weight products: auto picks 7-bit weights there (recorded,
+    keyed) and the quantized model's weights really fit 7 bits; with VNNI it keeps 8 and the keys builds had."""
+    import logging
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from diffaccel.engines.backends import cpu
+    from diffaccel.optimize.artifact.manifest import Manifest
+    from diffaccel.optimize.config import QuantConfig
+    from diffaccel.optimize.quant.ort_static import weight_bits
+
+    entry = Manifest.load(tiny_int8_unet).components["unet"]
+    bits = entry["quantize"]["weight_bits"]
+    assert bits == (7 if cpu.int8_saturates() else 8), entry["quantize"]["weight_bits_reason"]
+    model = onnx.load(str(tiny_int8_unet / "unet" / "quantized" / "model.onnx"))
+    weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 2 ** (bits - 1)
+    for saturates, want in ((True, 7), (False, 8)):
+        monkeypatch.setattr(cpu, "int8_saturates", lambda s=saturates: s)
+        assert weight_bits(QuantConfig())[0] == want
+    assert weight_bits(QuantConfig(int8_weights="8bit"))[0] == 8
+    monkeypatch.setattr(cpu, "int8_saturates", lambda: True)
+    with caplog.at_level(logging.WARNING):
+        cpu.warn_if_saturating("unet", {**entry, "quantize": {**entry["quantize"], "weight_bits": 8}},
+                               logging.getLogger("t"))
+    assert "--int8-weights 7bit" in caplog.text

@@ -5,9 +5,12 @@
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import BackendUnavailableError
+
+log = logging.getLogger(__name__)
 
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -186,6 +189,9 @@ def load(root, component: str, entry: dict, provider: "str | None" = None, threa
             f"diffaccel optimize SRC -o {root} --provider {resolve_provider(provider)[1]}")
     from diffaccel.optimize.artifact.specs import ComponentSpec
 
+    from diffaccel.engines.backends.cpu import warn_if_saturating
+
+    warn_if_saturating(component, entry, log)
     cache = _trt_cache_dir(root, component, entry) if resolve_provider(provider)[1] == "tensorrt" else None
     spec = ComponentSpec.from_dict(component, entry["spec"]) if "spec" in entry else None
     return OrtEngine(Path(root) / entry["engine"], provider=provider, threads=threads, cache_dir=cache, spec=spec,

@@ -130,6 +130,9 @@ def load(root, component: str, entry: dict, threads: "int | None" = None, hint: 
                                       "diffaccel optimize ... --backend openvino --precision fp32")
     from diffaccel.optimize.artifact.specs import ComponentSpec
 
+    from diffaccel.engines.backends.cpu import warn_if_saturating
+
+    warn_if_saturating(component, entry, log)
     spec = ComponentSpec.from_dict(component, entry["spec"]) if "spec" in entry else None
     return OvEngine(Path(root) / entry["engine"], precision, threads, _cache_dir(root, component, precision), hint,
                     spec)

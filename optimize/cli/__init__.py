@@ -70,6 +70,10 @@ def _add_optimize(sub) -> None:
                    help="SmoothQuant activation/weight balancing strength 0..1 (default off)")
     q.add_argument("--keep-fp32", action="append", default=[], metavar="PATTERN",
                    help="regex of node names kept in float, in addition to the defaults (repeatable)")
+    q.add_argument("--int8-weights", choices=("auto", "8bit", "7bit"), default="auto",
+                   help="int8 weight range: 7bit keeps x86 CPUs without VNNI/AMX exact (their int8 kernels saturate "
+                        "8-bit products); auto (default) picks 7bit on such a build machine, else 8bit; recorded in "
+                        "the manifest")
     q.add_argument("--attention-scores", choices=("float", "int8"), default=None,
                    help="attention's score MatMul (QK^T, into the softmax) in float or int8 (default: the backend's; "
                         "float for onnxruntime, whose int8 softmax is slower)")
@@ -130,7 +134,7 @@ def _cmd_optimize(args) -> int:
                             calib_steps=args.calib_steps, calib_seed=args.calib_seed, method=args.calib_method,
                             smoothquant=args.smoothquant, keep_fp32=tuple(args.keep_fp32),
                             quality_target=_quality_target(args.quality_target),
-                            attention_scores=args.attention_scores)
+                            attention_scores=args.attention_scores, int8_weights=args.int8_weights)
         trt = TensorRTConfig(opt_level=args.opt_level, workspace_gb=args.workspace_gb, timing_cache=args.timing_cache,
                              static_shapes=args.static_shapes, cuda_graph=args.cuda_graph)
         comps = comma_list(args.components, "--components", what="component names",

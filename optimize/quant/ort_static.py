@@ -124,10 +124,29 @@ def preprocess(src: Path, dst: Path, *, external: bool) -> Path:
     return dst
 
 
+def weight_bits(quant) -> "tuple[int, str]":
+    """(bits, why) of the int8 weights: ``--int8-weights`` 8bit or 7bit as given; ``auto`` is a rule on the build
+    machine's CPU, never a timing: 7 where its int8 kernels saturate 8-bit weight products (x86 without VNNI/AMX,
+    see :mod:`diffaccel.engines.backends.cpu`), else 8.
+
+    >>> from diffaccel.optimize.config import QuantConfig
+    >>> weight_bits(QuantConfig(int8_weights="7bit"))
+    (7, 'set: --int8-weights 7bit')
+    """
+    from diffaccel.engines.backends.cpu import int8_saturates
+
+    if quant.int8_weights != "auto":
+        return int(quant.int8_weights[0]), f"set: --int8-weights {quant.int8_weights}"
+    if int8_saturates():
+        return 7, "auto: this CPU has no VNNI/AMX, so 8-bit weight products would saturate in its int8 kernels"
+    return 8, "auto: this CPU accumulates int8 products in 32 bits (VNNI/AMX)"
+
+
 def quantize_static_qdq(src: Path, dst: Path, samples: list, quant, *, external: bool,
                         extra_exclude: tuple = (), cache: "Path | None" = None,
                         float_attention_scores: bool = True) -> dict:
-    """QDQ int8 (uint8 activations, int8 per-channel weights: the VNNI-friendly U8S8 layout ORT recommends)."""
+    """QDQ int8 (uint8 activations, int8 per-channel weights: the U8S8 layout ORT recommends), the weights in 7 bits
+    where :func:`weight_bits` says the kernels would saturate 8."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -138,6 +157,7 @@ def quantize_static_qdq(src: Path, dst: Path, samples: list, quant, *, external:
     quantized = [n.name for n in model.graph.node if n.op_type in QUANT_OPS and n.name not in set(exclude)]
     if not quantized:
         raise DiffaccelError("every Conv/MatMul/Gemm of the U-Net is excluded by --keep-fp32; loosen the pattern")
+    bits, why = weight_bits(quant)
     # (not CalibMaxIntermediateOutputs: in onnxruntime 1.32 it discards collected ranges instead of merging them)
     extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "CalibPercentile": quant.percentile}
     with tempfile.TemporaryDirectory(prefix="diffaccel-calib-", dir=Path(dst).parent) as tmp:
@@ -151,11 +171,12 @@ def quantize_static_qdq(src: Path, dst: Path, samples: list, quant, *, external:
                 write_range_cache(src, samples, QUANT_OPS, cache, method=str(quant.method),
                                   percentile=quant.percentile, external=external, skip_nodes=exclude)
         quantize_static(str(src), str(dst), CalibrationReader(samples), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(QUANT_OPS), per_channel=quant.per_channel, reduce_range=False,
+                        op_types_to_quantize=list(QUANT_OPS), per_channel=quant.per_channel, reduce_range=bits == 7,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                         use_external_data_format=external, calibrate_method=_method(quant), extra_options=extra,
                         calibration_cache_path=str(cache))
     return {"method": "static-qdq-u8s8", "calibration": str(quant.method), "per_channel": quant.per_channel,
+            "weight_bits": bits, "weight_bits_reason": why,
             **({"entropy_bins": ENTROPY_BINS} if str(quant.method) == "entropy" else {}),
             "calibration_samples": len(samples), "kept_float": exclude, "quantized_nodes": len(quantized),
             "attention_scores_kept_float": len(scores),

@@ -19,7 +19,7 @@ from diffaccel.optimize.artifact.errors import DiffaccelError
 from diffaccel.optimize.artifact.files import TMP_PREFIX, fresh_dir
 from diffaccel.optimize.artifact.specs import tolerance
 from diffaccel.optimize.export.onnx_export import onnx_files
-from diffaccel.optimize.quant.ort_static import preprocess, quantize_static_qdq
+from diffaccel.optimize.quant.ort_static import preprocess, quantize_static_qdq, weight_bits
 from diffaccel.optimize.stages.base import ComponentOutcome, Stage, StageResult
 
 # attention's QK^T MatMul by backend when --attention-scores is not given (measured: see attention_score_matmuls)
@@ -92,7 +92,10 @@ class QuantizeStage(Stage):
 
         quant = dataclasses.asdict(ctx.config.quant)
         del quant["attention_scores"]       # keyed as resolved below; float scores keep the keys builds had before
+        del quant["int8_weights"]           # likewise: 8-bit weights keep the keys builds had before
         scores = {"attention_scores": "int8"} if attention_scores(ctx.config) == "int8" else {}
+        if weight_bits(ctx.config.quant)[0] == 7:    # resolved here: an artifact built on a CPU without VNNI differs
+            scores["weight_bits"] = 7
         judge = {"judged_on": judged_on(ctx.config)} if ctx.config.quant.quality_target is not None else {}
         return {"precision": str(ctx.config.precision), "quant": quant, "defaults": sorted(DEFAULT_KEEP_FP32),
                 "algorithm": ALGORITHM_VERSION, "threads": ctx.config.threads, **scores, **judge}
@@ -183,11 +186,12 @@ class QuantizeStage(Stage):
         with tempfile.TemporaryDirectory(dir=ctx.root, prefix=TMP_PREFIX) as tmp, \
                 fresh_dir(ctx.root / comp / "quantized") as d:
             src = preprocess(src, Path(tmp) / "pre.onnx", external=len(onnx_files(src)) > 1)
+            bits, why = weight_bits(ctx.config.quant)
             quantize_dynamic(str(src), str(d / "model.onnx"), op_types_to_quantize=["MatMul"],
                              weight_type=QuantType.QInt8, per_channel=False, extra_options={"MatMulConstBOnly": True},
-                             use_external_data_format=len(onnx_files(src)) > 1)
+                             use_external_data_format=len(onnx_files(src)) > 1, reduce_range=bits == 7)
             written = [p.name for p in onnx_files(d / "model.onnx")]
-        facts = {"decision": "int8", "method": "dynamic-int8-matmul",
+        facts = {"decision": "int8", "method": "dynamic-int8-matmul", "weight_bits": bits, "weight_bits_reason": why,
                  "reason": "QuantConfig.dynamic_int8 names it; parity with PyTorch is checked by the engine stage"}
         outcome = ComponentOutcome(model=f"{comp}/quantized/model.onnx", tolerance=tolerance("int8-dynamic"),
                                    facts=facts)
