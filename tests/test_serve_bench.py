@@ -107,11 +107,12 @@ def test_vs_server_times_the_embedded_server_beside_the_in_process_loop(tiny_ort
 
 
 def test_a_server_that_does_not_start_fails_naming_its_last_words(tmp_path):
-    from diffaccel.eval.loadbench.overhead import free_port, start_server
+    from diffaccel.eval.loadbench.loop import LoadConfig
+    from diffaccel.eval.loadbench.overhead import serve_in_child
     from diffaccel.optimize.artifact.errors import DiffaccelError
 
-    with pytest.raises(DiffaccelError, match=r"did not answer /health.*: .*manifest"):
-        start_server(tmp_path, free_port(), tmp_path / "jobs.sqlite", 2, 20, 1, timeout_s=60)
+    with pytest.raises(DiffaccelError, match=r"diffaccel serve exited .*: .*no manifest.json"):
+        serve_in_child(tmp_path, tmp_path, LoadConfig(rate=None, concurrency=2), threads=1)
 
 
 def test_mix_trace_and_plan_units(tmp_path):

@@ -1,7 +1,7 @@
 """The embedded server's overhead: ``diffaccel serve ARTIFACT`` beside the in-process load benchmark.
 
-``diffaccel bench ARTIFACT --vs-server ROUNDS`` starts the server in a subprocess on the loopback (its job store in a
-temporary folder), loads the same artifact in this process, then alternates rounds: one in-process run (``diffaccel
+``diffaccel bench ARTIFACT --vs-server ROUNDS`` starts the server in a child process on the loopback (its job store in
+a temporary folder), loads the same artifact in this process, then alternates rounds: one in-process run (``diffaccel
 bench``'s serving loop) and one HTTP run (``diffaccel bench --url``'s client, synchronous mode) with the same
 closed-loop clients, batching policy, steps, guidance and prompts. It reports each round and the pooled ratios:
 throughput HTTP / in-process, and the median added latency per request (p50 HTTP - p50 in-process, median over the
@@ -14,47 +14,28 @@ rounds), with where an HTTP request's time goes: the server's queue and engine c
 """
 from __future__ import annotations
 
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import DiffaccelError
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def serve_in_child(artifact, folder, load, threads=None):
+    """``diffaccel serve ARTIFACT`` in a child process (:class:`~diffaccel.engines.serving.process.ServerProcess`) at
+    ``load``'s batching policy, its job store and log in ``folder``; a server that does not get ready fails in one
+    line naming its last log line."""
+    from diffaccel.engines.serving.process import ServerProcess
 
-
-def start_server(artifact, port, db, max_batch, wait_ms, threads, queue_limit=256, timeout_s=120.0):
-    """``diffaccel serve ARTIFACT`` on the loopback in a subprocess (argv list; its stderr in ``DB.log``), returned
-    once ``/health`` answers 200; a server that exits or stays silent fails naming its last log line."""
-    import httpx
-
-    argv = [sys.executable, "-m", "diffaccel.optimize.cli", "serve", str(artifact), "--port", str(port), "--db",
-            str(db), "--max-batch", str(max_batch), "--max-wait-ms", str(wait_ms), "--queue-limit", str(queue_limit)]
-    argv += ["--threads", str(threads)] if threads else []
-    log = Path(f"{db}.log")
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end and proc.poll() is None:
+    args = ["--max-batch", load.max_batch, "--max-wait-ms", load.timeout_ms,
+            "--queue-limit", max(256, load.concurrency or 0)] + (["--threads", threads] if threads else [])
+    log = Path(folder) / "serve.log"
+    with open(log, "wb") as out:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    proc.wait()
-    last = ([ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] or ["(no output)"])[-1]
-    raise DiffaccelError(f"diffaccel serve {artifact} did not answer /health within {timeout_s:g} s: {last}")
+            return ServerProcess([artifact], Path(folder) / "jobs.sqlite", args=args, log=out)
+        except RuntimeError as e:
+            last = ([ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] or ["(no output)"])[-1]
+            raise DiffaccelError(f"{e}: {last}") from None
 
 
 def overhead(rounds: list) -> dict:
@@ -86,12 +67,11 @@ def run_vs_server(artifact, load, rounds: int, prompts=(), threads=None, on_roun
     from diffaccel.eval.loadbench.runner import LoadBench
 
     with tempfile.TemporaryDirectory(prefix="diffaccel-vs-server-") as d:
-        port = free_port()
-        server = start_server(artifact, port, Path(d) / "jobs.sqlite", load.max_batch, load.timeout_ms, threads)
+        server = serve_in_child(artifact, d, load, threads)
         try:
             local = LoadBench(artifact, load, prompts, threads=threads)
             local.calibrate(load.max_batch)
-            http = HttpBench(HttpLoadConfig(url=f"http://127.0.0.1:{port}", mode="sync", rate=None,
+            http = HttpBench(HttpLoadConfig(url=server.url, mode="sync", rate=None,
                                             concurrency=load.concurrency, requests=load.requests, steps=load.steps,
                                             guidance=load.guidance), prompts=local.prompts)
             http.calibrate(1)                                   # warms the server's engines
@@ -102,8 +82,7 @@ def run_vs_server(artifact, load, rounds: int, prompts=(), threads=None, on_roun
                 if on_round is not None:
                     on_round(i, out[-1])
         finally:
-            server.send_signal(signal.SIGINT)
-            server.wait(timeout=30)
+            server.stop()
     host = host_info()
     return {"benchmark": "server-overhead", "created": now(), "artifact": str(artifact), "rounds": out,
             "config": {**local.base.to_dict(), "rounds": rounds, "threads": threads, "prompts": list(local.prompts)},
