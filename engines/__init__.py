@@ -8,7 +8,8 @@ from __future__ import annotations
 
 __all__ = ["AcceleratedStableDiffusionPipeline", "AcceleratedStableDiffusionImg2ImgPipeline",
            "AcceleratedStableDiffusionXLPipeline", "AcceleratedStableDiffusionXLImg2ImgPipeline",
-           "AcceleratedStableDiffusionInpaintPipeline", "AcceleratedStableDiffusionXLInpaintPipeline", "load_engine",
+           "AcceleratedStableDiffusionInpaintPipeline", "AcceleratedStableDiffusionXLInpaintPipeline",
+           "AcceleratedStableDiffusion3Pipeline", "AcceleratedStableDiffusion3Img2ImgPipeline", "load_engine",
            "BACKENDS", "Engine"]
 
 _LAZY = {"AcceleratedStableDiffusionPipeline": ".pipelines.sd", "AcceleratedStableDiffusionImg2ImgPipeline": ".pipelines.sd",
@@ -16,6 +17,7 @@ _LAZY = {"AcceleratedStableDiffusionPipeline": ".pipelines.sd", "AcceleratedStab
          "AcceleratedStableDiffusionXLImg2ImgPipeline": ".pipelines.sdxl",
          "AcceleratedStableDiffusionInpaintPipeline": ".pipelines.sd",
          "AcceleratedStableDiffusionXLInpaintPipeline": ".pipelines.sdxl",
+         "AcceleratedStableDiffusion3Pipeline": ".pipelines.sd3", "AcceleratedStableDiffusion3Img2ImgPipeline": ".pipelines.sd3",
          "load_engine": ".base", "BACKENDS": ".base", "Engine": ".base"}
 
 

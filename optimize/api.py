@@ -142,7 +142,7 @@ def _check_before_loading(source: Source, configs: "dict | None", config: Optimi
         return None
     family = detect(configs, source.spec)
     components_of(family, config.components)        # refuses components the family has not
-    scale, latent_multiple = family.size_factors(configs["unet"], configs["vae"])
+    scale, latent_multiple = family.size_factors(configs[family.DENOISER], configs["vae"])
     for what in ("height", "width"):
         rng = getattr(config.shapes, what)
         if rng is not None:

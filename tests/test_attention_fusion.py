@@ -142,7 +142,7 @@ def test_microbench_times_the_engine_beside_its_unfused_export(tmp_path, capsys)
     assert unfused["graph_nodes"] > fused["graph_nodes"]                 # the export, not the optimized engine
     assert all(len(r["samples"]) == 2 for r in (unfused, fused)) and "onnxruntime/fp32+unfused-attention" in out
     assert [p.name for p in (tmp_path / "w").iterdir()] == ["random_tiny-unet-onnxruntime-fp32"]   # one build
-    cfg = microbench.UNetBenchConfig(src="random:tiny", height=64, width=64, warmup=0, repeat=1, threads=1,
+    cfg = microbench.StepBenchConfig(src="random:tiny", height=64, width=64, warmup=0, repeat=1, threads=1,
                                      work=str(tmp_path / "w"))
     assert microbench.main([json.dumps(dataclasses.asdict(cfg)), "onnxruntime/fp32+unfused-attention",
                             str(tmp_path / "child.json")]) == 0              # what each isolated process runs

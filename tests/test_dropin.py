@@ -20,7 +20,7 @@ from diffaccel.optimize.artifact.errors import DiffaccelError, ShapeError
 
 from .conftest import psnr
 
-LOGGER = "diffaccel.engines.pipelines.sd"
+LOGGER = "diffaccel.engines.pipelines.base"
 
 
 @pytest.fixture(scope="module")

@@ -73,17 +73,17 @@ def test_latency_is_measured_alike(result):
     for name in ("torch-fp32", "torch-bf16", "onnxruntime-fp32"):
         v = rows(result[0])[name]
         lat = v["latency"]
-        assert lat["unet_step"]["n"] == len(lat["unet_step_samples"]) == 2 * 2 * 3   # prompts x seeds x steps
-        s = lat["unet_step"]
+        assert lat["denoiser_step"]["n"] == len(lat["denoiser_step_samples"]) == 2 * 2 * 3   # prompts x seeds x steps
+        s = lat["denoiser_step"]
         assert 0 < s["min"] <= s["p50"] <= s["p90"] <= s["p99"] <= s["max"]
         # each call's parts are timed inside its end-to-end span: they fit in it, and the breakdown's U-Net is
         # every step of a call, not one step
         b, calls = lat["breakdown"], 2 * 2                                          # prompts x seeds
         assert lat["end_to_end"]["n"] == calls and lat["other"]["n"] == calls and lat["other"]["min"] > 0
-        assert b["unet"] == pytest.approx(sum(lat["unet_step_samples"]) / calls, rel=1e-6)
+        assert b["denoiser"] == pytest.approx(sum(lat["denoiser_step_samples"]) / calls, rel=1e-6)
         assert b["text_encoder"] == pytest.approx(lat["text_encoder"]["mean"])
         assert b["vae_decode"] == pytest.approx(lat["vae_decode"]["mean"])
-        assert all(b[k] > 0 for k in ("text_encoder", "unet", "vae_decode"))
+        assert all(b[k] > 0 for k in ("text_encoder", "denoiser", "vae_decode"))
         assert lat["steps_per_second"] > 0 and v["clock"] == "perf_counter"
         assert [t["batch_size"] for t in v["throughput"]] == [1, 2]
         assert all(t["images_per_second"] > 0 and t["end_to_end"]["n"] == 1 for t in v["throughput"])
@@ -137,7 +137,7 @@ def test_instrument_times_components_and_restores_everything(tiny_pipe, artifact
         engines = {n: getattr(getattr(pipe, n), "engine", None) for n in ("unet", "vae", "text_encoder")}
         with instrument(pipe, Clock()) as timings:
             pipe("a red circle", num_inference_steps=3, output_type="np")
-        assert [c for c, _ in timings.records].count("unet") == 3
+        assert [c for c, _ in timings.records].count("denoiser") == 3
         assert [c for c, _ in timings.records].count("vae_decode") == 1
         assert [c for c, _ in timings.records].count("text_encoder") >= 1
         with pytest.raises(RuntimeError, match="boom"):
@@ -194,18 +194,18 @@ def test_cli_run_and_render_only(capsys, tmp_path):
 @pytest.mark.slow
 def test_microbench_times_variants_side_by_side(tmp_path, monkeypatch):
     import diffaccel.engines
-    from diffaccel.eval.harness.microbench import UNetBenchConfig, format_table, run_unet_bench
+    from diffaccel.eval.harness.microbench import StepBenchConfig, format_table, run_step_bench
     from diffaccel.optimize.artifact.errors import DiffaccelError
 
     loaded, real_load = [], diffaccel.engines.load_engine
     monkeypatch.setattr(diffaccel.engines, "load_engine", lambda *a, **k: loaded.append(real_load(*a, **k)) or
                         loaded[-1])
 
-    cfg = UNetBenchConfig(src="random:tiny", variants=("torch/fp32", "onnxruntime/fp32",
+    cfg = StepBenchConfig(src="random:tiny", variants=("torch/fp32", "onnxruntime/fp32",
                                                        "onnxruntime/fp32@torchscript"),
                           height=64, width=64, warmup=1, repeat=2, work=str(tmp_path), threads=1,
                           isolation="interleaved")
-    result = run_unet_bench(cfg)
+    result = run_step_bench(cfg)
     rows = {r["variant"]: r for r in result["rows"]}
     assert list(rows) == list(cfg.variants) and rows["torch/fp32"]["speedup_vs_first"] == 1.0
     assert all(len(r["samples"]) == 2 and r["stats"]["p50"] > 0 for r in rows.values())
@@ -220,19 +220,19 @@ def test_microbench_times_variants_side_by_side(tmp_path, monkeypatch):
     table = format_table(result)
     assert "onnxruntime/fp32@torchscript" in table and str(rows["onnxruntime/fp32"]["graph_nodes"]) in table
     with pytest.raises(DiffaccelError, match="backend/precision"):
-        run_unet_bench(UNetBenchConfig(src="random:tiny", variants=("onnxruntime/fp32@",), work=str(tmp_path)))
+        run_step_bench(StepBenchConfig(src="random:tiny", variants=("onnxruntime/fp32@",), work=str(tmp_path)))
 
 
 def test_microbench_int8_builds_take_the_calibration_size(tmp_path):
     """SDXL-size int8 builds need a smaller calibration than optimize's default: --calib-size/--calib-steps reach the
     build's quantize stage (and the default build stays optimize's own)."""
-    from diffaccel.eval.harness.microbench import UNetBenchConfig, run_unet_bench
+    from diffaccel.eval.harness.microbench import StepBenchConfig, run_step_bench
     from diffaccel.optimize.artifact.manifest import Manifest
 
-    cfg = UNetBenchConfig(src="random:tiny", variants=("onnxruntime/int8",), height=64, width=64, warmup=0, repeat=1,
+    cfg = StepBenchConfig(src="random:tiny", variants=("onnxruntime/int8",), height=64, width=64, warmup=0, repeat=1,
                           work=str(tmp_path), threads=1, isolation="interleaved", calib_size=1, calib_steps=2)
-    run_unet_bench(cfg)
+    run_step_bench(cfg)
     quant = Manifest.load(tmp_path / "random_tiny-unet-onnxruntime-int8").stages["quantize"]["config"]["quant"]
     assert (quant["calib_size"], quant["calib_steps"]) == (1, 2)
     with pytest.raises(ValueError, match="calib"):
-        UNetBenchConfig(calib_steps=0)
+        StepBenchConfig(calib_steps=0)

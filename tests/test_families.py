@@ -9,18 +9,27 @@ from diffaccel.optimize.artifact.errors import SourceError
 from diffaccel.optimize.families import FAMILIES, configs_of, detect, family, supported_pipelines
 
 
-def test_every_family_module_has_the_same_surface():
-    names = ("NAME", "TITLE", "PIPELINES", "PIPELINE_CLASS", "DROP_INS", "COMPONENTS", "SOURCE_MODEL", "mismatches",
-             "ModelGeometry", "specs", "export_module", "capture_unet_inputs", "size_factors", "check_pixel_range")
+def test_every_family_module_implements_the_protocol():
+    """The declared contract (optimize/families/protocol.py): every member, every function's parameters, the denoiser
+    among its components; and the check itself catches a module that lacks one."""
+    import types
+
+    from diffaccel.optimize.families import DENOISERS
+    from diffaccel.optimize.families.protocol import MEMBERS, problems
+
     for name in FAMILIES:
         fam = family(name)
-        assert fam.NAME == name
-        assert [n for n in names if not hasattr(fam, n)] == []
+        assert fam.NAME == name and problems(fam) == [], problems(fam)
+        assert fam.DENOISER in DENOISERS and set(fam.TEXT_ENCODERS) <= set(fam.COMPONENTS)
+    broken = types.ModuleType("broken")
+    broken.__dict__.update({n: getattr(family("sd"), n) for n in MEMBERS if n not in ("DENOISER", "specs")})
+    broken.specs = lambda geo: {}
+    assert problems(broken) == ["broken has no DENOISER", "broken.specs(geo) does not take (geo, shapes)"]
 
 
 def test_unknown_family_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model family 'flux'; known: sd"):
-        family("flux")
+    with pytest.raises(ValueError, match="unknown model family 'kandinsky'; known: sd"):
+        family("kandinsky")
 
 
 @pytest.mark.parametrize("unet, vae, differs", [

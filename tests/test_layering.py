@@ -155,7 +155,7 @@ def test_no_import_cycles():
 def test_the_check_sees_edges():
     """The graph reader itself: it must find the edges it is meant to police."""
     graph = _graph()
-    assert "diffaccel.optimize.artifact.manifest" in graph["diffaccel.engines.pipelines.sd"]
+    assert "diffaccel.optimize.artifact.manifest" in graph["diffaccel.engines.pipelines.base"]
     assert "diffaccel.optimize.quant.calibration" in graph["diffaccel.optimize.stages.int8"]   # inside a function
     assert not _allowed("diffaccel.engines.backends.torch", "diffaccel.optimize.stages.base")
     assert not _allowed("diffaccel.optimize.quant.ort_static", "diffaccel.eval.harness.timing")

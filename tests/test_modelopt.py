@@ -70,9 +70,9 @@ def int8_tiny(tmp_path_factory):
     import torch
 
     from diffaccel.optimize.sources.builtins import BUILTINS
-    from diffaccel.optimize.families.sd import capture_unet_inputs
+    from diffaccel.optimize.families.sd import capture_denoiser_inputs
     from diffaccel.optimize.config import ShapeRange
-    from diffaccel.optimize.quant.modelopt import export_qdq, quantize_unet
+    from diffaccel.optimize.quant.modelopt import export_qdq, quantize_denoiser
     from diffaccel.optimize.families.sd import ModelGeometry, export_module, sd_specs
 
     threads = torch.get_num_threads()
@@ -80,12 +80,13 @@ def int8_tiny(tmp_path_factory):
     try:
         pipe = BUILTINS["random:tiny"]()
         pipe.set_progress_bar_config(disable=True)
-        calib = capture_unet_inputs(pipe, ["a red circle", "a blue square"], steps=3, guidance_scale=7.5, seed=0,
-                                    height=64, width=64)
+        calib = capture_denoiser_inputs(pipe, ["a red circle", "a blue square"], steps=3, guidance_scale=7.5,
+                                        seed=0, height=64, width=64)
         recipe = recipe_for("int8", QuantConfig())
-        unet = quantize_unet(copy.deepcopy(pipe.unet), recipe, calib)
+        unet = copy.deepcopy(pipe.unet)
         spec = sd_specs(ModelGeometry.from_pipeline(pipe), ShapeRange())["unet"]
         module = export_module("unet", {"unet": unet})
+        quantize_denoiser(unet, recipe, calib, module, tuple(t.name for t in spec.inputs))
         path = tmp_path_factory.mktemp("qdq") / "model.onnx"
         export_qdq(module, spec, path, opset=18)
     finally:

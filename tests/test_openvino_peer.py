@@ -60,7 +60,7 @@ def test_instrument_times_another_runtimes_model_parts_through_forward():
     pipe.unet, pipe.text_encoder = Part(), Part()
     with instrument(pipe, Clock()) as timings:
         assert pipe.unet(1) == 2 and pipe.unet(2) == 3 and pipe.text_encoder(0) == 1
-    assert len(timings.samples("unet")) == 2 and len(timings.samples("text_encoder")) == 1
+    assert len(timings.samples("denoiser")) == 2 and len(timings.samples("text_encoder")) == 1
     assert "forward" not in vars(pipe.unet)          # restored
 
 
@@ -69,12 +69,12 @@ def test_microbench_runs_each_variant_in_its_own_process_over_two_passes(tmp_pat
     from pathlib import Path
 
     from diffaccel.eval.harness.isolated import format_isolated, run_isolated
-    from diffaccel.eval.harness.microbench import UNetBenchConfig
+    from diffaccel.eval.harness.microbench import StepBenchConfig
     from diffaccel.optimize.sources import resolve_source
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     monkeypatch.setenv("STAND_IN_DIR", str(tmp_path))
-    cfg = UNetBenchConfig(src="random:tiny", variants=("slow/fp32", "fast/int8", "peer/int8"), repeat=3)
+    cfg = StepBenchConfig(src="random:tiny", variants=("slow/fp32", "fast/int8", "peer/int8"), repeat=3)
     assert cfg.isolation == "process" and cfg.passes == 2          # the default
     result = run_isolated(cfg, list(cfg.variants), ["fast/int8", "peer/int8"], "tests.microbench_stand_in",
                           resolve_source("random:tiny"))
@@ -95,8 +95,8 @@ def test_microbench_runs_each_variant_in_its_own_process_over_two_passes(tmp_pat
 def test_a_microbench_child_times_one_variant_and_skips_an_absent_peer(tmp_path, monkeypatch):
     import json
 
-    from diffaccel.eval.harness import microbench
-    from diffaccel.eval.harness.microbench import UNetBenchConfig, main
+    from diffaccel.eval.harness import bench_variants
+    from diffaccel.eval.harness.microbench import StepBenchConfig, main
 
     cfg = json.dumps({"src": "random:tiny", "height": 64, "width": 64, "warmup": 1, "repeat": 3,
                       "work": str(tmp_path)})
@@ -107,22 +107,22 @@ def test_a_microbench_child_times_one_variant_and_skips_an_absent_peer(tmp_path,
     def absent(*_a, **_k):
         raise BackendUnavailableError("optimum-intel is not usable here (No module named 'optimum')")
 
-    monkeypatch.setattr(microbench, "_peer", absent)
+    monkeypatch.setattr(bench_variants, "peer", absent)
     assert main([cfg, "optimum-intel/int8", str(tmp_path / "p.json"), "--build-only"]) == 0
     assert "not usable" in json.loads((tmp_path / "p.json").read_text())["skipped"]
     assert main([cfg, "onnxruntime/int4", str(tmp_path / "x.json")]) == 2        # a real error is not a skip
-    assert not (tmp_path / "x.json").exists() and UNetBenchConfig().isolation == "process"
+    assert not (tmp_path / "x.json").exists() and StepBenchConfig().isolation == "process"
 
 
 def test_microbench_refuses_bad_settings():
-    from diffaccel.eval.harness.microbench import UNetBenchConfig, parse_variant
+    from diffaccel.eval.harness.microbench import StepBenchConfig, parse_variant
     from diffaccel.optimize.artifact.errors import DiffaccelError
     from diffaccel.optimize.config import QuantConfig
 
     with pytest.raises(ValueError, match="isolation 'threads'.*process, interleaved"):
-        UNetBenchConfig(isolation="threads")
+        StepBenchConfig(isolation="threads")
     with pytest.raises(ValueError, match="passes 0"):
-        UNetBenchConfig(passes=0)
+        StepBenchConfig(passes=0)
     with pytest.raises(DiffaccelError, match="no exporter"):
         parse_variant("optimum-intel/int8@torchscript")
     with pytest.raises(DiffaccelError, match=r"bad variant option 'int4-scores'.*\+int8-scores"):
@@ -137,14 +137,15 @@ def test_microbench_refuses_bad_settings():
 
 @pytest.mark.parametrize("src", ["random:tiny", "tinyshapes"])
 def test_engine_processes_make_the_same_inputs_without_loading_weights(src):
-    from diffaccel.eval.harness.microbench import UNetBenchConfig, _input_shapes, make_inputs
+    from diffaccel.eval.harness.bench_variants import denoiser_spec, make_inputs
+    from diffaccel.eval.harness.microbench import StepBenchConfig
     from diffaccel.optimize.sources import resolve_source
 
-    source, cfg = resolve_source(src), UNetBenchConfig(src=src, height=64, width=64)
-    from_configs, from_pipe = _input_shapes(source), _input_shapes(source, source.load())
-    assert from_configs == from_pipe
+    source, cfg = resolve_source(src), StepBenchConfig(src=src, height=64, width=64)
+    (fam, from_configs), (_, from_pipe) = denoiser_spec(source, cfg), denoiser_spec(source, cfg, source.load())
+    assert from_configs.to_dict() == from_pipe.to_dict() and fam.DENOISER in from_configs.name
     a, b = make_inputs(from_configs, cfg), make_inputs(from_pipe, cfg)
-    assert all((a[k] == b[k]).all() for k in a)
+    assert list(a) == [t.name for t in from_configs.inputs] and all((a[k] == b[k]).all() for k in a)
 
 
 @needs_peer
@@ -152,17 +153,18 @@ def test_engine_processes_make_the_same_inputs_without_loading_weights(src):
 def test_the_peer_exports_the_same_source_with_optimum_intel(tmp_path):
     import torch
 
-    from diffaccel.eval.harness.microbench import UNetBenchConfig, prepare_variant
+    from diffaccel.eval.harness.bench_variants import prepare_variant
+    from diffaccel.eval.harness.microbench import StepBenchConfig
     from diffaccel.optimize.sources import resolve_source
 
     source = resolve_source("random:tiny")
-    cfg = UNetBenchConfig(src="random:tiny", height=64, width=64, work=str(tmp_path))
+    cfg = StepBenchConfig(src="random:tiny", height=64, width=64, work=str(tmp_path))
     run, inputs, facts = prepare_variant(cfg, source, ("optimum-intel", "fp32", None))
     assert facts["ov_config"]["INFERENCE_PRECISION_HINT"] == "f32" and "optimum-intel" in facts["versions"]
     assert (tmp_path / "random_tiny-optimum-intel-float" / "unet" / "openvino_model.xml").is_file()
     pipe = source.load()
     with torch.inference_mode():
-        want = pipe.unet(inputs["sample"], 500, inputs["encoder_hidden_states"]).sample
+        want = pipe.unet(inputs["sample"], inputs["timestep"][0], inputs["encoder_hidden_states"]).sample
     got = run(inputs)[0]
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-3), (got - want).abs().max()
 
@@ -177,6 +179,6 @@ def test_eval_times_the_peers_unet_per_step(tmp_path):
     report = evaluate([], baseline="random:tiny", config=config, out_dir=tmp_path / "r")
     row = {v["name"]: v for v in report["variants"]}["optimum-intel-fp32"]
     assert row["status"] == "ok", row["error"]
-    assert row["latency"]["unet_step"]["n"] == 3                    # one timed U-Net call per step
+    assert row["latency"]["denoiser_step"]["n"] == 3                    # one timed U-Net call per step
     assert row["quality"]["aggregate"]["psnr_mean"] > 30             # the same weights as the baseline
 

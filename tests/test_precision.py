@@ -28,9 +28,9 @@ def int8(tiny_int8):
 @pytest.fixture(scope="module")
 def unet_samples(tiny_pipe):
     """The U-Net's inputs at both steps of one guided 64x64 generation (what calibration captures)."""
-    from diffaccel.optimize.families.sd import capture_unet_inputs
+    from diffaccel.optimize.families.sd import capture_denoiser_inputs
 
-    return capture_unet_inputs(tiny_pipe, ["a star"], steps=2, guidance_scale=7.5, seed=0, height=64, width=64)
+    return capture_denoiser_inputs(tiny_pipe, ["a star"], steps=2, guidance_scale=7.5, seed=0, height=64, width=64)
 
 
 def test_int8_manifest_records_calibration_and_decisions(int8):
@@ -69,17 +69,17 @@ def test_default_float_layers_are_not_quantized(int8):
 
 
 def test_calibration_captures_every_step_with_guidance(tiny_pipe):
-    from diffaccel.optimize.families.sd import capture_unet_inputs
+    from diffaccel.optimize.families.sd import capture_denoiser_inputs
 
     kw = dict(steps=3, seed=0, height=64, width=64)
-    samples = capture_unet_inputs(tiny_pipe, ["a red circle", "a blue star"], guidance_scale=7.5, **kw)
+    samples = capture_denoiser_inputs(tiny_pipe, ["a red circle", "a blue star"], guidance_scale=7.5, **kw)
     assert len(samples) == 2 * 3
     for s in samples:   # classifier-free guidance: the U-Net sees the unconditional and the conditional half
         assert s["sample"].shape[0] == s["encoder_hidden_states"].shape[0] == s["timestep"].shape[0] == 2
         assert not torch.equal(s["encoder_hidden_states"][0], s["encoder_hidden_states"][1])
     assert len({float(s["timestep"][0]) for s in samples[:3]}) == 3          # every denoising step
     assert torch.equal(samples[0]["encoder_hidden_states"][0], samples[3]["encoder_hidden_states"][0])  # uncond
-    no_cfg = capture_unet_inputs(tiny_pipe, ["a red circle"], guidance_scale=1.0, **kw)
+    no_cfg = capture_denoiser_inputs(tiny_pipe, ["a red circle"], guidance_scale=1.0, **kw)
     assert len(no_cfg) == 3 and no_cfg[0]["sample"].shape[0] == 1
 
 

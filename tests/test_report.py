@@ -37,13 +37,14 @@ def _variant(name, kind, unet_ms, psnr, status="ok"):
         "name": name, "kind": kind, "status": "ok", "error": None, "info": {}, "size": [64, 64],
         "clock": "perf_counter",
         "setup": {"load_seconds": 0.5, "prepare_seconds": 0.01, "first_call_seconds": 0.2},
-        "latency": {"unet_step": _stats(unet_ms), "unet_step_samples": list(np.linspace(0.9, 1.4, 8) * unet_ms / 1e3),
+        "latency": {"denoiser_step": _stats(unet_ms),
+                    "denoiser_step_samples": list(np.linspace(0.9, 1.4, 8) * unet_ms / 1e3),
                     "text_encoder": _stats(2), "vae_decode": _stats(5), "other": _stats(1),
                     "end_to_end": _stats(4 * unet_ms + 8), "steps_per_second": 1e3 / unet_ms,
-                    "breakdown": {"text_encoder": 0.002, "unet": 4 * unet_ms / 1e3, "vae_decode": 0.005,
+                    "breakdown": {"text_encoder": 0.002, "denoiser": 4 * unet_ms / 1e3, "vae_decode": 0.005,
                                   "other": 0.001}},
         "throughput": [{"batch_size": b, "end_to_end": _stats(b * 10), "images_per_second": 100 / (10 + b),
-                        "unet_step_p50": unet_ms / 1e3} for b in (1, 2)],
+                        "denoiser_step_p50": unet_ms / 1e3} for b in (1, 2)],
         "memory": {"rss_before_mb": 400, "rss_after_load_mb": 420, "peak_rss_mb": 450,
                    "gpu_allocator_peak_mb": None, "gpu_nvml_peak_mb": None},
         "quality": {"per_image": per_image, "aggregate": {
@@ -52,10 +53,10 @@ def _variant(name, kind, unet_ms, psnr, status="ok"):
         "adherence": {"splits": {"overall": split, "seen": split, "held_out": {**split, "n": 0}},
                       "per_image": [r["adherence"] for r in per_image]},
         "sweep": [{"steps": s, "end_to_end": _stats(s * unet_ms), "images_per_second": 1e3 / (s * unet_ms),
-                   "unet_step_p50": unet_ms / 1e3, "psnr": psnr, "ssim": 0.99, "latent_rel_error": 1e-3,
+                   "denoiser_step_p50": unet_ms / 1e3, "psnr": psnr, "ssim": 0.99, "latent_rel_error": 1e-3,
                    "psnr_vs_reference": psnr if s == 4 else 25.0, "ssim_vs_reference": 0.9,
                    "adherence_all": 0.5} for s in (2, 4)],
-        "speedup": {"unet_step_p50": 10.0 / unet_ms, "end_to_end_p50": 1.0},
+        "speedup": {"denoiser_step_p50": 10.0 / unet_ms, "end_to_end_p50": 1.0},
     }
 
 
@@ -64,7 +65,7 @@ def synthetic_report():
         "schema_version": 1, "kind": "diffaccel-eval", "created": "2026-01-01T00:00:00+00:00",
         "config": {"prompts": PROMPTS, "seeds": [0], "steps": [2, 4], "batch_sizes": [1, 2], "headline_steps": 4,
                    "scheduler": "DDIMScheduler", "guidance_scale": 7.5, "height": 64, "width": 64, "peers": []},
-        "baseline": {"variant": "torch-fp32", "source": {"spec": "tinyshapes", "sha256": "0" * 64}},
+        "denoiser": "unet", "baseline": {"variant": "torch-fp32", "source": {"spec": "tinyshapes", "sha256": "0" * 64}},
         "host": {"cpu": {"model": "Test CPU", "logical_cores": 2, "flags": ["avx2"]}, "gpu": None,
                  "torch_threads": 1},
         "clock": "perf_counter",
@@ -111,7 +112,8 @@ def test_report_files_and_tables(stored):
     md = (stored / "report.md").read_text()
     for needle in ("## Summary", "| onnxruntime-int8 | ok | 2.00 |", "## U-Net per-step latency (ms)",
                    "## Steps sweep", "PSNR vs baseline@4", "not computed (pass --lpips PATH)",
-                   "## Prompt adherence", "| onnxruntime-fp32 | seen | 2 | 100% | 50% |", "failed** torch-fp16: RuntimeError", "![quality_vs_speed]"):
+                   "## Prompt adherence", "| onnxruntime-fp32 | seen | 2 | 100% | 50% |",
+                   "failed** torch-fp16: RuntimeError", "![quality_vs_speed]"):
         assert needle in md, needle
     assert "held_out" not in md    # empty splits are left out
 

@@ -49,9 +49,9 @@ def test_bench_runs_an_sdxl_artifact(xl_ort, capsys, tmp_path):
 
 
 def test_microbench_times_the_sdxl_unet_with_its_added_inputs(tmp_path):
-    from diffaccel.eval.harness.microbench import UNetBenchConfig, run_unet_bench
+    from diffaccel.eval.harness.microbench import StepBenchConfig, run_step_bench
 
-    cfg = UNetBenchConfig(src=SDXL, variants=("torch/fp32", "onnxruntime/fp32@torchscript"), height=64, width=64,
+    cfg = StepBenchConfig(src=SDXL, variants=("torch/fp32", "onnxruntime/fp32@torchscript"), height=64, width=64,
                           warmup=0, repeat=1, work=str(tmp_path), threads=1, isolation="interleaved")
-    rows = {r["variant"]: r for r in run_unet_bench(cfg)["rows"]}
+    rows = {r["variant"]: r for r in run_step_bench(cfg)["rows"]}
     assert all(len(r["samples"]) == 1 for r in rows.values()), rows

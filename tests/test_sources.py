@@ -16,8 +16,8 @@ def test_builtins_resolve_without_download():
 
 
 def test_unknown_builtin_lists_known():
-    with pytest.raises(SourceError, match="built-ins are: random:sd15, random:sd21, random:sdxl, random:tiny"):
-        resolve_source("random:sd3")
+    with pytest.raises(SourceError, match="built-ins are: random:sd15, random:sd21, random:sd35-medium, random:sdxl"):
+        resolve_source("random:sd4")
 
 
 def test_random_builtin_is_deterministic():

@@ -385,7 +385,7 @@ def test_cuda_graph_replay_matches_direct_execution(artifacts):
 
 @pytest.mark.gpu
 @needs_trt
-def test_unet_step_latency_tensorrt_fp16_vs_torch_fp16_eager(artifacts, capsys):
+def test_denoiser_step_latency_tensorrt_fp16_vs_torch_fp16_eager(artifacts, capsys):
     """A benchmark, not a timed assertion: prints per-step latency of both, measured side by side."""
     import torch
 

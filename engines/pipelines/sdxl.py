@@ -19,9 +19,9 @@ import inspect
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 
 from diffaccel.optimize.artifact.errors import PipelineArgumentError
-from diffaccel.engines.pipelines.sd import (
-    REFUSED, _Accelerated, _image_size, bound_call, engine_loader, load_scheduler, load_tokenizer, text_encoder_shim,
-    unet_shim, vae_shim)
+from diffaccel.engines.pipelines.base import (
+    REFUSED, _Accelerated, _image_size, bound_call, denoiser_shim_of, engine_loader, load_scheduler, load_tokenizer,
+    text_encoder_shim, vae_shim)
 from diffaccel.engines.pipelines.shims import CLIP_SKIP
 
 XL_COMPONENTS = ("scheduler", "tokenizer", "tokenizer_2", "force_zeros_for_empty_prompt", "add_watermarker")
@@ -38,7 +38,7 @@ def load_xl_components(root, manifest, provider=None, threads=None, **engine_opt
                            **engine_options)
     return {"text_encoder": None if refiner else text_encoder_shim(root, manifest, engine, "text_encoder"),
             "text_encoder_2": text_encoder_shim(root, manifest, engine, "text_encoder_2"),
-            "unet": unet_shim(root, manifest, engine), "vae": vae_shim(root, manifest, engine),
+            "unet": denoiser_shim_of(root, manifest, engine), "vae": vae_shim(root, manifest, engine),
             "tokenizer": None if refiner else load_tokenizer(root, "tokenizer"),
             "tokenizer_2": load_tokenizer(root, "tokenizer_2"), "scheduler": load_scheduler(root)}
 

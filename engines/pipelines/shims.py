@@ -1,4 +1,5 @@
-"""Engine-backed stand-ins for the models diffusers' Stable Diffusion pipelines call.
+"""Engine-backed stand-ins for the text encoders and the VAE diffusers' pipelines call (the denoisers' are in
+:mod:`.denoisers`).
 
 Each shim honours exactly what diffusers' ``__call__`` uses: ``unet(...)[0]`` and ``unet.config``, ``vae.decode``,
 ``vae.encode(...).latent_dist``, ``vae.config.scaling_factor``, ``text_encoder(ids)[0]``, and ``dtype``/``device``;
@@ -90,44 +91,18 @@ class TextEncoderShim(_Shim):
                                           pooler_output=out["pooler_output"], hidden_states=hidden)
 
 
-class UNetShim(_Shim):
-    ADDED = ("text_embeds", "time_ids")      # SDXL's added conditioning, inputs of their own in the engine
+class T5EncoderShim(_Shim):
+    """``T5EncoderModel``: ``(input_ids)[0]`` is the last hidden state (SD3's ``text_encoder_3``, FLUX's
+    ``text_encoder_2``); the engine serves any token count its ``text`` axis allows (diffusers' 1-512)."""
 
-    def __init__(self, engine, spec, config):
-        super().__init__(engine, spec, config)
-        self.added = tuple(t.name for t in spec.inputs if t.name in self.ADDED)
-        self.takes_timestep_cond = any(t.name == "timestep_cond" for t in spec.inputs)   # LCM U-Nets
-        if config.get("addition_embed_type") == "text_time":   # what diffusers checks the time ids against
-            width = int(config["projection_class_embeddings_input_dim"])
-            self.add_embedding = types.SimpleNamespace(linear_1=types.SimpleNamespace(in_features=width))
+    def __call__(self, input_ids, attention_mask=None, output_hidden_states=None, return_dict=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutput
 
-    def __call__(self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
-                 added_cond_kwargs=None, return_dict=True, **kwargs):
-        import torch
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        if (cross_attention_kwargs or {}).get("scale") not in (None, 1.0):
-            raise DiffaccelError("LoRA scales are not supported by exported U-Nets; fuse LoRA weights before "
-                                 "diffaccel optimize")
-        if (timestep_cond is not None) != self.takes_timestep_cond:
-            raise DiffaccelError("timestep_cond (an LCM U-Net's guidance embedding) was " +
-                                 ("not given; the engine needs it" if self.takes_timestep_cond else
-                                  "given; this U-Net engine has no such input"))
-        added = added_cond_kwargs or {}
-        extra = sorted(set(added) - set(self.added))
-        missing = [k for k in self.added if k not in added]
-        if extra or missing:
-            raise DiffaccelError(f"this U-Net engine takes added conditioning {list(self.added)}, got "
-                                 f"{sorted(added)} (missing {missing}, unsupported {extra}): use the drop-in pipeline "
-                                 "of the artifact's family")
-        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
-        t = t.expand(sample.shape[0]) if t.numel() == 1 else t
-        inputs = {"sample": sample, "timestep": t.contiguous(), "encoder_hidden_states": encoder_hidden_states,
-                  **{k: added[k].float() for k in self.added},
-                  **({"timestep_cond": timestep_cond.float()} if self.takes_timestep_cond else {})}
-        out = run_chunked(self.engine, self.spec, inputs)["out_sample"]
-        out = out.to(sample.device)
-        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+        if output_hidden_states:
+            raise DiffaccelError("output_hidden_states is not served by the exported T5 encoder: it returns its last "
+                                 "hidden state only")
+        out = run_chunked(self.engine, self.spec, {"input_ids": input_ids})["last_hidden_state"]
+        return BaseModelOutput(last_hidden_state=out.to(input_ids.device))
 
 
 class VaeShim(_Shim):

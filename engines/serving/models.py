@@ -57,17 +57,17 @@ class ServedModel:
 
     @property
     def native(self) -> "tuple[int, int]":
-        s = self.pipe.unet.config.sample_size * self.scale
+        s = self.pipe.native_size
         return s, s
 
     def size_text(self) -> str:
-        a, s = self.pipe.unet.spec.axes, self.scale
+        a, s = self.pipe.denoiser.spec.axes, self.scale
         h, w = a["height"], a["width"]
         return (f"width {w.min * s}-{w.max * s} and height {h.min * s}-{h.max * s} in multiples of "
                 f"{s * w.multiple}")
 
     def allows(self, height: int, width: int) -> bool:
-        a, s = self.pipe.unet.spec.axes, self.scale
+        a, s = self.pipe.denoiser.spec.axes, self.scale
         return all(v % (s * r.multiple) == 0 and r.allows(v // s)
                    for v, r in ((height, a["height"]), (width, a["width"])))
 

@@ -43,18 +43,18 @@ def _cmd_microbench(args) -> int:
     from diffaccel.optimize.cli.progress import ConsoleReporter
 
     from diffaccel.eval.harness.host import describe
-    from diffaccel.eval.harness.microbench import UNetBenchConfig, format_table, run_unet_bench
+    from diffaccel.eval.harness.microbench import StepBenchConfig, format_table, run_step_bench
 
     variants = comma_list(args.variants, "--variants", what="backend/precision pairs",
                           example="torch/fp32,onnxruntime/fp32")
     try:
-        cfg = UNetBenchConfig(src=args.src, variants=variants,
+        cfg = StepBenchConfig(src=args.src, variants=variants,
                               height=args.height, width=args.width, batch=args.batch, warmup=args.warmup,
                               repeat=args.repeat, work=args.work, threads=args.threads, isolation=args.isolation,
                               passes=args.passes, calib_size=args.calib_size, calib_steps=args.calib_steps)
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
-    result = run_unet_bench(cfg, reporter=ConsoleReporter())
+    result = run_step_bench(cfg, reporter=ConsoleReporter())
     print(format_table(result))
     if args.isolation == "interleaved":
         print(f"host: {describe(result['host'])}")

@@ -187,7 +187,7 @@ def _score_run(run, base, rp, learned, adherence_on: bool) -> dict:
         for r, a in zip(q["per_image"], adh[rp.top]["per_image"]):
             r["adherence"] = a
     b, me = base.row["latency"], row["latency"]
-    row["speedup"] = {"unet_step_p50": b["unet_step"]["p50"] / me["unet_step"]["p50"],
+    row["speedup"] = {"denoiser_step_p50": b["denoiser_step"]["p50"] / me["denoiser_step"]["p50"],
                       "end_to_end_p50": b["end_to_end"]["p50"] / me["end_to_end"]["p50"]}
     return images
 
@@ -209,6 +209,7 @@ def assemble(config: EvalConfig, source, rp, runs: list, learned, adherence_on: 
     report = {"schema_version": SCHEMA_VERSION, "kind": "diffaccel-eval", "created": now(),
               "config": {**config.to_dict(), **resolved},
               "baseline": {"variant": base.row["name"], "source": source.to_dict()},
+              "denoiser": base.row.get("denoiser"),
               "host": host_info(), "clock": base.row["clock"],
               "metrics": {**learned.status(n_images), "adherence": adherence_why},
               "variants": [r.row for r in runs]}

@@ -1,9 +1,9 @@
 """Per-component timing and peak memory of a running pipeline, without copying diffusers' ``__call__``.
 
-:func:`instrument` times the text encoder, each U-Net call (one per denoising step) and the VAE decode of any
-Stable Diffusion pipeline with the same :class:`~diffaccel.eval.harness.timing.Clock`: PyTorch modules through forward
-pre/post hooks (which run outside ``torch.compile``'s graph), engine-backed shims by wrapping their ``engine``
-callables, other runtimes' model parts (optimum-intel's) by wrapping their ``forward``, the VAE by wrapping
+:func:`instrument` times the text encoders, each denoiser call (U-Net or transformer, one per denoising step)
+and the VAE decode of any diffusers pipeline with the same :class:`~diffaccel.eval.harness.timing.Clock`: PyTorch
+modules through forward pre/post hooks (which run outside ``torch.compile``'s graph), engine-backed shims by
+wrapping their ``engine`` callables, other runtimes' model parts (optimum-intel's) by wrapping their ``forward``, the VAE by wrapping
 ``decode``/``encode``. Everything is restored on exit, also after an exception.
 :class:`MemoryMonitor` samples the process RSS in a thread (and, on GPU, reads the allocator peak and NVML).
 
@@ -23,8 +23,10 @@ import dataclasses
 import logging
 import threading
 
+from diffaccel.optimize.artifact.roles import DENOISERS, TEXT_ENCODERS
+
 log = logging.getLogger(__name__)
-COMPONENTS = ("text_encoder", "unet", "vae_decode", "vae_encode")
+COMPONENTS = ("text_encoder", "denoiser", "vae_decode", "vae_encode")
 
 
 @dataclasses.dataclass
@@ -111,7 +113,8 @@ def _hook_module(module, component: str, clock, timings: Timings, patches: _Patc
 def _targets(pipe) -> list:
     """(component, object, attribute or None for module hooks) for what this pipeline has."""
     out = []
-    for component, attr in (("text_encoder", "text_encoder"), ("text_encoder", "text_encoder_2"), ("unet", "unet")):
+    parts = [("text_encoder", name) for name in TEXT_ENCODERS] + [("denoiser", name) for name in DENOISERS]
+    for component, attr in parts:
         obj = getattr(pipe, attr, None)
         if obj is None:
             continue

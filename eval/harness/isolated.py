@@ -82,7 +82,7 @@ def run_isolated(cfg, names: list, to_build: list, module: str, source) -> dict:
     for r in rows:
         if "stats" in r:
             r["pass_speedups"] = [a / b for a, b in zip(first["pass_medians"], r["pass_medians"])]
-    return {"benchmark": "unet-step", "config": dataclasses.asdict(cfg), "source": source.to_dict(),
+    return {"benchmark": "denoiser-step", "config": dataclasses.asdict(cfg), "source": source.to_dict(),
             "host": host_info(), "timing": f"each variant in its own process, {cfg.passes} passes in alternating "
                                            "order, perf_counter, median of the per-pass medians",
             "passes": [ps["order"] for ps in passes], "rows": rows}

@@ -1,13 +1,14 @@
-"""U-Net step latency of several variants, measured side by side in one run, with ratios to the first.
+"""Denoiser step latency (a U-Net's or a transformer's) of several variants, measured side by side in one run, with
+ratios to the first.
 
-Each variant is ``backend/precision``: ``torch/fp32`` runs the source's U-Net eagerly; ``optimum-intel/PRECISION``
+Each variant is ``backend/precision``: ``torch/fp32`` runs the source's denoiser eagerly; ``optimum-intel/PRECISION``
 is the peer, optimum-intel's own OpenVINO pipeline (see :mod:`diffaccel.eval.harness.peers_optimum`; skipped with
-the reason where its extra is absent); any other pair that ``diffaccel optimize`` supports is built (U-Net only,
+the reason where its extra is absent); any other pair that ``diffaccel optimize`` supports is built (the denoiser only,
 cached under ``work``; re-runs skip finished stages) and loaded as an engine. ``backend/precision@exporter`` picks
 the ONNX exporter (dynamo, the default, or torchscript); engine rows also give the node count of their graph. Every
 variant gets the same inputs and the same timing wrapper.
 
-Isolation (``UNetBenchConfig.isolation``): ``process`` (the default) times each variant in its own process, so no
+Isolation (``StepBenchConfig.isolation``): ``process`` (the default) times each variant in its own process, so no
 other runtime's thread pool or memory sits beside it, over ``passes`` passes in alternating order, and reports each
 pass's median and the median of the medians (see :mod:`diffaccel.eval.harness.isolated`); ``interleaved`` keeps
 every variant in this process and times one call of each per round.
@@ -25,14 +26,13 @@ every variant in this process and times one call of each per round.
 
 A ``+option`` suffix builds a diffaccel int8 variant with one quantization choice changed (``VARIANT_OPTIONS``), so
 two int8 builds of the same backend can be timed side by side. ``onnxruntime/fp32+unfused-attention`` loads the same
-fp32 build's exported U-Net instead of its engine: attention as exported (MatMul/Softmax/MatMul, the score matrix
+fp32 build's exported denoiser instead of its engine: attention as exported (MatMul/Softmax/MatMul, the score matrix
 held) rather than fused into ONNX Runtime's ``MultiHeadAttention``, at the build's graph level, so the fusion's
 speed and memory show beside ``onnxruntime/fp32``. Isolated rows give each process's peak RSS.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import sys
@@ -41,13 +41,12 @@ from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import BackendUnavailableError, DiffaccelError, disk_full, one_line
 
+from diffaccel.eval.harness.bench_variants import (  # noqa: F401  (the variant kinds, re-exported)
+    EAGER, PEER_BACKENDS, UNFUSED, VARIANT_OPTIONS, prepare_variant)
+
 
 log = logging.getLogger(__name__)
-EAGER = {"torch/fp32": "float32", "torch/bf16": "bfloat16"}   # run from the source pipeline, no artifact needed
-PEER_BACKENDS = ("optimum-intel",)                             # another project's pipeline, not a diffaccel build
 ISOLATION = ("process", "interleaved")
-VARIANT_OPTIONS = {"int8-scores": {"attention_scores": "int8"}, "float-scores": {"attention_scores": "float"}}
-UNFUSED = "unfused-attention"     # onnxruntime/fp32: the same build's export, attention not fused
 
 
 def parse_variant(text: str) -> tuple:
@@ -74,12 +73,12 @@ def parse_variant(text: str) -> tuple:
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetBenchConfig:
+class StepBenchConfig:
     src: str = "random:sd15"
     variants: tuple = ("torch/fp32", "onnxruntime/fp32")
     height: int = 256
     width: int = 256
-    batch: int = 2            # the U-Net's input batch (2 = one image with classifier-free guidance)
+    batch: int = 2            # the denoiser's input batch (2 = one image with classifier-free guidance)
     warmup: int = 2
     repeat: int = 10          # timed calls per variant (per process and pass, or interleaved rounds)
     work: str = "runs/microbench"
@@ -106,147 +105,7 @@ def variant_name(parsed: tuple) -> str:
     return f"{backend}/{precision}" + (f"@{exporter}" if exporter else "") + "".join(f"+{o}" for o in option)
 
 
-def _defaults(cls) -> dict:
-    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
-
-
-def _input_shapes(source, pipe=None) -> dict:
-    """What the inputs are made of, from the loaded pipeline or, without loading any weights, the source's configs:
-    latent channels and scale, tokens and cross-attention width, and for SDXL U-Nets the pooled text embedding
-    width and time id count (``text_embeds``, ``time_ids``), for LCM U-Nets the guidance embedding width."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from diffaccel.optimize.families import configs_of
-    from diffaccel.optimize.families.sdxl import time_id_count
-
-    c = configs_of(pipe) if pipe is not None else source.configs()
-    if c is None:
-        return _input_shapes(source, source.load())
-    unet, vae = {**_defaults(UNet2DConditionModel), **c["unet"]}, {**_defaults(AutoencoderKL), **c["vae"]}
-    text = c.get("text_encoder") or c.get("text_encoder_2") or {}
-    tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
-    out = {"channels": unet["in_channels"], "scale": 2 ** (len(vae["block_out_channels"]) - 1),
-           "tokens": tokenizer.model_max_length if tokenizer is not None else text.get("max_position_embeddings", 77),
-           "width": unet["cross_attention_dim"]}
-    if unet.get("addition_embed_type") == "text_time":           # SDXL: pooled text embeddings and time ids
-        out.update(text_embeds=c["text_encoder_2"]["projection_dim"],
-                   time_ids=time_id_count(unet, c["text_encoder_2"]))
-    if unet.get("time_cond_proj_dim"):                             # LCM: the guidance embedding
-        out["timestep_cond"] = unet["time_cond_proj_dim"]
-    return out
-
-
-def make_inputs(shapes: dict, cfg: UNetBenchConfig) -> dict:
-    """The U-Net's inputs by name, in the order of its spec (what the eager module takes positionally)."""
-    import torch
-
-    g = torch.Generator().manual_seed(cfg.seed)
-    s, b = shapes["scale"], cfg.batch
-    out = {"sample": torch.randn(b, shapes["channels"], cfg.height // s, cfg.width // s, generator=g),
-           "timestep": torch.full((b,), 500.0),
-           "encoder_hidden_states": torch.randn(b, shapes["tokens"], shapes["width"], generator=g)}
-    if "text_embeds" in shapes:
-        size = [cfg.height, cfg.width, 0.0, 0.0]           # original size, crop top-left, then target size or score
-        ids = size + ([cfg.height, cfg.width] if shapes["time_ids"] == 6 else [6.0])
-        out["text_embeds"] = torch.randn(b, shapes["text_embeds"], generator=g)
-        out["time_ids"] = torch.tensor([ids[:shapes["time_ids"]]] * b, dtype=torch.float32)
-    if "timestep_cond" in shapes:
-        out["timestep_cond"] = torch.randn(b, shapes["timestep_cond"], generator=g)
-    return out
-
-
-def _eager(pipe, dtype_name: str):
-    import torch
-
-    from diffaccel.optimize.families import configs_of, detect
-
-    dtype = getattr(torch, dtype_name)
-    module = detect(configs_of(pipe), "the source").export_module("unet", pipe).to(dtype)
-
-    def run(inputs):
-        with torch.inference_mode():
-            return module(*(v.to(dtype) if v.is_floating_point() else v for v in inputs.values()))
-    return run
-
-
-def _engine(cfg: UNetBenchConfig, source, backend: str, precision: str, exporter, reporter, spin, option=None):
-    """(runner, facts) for an engine built by diffaccel optimize (U-Net only, cached under ``cfg.work``)."""
-    from diffaccel.engines import load_engine
-    from diffaccel.optimize import OptimizeConfig, optimize
-    from diffaccel.optimize.config import QuantConfig, ShapeRange
-
-    images = max(1, (cfg.batch + 1) // 2)
-    quant = {k: v for k, v in (("calib_size", cfg.calib_size), ("calib_steps", cfg.calib_steps)) if v is not None}
-    quant.update(VARIANT_OPTIONS.get(option, {}))     # the variant's +option, e.g. int8 attention scores
-    build_option = option if option in VARIANT_OPTIONS else None          # +unfused-attention: the plain build
-    try:
-        ocfg = OptimizeConfig(backend=backend, precision=precision, components=("unet",), threads=cfg.threads,
-                              shapes=ShapeRange(batch=(1, images), height=(cfg.height, cfg.height),
-                                                width=(cfg.width, cfg.width)),
-                              # builds may run in a process beside the variants already loaded: the pre-flight
-                              # estimate is for a build on its own, so it would refuse builds that fit
-                              memory_check=False, **({"exporter": exporter} if exporter else {}),
-                              **({"quant": QuantConfig(**quant)} if quant else {}))
-    except ValueError as e:
-        raise DiffaccelError(str(e)) from None
-    out = Path(cfg.work) / (f"{source.spec.replace(':', '_').replace('/', '_')}-unet-{backend}-{precision}"
-                            + (f"-{exporter}" if exporter else "") + (f"-{build_option}" if build_option else ""))
-    manifest = optimize(source, out, ocfg, reporter=reporter)
-    entry = manifest.components["unet"]
-    if option == UNFUSED:
-        engine, path = _unfused(out, ocfg, cfg.threads, spin), out / "unet" / "export" / "model.onnx"
-    else:
-        engine, path = load_engine(backend, out, "unet", entry, threads=cfg.threads, spin=spin), out / entry["engine"]
-    facts = {"exporter": str(ocfg.exporter), "graph_nodes": _node_count(path)}
-    if backend == "onnxruntime":
-        facts["fused_attention"] = 0 if option == UNFUSED else entry.get("fused_attention", 0)
-    return (lambda inputs: engine(**inputs)), facts
-
-
-def _unfused(out: Path, ocfg, threads, spin):
-    """The build's exported U-Net as ONNX Runtime loads it at the build's graph level: what the engine stage starts
-    from before it fuses attention into ``MultiHeadAttention`` (the same weights, the same other optimizations)."""
-    from diffaccel.engines.backends.onnxruntime import OrtEngine
-
-    return OrtEngine(out / "unet" / "export" / "model.onnx", provider=ocfg.provider, threads=threads,
-                     level=ocfg.graph_level, spin=spin)
-
-
-def _peer(cfg: UNetBenchConfig, source, backend: str, precision: str, inputs: dict):
-    """(runner, facts) for a peer's own pipeline, exported once and cached under ``cfg.work``."""
-    from diffaccel.eval.harness import peers_optimum
-
-    out = peers_optimum.cached(Path(cfg.work), source, precision)
-    pipe = peers_optimum.load(out, precision)
-    facts = {"peer": backend, "ov_config": peers_optimum.ov_config(precision), "versions": peers_optimum.versions()}
-    return peers_optimum.unet_runner(pipe, inputs), facts
-
-
-def prepare_variant(cfg: UNetBenchConfig, source, parsed: tuple, reporter=None, spin=None, pipe=None) -> tuple:
-    """(runner, inputs, facts) for one variant; ``pipe``: the loaded source, where the caller has one."""
-    backend, precision, exporter, *option = parsed
-    pair = f"{backend}/{precision}"
-    if pair in EAGER:
-        pipe = pipe if pipe is not None else source.load()
-        return _eager(pipe, EAGER[pair]), make_inputs(_input_shapes(source, pipe), cfg), {}
-    inputs = make_inputs(_input_shapes(source, pipe), cfg)
-    if backend in PEER_BACKENDS:
-        run, facts = _peer(cfg, source, backend, precision, inputs)
-        return run, inputs, facts
-    run, facts = _engine(cfg, source, backend, precision, exporter, reporter, spin, *option)
-    return run, inputs, facts
-
-
-def _node_count(path: Path) -> "int | None":
-    if path.suffix != ".onnx":
-        return None
-    import onnx
-
-    return len(onnx.load(str(path), load_external_data=False).graph.node)
-
-
-def run_unet_bench(cfg: UNetBenchConfig, reporter=None) -> dict:
+def run_step_bench(cfg: StepBenchConfig, reporter=None) -> dict:
     """Build what is missing, then time every variant on identical inputs (isolated processes by default, see the
     module's docstring). Returns a JSON-able record."""
     variants = [parse_variant(v) for v in cfg.variants]     # a typo fails before the model loads
@@ -261,7 +120,7 @@ def run_unet_bench(cfg: UNetBenchConfig, reporter=None) -> dict:
     return _run_interleaved(cfg, variants, reporter)
 
 
-def _run_interleaved(cfg: UNetBenchConfig, variants: list, reporter) -> dict:
+def _run_interleaved(cfg: StepBenchConfig, variants: list, reporter) -> dict:
     """Timed calls interleaved (one call of each variant per round) in this process, so drift in machine load hits
     every variant alike."""
     from diffaccel.optimize.sources import resolve_source
@@ -329,7 +188,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def time_one(cfg: UNetBenchConfig, name: str, build_only: bool = False) -> dict:
+def time_one(cfg: StepBenchConfig, name: str, build_only: bool = False) -> dict:
     """Build or load one variant in this process, warm it up and time ``cfg.repeat`` calls (an isolated child's
     work); a peer whose extra is absent answers ``{"skipped": reason}``."""
     from diffaccel.optimize.cli.progress import ConsoleReporter
@@ -363,7 +222,7 @@ def main(argv: list) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config, name, out, *flags = argv
     try:
-        record = time_one(UNetBenchConfig(**json.loads(config)), name, "--build-only" in flags)
+        record = time_one(StepBenchConfig(**json.loads(config)), name, "--build-only" in flags)
     except DiffaccelError as e:
         print(f"error: {name}: {one_line(e)}", file=sys.stderr)
         return e.exit_code

@@ -154,14 +154,19 @@ def prepare(precision: str):
     return run
 
 
-def unet_runner(pipe, inputs: dict):
-    """One U-Net step through optimum-intel's own U-Net call, on the microbench's inputs. Its pipeline feeds the
-    timestep as one value for the whole batch (its exported input is ``[1]``, int64): so do we."""
+def denoiser_runner(pipe, inputs: dict):
+    """One denoiser step through optimum-intel's own model call (its pipeline's ``unet`` or ``transformer``), on the
+    microbench's inputs. Its U-Net pipelines feed the timestep as one value for the whole batch (the exported input
+    is ``[1]``, int64): so do we; its transformers take one float per row, as ours."""
     import torch
 
-    feed = {"sample": inputs["sample"], "timestep": inputs["timestep"][:1].to(torch.int64),
-            "encoder_hidden_states": inputs["encoder_hidden_states"]}
+    from diffaccel.optimize.families import denoiser_of
+
+    model = getattr(pipe, denoiser_of(pipe))
+    feed = dict(inputs)
+    if "sample" in feed:                                  # U-Net inputs (sample, timestep, encoder_hidden_states)
+        feed["timestep"] = feed["timestep"][:1].to(torch.int64)
 
     def run(_inputs):
-        return pipe.unet(**feed)
+        return model(**feed)
     return run

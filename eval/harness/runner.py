@@ -55,14 +55,34 @@ def stats(samples) -> "dict | None":
     return LatencyStats.from_samples(samples).to_dict() if len(samples) else None
 
 
+def _denoiser_of(pipe) -> str:
+    from diffaccel.optimize.families import denoiser_of
+
+    return denoiser_of(pipe)
+
+
+def initial_noise(pipe, seeds: list, size: tuple):
+    """The starting latents of every variant, the same float32 noise per seed (image i from ``seeds[i]``, as
+    diffusers draws it from one generator per image), in the pipeline's layout: (1, latent channels, h, w) per image,
+    packed into 2x2 patches where the pipeline packs (FLUX); cast to the denoiser's dtype."""
+    import torch
+
+    from diffaccel.optimize.families import denoiser_of
+
+    c, f = pipe.vae.config.latent_channels, pipe.vae_scale_factor
+    packs = hasattr(pipe, "_pack_latents")
+    h, w = (2 * (n // (2 * f)) for n in size) if packs else (n // f for n in size)
+    noise = torch.cat([torch.randn((1, c, h, w), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    if packs:
+        noise = pipe._pack_latents(noise, len(seeds), c, h, w)
+    return noise.to(getattr(pipe, denoiser_of(pipe)).dtype)
+
+
 def generate(pipe, rp: RunPlan, prompts: list, seeds: list, steps: int, size: tuple):
     """(images float NHWC in [0, 1], final latents) for one pipeline call."""
     import torch
 
-    c = pipe.unet.config.in_channels
-    f = pipe.vae_scale_factor
-    latents = torch.cat([torch.randn((1, c, size[0] // f, size[1] // f), generator=torch.Generator().manual_seed(s))
-                         for s in seeds]).to(pipe.unet.dtype)
+    latents = initial_noise(pipe, seeds, size)
     captured = {}
 
     def on_step_end(_pipe, _i, _t, kwargs):
@@ -80,7 +100,7 @@ def _call(pipe, rp, clock, timings, prompts, seeds, steps, size) -> tuple:
     with clock.span() as span:
         images, latents = generate(pipe, rp, prompts, seeds, steps, size)
     totals = timings.totals()
-    record = {"e2e": span.seconds, "unet": timings.samples("unet"), "text_encoder": totals["text_encoder"],
+    record = {"e2e": span.seconds, "denoiser": timings.samples("denoiser"), "text_encoder": totals["text_encoder"],
               "vae_decode": totals["vae_decode"]}
     return images, latents, record
 
@@ -88,14 +108,14 @@ def _call(pipe, rp, clock, timings, prompts, seeds, steps, size) -> tuple:
 def _latency(calls: list, steps: int) -> dict:
     e2e = [c["e2e"] for c in calls]
     te, vae = [c["text_encoder"] for c in calls], [c["vae_decode"] for c in calls]
-    unet_total = [sum(c["unet"]) for c in calls]
-    other = [e - t - u - v for e, t, u, v in zip(e2e, te, unet_total, vae)]
+    denoiser_total = [sum(c["denoiser"]) for c in calls]
+    other = [e - t - u - v for e, t, u, v in zip(e2e, te, denoiser_total, vae)]
     loop = [e - t - v for e, t, v in zip(e2e, te, vae)]
-    samples = [s for c in calls for s in c["unet"]]
-    return {"unet_step": stats(samples), "unet_step_samples": samples, "text_encoder": stats(te),
+    samples = [s for c in calls for s in c["denoiser"]]
+    return {"denoiser_step": stats(samples), "denoiser_step_samples": samples, "text_encoder": stats(te),
             "vae_decode": stats(vae), "other": stats(other), "end_to_end": stats(e2e),
             "steps_per_second": steps / float(np.mean(loop)),
-            "breakdown": {"text_encoder": float(np.mean(te)), "unet": float(np.mean(unet_total)),
+            "breakdown": {"text_encoder": float(np.mean(te)), "denoiser": float(np.mean(denoiser_total)),
                           "vae_decode": float(np.mean(vae)), "other": float(np.mean(other))}}
 
 
@@ -114,9 +134,20 @@ def _load(variant, rp: RunPlan) -> tuple:
     return pipe, {"load_seconds": t1 - t0, "prepare_seconds": t2 - t1}
 
 
+def native_size(pipe) -> int:
+    """The side in pixels diffusers' ``__call__`` uses by default (a drop-in's ``native_size``; the same rule for a
+    diffusers pipeline: its ``default_sample_size``, else the denoiser's ``sample_size``, times the VAE's factor)."""
+    from diffaccel.optimize.families import denoiser_of
+
+    if hasattr(pipe, "native_size"):
+        return pipe.native_size
+    size = getattr(pipe, "default_sample_size", None) or getattr(pipe, denoiser_of(pipe)).config.sample_size
+    return int(size if isinstance(size, int) else size[0]) * pipe.vae_scale_factor
+
+
 def _measure(pipe, rp: RunPlan, reporter, name: str, row: dict) -> dict:
     """Warm up, then every prompt x seed at every step count (batch 1), then each batch size; fills ``row``."""
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = native_size(pipe)
     size = (rp.height or native, rp.width or native)
     clock = Clock(str(pipe.device))
     row.update(size=list(size), clock=clock.name, sweep=[])
@@ -167,7 +198,7 @@ def _call_summary(calls: list, images: int) -> dict:
     """End-to-end latency, images per second and U-Net step p50 of timed calls that made ``images`` images each."""
     e2e = [c["e2e"] for c in calls]
     return {"end_to_end": stats(e2e), "images_per_second": images / float(np.mean(e2e)),
-            "unet_step_p50": float(np.median([s for c in calls for s in c["unet"]]))}
+            "denoiser_step_p50": float(np.median([s for c in calls for s in c["denoiser"]]))}
 
 
 def preimport() -> None:
@@ -199,6 +230,7 @@ def run_variant(variant, rp: RunPlan, reporter) -> Run:
             pipe, setup = _load(variant, rp)
             row["setup"].update(setup)
             row["pipeline"] = type(pipe).__name__      # the family's diffusers pipeline or its drop-in
+            row["denoiser"] = _denoiser_of(pipe)
             mem.mark_loaded()
             reporter.item_done(variant.name, "load", setup["load_seconds"] + setup["prepare_seconds"])
             outputs = _measure(pipe, rp, reporter, variant.name, row)

@@ -37,12 +37,15 @@ def _cast(dtype_name: str):
 
 
 def _compile(pipe, device):
-    """The U-Net under ``torch.compile`` (default mode), as diffusers' docs show; compilation happens on the first
-    calls, so it shows up in the warm-up time."""
+    """The denoiser (U-Net or transformer) under ``torch.compile`` (default mode), as diffusers' docs show;
+    compilation happens on the first calls, so it shows up in the warm-up time."""
     import torch
 
+    from diffaccel.optimize.families import denoiser_of
+
     pipe = pipe.to(device)
-    pipe.unet = torch.compile(pipe.unet)
+    name = denoiser_of(pipe)
+    setattr(pipe, name, torch.compile(getattr(pipe, name)))
     return pipe
 
 

@@ -14,6 +14,7 @@ import statistics
 import time
 
 from diffaccel.engines.serving.batching import BatchPolicy, Request
+from diffaccel.eval.harness.runner import native_size
 from diffaccel.eval.loadbench.report import choose_slo, summarize, table_row
 from diffaccel.optimize.sources.prompts import default_prompts
 from diffaccel.eval.loadbench.loop import LoadConfig, check_timeout_ms, parse_rate, serve
@@ -74,7 +75,7 @@ class LoadBench:
 
         self.pipe = pipeline_class(artifact).from_pretrained(artifact, provider=provider, threads=threads)
         self.pipe.set_progress_bar_config(disable=True)
-        native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        native = native_size(self.pipe)
         self.base = dataclasses.replace(base, height=base.height or native, width=base.width or native)
         self.prompts = tuple(prompts) or default_prompts(self.pipe.manifest.source.get("spec", ""))
         self.calibration: dict = {}

@@ -27,11 +27,11 @@ details summary{cursor:pointer;font-weight:600}
 
 CAPTIONS = {
     "quality_vs_speed": "PSNR of each variant's images against the baseline's (same prompts, seeds, scheduler) "
-                        "versus U-Net step latency p50; the dashed line is the Pareto front. The baseline is drawn "
-                        "on the top line (identical to itself: infinite PSNR).",
-    "latency_distribution": "Distribution of U-Net per-step latency over every denoising step of the timed "
+                        "versus the denoiser's step latency p50; the dashed line is the Pareto front. The baseline "
+                        "is drawn on the top line (identical to itself: infinite PSNR).",
+    "latency_distribution": "Distribution of the denoiser's per-step latency over every denoising step of the timed "
                             "generations (warm-up excluded).",
-    "stage_breakdown": "Mean time per image split into text encoder, U-Net (all steps), VAE decode and the rest "
+    "stage_breakdown": "Mean time per image split into text encoders, denoiser (all steps), VAE decode and the rest "
                        "(scheduler, pre/post-processing).",
     "throughput": "End-to-end images per second for each batch size (a batch of prompts in one call).",
     "steps_sweep": "Left: latency as the number of denoising steps falls. Right: PSNR against the baseline at the "

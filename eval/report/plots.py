@@ -1,6 +1,6 @@
 """Report figures as PNG bytes, drawn from report.json alone with matplotlib's Agg canvas (no pyplot state).
 
-Figures: quality vs speed with the Pareto front, per-step U-Net latency distributions, the stage breakdown,
+Figures: quality vs speed with the Pareto front, per-step denoiser latency distributions, the stage breakdown,
 throughput vs batch size, the steps sweep, and per prompt/seed an image grid (baseline | each variant | its
 |difference| heat-map).
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffaccel.eval.report.tables import num
+from diffaccel.eval.report.tables import denoiser_label, num
 
 
 def _figure(w: float, h: float, ncols: int = 1):
@@ -54,7 +54,7 @@ def pareto_front(points: list) -> list:
 
 def quality_vs_speed(report: dict) -> bytes:
     rows = _ok(report)
-    xs = [v["latency"]["unet_step"]["p50"] * 1e3 for v in rows]
+    xs = [v["latency"]["denoiser_step"]["p50"] * 1e3 for v in rows]
     psnr = [num(v["quality"]["aggregate"]["psnr"]) for v in rows]
     finite = [p for p in psnr if p is not None and math.isfinite(p)]
     top = (max(finite) if finite else 40.0) + 5.0      # where "identical to the baseline" (infinite PSNR) is drawn
@@ -67,7 +67,7 @@ def quality_vs_speed(report: dict) -> bytes:
     front = pareto_front(list(zip(xs, ys)))
     ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="gray", zorder=1, label="Pareto front")
     ax.axhline(top, color="lightgray", lw=0.8)
-    ax.set_xlabel("U-Net step latency p50 (ms)  ← faster")
+    ax.set_xlabel(f"{denoiser_label(report)} step latency p50 (ms)  ← faster")
     ax.set_ylabel("PSNR vs baseline (dB)  ↑ closer")
     ax.set_title("Quality vs speed")
     ax.legend(fontsize=8, loc="best")
@@ -77,14 +77,14 @@ def quality_vs_speed(report: dict) -> bytes:
 def latency_distributions(report: dict) -> bytes:
     rows = _ok(report)
     fig, (ax,) = _figure(6.4, 1.2 + 0.5 * max(len(rows), 2))
-    data = [np.asarray(v["latency"]["unet_step_samples"], dtype=float) * 1e3 for v in rows]
+    data = [np.asarray(v["latency"]["denoiser_step_samples"], dtype=float) * 1e3 for v in rows]
     try:
         ax.boxplot(data, orientation="horizontal", whis=(1, 99), showmeans=True)
     except TypeError:  # matplotlib < 3.10
         ax.boxplot(data, vert=False, whis=(1, 99), showmeans=True)
     ax.set_yticks(range(1, len(rows) + 1), labels=[v["name"] for v in rows])
     ax.invert_yaxis()
-    ax.set_xlabel("U-Net step latency (ms)")
+    ax.set_xlabel(f"{denoiser_label(report)} step latency (ms)")
     ax.set_title("Per-step latency: box p25-p75, whiskers p1-p99, triangle = mean", fontsize=10)
     return _png(fig)
 
@@ -93,7 +93,7 @@ def stage_breakdown(report: dict) -> bytes:
     rows = _ok(report)
     fig, (ax,) = _figure(6.4, 1.2 + 0.5 * max(len(rows), 2))
     left = np.zeros(len(rows))
-    for part in ("text_encoder", "unet", "vae_decode", "other"):
+    for part in ("text_encoder", "denoiser", "vae_decode", "other"):
         vals = np.asarray([v["latency"]["breakdown"][part] * 1e3 for v in rows])
         ax.barh([v["name"] for v in rows], vals, left=left, label=part)
         left += vals

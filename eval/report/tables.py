@@ -38,22 +38,29 @@ def _ok(report: dict) -> list:
     return [v for v in report["variants"] if v["status"] == "ok"]
 
 
-def _unet_p50(v: dict) -> "float | None":
-    return num(v["latency"]["unet_step"]["p50"])
+def _step_p50(v: dict) -> "float | None":
+    return num(v["latency"]["denoiser_step"]["p50"])
+
+
+def denoiser_label(report: dict) -> str:
+    """What the report's denoiser is called in its tables and plots: "U-Net" or "transformer"."""
+    from diffaccel.optimize.artifact.roles import label
+
+    return label(report.get("denoiser"))
 
 
 def reference_peer(report: dict) -> "dict | None":
-    """The fastest measured peer row (``kind`` "peer", lowest U-Net step p50): what "vs peer" compares with."""
-    peers = [v for v in _ok(report) if v.get("kind") == "peer" and _unet_p50(v)]
-    return min(peers, key=_unet_p50, default=None)
+    """The fastest measured peer row (``kind`` "peer", lowest denoiser step p50): what "vs peer" compares with."""
+    peers = [v for v in _ok(report) if v.get("kind") == "peer" and _step_p50(v)]
+    return min(peers, key=_step_p50, default=None)
 
 
 def _vs_peer(v: dict, peer: dict) -> str:
-    """An engine row's U-Net step speed relative to ``peer`` (peer p50 / engine p50), e.g. "1.42× torch-bf16"."""
-    mine = _unet_p50(v)
+    """An engine row's denoiser step speed relative to ``peer`` (peer p50 / engine p50), e.g. "1.42× torch-bf16"."""
+    mine = _step_p50(v)
     if v.get("kind") != "artifact" or not mine:
         return "—"
-    return f"{fmt(_unet_p50(peer) / mine, '.2f')}× {peer['name']}"
+    return f"{fmt(_step_p50(peer) / mine, '.2f')}× {peer['name']}"
 
 
 def peer_note(report: dict) -> str:
@@ -61,16 +68,17 @@ def peer_note(report: dict) -> str:
     peer = reference_peer(report)
     if peer is None:
         return ""
-    return (f"vs peer: the fastest peer's U-Net step p50 ({peer['name']}, {fmt(_unet_p50(peer), '.2f', 1e3)} ms) "
+    return (f"vs peer: the fastest peer's {denoiser_label(report)} step p50 ({peer['name']}, "
+            f"{fmt(_step_p50(peer), '.2f', 1e3)} ms) "
             "divided by each engine's; above 1 the engine is faster")
 
 
 def summary_rows(report: dict) -> list:
     """Header plus one row per variant: the headline numbers. With a measured peer, a "vs peer" column gives each
-    engine's U-Net step speed relative to the fastest peer (see :func:`peer_note`)."""
+    engine's denoiser step speed relative to the fastest peer (see :func:`peer_note`)."""
     peer = reference_peer(report)
-    head = ["variant", "status", "U-Net p50 ms", "p90 ms", "speedup", "e2e s/img", "best img/s", "PSNR dB",
-            "SSIM", "latent err", "adherence"] + (["vs peer"] if peer else [])
+    head = ["variant", "status", f"{denoiser_label(report)} p50 ms", "p90 ms", "speedup", "e2e s/img", "best img/s",
+            "PSNR dB", "SSIM", "latent err", "adherence"] + (["vs peer"] if peer else [])
     rows = [head]
     for v in report["variants"]:
         if v["status"] != "ok":
@@ -80,8 +88,9 @@ def summary_rows(report: dict) -> list:
         ref = agg.get("reference")
         best = max(v["throughput"], key=lambda t: t["images_per_second"]) if v["throughput"] else None
         adh = v.get("adherence")
-        rows.append([v["name"] + (" (baseline)" if ref else ""), "ok", fmt(lat["unet_step"]["p50"], ".2f", 1e3),
-                     fmt(lat["unet_step"]["p90"], ".2f", 1e3), fmt(v["speedup"]["unet_step_p50"], ".2f") + "x",
+        rows.append([v["name"] + (" (baseline)" if ref else ""), "ok", fmt(lat["denoiser_step"]["p50"], ".2f", 1e3),
+                     fmt(lat["denoiser_step"]["p90"], ".2f", 1e3),
+                     fmt(v["speedup"]["denoiser_step_p50"], ".2f") + "x",
                      fmt(lat["end_to_end"]["p50"], ".3f"),
                      f"{fmt(best['images_per_second'], '.2f')} @b{best['batch_size']}" if best else "—",
                      "ref" if ref else fmt(agg["psnr"], ".1f"), "ref" if ref else fmt(agg["ssim"], ".4f"),
@@ -129,16 +138,18 @@ def format_summary(report: dict) -> str:
 def _latency(report) -> list:
     rows = [["variant", "n", "mean", "p50", "p90", "p99", "min", "max"]]
     for v in _ok(report):
-        s = v["latency"]["unet_step"]
+        s = v["latency"]["denoiser_step"]
         rows.append([v["name"], s["n"]] + [fmt(s[k], ".2f", 1e3) for k in ("mean", "p50", "p90", "p99", "min", "max")])
     return rows
 
 
 def _stages(report) -> list:
-    rows = [["variant", "text encoder", "U-Net (all steps)", "VAE decode", "other", "end-to-end p50", "steps/s"]]
+    rows = [["variant", "text encoder", f"{denoiser_label(report)} (all steps)", "VAE decode", "other",
+             "end-to-end p50", "steps/s"]]
     for v in _ok(report):
         b, lat = v["latency"]["breakdown"], v["latency"]
-        rows.append([v["name"]] + [fmt(b[k], ".1f", 1e3) for k in ("text_encoder", "unet", "vae_decode", "other")] +
+        rows.append([v["name"]] + [fmt(b[k], ".1f", 1e3)
+                                   for k in ("text_encoder", "denoiser", "vae_decode", "other")] +
                     [fmt(lat["end_to_end"]["p50"], ".1f", 1e3), fmt(lat["steps_per_second"], ".1f")])
     return rows
 
@@ -231,7 +242,8 @@ def sections(report: dict) -> list:
     notes = "\n".join(f"- **{k}**: {v}" for k, v in report["metrics"].items())
     notes += "\n- **PSNR** in report.json: identical images give the string \"inf\" (shown as ∞)."
     notes += "".join(f"\n- **failed** {f}" for f in failures(report))
-    return [("U-Net per-step latency (ms)", _latency(report)), ("Stages per image (ms)", _stages(report)),
+    return [(f"{denoiser_label(report)} per-step latency (ms)", _latency(report)),
+            ("Stages per image (ms)", _stages(report)),
             ("Throughput vs batch size", _throughput(report)), ("Setup and memory", _setup(report)),
             ("Quality vs baseline (same prompts, seeds, scheduler)", _quality(report)),
             ("Prompt adherence", _adherence(report)), ("Steps sweep", _sweep(report)),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import ArtifactError
 from diffaccel.optimize.artifact.files import atomic_write_json, file_sha256
+from diffaccel.optimize.artifact.roles import DENOISERS, GUIDANCE_INPUTS
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -116,13 +117,29 @@ class Manifest:
         return float((self.get("optimize_config") or {}).get("guidance", 7.5))
 
     @property
+    def denoiser(self) -> str:
+        """The denoiser's component name (``unet`` or ``transformer``): recorded at build, else the one built."""
+        recorded = (self.get("pipeline") or {}).get("denoiser")
+        return recorded or next((c for c in DENOISERS if c in self.components), DENOISERS[0])
+
+    @property
+    def denoiser_class(self) -> str:
+        """The denoiser's diffusers class (what the drop-in's stand-in imitates); U-Nets before it was recorded."""
+        return (self.get("pipeline") or {}).get("denoiser_class", "UNet2DConditionModel")
+
+    @property
+    def takes_guidance(self) -> bool:
+        """Whether the denoiser takes the guidance scale as an input (an LCM U-Net's ``timestep_cond``, FLUX.1-dev's
+        ``guidance``): its batch is never doubled for classifier-free guidance."""
+        inputs = self.components.get(self.denoiser, {}).get("spec", {}).get("inputs", [])
+        return any(t["name"] in GUIDANCE_INPUTS for t in inputs)
+
+    @property
     def guidance_limit(self) -> "float | None":
-        """The largest guidance scale the artifact serves where its U-Net was built without the classifier-free
-        batch (guidance <= 1), else None. An LCM U-Net (a ``timestep_cond`` input) takes guidance as an input and
-        is never doubled, so it has no limit."""
-        inputs = self.components.get("unet", {}).get("spec", {}).get("inputs", [])
-        lcm = any(t["name"] == "timestep_cond" for t in inputs)
-        return self.built_guidance if self.built_guidance <= 1 and not lcm else None
+        """The largest guidance scale the artifact serves where its denoiser was built without the classifier-free
+        batch (guidance <= 1), else None. A denoiser that takes guidance as an input (:attr:`takes_guidance`) is
+        never doubled, so it has no limit."""
+        return self.built_guidance if self.built_guidance <= 1 and not self.takes_guidance else None
 
     def verify(self, components=None) -> None:
         """Raise :class:`ArtifactError` unless the artifact is complete and its engine files are unmodified."""

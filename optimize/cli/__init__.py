@@ -9,6 +9,10 @@ import time
 
 from diffaccel.optimize.artifact.errors import DiffaccelError, disk_full, one_line
 from diffaccel.optimize.cli.args import GUIDANCE_HELP, guidance_arg
+from diffaccel.engines.pipelines.schedulers import ALIASES
+from diffaccel.optimize.config import Backend, Precision
+from diffaccel.optimize.families import COMPONENTS
+from diffaccel.optimize.stages.plans import supported_pairs
 
 EPILOG = "Built-in sources: tinyshapes, random:tiny, random:sd15, random:sd21. Docs: README.md"
 
@@ -26,6 +30,10 @@ def _quiet_libraries(verbose: bool) -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
+def _choices(enum) -> str:
+    return " | ".join(m.value for m in enum)
+
+
 # ---- optimize --------------------------------------------------------------------------------------------------
 def _add_optimize(sub) -> None:
     p = sub.add_parser("optimize", help="build accelerated engines from a checkpoint",
@@ -34,8 +42,9 @@ def _add_optimize(sub) -> None:
                        epilog=EPILOG)
     p.add_argument("src", help="diffusers folder, .safetensors file, hub id, or built-in name")
     p.add_argument("-o", "--out", required=True, help="output artifact directory")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) | torch | tensorrt")
-    p.add_argument("--precision", default="fp32", help="fp32 (default) | fp16 | bf16 | int8 | fp8")
+    p.add_argument("--backend", default="onnxruntime", help=f"{_choices(Backend)} (default onnxruntime; the pairs "
+                                                            f"with --precision that build: {supported_pairs()})")
+    p.add_argument("--precision", default="fp32", help=f"{_choices(Precision)} (default fp32)")
     p.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider: cpu (default) | cuda | tensorrt")
     p.add_argument("--batch", default="1-4", help="images per call the engines serve, N or MIN-MAX (default 1-4)")
     p.add_argument("--height", default=None, help="image height(s) in pixels, N or MIN-MAX (default: around the "
@@ -58,8 +67,8 @@ def _add_optimize(sub) -> None:
                         "recommended one, 2 for tinyshapes and 3 for tinyshapes-xl, else 7.5). 1 or below (off = "
                         "0: SDXL-Turbo, LCM-LoRA) builds the U-Net for one guidance half only, a batch range half as "
                         "large, and the drop-in pipelines refuse guidance_scale > 1; int8 calibrates at this scale")
-    p.add_argument("--components", default=None, help="comma-separated subset of text_encoder,unet,vae_decoder,"
-                                                       "vae_encoder to build (default: all)")
+    p.add_argument("--components", default=None, help="comma-separated subset to build (default: all the model has): "
+                                                       + ", ".join(COMPONENTS))
     q = p.add_argument_group("int8 calibration and quantization")
     q.add_argument("--calib-prompts", default=None, help="text file, one calibration prompt per line")
     q.add_argument("--calib-size", type=int, default=8, help="calibration prompts used (default 8)")
@@ -126,7 +135,6 @@ def _cmd_optimize(args) -> int:
     from diffaccel.optimize.config import QuantConfig, ShapeRange, TensorRTConfig
     from diffaccel.optimize.cli.args import comma_list
     from diffaccel.optimize.cli.progress import ConsoleReporter
-    from diffaccel.optimize.families import COMPONENTS
     from diffaccel.optimize.stages.resources import parse_size
 
     try:
@@ -138,7 +146,7 @@ def _cmd_optimize(args) -> int:
         trt = TensorRTConfig(opt_level=args.opt_level, workspace_gb=args.workspace_gb, timing_cache=args.timing_cache,
                              static_shapes=args.static_shapes, cuda_graph=args.cuda_graph)
         comps = comma_list(args.components, "--components", what="component names",
-                           example="unet,vae_decoder") if args.components else COMPONENTS
+                           example="vae_decoder") if args.components else COMPONENTS
         cfg = OptimizeConfig(backend=args.backend, precision=args.precision, provider=args.provider,
                              shapes=ShapeRange.parse(args.batch, args.height, args.width), exporter=args.exporter,
                              opset=args.opset, graph_level=args.graph_level, threads=args.threads,
@@ -179,8 +187,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--scheduler", default=None, help="a diffusers scheduler class (any case), e.g. "
-                                                     "DPMSolverMultistepScheduler, or an alias: ddim, euler, euler-a, "
-                                                     "dpm++, lcm ...")
+                                                     "DPMSolverMultistepScheduler, or an alias: " + ", ".join(ALIASES))
     p.add_argument("--provider", default=None, help="ONNX Runtime provider (default: the one built for)")
     p.add_argument("-o", "--output", default="image.png", help="output PNG (index appended for several images)")
     p.set_defaults(func=_cmd_generate)
@@ -196,7 +203,7 @@ def _cmd_generate(args) -> int:
     pipe = pipeline_class(args.artifact).from_pretrained(args.artifact, provider=args.provider)  # the family's drop-in
     if scheduler is not None:
         pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = pipe.native_size
     if (args.height is None) != (args.width is None):   # diffusers would silently reset both to the default
         args.height, args.width = args.height or native, args.width or native
     if args.guidance is None:   # the one rule of every command: the guidance the artifact was built for

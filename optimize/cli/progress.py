@@ -58,14 +58,13 @@ def _mb(n: int) -> str:
 
 
 def guidance_text(m) -> str:
-    """How the artifact's U-Net serves classifier-free guidance (``optimize --guidance``), for ``diffaccel info``."""
-    scale = (m.get("optimize_config") or {}).get("guidance", 7.5)
-    inputs = m.components.get("unet", {}).get("spec", {}).get("inputs", [])
-    if any(t["name"] == "timestep_cond" for t in inputs):
-        return f"{scale:g}: an LCM U-Net (guidance embedding; its batch is never doubled)"
+    """How the artifact's denoiser serves classifier-free guidance (``optimize --guidance``), for ``diffaccel info``."""
+    scale, den = m.built_guidance, m.denoiser
+    if m.takes_guidance:
+        return f"{scale:g}: the {den} takes guidance as an input (its batch is never doubled)"
     if scale <= 1:
-        return f"{scale:g}: built for guidance <= 1 only (U-Net batch not doubled; guidance_scale > 1 is refused)"
-    return f"{scale:g}: classifier-free guidance doubles the U-Net batch (guidance <= 1 runs too)"
+        return f"{scale:g}: built for guidance <= 1 only ({den} batch not doubled; guidance_scale > 1 is refused)"
+    return f"{scale:g}: classifier-free guidance doubles the {den} batch (guidance <= 1 runs too)"
 
 
 def format_info(m) -> str:

@@ -26,6 +26,8 @@ PIPELINE_CLASS = "StableDiffusionPipeline"                                    # 
 DROP_INS = ("diffaccel.engines.pipelines.sd:AcceleratedStableDiffusionPipeline",
             "diffaccel.engines.pipelines.sd:AcceleratedStableDiffusionImg2ImgPipeline")
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+DENOISER = "unet"                                                             # the denoiser's role, diffusers' name
+TEXT_ENCODERS = ("text_encoder",)
 SOURCE_MODEL = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 TOKENIZERS = ("tokenizer",)
 LOAD_KWARGS = {"safety_checker": None, "requires_safety_checker": False}   # diffusers' loading keywords
@@ -57,7 +59,7 @@ def problems(configs: dict, inpaint: bool, pipelines: tuple = PIPELINES) -> list
     pipeline = configs.get("pipeline")
     if pipeline and pipeline not in pipelines:
         problems.append(f"pipeline is {pipeline}, not one of {', '.join(pipelines)}")
-    unet_class = (unet or {}).get("_class_name", "UNet2DConditionModel")
+    unet_class = (unet or configs.get("transformer") or {}).get("_class_name", "UNet2DConditionModel")
     if unet is None or unet_class != "UNet2DConditionModel":
         problems.append(f"denoiser is {unet_class}, not UNet2DConditionModel")
     else:
@@ -98,20 +100,64 @@ class ModelGeometry:
 
     @classmethod
     def from_pipeline(cls, pipe) -> "ModelGeometry":
-        te = pipe.text_encoder.config
-        return cls(vocab_size=int(te.vocab_size), max_length=int(pipe.tokenizer.model_max_length),
-                   text_hidden=int(te.hidden_size), **denoiser_geometry(pipe))
+        return cls.from_configs(pipeline_configs(pipe))
+
+    @classmethod
+    def from_configs(cls, configs: dict) -> "ModelGeometry":
+        """From the configs alone (:func:`~diffaccel.optimize.families.detect`'s, plus ``max_length``, the tokenizer's,
+        and ``scheduler`` where known): what a benchmark builds inputs from without loading weights."""
+        te = text_config(configs, "text_encoder")
+        return cls(vocab_size=int(te["vocab_size"]), max_length=max_length(configs, te),
+                   text_hidden=int(te["hidden_size"]), **denoiser_geometry(configs))
 
 
-def denoiser_geometry(pipe) -> dict:
-    """The geometry fields the U-Net, the VAE and the scheduler decide (every family's ``ModelGeometry`` has them)."""
-    unet, vae = pipe.unet.config, pipe.vae.config
+def pipeline_configs(pipe) -> dict:
+    """A loaded pipeline's configs as :meth:`ModelGeometry.from_configs` reads them (the tokenizer's length and the
+    scheduler's included)."""
+    from diffaccel.optimize.families import configs_of
+
+    tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+    return {**configs_of(pipe), "scheduler": dict(pipe.scheduler.config),
+            "max_length": None if tokenizer is None else int(tokenizer.model_max_length)}
+
+
+def with_defaults(model_class: str, config: "dict | None") -> dict:
+    """``config`` (a diffusers or transformers model config as a dict, possibly leaving defaults out) with the class's
+    defaults filled in, as the library would on loading."""
+    import inspect
+
+    import diffusers
+    import transformers
+
+    config = dict(config or {})
+    cls = getattr(diffusers, model_class, None)
+    if cls is not None:
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+    else:
+        defaults = getattr(transformers, model_class)().to_dict()
+    return {**defaults, **{k: v for k, v in config.items() if v is not None or k not in defaults}}
+
+
+def text_config(configs: dict, name: str) -> dict:
+    return with_defaults("CLIPTextConfig", configs.get(name))
+
+
+def max_length(configs: dict, text: dict) -> int:
+    return int(configs.get("max_length") or text.get("max_position_embeddings", 77))
+
+
+def denoiser_geometry(configs: dict) -> dict:
+    """The geometry fields the U-Net, the VAE and the scheduler decide (every U-Net family's ``ModelGeometry`` has
+    them), from the configs."""
+    unet = with_defaults("UNet2DConditionModel", configs.get("unet"))
+    vae = with_defaults("AutoencoderKL", configs.get("vae"))
     vae_scale, latent_multiple = size_factors(unet, vae)
-    sample = unet.sample_size if isinstance(unet.sample_size, int) else unet.sample_size[0]
-    return dict(latent_channels=int(vae.latent_channels), unet_in_channels=int(unet.in_channels),
-                cross_attention_dim=int(unet.cross_attention_dim), vae_scale_factor=vae_scale,
-                latent_multiple=latent_multiple, default_size=int(sample) * vae_scale,
-                num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
+    sample = unet["sample_size"] if isinstance(unet["sample_size"], int) else unet["sample_size"][0]
+    train = (configs.get("scheduler") or {}).get("num_train_timesteps") or 1000
+    return dict(latent_channels=int(vae["latent_channels"]), unet_in_channels=int(unet["in_channels"]),
+                cross_attention_dim=int(unet["cross_attention_dim"]), vae_scale_factor=vae_scale,
+                latent_multiple=latent_multiple, default_size=int(sample) * vae_scale, num_train_timesteps=int(train),
                 guidance_doubles_batch=unet.get("time_cond_proj_dim") is None,
                 timestep_cond_dim=int(unet.get("time_cond_proj_dim") or 0))
 
@@ -151,7 +197,7 @@ def attention_bytes(configs: dict, latent_h: int, latent_w: int, batch: int = 2)
     return int(batch * heads * tokens * tokens * 4)
 
 
-def size_factors(unet_config, vae_config) -> tuple:
+def size_factors(denoiser_config, vae_config) -> tuple:
     """(VAE scale factor, latent multiple the U-Net needs) from the U-Net and VAE configs (dicts or diffusers
     FrozenDicts), with diffusers' defaults where a key is absent (AutoencoderKL: one block; UNet2DConditionModel:
     four down blocks).
@@ -164,7 +210,7 @@ def size_factors(unet_config, vae_config) -> tuple:
     (1, 8)
     """
     vae_blocks = len(vae_config.get("block_out_channels") or (64,))
-    unet_blocks = len(unet_config.get("down_block_types") or (0,) * 4)
+    unet_blocks = len(denoiser_config.get("down_block_types") or (0,) * 4)
     return 2 ** (vae_blocks - 1), 2 ** (unet_blocks - 1)
 
 
@@ -321,7 +367,7 @@ def assets(pipe) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # calibration capture: the U-Net's inputs at every denoising step of real sampling
 # ----------------------------------------------------------------------------------------------------------
-def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: float, seed: int, height: int,
+def capture_denoiser_inputs(pipe, prompts: list, *, steps: int, guidance_scale: float, seed: int, height: int,
                         width: int, call_kwargs: "dict | None" = None) -> list:
     """Run ``pipe`` once per prompt and return the U-Net's inputs at every step, as dicts of CPU tensors named
     ``sample``, ``timestep`` (one per batch row) and ``encoder_hidden_states`` (``call_kwargs``: more arguments of

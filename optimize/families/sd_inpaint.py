@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from diffaccel.optimize.families import sd
 from diffaccel.optimize.families.sd import (  # noqa: F401  (the family surface, shared with SD)
-    COMPONENTS, LOAD_KWARGS, SOURCE_MODEL, TOKENIZERS, ModelGeometry, assets, check_pixel_range, export_module,
-    attention_bytes, latent_opt_size, size_factors, specs, weight_bytes)
+    COMPONENTS, DENOISER, LOAD_KWARGS, SOURCE_MODEL, TEXT_ENCODERS, TOKENIZERS, ModelGeometry, assets,
+    check_pixel_range, export_module, attention_bytes, latent_opt_size, size_factors, specs, weight_bytes)
 
 NAME = "sd-inpaint"
 TITLE = "Stable Diffusion 1.x/2.x inpainting"
@@ -27,12 +27,12 @@ def mismatches(configs: dict) -> list:
     return sd.problems(configs, inpaint=True, pipelines=PIPELINES)
 
 
-def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: float, seed: int, height: int,
+def capture_denoiser_inputs(pipe, prompts: list, *, steps: int, guidance_scale: float, seed: int, height: int,
                         width: int) -> list:
     """The U-Net's inputs (9-channel ``sample`` included) at every step of inpainting a seeded image."""
     from diffusers import StableDiffusionInpaintPipeline
 
     if not isinstance(pipe, StableDiffusionInpaintPipeline):
         pipe = StableDiffusionInpaintPipeline(**pipe.components)
-    return sd.capture_unet_inputs(pipe, prompts, steps=steps, guidance_scale=guidance_scale, seed=seed,
+    return sd.capture_denoiser_inputs(pipe, prompts, steps=steps, guidance_scale=guidance_scale, seed=seed,
                                   height=height, width=width, call_kwargs=sd.inpainting_inputs(height, width, seed))

@@ -43,6 +43,8 @@ PIPELINE_CLASS = "StableDiffusionXLPipeline"
 DROP_INS = ("diffaccel.engines.pipelines.sdxl:AcceleratedStableDiffusionXLPipeline",
             "diffaccel.engines.pipelines.sdxl:AcceleratedStableDiffusionXLImg2ImgPipeline")
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+DENOISER = "unet"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 SOURCE_MODEL = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
                 "vae_decoder": "vae", "vae_encoder": "vae"}
 TOKENIZERS = ("tokenizer", "tokenizer_2")
@@ -79,7 +81,7 @@ def problems(configs: dict, refiner: bool, inpaint: bool = False, pipelines: tup
     pipeline = configs.get("pipeline")
     if pipeline and pipeline not in pipelines:
         problems.append(f"pipeline is {pipeline}, not one of {', '.join(pipelines)}")
-    unet_class = unet.get("_class_name", "UNet2DConditionModel")
+    unet_class = (unet or configs.get("transformer") or {}).get("_class_name", "UNet2DConditionModel")
     if not configs.get("unet") or unet_class != "UNet2DConditionModel":
         problems.append(f"denoiser is {unet_class}, not UNet2DConditionModel")
     kind = unet.get("addition_embed_type")
@@ -132,14 +134,21 @@ class ModelGeometry(sd.ModelGeometry):
 
     @classmethod
     def from_pipeline(cls, pipe) -> "ModelGeometry":
-        te2 = pipe.text_encoder_2.config
-        te = pipe.text_encoder.config if pipe.text_encoder is not None else None    # None: the refiner
+        configs = sd.pipeline_configs(pipe)
+        configs["max_length"] = int(pipe.tokenizer_2.model_max_length)
+        return cls.from_configs(configs)
+
+    @classmethod
+    def from_configs(cls, configs: dict) -> "ModelGeometry":
+        """From the configs alone (see :meth:`diffaccel.optimize.families.sd.ModelGeometry.from_configs`)."""
+        te2 = sd.text_config(configs, "text_encoder_2")
+        te = sd.text_config(configs, "text_encoder") if configs.get("text_encoder") else None   # None: the refiner
+        unet = sd.with_defaults("UNet2DConditionModel", configs.get("unet"))
         return cls(
-            vocab_size=int(te.vocab_size) if te else 0, vocab_size_2=int(te2.vocab_size),
-            max_length=int(pipe.tokenizer_2.model_max_length),
-            text_hidden=int(te.hidden_size) if te else 0, text_hidden_2=int(te2.hidden_size),
-            pooled_dim=int(te2.projection_dim), time_ids=int(time_id_count(dict(pipe.unet.config), te2.to_dict())),
-            **sd.denoiser_geometry(pipe))
+            vocab_size=int(te["vocab_size"]) if te else 0, vocab_size_2=int(te2["vocab_size"]),
+            max_length=sd.max_length(configs, te2), text_hidden=int(te["hidden_size"]) if te else 0,
+            text_hidden_2=int(te2["hidden_size"]), pooled_dim=int(te2["projection_dim"]),
+            time_ids=int(time_id_count(unet, te2)), **sd.denoiser_geometry(configs))
 
 
 def specs(geo: ModelGeometry, shapes) -> dict:
@@ -272,7 +281,7 @@ def assets(pipe) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # calibration capture
 # ----------------------------------------------------------------------------------------------------------
-def capture_unet_inputs(pipe, prompts: list, *, steps: int, guidance_scale: float, seed: int, height: int,
+def capture_denoiser_inputs(pipe, prompts: list, *, steps: int, guidance_scale: float, seed: int, height: int,
                         width: int, call_kwargs: "dict | None" = None) -> list:
     """Run ``pipe`` once per prompt and return the U-Net's inputs at every step, as dicts of CPU tensors named as
     the U-Net spec's inputs (``sample``, ``timestep`` one per batch row, ``encoder_hidden_states``, ``text_embeds``,

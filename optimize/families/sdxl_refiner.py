@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from diffaccel.optimize.families import sdxl
 from diffaccel.optimize.families.sdxl import (  # noqa: F401  (the family surface, shared with base SDXL)
-    ModelGeometry, assets, capture_unet_inputs, check_pixel_range, export_module, attention_bytes, latent_opt_size, size_factors,
-    weight_bytes)
+    ModelGeometry, assets, capture_denoiser_inputs, check_pixel_range, export_module, attention_bytes,
+    latent_opt_size, size_factors, weight_bytes)
 
 NAME = "sdxl-refiner"
 TITLE = "Stable Diffusion XL refiner"
@@ -25,6 +25,8 @@ PIPELINE_CLASS = "StableDiffusionXLImg2ImgPipeline"
 DROP_INS = (None,    # no text-to-image: the refiner refines images
             "diffaccel.engines.pipelines.sdxl:AcceleratedStableDiffusionXLImg2ImgPipeline")
 COMPONENTS = ("text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+DENOISER = "unet"
+TEXT_ENCODERS = ("text_encoder_2",)
 SOURCE_MODEL = {c: sdxl.SOURCE_MODEL[c] for c in COMPONENTS}
 TOKENIZERS = ("tokenizer_2",)
 LOAD_KWARGS = sdxl.LOAD_KWARGS

@@ -3,7 +3,7 @@
 Diffusion U-Nets see very different activations early (pure noise) and late (nearly clean latents) in sampling, and
 classifier-free guidance doubles every batch with an unconditional half. Calibrating on random tensors or on one
 timestep misses both; we run the pipeline itself, with the configured guidance, and record what the U-Net receives
-(each model family knows how: ``family.capture_unet_inputs``). Everything is seeded: the same QuantConfig on the same
+(each model family knows how: ``family.capture_denoiser_inputs``). Everything is seeded: the same QuantConfig on the same
 source gives the same tensors.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def check_prompts_file(quant) -> None:
 
 def calibration_size(ctx) -> tuple:
     """(height, width) in pixels calibration runs at: the U-Net spec's typical (opt) latent size."""
-    opt, scale = ctx.specs["unet"].opt_values(), ctx.geometry.vae_scale_factor
+    opt, scale = ctx.specs[ctx.denoiser].opt_values(), ctx.geometry.vae_scale_factor
     return opt["height"] * scale, opt["width"] * scale
 
 
@@ -45,7 +45,7 @@ def calibration_samples(ctx) -> tuple:
     """(prompts, the U-Net's inputs at every step of sampling each prompt with the configured guidance)."""
     q, (height, width) = ctx.config.quant, calibration_size(ctx)
     prompts = calibration_prompts(ctx)
-    samples = ctx.family.capture_unet_inputs(ctx.pipe, prompts, steps=q.calib_steps, guidance_scale=q.guidance_scale,
+    samples = ctx.family.capture_denoiser_inputs(ctx.pipe, prompts, steps=q.calib_steps, guidance_scale=q.guidance_scale,
                                              seed=q.calib_seed, height=height, width=width)
     return prompts, samples
 

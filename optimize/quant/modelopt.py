@@ -1,7 +1,7 @@
 """Model Optimizer (nvidia-modelopt) for the TensorRT plans: int8/fp8 Q/DQ U-Nets, and fp16 ONNX via AutoCast.
 
-:func:`quantize_unet` quantizes a copy of the PyTorch U-Net with ``mtq.quantize``, calibrated by a forward loop
-over the U-Net inputs that the real pipeline produces (:func:`~diffaccel.optimize.quant.calibration.capture_unet_inputs`,
+:func:`quantize_denoiser` quantizes a copy of the PyTorch denoiser (U-Net or transformer) with ``mtq.quantize``, calibrated by a forward loop
+over the U-Net inputs that the real pipeline produces (:func:`~diffaccel.optimize.quant.calibration.capture_denoiser_inputs`,
 the same capture as the ONNX Runtime int8 path), keeps in float what Model Optimizer's diffusers example keeps
 (time and conditioning embeddings, ``conv_in``/``conv_out``, skip convolutions), then :func:`export_qdq` exports ONNX
 with Q/DQ nodes for a strongly typed TensorRT build (the ``quantize`` stage of the TensorRT int8/fp8 plans,
@@ -116,22 +116,24 @@ def float_filter(model, recipe: ModeloptRecipe):
     return lambda name: bool(pattern.match(name)) or name.rpartition(".")[0] in convs
 
 
-def quantize_unet(unet, recipe: ModeloptRecipe, calib: list, device: str = "cpu"):
-    """Quantize ``unet`` in place with Model Optimizer, calibrated on ``calib`` (captured U-Net inputs)."""
+def quantize_denoiser(model, recipe: ModeloptRecipe, calib: list, wrapper, names: tuple, device: str = "cpu"):
+    """Quantize ``model`` (the denoiser) in place with Model Optimizer, calibrated on ``calib`` (its captured
+    inputs, by name): each sample runs through ``wrapper`` (the family's export module around ``model``, taking the
+    spec's inputs ``names`` in order)."""
     import modelopt.torch.quantization as mtq
     import torch
 
-    unet = unet.to(device).eval()
+    model = model.to(device).eval()
+    wrapper = wrapper.to(device).eval()
 
-    def forward_loop(model):
+    def forward_loop(_):
         for d in calib:
-            model(d["sample"].to(device), d["timestep"].to(device), d["encoder_hidden_states"].to(device),
-                  return_dict=False)
+            wrapper(*(d[n].to(device) for n in names if n in d))
 
     with torch.no_grad():
-        mtq.quantize(unet, modelopt_config(mtq, recipe), forward_loop=forward_loop)
-    mtq.disable_quantizer(unet, float_filter(unet, recipe))
-    return unet.to("cpu")
+        mtq.quantize(model, modelopt_config(mtq, recipe), forward_loop=forward_loop)
+    mtq.disable_quantizer(model, float_filter(model, recipe))
+    return model.to("cpu")
 
 
 def export_qdq(module, spec, dst: Path, opset: int) -> list:

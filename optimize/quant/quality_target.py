@@ -59,13 +59,14 @@ def activation_sqnr(qdq_model: Path, samples: list) -> dict:
 
 
 class ImageJudge:
-    """PSNR of images made with an int8 U-Net engine against the float pipeline's, on fixed prompts and seeds."""
+    """PSNR of images made with an int8 denoiser engine against the float pipeline's, on fixed prompts and seeds."""
 
     def __init__(self, pipe, spec, prompts: list, steps: int, guidance: float, seed: int, size: tuple,
-                 engine=None):
-        """``engine(path, threads)``: the runtime the candidate U-Net will be deployed on (default ONNX Runtime),
-        so that its int8 kernels and its float precision (e.g. OpenVINO's bf16) are what is judged."""
-        self.pipe, self.spec, self.prompts = pipe, spec, prompts
+                 engine=None, *, denoiser: str):
+        """``engine(path, threads)``: the runtime the candidate denoiser will be deployed on (default ONNX Runtime),
+        so that its int8 kernels and its float precision (e.g. OpenVINO's bf16) are what is judged; ``denoiser``:
+        the pipeline attribute it replaces (the family's ``DENOISER``)."""
+        self.pipe, self.spec, self.prompts, self.denoiser = pipe, spec, prompts, denoiser
         self.engine = engine or _ort_engine
         self.kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=size[0], width=size[1],
                        output_type="np")
@@ -80,13 +81,11 @@ class ImageJudge:
 
     def psnr(self, engine_path: Path, threads=None) -> float:
         import numpy as np
-        from diffusers import StableDiffusionPipeline
+        from diffaccel.engines.pipelines.shims import denoiser_shim
 
-        from diffaccel.engines.pipelines.shims import UNetShim
-
-        shim = UNetShim(self.engine(engine_path, threads), self.spec, self.pipe.unet.config)
-        parts = {**self.pipe.components, "unet": shim}
-        candidate = StableDiffusionPipeline(**parts)
+        original = getattr(self.pipe, self.denoiser)
+        shim = denoiser_shim(self.denoiser, self.engine(engine_path, threads), self.spec, original.config)
+        candidate = type(self.pipe)(**{**self.pipe.components, self.denoiser: shim})
         mse = float(np.mean([np.mean((self._run(candidate, i) - ref) ** 2)
                              for i, ref in enumerate(self.reference)]))
         return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)

@@ -19,15 +19,18 @@ from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import SourceError, one_line
 from diffaccel.optimize.artifact.files import file_sha256, tree_sha256
+from diffaccel.optimize.artifact.roles import DENOISERS, TEXT_ENCODERS
 from diffaccel.optimize.families import configs_of, detect, family, supported_pipelines
+from diffaccel.optimize.sources import dit_recipes
 from diffaccel.optimize.sources.builtins import (BUILTINS, RECIPES, TINYSHAPES, builtin_hash, builtin_location,
-                                                random_models)
+                                                is_recipe, random_models)
 from diffaccel.optimize.sources.lora import Lora, check_loras, fuse_loras, with_loras
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
-REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")       # a U-Net pipeline's folders
 OPTIONAL = ("text_encoder_2", "tokenizer_2")    # required where model_index.json lists them (SDXL)
-MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")   # whose configs detection reads
+NOT_FOLDERS = ("image_encoder", "feature_extractor", "safety_checker")   # listed by some pipelines, never built
+MODELS = (*DENOISERS, "vae", *TEXT_ENCODERS)    # whose configs detection reads
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -48,6 +51,8 @@ class Source:
         """``{"pipeline", "unet", "vae", "text_encoder"}``: the pipeline class and the models' configs, read without loading any
         weights (None where only loading can tell: a single-file checkpoint without ``--config``). Lets the family
         be detected and size checks run before any work (see :func:`diffaccel.optimize.families.detect`)."""
+        if self.kind == "builtin" and self.spec in dit_recipes.RECIPES:
+            return dit_recipes.configs(self.spec)
         if self.kind == "builtin" and self.spec in RECIPES:
             r = RECIPES[self.spec]
             out = {"pipeline": None, "unet": r["unet"], "vae": r["vae"], "text_encoder": r["text"]}
@@ -87,7 +92,7 @@ class Source:
         without LoRAs) rather than the whole pipeline: what lets a build hold one component's weights at a time."""
         if self.loras:
             return False     # a LoRA is fused through the pipeline's loader, into several models at once
-        return (self.kind == "builtin" and self.spec in RECIPES) or self.kind in ("folder", "hub")
+        return (self.kind == "builtin" and is_recipe(self.spec)) or self.kind in ("folder", "hub")
 
     def load_models(self, names) -> dict:
         """``{name: model}`` for the named models ("unet", "vae", "text_encoder", "text_encoder_2"), fp32, CPU, eval
@@ -162,6 +167,9 @@ def _parts(index: dict) -> tuple:
     >>> _parts({"text_encoder": [None, None], "tokenizer": [None, None], "text_encoder_2": ["t", "C"],
     ...         "tokenizer_2": ["t", "T"]})
     ('unet', 'vae', 'scheduler', 'text_encoder_2', 'tokenizer_2')
+    >>> _parts({"transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+    ...         "text_encoder_3": [None, None], "scheduler": ["diffusers", "X"], "_class_name": "P"})
+    ('transformer', 'vae', 'scheduler')
     """
     def listed(c):
         return isinstance(index.get(c), (list, tuple)) and any(index[c])
@@ -169,6 +177,8 @@ def _parts(index: dict) -> tuple:
     def nulled(c):
         return c in index and not listed(c)
 
+    if listed("transformer"):     # a diffusion transformer's pipeline (SD3, FLUX): every part it lists
+        return tuple(c for c in index if not c.startswith("_") and listed(c) and c not in NOT_FOLDERS)
     return tuple(c for c in REQUIRED if not nulled(c)) + tuple(c for c in OPTIONAL if listed(c))
 
 

@@ -12,8 +12,10 @@
 
 Random weights are drawn from a fixed seed, so the same name always gives the same pipeline on the same torch.
 
->>> sorted(BUILTINS)
-['random:sd15', 'random:sd21', 'random:sdxl', 'random:tiny', 'random:tiny-xl', 'tinyshapes', 'tinyshapes-xl']
+>>> sorted(BUILTINS)[:5]
+['random:sd15', 'random:sd21', 'random:sd35-medium', 'random:sdxl', 'random:tiny']
+
+The diffusion-transformer recipes (SD3, FLUX) are in :mod:`~diffaccel.optimize.sources.dit_recipes`.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Callable
+
+from diffaccel.optimize.sources import dit_recipes
+from diffaccel.optimize.sources.seeded import made as _made, seeded as _seeded
 
 BUILTINS: dict[str, Callable] = {}
 RECIPE_VERSION = 2          # bump when a random:* recipe (or its tokenizer) changes, so its source hash changes
@@ -32,14 +37,6 @@ def builtin(name: str):
         BUILTINS[name] = fn
         return fn
     return register
-
-
-def _seeded(seed: int, make):
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return make()
 
 
 def _assemble(unet_kw: dict, vae_kw: dict, text_kw: dict, sched: dict, seed: int, words=None, only=None):
@@ -64,14 +61,6 @@ def _assemble(unet_kw: dict, vae_kw: dict, text_kw: dict, sched: dict, seed: int
     cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[sched.pop("_class_name")]
     return StableDiffusionPipeline(**models, tokenizer=tokenizer, scheduler=cls.from_config(sched),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
-def _made(makers: dict, only) -> dict:
-    """Build the models named in ``only`` (all when None), in a fixed order."""
-    unknown = set(only or ()) - set(makers)
-    if unknown:
-        raise KeyError(f"this pipeline has no {', '.join(sorted(unknown))}")
-    return {k: make() for k, make in makers.items() if only is None or k in only}
 
 
 def _assemble_xl(unet_kw: dict, vae_kw: dict, text_kw: "dict | None", text2_kw: dict, sched: dict, seed: int,
@@ -184,6 +173,8 @@ RECIPES = {
 
 
 def _random(name: str, only=None):
+    if name in dit_recipes.RECIPES:
+        return dit_recipes.assemble(name, only=only)
     r = RECIPES[name]
     if "text_2" in r:
         return _assemble_xl(r["unet"], r["vae"], r["text"], r["text_2"], r["scheduler"], r["seed"], only=only)
@@ -196,7 +187,7 @@ def random_models(name: str, names) -> dict:
     return _random(name, only=set(names))
 
 
-for _name in RECIPES:
+for _name in (*RECIPES, *dit_recipes.RECIPES):
     builtin(_name)(lambda _n=_name: _random(_n))
 
 
@@ -242,8 +233,9 @@ def builtin_hash(name: str) -> str:
     """Content hash of a built-in: the recipe (random weights) or the shipped files (trained weights)."""
     import torch
 
-    if name in RECIPES:
-        text = json.dumps({"name": name, "recipe": RECIPES[name], "version": RECIPE_VERSION,
+    if is_recipe(name):
+        text = json.dumps({"name": name, "recipe": RECIPES.get(name) or dit_recipes.RECIPES[name],
+                           "version": RECIPE_VERSION,
                            "torch": torch.__version__.split("+")[0]}, sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()
     from diffaccel.optimize.artifact.files import tree_sha256
@@ -252,4 +244,9 @@ def builtin_hash(name: str) -> str:
 
 
 def builtin_location(name: str) -> str:
-    return str(ASSETS / name) if name not in RECIPES else f"builtin recipe {name} v{RECIPE_VERSION}"
+    return f"builtin recipe {name} v{RECIPE_VERSION}" if is_recipe(name) else str(ASSETS / name)
+
+
+def is_recipe(name: str) -> bool:
+    """Whether built-in ``name`` is made in code from a seed (``random:*``), not shipped trained weights."""
+    return name in RECIPES or name in dit_recipes.RECIPES

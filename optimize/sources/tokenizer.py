@@ -67,3 +67,28 @@ def _chain(pieces: list, merges: list, seen: set, vocab: dict) -> None:
             merges.append((cur, nxt))
         cur = cur + nxt
         vocab.setdefault(cur, len(vocab))
+
+
+def t5_tokenizer(words=DEFAULT_WORDS, model_max_length: int = 512):
+    """A T5 tokenizer (``T5TokenizerFast``, a Unigram model) over ``words``, built offline: ``<pad>`` 0, ``</s>`` 1,
+    ``<unk>`` 2 as T5's, one ``▁word`` piece per word and single characters as (costly) fall-backs; T5's own
+    pre-tokenizer and its ``$A </s>`` post-processor come with the class. For SD3's and FLUX's T5 encoder.
+
+    >>> tok = t5_tokenizer(["a", "red", "circle"])
+    >>> tok.convert_ids_to_tokens(tok("a red circle, x").input_ids)
+    ['▁a', '▁red', '▁circle', ',', '▁x', '</s>']
+    """
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    seen = {p for p, _ in vocab}
+    for w in sorted(set(w.lower() for w in words)):
+        if "\u2581" + w not in seen:
+            vocab.append(("\u2581" + w, -1.0))
+            seen.add("\u2581" + w)
+    for c in string.ascii_letters + string.digits + ".,!?'-:;":
+        for piece in (c, "\u2581" + c):
+            if piece not in seen:
+                vocab.append((piece, -8.0))
+                seen.add(piece)
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)

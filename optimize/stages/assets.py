@@ -47,6 +47,8 @@ class AssetsStage(Stage):
         files += [ctx.root / c / "config.json" for c in configs]
         ctx.manifest.data.setdefault("pipeline", {}).update({
             "family": ctx.family.NAME,
+            "denoiser": ctx.family.DENOISER,
+            "denoiser_class": type(getattr(pipe, ctx.family.DENOISER)).__name__,
             "geometry": dataclasses.asdict(ctx.family.ModelGeometry.from_pipeline(pipe)),
             "scheduler": type(pipe.scheduler).__name__,
             "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),

@@ -6,9 +6,9 @@ a :class:`ComponentOutcome` (the model it wrote, its parity report, the toleranc
 inputs, decisions). ``optimize()`` records results in the manifest; later stages read them back through the context.
 
 >>> r = StageResult()
->>> r.add("unet", ComponentOutcome(model="unet/quantized/model.onnx", facts={"decision": "int8"}))
+>>> r.add("transformer", ComponentOutcome(model="transformer/quantized/model.onnx", facts={"decision": "int8"}))
 >>> r.outputs(), r.records()
-({'unet': 'unet/quantized/model.onnx'}, {'unet': {'decision': 'int8'}})
+({'transformer': 'transformer/quantized/model.onnx'}, {'transformer': {'decision': 'int8'}})
 """
 from __future__ import annotations
 
@@ -133,6 +133,11 @@ class Context:
             geo = dataclasses.asdict(self.family.ModelGeometry.from_pipeline(self.pipe))
             self.manifest.data.setdefault("pipeline", {})["geometry"] = geo
         return self.family.ModelGeometry(**geo)
+
+    @property
+    def denoiser(self) -> str:
+        """The denoiser's component name in this family (``unet`` or ``transformer``)."""
+        return self.family.DENOISER
 
     @property
     def components(self) -> tuple:

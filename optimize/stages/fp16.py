@@ -52,22 +52,24 @@ def _constants_to_initializers(model):
 
 
 def capture_validation_inputs(ctx, prompts: list, steps: int = 8) -> dict:
-    """Realistic inputs: U-Net inputs early/middle/late in sampling, and final latents for the VAE decoder."""
+    """Realistic inputs: the denoiser's inputs early/middle/late in sampling, and final latents for the VAE
+    decoder."""
     import torch
 
     from diffaccel.optimize.quant.calibration import calibration_size
 
     pipe = ctx.pipe
     h, w = calibration_size(ctx)
-    unet = ctx.family.capture_unet_inputs(pipe, prompts, steps=steps, guidance_scale=ctx.config.guidance, seed=0,
-                                          height=h, width=w)
+    steps_in = ctx.family.capture_denoiser_inputs(pipe, prompts, steps=steps, guidance_scale=ctx.config.guidance,
+                                                  seed=0, height=h, width=w)
+    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0     # SD3 / FLUX VAEs: decode(z / scale + shift)
     latents = []
     for i, p in enumerate(prompts):
         with torch.no_grad():
             out = pipe(p, num_inference_steps=steps, height=h, width=w, output_type="latent",
                        generator=torch.Generator().manual_seed(i)).images
-        latents.append({"latent_sample": out / pipe.vae.config.scaling_factor})
-    return {"unet": [unet[0], unet[len(unet) // 2], unet[-1]], "vae_decoder": latents}
+        latents.append({"latent_sample": out / pipe.vae.config.scaling_factor + shift})
+    return {ctx.denoiser: [steps_in[0], steps_in[len(steps_in) // 2], steps_in[-1]], "vae_decoder": latents}
 
 
 class Fp16Stage(Stage):

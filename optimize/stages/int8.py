@@ -19,6 +19,7 @@ from diffaccel.optimize.artifact.errors import DiffaccelError
 from diffaccel.optimize.artifact.files import TMP_PREFIX, fresh_dir
 from diffaccel.optimize.artifact.specs import tolerance
 from diffaccel.optimize.export.onnx_export import onnx_files
+from diffaccel.optimize.artifact.roles import DENOISERS
 from diffaccel.optimize.quant.ort_static import preprocess, quantize_static_qdq, weight_bits
 from diffaccel.optimize.stages.base import ComponentOutcome, Stage, StageResult
 
@@ -79,7 +80,7 @@ class QuantizeStage(Stage):
         from diffaccel.optimize.quant.calibration import check_prompts_file
 
         check_prompts_file(config.quant)
-        allowed = [c for c in COMPONENTS if c != "unet"]     # the U-Net is always statically quantized
+        allowed = [c for c in COMPONENTS if c not in DENOISERS]   # the denoiser is always statically quantized
         unknown = [c for c in config.quant.dynamic_int8 if c not in allowed]
         if unknown:
             raise DiffaccelError(f"dynamic int8 for {', '.join(unknown)}: not a component it applies to; choose "
@@ -104,29 +105,29 @@ class QuantizeStage(Stage):
         result = StageResult()
         for comp in ctx.components:
             with ctx.timed(self.name, comp):
-                outcome, files = self._unet(ctx) if comp == "unet" else self._other(ctx, comp)
+                outcome, files = self._denoiser(ctx) if comp == ctx.denoiser else self._other(ctx, comp)
             result.add(comp, outcome, files)
         return result
 
-    # ---- U-Net: static QDQ on captured inputs -------------------------------------------------------------
-    def _unet(self, ctx) -> tuple:
+    # ---- the denoiser (U-Net or transformer): static QDQ on captured inputs -----------------------------------
+    def _denoiser(self, ctx) -> tuple:
         import torch
 
         from diffaccel.optimize.quant.calibration import calibration_samples
 
         from diffaccel.optimize.export.parity import RecordedReference
 
-        q = ctx.config.quant
+        q, den = ctx.config.quant, ctx.denoiser
         prompts, samples = calibration_samples(ctx)
         keep = [samples[0], samples[len(samples) // 2], samples[-1]]   # noisy, middle and late steps
         # PyTorch's outputs on them, for this engine's checks in later stages (the torch model is gone by then)
-        reference = RecordedReference.of(ctx.specs["unet"], ctx.torch_reference("unet"), samples=keep)
-        src = ctx.latest_model("unet", self.name)
+        reference = RecordedReference.of(ctx.specs[den], ctx.torch_reference(den), samples=keep)
+        src = ctx.latest_model(den, self.name)
         external = len(onnx_files(src)) > 1
         float_scores = attention_scores(ctx.config) == "float"
         if q.quality_target is None:
             ctx.release_pipe()   # quantizing holds the ONNX weights: one copy of them at a time, not two
-        with fresh_dir(ctx.root / "unet" / "quantized") as d, \
+        with fresh_dir(ctx.root / den / "quantized") as d, \
                 tempfile.TemporaryDirectory(dir=ctx.root, prefix=TMP_PREFIX) as tmp:
             pre = preprocess(src, Path(tmp) / "pre.onnx", external=external)
             smoothing = None
@@ -143,10 +144,10 @@ class QuantizeStage(Stage):
             torch.save(keep, d / "validation_inputs.pt")
             reference.save(d / "reference.pt")
             written = [p.name for p in onnx_files(d / "model.onnx")] + ["validation_inputs.pt", "reference.pt"]
-        report.update(prompts=len(prompts), steps=q.calib_steps, reference="unet/quantized/reference.pt")
-        outcome = ComponentOutcome(model="unet/quantized/model.onnx", tolerance=tolerance("int8"),
-                                   validation_inputs="unet/quantized/validation_inputs.pt", facts=report)
-        return outcome, [ctx.root / "unet" / "quantized" / n for n in written]
+        report.update(prompts=len(prompts), steps=q.calib_steps, reference=f"{den}/quantized/reference.pt")
+        outcome = ComponentOutcome(model=f"{den}/quantized/model.onnx", tolerance=tolerance("int8"),
+                                   validation_inputs=f"{den}/quantized/validation_inputs.pt", facts=report)
+        return outcome, [ctx.root / den / "quantized" / n for n in written]
 
     def _meet_target(self, ctx, pre: Path, d: Path, tmp: Path, samples: list, external: bool,
                      float_scores: bool) -> dict:
@@ -158,8 +159,9 @@ class QuantizeStage(Stage):
         from diffaccel.optimize.quant.quality_target import ImageJudge, meet_target
 
         q = ctx.config.quant
-        judge = ImageJudge(ctx.pipe, ctx.specs["unet"], calibration_prompts(ctx), q.calib_steps, q.guidance_scale,
-                           q.calib_seed, calibration_size(ctx), engine=judging_engine(ctx.config, ctx.specs["unet"]))
+        spec = ctx.specs[ctx.denoiser]
+        judge = ImageJudge(ctx.pipe, spec, calibration_prompts(ctx), q.calib_steps, q.guidance_scale, q.calib_seed,
+                           calibration_size(ctx), engine=judging_engine(ctx.config, spec), denoiser=ctx.denoiser)
 
         def quantize(extra):
             out = tmp / f"candidate-{len(extra)}" / "model.onnx"

@@ -7,7 +7,7 @@ import dataclasses
 
 from diffaccel.optimize.artifact.files import fresh_dir
 from diffaccel.optimize.artifact.specs import tolerance
-from diffaccel.optimize.quant.modelopt import (export_qdq, modelopt_version, quantize_unet, recipe_for, recipe_hash,
+from diffaccel.optimize.quant.modelopt import (export_qdq, modelopt_version, quantize_denoiser, recipe_for, recipe_hash,
                                                require_modelopt, validate_qdq)
 from diffaccel.optimize.stages.base import ComponentOutcome, Stage, StageResult
 
@@ -35,12 +35,12 @@ class ModeloptQuantStage(Stage):
                 "modelopt": modelopt_version(), "opset": ctx.config.opset}
 
     def run(self, ctx):
-        if "unet" not in ctx.components:
+        if ctx.denoiser not in ctx.components:
             return StageResult()
-        with ctx.timed(self.name, "unet"):
+        with ctx.timed(self.name, ctx.denoiser):
             outcome, files = self._quantize(ctx)
         result = StageResult()
-        result.add("unet", outcome, files)
+        result.add(ctx.denoiser, outcome, files)
         return result
 
     def _quantize(self, ctx) -> tuple:
@@ -48,23 +48,26 @@ class ModeloptQuantStage(Stage):
 
         from diffaccel.optimize.quant.calibration import calibration_samples, calibration_size
 
-        quant, spec = ctx.config.quant, ctx.specs["unet"]
+        den = ctx.denoiser
+        quant, spec = ctx.config.quant, ctx.specs[den]
         recipe = recipe_for(ctx.config.precision, quant)
         size = dict(zip(("height", "width"), calibration_size(ctx)))
         _, calib = calibration_samples(ctx)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        unet = quantize_unet(copy.deepcopy(ctx.pipe.unet), recipe, calib, device)
-        module = ctx.family.export_module("unet", {"unet": unet})
+        model = copy.deepcopy(getattr(ctx.pipe, den))
+        module = ctx.family.export_module(den, {den: model})
+        quantize_denoiser(model, recipe, calib, module, tuple(t.name for t in spec.inputs), device)
+        module = module.to("cpu")
         keep = [calib[0], calib[len(calib) // 2], calib[-1]]       # noisy, middle and late steps
-        with fresh_dir(ctx.root / "unet" / "quantize") as d:
+        with fresh_dir(ctx.root / den / "quantize") as d:
             written = [p.name for p in export_qdq(module, spec, d / "model.onnx", ctx.config.opset)]
-            report = validate_qdq(spec, module, ctx.family.export_module("unet", ctx.pipe), d / "model.onnx", keep,
+            report = validate_qdq(spec, module, ctx.family.export_module(den, ctx.pipe), d / "model.onnx", keep,
                                   recipe)
             torch.save(keep, d / "validation_inputs.pt")
         outcome = ComponentOutcome(
-            model="unet/quantize/model.onnx", validation=report, tolerance=tolerance("int8"),
-            validation_inputs="unet/quantize/validation_inputs.pt",
+            model=f"{den}/quantize/model.onnx", validation=report, tolerance=tolerance("int8"),
+            validation_inputs=f"{den}/quantize/validation_inputs.pt",
             facts={"method": "modelopt", "precision": recipe.precision, "recipe": dataclasses.asdict(recipe),
                    "recipe_hash": recipe_hash(recipe, quant), "modelopt": modelopt_version(),
                    "calibration": {"samples": len(calib), **size}})
-        return outcome, [ctx.root / "unet" / "quantize" / n for n in written + ["validation_inputs.pt"]]
+        return outcome, [ctx.root / den / "quantize" / n for n in written + ["validation_inputs.pt"]]

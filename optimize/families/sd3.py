@@ -1,0 +1,353 @@
+"""The Stable Diffusion 3 / 3.5 family (``SD3Transformer2DModel``: SD3-medium, SD3.5-medium with its dual-attention
+layers and qk RMS-norm, SD3.5-large and large-turbo), detected from the configs: two CLIP text encoders with
+projections (their penultimate hidden states side by side, their pooled embeddings concatenated), the T5 encoder
+``text_encoder_3`` (:mod:`~diffaccel.optimize.families.sd3_no_t5` is the same family without it, as diffusers allows),
+the 16-channel VAE with its shift and scaling factors, and ``FlowMatchEulerDiscreteScheduler``.
+
+The transformer's engine takes ``hidden_states`` (latents), ``timestep`` (sigma x 1000, one float per row),
+``encoder_hidden_states`` (CLIP then T5 tokens: 77 + any ``max_sequence_length`` up to 512) and
+``pooled_projections``; classifier-free guidance doubles its batch as for U-Nets. Latent
+sides are capped by the transformer's position table (``pos_embed_max_size`` x patch). Skip-layer guidance (a third call that removes blocks) cannot be an engine
+input: the drop-ins refuse ``skip_guidance_layers`` in one line.
+
+>>> COMPONENTS
+('text_encoder', 'text_encoder_2', 'text_encoder_3', 'transformer', 'vae_decoder', 'vae_encoder')
+>>> mismatches({"transformer": {"_class_name": "SD3Transformer2DModel"}, "vae": {}, "text_encoder": {},
+...             "text_encoder_2": {}})
+['no text_encoder_3 (the T5 encoder; without it the model is the sd3-no-t5 family)']
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from diffaccel.optimize.artifact.errors import ShapeError
+from diffaccel.optimize.artifact.specs import AxisRange, ComponentSpec, TensorSpec
+from diffaccel.optimize.families import sd
+from diffaccel.optimize.families.sd import check_pixel_range  # noqa: F401  (the family surface)
+
+log = logging.getLogger(__name__)
+
+NAME = "sd3"
+TITLE = "Stable Diffusion 3/3.5"
+PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+PIPELINE_CLASS = "StableDiffusion3Pipeline"
+DROP_INS = ("diffaccel.engines.pipelines.sd3:AcceleratedStableDiffusion3Pipeline",
+            "diffaccel.engines.pipelines.sd3:AcceleratedStableDiffusion3Img2ImgPipeline")
+COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder", "vae_encoder")
+DENOISER = "transformer"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+SOURCE_MODEL = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "text_encoder_3": "text_encoder_3",
+                "transformer": "transformer", "vae_decoder": "vae", "vae_encoder": "vae"}
+TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+LOAD_KWARGS: dict = {}
+T5_LENGTH = 256                      # diffusers' max_sequence_length default for SD3
+T5_MAX = 512                         # the most diffusers' SD3 and FLUX pipelines take
+
+
+# ----------------------------------------------------------------------------------------------------------
+# detection
+# ----------------------------------------------------------------------------------------------------------
+def mismatches(configs: dict) -> list:
+    """What in ``configs`` (see :func:`diffaccel.optimize.families.detect`) differs from SD3 with its T5 encoder."""
+    return problems(configs, t5=True)
+
+
+def problems(configs: dict, t5: bool) -> list:
+    """What differs from SD3 / SD3.5 (``t5``: with the T5 encoder, else without)."""
+    out = []
+    pipeline = configs.get("pipeline")
+    if pipeline and pipeline not in PIPELINES:
+        out.append(f"pipeline is {pipeline}, not one of {', '.join(PIPELINES)}")
+    den = configs.get("transformer") or configs.get("unet") or {}
+    kind = den.get("_class_name", "UNet2DConditionModel" if configs.get("unet") else "missing")
+    if kind != "SD3Transformer2DModel":
+        out.append(f"denoiser is {kind}, not SD3Transformer2DModel")
+    for name in ("text_encoder", "text_encoder_2"):
+        if configs.get(name) is None:
+            out.append(f"no {name} (SD3 has two CLIP text encoders with projections)")
+    if t5 and configs.get("text_encoder_3") is None:
+        out.append("no text_encoder_3 (the T5 encoder; without it the model is the sd3-no-t5 family)")
+    if not t5 and configs.get("text_encoder_3") is not None:
+        out.append("has a text_encoder_3 (the T5 encoder: the sd3 family)")
+    vae = (configs.get("vae") or {}).get("_class_name", "AutoencoderKL")
+    if vae != "AutoencoderKL":
+        out.append(f"vae is {vae}, not AutoencoderKL")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelGeometry:
+    """What the specs need to know about an SD3 pipeline (read from its configs, JSON-able)."""
+
+    vocab_size: int
+    vocab_size_2: int
+    vocab_size_3: int                # 0: no T5 encoder
+    max_length: int                  # CLIP tokens (77)
+    t5_length: int                   # T5 tokens after them: the typical max_sequence_length (serves 1-512)
+    text_hidden: int
+    text_hidden_2: int
+    t5_hidden: int                   # 0: no T5 encoder
+    text_projection: int
+    text_projection_2: int
+    joint_attention_dim: int
+    latent_channels: int
+    in_channels: int
+    vae_scale_factor: int
+    latent_multiple: int             # the patch size: latent sides are multiples of it
+    default_size: int
+    max_latent: int                  # the position table's side x patch: the largest latent side it covers
+    num_train_timesteps: int = 1000
+    guidance_doubles_batch: bool = True
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.vae_scale_factor * self.latent_multiple
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.text_projection + self.text_projection_2
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> "ModelGeometry":
+        return cls.from_configs(sd.pipeline_configs(pipe))
+
+    @classmethod
+    def from_configs(cls, configs: dict) -> "ModelGeometry":
+        te, te2 = sd.text_config(configs, "text_encoder"), sd.text_config(configs, "text_encoder_2")
+        t5 = sd.with_defaults("T5Config", configs["text_encoder_3"]) if configs.get("text_encoder_3") is not None \
+            else None
+        tr = sd.with_defaults("SD3Transformer2DModel", configs.get("transformer"))
+        vae = sd.with_defaults("AutoencoderKL", configs.get("vae"))
+        scale, patch = size_factors(tr, vae)
+        train = (configs.get("scheduler") or {}).get("num_train_timesteps") or 1000
+        return cls(vocab_size=int(te["vocab_size"]), vocab_size_2=int(te2["vocab_size"]),
+                   vocab_size_3=int(t5["vocab_size"]) if t5 else 0, max_length=sd.max_length(configs, te),
+                   t5_length=int(configs.get("t5_length") or T5_LENGTH), text_hidden=int(te["hidden_size"]),
+                   text_hidden_2=int(te2["hidden_size"]), t5_hidden=int(t5["d_model"]) if t5 else 0,
+                   text_projection=int(te["projection_dim"]), text_projection_2=int(te2["projection_dim"]),
+                   joint_attention_dim=int(tr["joint_attention_dim"]), latent_channels=int(vae["latent_channels"]),
+                   in_channels=int(tr["in_channels"]), vae_scale_factor=scale, latent_multiple=patch,
+                   default_size=int(tr["sample_size"]) * scale,
+                   max_latent=int(tr["pos_embed_max_size"] or tr["sample_size"]) * patch, num_train_timesteps=int(train))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sizes
+# ----------------------------------------------------------------------------------------------------------
+def size_factors(denoiser_config, vae_config) -> tuple:
+    """(VAE scale factor, the patch size: latent sides are multiples of it).
+
+    >>> size_factors({"patch_size": 2}, {"block_out_channels": [128, 256, 512, 512]})
+    (8, 2)
+    """
+    return 2 ** (len(vae_config.get("block_out_channels") or (64,)) - 1), int(denoiser_config.get("patch_size") or 2)
+
+
+def latent_opt_size(configs: dict, shapes) -> tuple:
+    """(height, width) of the typical latent for a :class:`ShapeRange`, from the configs alone."""
+    geo = ModelGeometry.from_configs(configs)
+    return sd._pixel_axis(shapes.height, geo, "height").opt, sd._pixel_axis(shapes.width, geo, "width").opt
+
+
+def attention_bytes(configs: dict, latent_h: int, latent_w: int, batch: int = 2) -> int:
+    """fp32 bytes of one joint attention's score matrix (batch x heads x (image + text tokens)^2): what an unfused
+    graph holds. SD3.5-medium at 1024x1024 with CFG: 2 x 24 x (4096 + 333)^2 x 4 = 3.77 GB."""
+    tr = configs.get("transformer") or {}
+    patch = int(tr.get("patch_size") or 2)
+    tokens = (latent_h // patch) * (latent_w // patch) + 77 + T5_LENGTH
+    return int(batch * int(tr.get("num_attention_heads") or 24) * tokens * tokens * 4)
+
+
+def _latent_axes(geo: ModelGeometry, shapes) -> dict:
+    axes = {a: sd._pixel_axis(getattr(shapes, a), geo, a) for a in ("height", "width")}
+    for a, r in axes.items():
+        if r.max > geo.max_latent:
+            top = geo.max_latent * geo.vae_scale_factor
+            raise ShapeError(f"{a} up to {r.max * geo.vae_scale_factor} px is more than this transformer's position "
+                             f"table covers ({top} px); build for --{a} up to {top}")
+    return axes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# specs
+# ----------------------------------------------------------------------------------------------------------
+def clip_spec(name: str, vocab: int, length: int, hidden: int, projection: int, batch: AxisRange) -> ComponentSpec:
+    """A CLIP text encoder with projection: pooled ``text_embeds``, the last and the penultimate hidden states."""
+    return ComponentSpec(
+        name, inputs=(TensorSpec("input_ids", ("batch", length), "int64", "tokens", vocab),),
+        outputs=(TensorSpec("text_embeds", ("batch", projection)),
+                 TensorSpec("last_hidden_state", ("batch", length, hidden)),
+                 TensorSpec("penultimate_hidden_state", ("batch", length, hidden))),
+        axes={"batch": batch}, atol=2e-3, rtol=1e-3)
+
+
+def t5_axis(typical: int) -> AxisRange:
+    """T5 token counts served: any ``max_sequence_length`` diffusers takes (1-512), ``typical`` the opt shape."""
+    return AxisRange(1, typical, max(typical, T5_MAX))
+
+
+def t5_spec(name: str, vocab: int, length: int, hidden: int, batch: AxisRange) -> ComponentSpec:
+    """The T5 encoder: token ids (any count up to 512) to its last hidden state (kept in fp32 or bf16: T5 overflows
+    in fp16)."""
+    return ComponentSpec(name, inputs=(TensorSpec("input_ids", ("batch", "text"), "int64", "tokens", vocab),),
+                         outputs=(TensorSpec("last_hidden_state", ("batch", "text", hidden)),),
+                         axes={"batch": batch, "text": t5_axis(length)}, atol=2e-3, rtol=2e-3)
+
+
+def specs(geo: ModelGeometry, shapes) -> dict:
+    """The component specs of an SD3 pipeline for an image :class:`ShapeRange` (no ``text_encoder_3`` where the
+    geometry has no T5 encoder)."""
+    bmin, bmax = shapes.batch
+    bopt = min(max(1, bmin), bmax)
+    lat = _latent_axes(geo, shapes)
+    text = AxisRange(1, bopt, 2 * bmax)
+    k = 2 if geo.guidance_doubles_batch else 1
+    C, t5 = geo.latent_channels, t5_axis(geo.t5_length)
+    context = AxisRange(geo.max_length + t5.min, geo.max_length + t5.opt, geo.max_length + t5.max)   # CLIP + T5
+    vae = sd.specs(sd.ModelGeometry(
+        vocab_size=1, max_length=1, text_hidden=1, latent_channels=C, unet_in_channels=C, cross_attention_dim=1,
+        vae_scale_factor=geo.vae_scale_factor, latent_multiple=geo.latent_multiple, default_size=geo.default_size,
+        num_train_timesteps=geo.num_train_timesteps), shapes)
+    out = {
+        "text_encoder": clip_spec("text_encoder", geo.vocab_size, geo.max_length, geo.text_hidden,
+                                  geo.text_projection, text),
+        "text_encoder_2": clip_spec("text_encoder_2", geo.vocab_size_2, geo.max_length, geo.text_hidden_2,
+                                    geo.text_projection_2, text),
+        "text_encoder_3": t5_spec("text_encoder_3", geo.vocab_size_3, geo.t5_length, geo.t5_hidden, text),
+        "transformer": ComponentSpec(
+            "transformer",
+            inputs=(TensorSpec("hidden_states", ("batch", geo.in_channels, "height", "width")),
+                    TensorSpec("timestep", ("batch",), "float32", "timestep", geo.num_train_timesteps),
+                    TensorSpec("encoder_hidden_states", ("batch", "context", geo.joint_attention_dim)),
+                    TensorSpec("pooled_projections", ("batch", geo.pooled_dim))),
+            outputs=(TensorSpec("out_hidden_states", ("batch", C, "height", "width")),),
+            axes={"batch": AxisRange(1, k * bopt, k * bmax), "context": context, **lat}, atol=2e-3, rtol=2e-3),
+        "vae_decoder": vae["vae_decoder"], "vae_encoder": vae["vae_encoder"],
+    }
+    if not geo.t5_hidden:
+        del out["text_encoder_3"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch modules with exactly the spec's named inputs and outputs
+# ----------------------------------------------------------------------------------------------------------
+def export_module(component: str, pipe_or_models: Any):
+    """Wrap the model(s) of ``component`` as an nn.Module with the spec's signature."""
+    import torch
+
+    if component in ("vae_decoder", "vae_encoder"):
+        return sd.export_module(component, pipe_or_models)
+    get = (lambda n: pipe_or_models[n]) if isinstance(pipe_or_models, dict) else (
+        lambda n: getattr(pipe_or_models, n))
+
+    class ClipWithProjection(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.model = get(name)
+
+        def forward(self, input_ids):
+            out = self.model(input_ids, output_hidden_states=True, return_dict=True)
+            return out.text_embeds, out.last_hidden_state, out.hidden_states[-2]
+
+    class T5(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = get("text_encoder_3")
+
+        def forward(self, input_ids):
+            return self.model(input_ids, return_dict=True).last_hidden_state
+
+    class Transformer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = get("transformer")
+
+        def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections):
+            return self.model(hidden_states=hidden_states, timestep=timestep,
+                              encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+                              return_dict=False)[0]
+
+    if component == "transformer":
+        return Transformer().eval()
+    return (T5() if component == "text_encoder_3" else ClipWithProjection(component)).eval()
+
+
+def weight_bytes(configs: dict) -> dict:
+    """fp32 bytes of each model's parameters and buffers (the position table is a buffer) from its config alone,
+    on PyTorch's meta device."""
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    def clean(cfg):
+        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+    makers = {"transformer": lambda c: SD3Transformer2DModel.from_config(clean(c)),
+              "vae": lambda c: AutoencoderKL.from_config(clean(c)),
+              "text_encoder": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**clean(c))),
+              "text_encoder_2": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**clean(c))),
+              "text_encoder_3": lambda c: T5EncoderModel(T5Config(**clean(c)))}
+    out = {}
+    with torch.device("meta"):
+        for name, make in makers.items():
+            cfg = configs.get(name)
+            model = make(cfg) if cfg else None
+            out[name] = sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers())) if model else 0
+    return out
+
+
+def assets(pipe) -> dict:
+    """What the assets stage writes besides the engines: tokenizers, per-component configs, pipeline facts."""
+    encoders = {n: getattr(pipe, n) for n in TEXT_ENCODERS if getattr(pipe, n, None) is not None}
+    return {"tokenizers": {n: getattr(pipe, n) for n in TOKENIZERS if getattr(pipe, n, None) is not None},
+            "configs": {**{n: m.config.to_dict() for n, m in encoders.items()},
+                        "transformer": dict(pipe.transformer.config), "vae_decoder": dict(pipe.vae.config),
+                        "vae_encoder": dict(pipe.vae.config)},
+            "pipeline": {f"{n}_class": type(m).__name__ for n, m in encoders.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# calibration capture: the transformer's inputs at every flow-matching step, both guidance halves
+# ----------------------------------------------------------------------------------------------------------
+def capture_denoiser_inputs(pipe, prompts: list, *, steps: int, guidance_scale: float, seed: int, height: int,
+                            width: int, call_kwargs: "dict | None" = None) -> list:
+    """Run ``pipe`` once per prompt and return the transformer's inputs at every step (both classifier-free
+    guidance halves in each batch), as fp32 CPU tensors named as the spec's inputs."""
+    return capture_transformer(pipe, prompts, ("hidden_states", "timestep", "encoder_hidden_states",
+                                               "pooled_projections"), steps=steps, guidance_scale=guidance_scale,
+                               seed=seed, call_kwargs={"height": height, "width": width, **(call_kwargs or {})})
+
+
+def capture_transformer(pipe, prompts: list, names: tuple, *, steps: int, guidance_scale: float, seed: int,
+                        call_kwargs: dict, prepare=None) -> list:
+    """The transformer's keyword inputs ``names`` at every call of ``pipe(prompt, **call_kwargs)`` (seeded
+    ``seed + i``; ``prepare(record)`` may reshape one), skipping calls that remove blocks (skip-layer guidance)."""
+    import torch
+
+    captured = []
+
+    def hook(module, args, kwargs):
+        if kwargs.get("skip_layers") is not None:
+            return
+        record = {n: kwargs[n] for n in names if kwargs.get(n) is not None}
+        record["timestep"] = torch.as_tensor(record["timestep"], dtype=torch.float32).reshape(-1).expand(
+            next(iter(record.values())).shape[0])
+        record = prepare(record) if prepare is not None else record
+        captured.append({k: v.detach().float().cpu().clone() for k, v in record.items()})
+
+    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        for i, prompt in enumerate(prompts):
+            log.info("calibration prompt %d/%d: %s", i + 1, len(prompts), prompt)
+            with torch.no_grad():
+                pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+                     generator=torch.Generator().manual_seed(seed + i), output_type="latent", **call_kwargs)
+    finally:
+        handle.remove()
+        pipe.set_progress_bar_config(disable=was_disabled)
+    return captured
