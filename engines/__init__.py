@@ -9,7 +9,8 @@ from __future__ import annotations
 __all__ = ["AcceleratedStableDiffusionPipeline", "AcceleratedStableDiffusionImg2ImgPipeline",
            "AcceleratedStableDiffusionXLPipeline", "AcceleratedStableDiffusionXLImg2ImgPipeline",
            "AcceleratedStableDiffusionInpaintPipeline", "AcceleratedStableDiffusionXLInpaintPipeline",
-           "AcceleratedStableDiffusion3Pipeline", "AcceleratedStableDiffusion3Img2ImgPipeline", "load_engine",
+           "AcceleratedStableDiffusion3Pipeline", "AcceleratedStableDiffusion3Img2ImgPipeline",
+           "AcceleratedFluxPipeline", "AcceleratedFluxImg2ImgPipeline", "load_engine",
            "BACKENDS", "Engine"]
 
 _LAZY = {"AcceleratedStableDiffusionPipeline": ".pipelines.sd", "AcceleratedStableDiffusionImg2ImgPipeline": ".pipelines.sd",
@@ -17,7 +18,9 @@ _LAZY = {"AcceleratedStableDiffusionPipeline": ".pipelines.sd", "AcceleratedStab
          "AcceleratedStableDiffusionXLImg2ImgPipeline": ".pipelines.sdxl",
          "AcceleratedStableDiffusionInpaintPipeline": ".pipelines.sd",
          "AcceleratedStableDiffusionXLInpaintPipeline": ".pipelines.sdxl",
-         "AcceleratedStableDiffusion3Pipeline": ".pipelines.sd3", "AcceleratedStableDiffusion3Img2ImgPipeline": ".pipelines.sd3",
+         "AcceleratedStableDiffusion3Pipeline": ".pipelines.sd3",
+         "AcceleratedStableDiffusion3Img2ImgPipeline": ".pipelines.sd3",
+         "AcceleratedFluxPipeline": ".pipelines.flux", "AcceleratedFluxImg2ImgPipeline": ".pipelines.flux",
          "load_engine": ".base", "BACKENDS": ".base", "Engine": ".base"}
 
 

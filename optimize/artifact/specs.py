@@ -43,8 +43,9 @@ class TensorSpec:
     name: str
     dims: tuple
     dtype: str = "float32"
-    sample: str = "normal"     # how random inputs are drawn: normal | timestep | tokens
-    high: int = 0              # exclusive upper bound for integer samples (vocabulary size, timesteps)
+    sample: str = "normal"     # how random inputs are drawn: normal | timestep | tokens | uniform
+    high: int = 0              # exclusive upper bound for integer samples (vocabulary size, timesteps), or of
+    #                            uniform ones (a FLUX sigma in [0, 1), its guidance scale)
 
 
 def _dim_value(dim, values: dict) -> int:
@@ -174,6 +175,8 @@ class ComponentSpec:
                 out[t.name] = torch.randint(0, t.high, shape, generator=generator, dtype=torch.int64)
             elif t.sample == "timestep":
                 out[t.name] = torch.randint(0, t.high, shape, generator=generator).to(torch.float32)
+            elif t.sample == "uniform":
+                out[t.name] = torch.rand(shape, generator=generator) * t.high
             else:
                 out[t.name] = torch.randn(shape, generator=generator, dtype=getattr(torch, t.dtype))
         return out

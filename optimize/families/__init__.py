@@ -12,7 +12,7 @@ none fits the error names the nearest family and what differs.
 >>> detect({"unet": {"in_channels": 5}, "vae": {}}, "odd")
 Traceback (most recent call last):
 ...
-diffaccel.optimize.artifact.errors.SourceError: unsupported architecture in odd: nearest family is Stable Diffusion 1.x/2.x (sd), which differs in: in_channels=5 (the VAE has 4 latent channels); supported families: sd, sdxl, sdxl-refiner, sd-inpaint, sdxl-inpaint, sd3, sd3-no-t5
+diffaccel.optimize.artifact.errors.SourceError: unsupported architecture in odd: nearest family is Stable Diffusion 1.x/2.x (sd), which differs in: in_channels=5 (the VAE has 4 latent channels); supported families: sd, sdxl, sdxl-refiner, sd-inpaint, sdxl-inpaint, sd3, sd3-no-t5, flux
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ FAMILIES = {  # name -> module, imported on first use
     "sdxl-inpaint": "diffaccel.optimize.families.sdxl_inpaint",
     "sd3": "diffaccel.optimize.families.sd3",
     "sd3-no-t5": "diffaccel.optimize.families.sd3_no_t5",
+    "flux": "diffaccel.optimize.families.flux",
 }
 # every component some family builds, in build order (what OptimizeConfig's components are checked against; a
 # build keeps those its family has, see :func:`components_of`)
