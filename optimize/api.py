@@ -48,8 +48,9 @@ class OptimizeConfig:
     seed: int = 0
     memory_limit: "int | None" = None     # bytes the build may use (None: what the machine has available)
     memory_check: bool = True             # refuse, before any work, a build whose estimated peak does not fit
-    guidance: float = 7.5                 # the guidance scale deployed: <= 1 builds the U-Net without the doubled
-    #                                       classifier-free batch (SDXL-Turbo: 0); int8 calibrates at it (see quant)
+    guidance: "float | None" = None       # the guidance scale deployed (None: the source's, see default_guidance):
+    #                                       <= 1 builds the denoiser without the doubled classifier-free batch
+    #                                       (SDXL-Turbo: 0); int8 calibrates at it (see quant)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -71,6 +72,8 @@ class OptimizeConfig:
             raise ValueError(f"unknown graph level {self.graph_level!r}; choose one of: disable, basic, extended, all")
         if not 14 <= int(self.opset) <= 23:
             raise ValueError(f"opset {self.opset} is out of range; choose 14-23 (18 is the default)")
+        if self.guidance is None:       # resolved by optimize() from the source (see resolved())
+            return
         set_("guidance", check_guidance(self.guidance))
         calib = self.quant.guidance_scale
         if calib is None:
@@ -78,6 +81,10 @@ class OptimizeConfig:
         elif calib > 1 >= self.guidance:
             raise ValueError(f"calibration guidance {calib:g} runs classifier-free guidance, but guidance "
                              f"{self.guidance:g} builds the U-Net without it; calibrate at the guidance you deploy")
+
+    def resolved(self, guidance: float) -> "OptimizeConfig":
+        """This config with ``guidance`` where none was given: what is built, recorded and keyed."""
+        return self if self.guidance is not None else dataclasses.replace(self, guidance=guidance)
 
     @property
     def classifier_free(self) -> bool:
@@ -111,6 +118,7 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
     out = Path(out)
     configs = source.configs()          # read once (JSON files): detection, size checks, memory estimate
     family = _check_before_loading(source, configs, config)
+    config = config.resolved(default_guidance(source, family))
     stage_classes = stages_for(config.backend, config.precision)
     for cls in stage_classes:
         cls.preflight(config)
@@ -135,6 +143,18 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
     return Manifest.load(out)
 
 
+def default_guidance(source: Source, family) -> float:
+    """The one guidance rule: a trained built-in's recommended scale (tinyshapes 2, tinyshapes-xl 3), else the
+    default of the family's diffusers pipeline (SD 7.5, SDXL 5.0, SD3 7.0, FLUX.1 3.5; 7.5 where the family is only
+    known after loading). The build records it; every command then runs at it unless told otherwise."""
+    from diffaccel.optimize.families import pipeline_guidance
+    from diffaccel.optimize.sources.builtins import RECOMMENDED_GUIDANCE
+
+    if source.kind == "builtin" and source.spec in RECOMMENDED_GUIDANCE:
+        return RECOMMENDED_GUIDANCE[source.spec]
+    return pipeline_guidance(family) if family is not None else 7.5
+
+
 def _check_before_loading(source: Source, configs: "dict | None", config: OptimizeConfig):
     """The model family, and refusals of an unsupported model and of image-size ranges it cannot serve, before
     loading it (where its configs can be read without the weights; else None: the family is told after loading)."""
@@ -142,6 +162,9 @@ def _check_before_loading(source: Source, configs: "dict | None", config: Optimi
         return None
     family = detect(configs, source.spec)
     components_of(family, config.components)        # refuses components the family has not
+    if str(config.exporter) not in family.EXPORTERS:
+        raise DiffaccelError(f"{family.TITLE} exports correctly with --exporter {' or '.join(family.EXPORTERS)} only, "
+                             f"not {config.exporter}; use --exporter {family.EXPORTERS[0]}")
     scale, latent_multiple = family.size_factors(configs[family.DENOISER], configs["vae"])
     for what in ("height", "width"):
         rng = getattr(config.shapes, what)

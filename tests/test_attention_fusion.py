@@ -162,3 +162,20 @@ def test_isolated_microbench_table_names_each_process_peak():
                          "repeat": 1}, "source": {"spec": "random:tiny"}, "passes": [["onnxruntime/fp32"]],
               "rows": [row], "host": {"cpu": {"model": "x", "logical_cores": 2, "flags": []}}}
     assert format_table(result).splitlines()[-1] == "peak RSS of the first pass's process: onnxruntime/fp32 1.25 GB"
+
+
+def test_keep_float_rules_apply_to_dynamo_exports(tiny_ort, tmp_path):
+    """ORT's pre-processing drops the nodes' module paths; the rules are matched on the export and applied by node
+    name (before, no keep-float rule ever matched a dynamo export)."""
+    import onnx
+
+    from diffaccel.optimize.families import sd
+    from diffaccel.optimize.quant.ort_static import excluded_nodes, preprocess
+
+    export = tiny_ort / "unet" / "export" / "model.onnx"
+    if not export.is_file():
+        pytest.skip("the artifact keeps no export")
+    pre = preprocess(export, tmp_path / "pre.onnx", external=False)
+    on_export = excluded_nodes(onnx.load(str(export), load_external_data=False), tuple(sd.KEEP_FLOAT))
+    assert on_export and excluded_nodes(onnx.load(str(pre), load_external_data=False), tuple(sd.KEEP_FLOAT)) == []
+    assert set(on_export) <= {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}

@@ -52,27 +52,6 @@ def test_demo_builds_its_variants_and_reports_them_beside_a_peer(tmp_path, capsy
     assert report["config"]["guidance_scale"] == 7.5   # random:tiny has no recommended guidance
 
 
-def test_demo_runs_tinyshapes_at_its_recommended_guidance_unless_told():
-    """The demo evaluates at the built-in's recommended guidance (2.0 for tinyshapes), 7.5 for other sources, or at
-    --guidance when given."""
-    from diffaccel.eval.cli.demo import demo_configs
-    from diffaccel.optimize.cli import build_parser
-
-    def guidance(*argv):
-        configs, eval_cfg = demo_configs(build_parser().parse_args(["demo", *argv]))
-        # the engines are built, and int8 calibrated, at the guidance the demo evaluates at
-        assert {c.guidance for c in configs.values()} == {eval_cfg.guidance_scale}
-        assert {c.quant.guidance_scale for c in configs.values()} == {eval_cfg.guidance_scale}
-        return eval_cfg.guidance_scale
-
-    assert guidance() == 2.0
-    assert guidance("--src", "random:tiny") == 7.5
-    assert guidance("--guidance", "5") == 5.0
-    assert guidance("--src", "tinyshapes-xl") == 3.0
-    with pytest.raises(DiffaccelError, match="guidance"):
-        guidance("--guidance", "-1")
-
-
 def _configs(*argv):
     from diffaccel.eval.cli.demo import demo_configs
     from diffaccel.optimize.cli import build_parser

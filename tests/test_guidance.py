@@ -28,7 +28,7 @@ def test_guidance_config_follows_the_build_and_refuses_a_mismatch():
     from diffaccel.optimize import OptimizeConfig
     from diffaccel.optimize.config import QuantConfig
 
-    assert OptimizeConfig().quant.guidance_scale == 7.5          # as before: default int8 builds keep their keys
+    assert OptimizeConfig().resolved(7.5).quant.guidance_scale == 7.5   # an SD source: int8 builds keep their keys
     off = OptimizeConfig(guidance="off")
     assert (off.guidance, off.quant.guidance_scale, off.classifier_free) == (0.0, 0.0, False)
     assert OptimizeConfig(guidance=1).classifier_free is False and OptimizeConfig(guidance=1.5).classifier_free

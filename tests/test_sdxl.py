@@ -258,7 +258,7 @@ def test_int8_build_calibrates_on_the_extra_unet_inputs(artifacts, xl_pipe):
 
     out = artifacts(SDXL, "onnxruntime", "int8", quant=QuantConfig(**QUICK), **FAST)
     m = Manifest.load(out)
-    assert set(m.components) == set(COMPONENTS)
+    assert set(m.components) == set(family("sdxl").COMPONENTS)
     kept = torch.load(out / "unet" / "quantized" / "validation_inputs.pt", weights_only=True)
     assert {"text_embeds", "time_ids"} <= set(kept[0])
     assert kept[0]["time_ids"][0].tolist() == [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]   # captured from real sampling

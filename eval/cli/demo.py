@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import BackendUnavailableError, DiffaccelError, one_line
+from diffaccel.optimize.cli.args import GUIDANCE_HELP, guidance_arg
 
 VARIANTS = "onnxruntime/fp32,onnxruntime/int8,openvino/int8"
 
@@ -39,16 +40,16 @@ def add_demo(sub) -> None:
                                                          "optimum-intel-int8 with the openvino-peer extra; '' for "
                                                          "none)")
     p.add_argument("--batch-sizes", default="1,2,4", help="throughput batch sizes (default 1,2,4)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the built-in's recommended one, 2.0 for "
-                        "tinyshapes; 7.5 for other sources)")
+    p.add_argument("--guidance", type=guidance_arg, default=None, metavar="SCALE|off",
+                   help=GUIDANCE_HELP + "; the engines are built for it and calibrated at it")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for every variant")
     p.set_defaults(func=_cmd_demo)
 
 
-def variant_configs(text: str, threads: "int | None", guidance: float = 7.5) -> dict:
-    """{"backend/precision": OptimizeConfig} for ``--variants``, in the order given, built for ``guidance`` (int8
-    calibrates at it); a bad or repeated item is a one-line :class:`DiffaccelError` listing the supported pairs."""
+def variant_configs(text: str, threads: "int | None", guidance: "float | None" = None) -> dict:
+    """{"backend/precision": OptimizeConfig} for ``--variants``, in the order given, built for ``guidance`` (None:
+    the source's, by optimize's one rule; int8 calibrates at it); a bad or repeated item is a one-line
+    :class:`DiffaccelError` listing the supported pairs."""
     from diffaccel.optimize import OptimizeConfig
     from diffaccel.optimize.cli.args import comma_list
     from diffaccel.optimize.stages.plans import supported_pairs
@@ -73,23 +74,15 @@ def demo_configs(args):
     """The demo's optimize configs ({"backend/precision": OptimizeConfig}) and its evaluation config, from the
     parsed arguments."""
     from diffaccel.optimize.cli.args import comma_list
-    from diffaccel.optimize.sources.builtins import recommended_guidance
-
     from diffaccel.eval.harness.evaluate import EvalConfig
 
-    from diffaccel.optimize.config import check_guidance
-
-    try:
-        guidance = recommended_guidance(args.src) if args.guidance is None else check_guidance(args.guidance)
-    except ValueError as e:
-        raise DiffaccelError(str(e)) from None
-    configs = variant_configs(args.variants, args.threads, guidance)   # int8 calibrates at the guidance evaluated
+    configs = variant_configs(args.variants, args.threads, args.guidance)   # None: the artifacts' built guidance
     try:
         eval_cfg = EvalConfig(steps=comma_list(args.steps, "--steps", int),
                               seeds=comma_list(args.seeds, "--seeds", int),
                               peers=comma_list(args.peers, "--peers", empty_ok=True),
                               batch_sizes=comma_list(args.batch_sizes, "--batch-sizes", int), threads=args.threads,
-                              guidance_scale=guidance)
+                              guidance_scale=args.guidance)
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
     return configs, eval_cfg

@@ -64,7 +64,8 @@ def _add_optimize(sub) -> None:
                         "before export, at SCALE (default 1); repeatable, fused in order")
     p.add_argument("--guidance", type=guidance_arg, default=None, metavar="SCALE|off",
                    help="the classifier-free guidance scale the engines will run at (default: a trained built-in's "
-                        "recommended one, 2 for tinyshapes and 3 for tinyshapes-xl, else 7.5). 1 or below (off = "
+                        "recommended one, 2 for tinyshapes and 3 for tinyshapes-xl, else the diffusers pipeline's: "
+                        "7.5 SD, 5 SDXL, 7 SD3, 3.5 FLUX). 1 or below (off = "
                         "0: SDXL-Turbo, LCM-LoRA) builds the U-Net for one guidance half only, a batch range half as "
                         "large, and the drop-in pipelines refuse guidance_scale > 1; int8 calibrates at this scale")
     p.add_argument("--components", default=None, help="comma-separated subset to build (default: all the model has): "
@@ -113,23 +114,6 @@ def _quality_target(text):
         raise DiffaccelError(f"bad --quality-target {text!r}; write psnr=DB, e.g. psnr=30") from None
 
 
-def _build_guidance(args):
-    """The guidance a build deploys and calibrates at: ``--guidance``, else the built-in's recommended one (int8
-    calibrated at 7.5 would see activations a model run at 2 never produces), else diffusers' 7.5.
-
-    >>> import argparse
-    >>> _build_guidance(argparse.Namespace(guidance=None, src="tinyshapes"))
-    2.0
-    >>> _build_guidance(argparse.Namespace(guidance=0.0, src="tinyshapes"))
-    0.0
-    >>> _build_guidance(argparse.Namespace(guidance=None, src="./my-model"))
-    7.5
-    """
-    from diffaccel.optimize.sources.builtins import recommended_guidance
-
-    return recommended_guidance(args.src) if args.guidance is None else args.guidance
-
-
 def _cmd_optimize(args) -> int:
     from diffaccel.optimize.api import OptimizeConfig, optimize
     from diffaccel.optimize.config import QuantConfig, ShapeRange, TensorRTConfig
@@ -152,7 +136,7 @@ def _cmd_optimize(args) -> int:
                              opset=args.opset, graph_level=args.graph_level, threads=args.threads,
                              components=comps, quant=quant, tensorrt=trt,
                              memory_limit=parse_size(args.memory_limit) if args.memory_limit else None,
-                             memory_check=not args.no_memory_check, guidance=_build_guidance(args))
+                             memory_check=not args.no_memory_check, guidance=args.guidance)
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
     src = args.src

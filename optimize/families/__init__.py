@@ -112,3 +112,13 @@ def denoiser_of(pipe) -> str:
         if getattr(pipe, name, None) is not None:
             return name
     raise ValueError(f"{type(pipe).__name__} has no denoiser ({' or '.join(DENOISERS)})")
+
+
+def pipeline_guidance(fam) -> float:
+    """The ``guidance_scale`` default of the family's diffusers pipeline (what its users get without asking)."""
+    import inspect
+
+    import diffusers
+
+    call = getattr(diffusers, fam.PIPELINE_CLASS).__call__
+    return float(inspect.signature(call).parameters["guidance_scale"].default)

@@ -41,7 +41,19 @@ SOURCE_MODEL = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_
                 "vae_decoder": "vae", "vae_encoder": "vae"}
 TOKENIZERS = ("tokenizer", "tokenizer_2")
 LOAD_KWARGS: dict = {}
+# torchscript has no ONNX form for torch.nn.RMSNorm (the q/k norms) and freezes the rotary embedding's reshape
+EXPORTERS = ("dynamo",)
 T5_LENGTH = 512                      # diffusers' max_sequence_length default for FLUX (schnell is often run at 256)
+# what int8 keeps in float: SD3's reasons (sd3.KEEP_FLOAT), with FLUX's names (x_embedder: the patch embedding;
+# single blocks' modulation is norm.linear)
+KEEP_FLOAT = {
+    r"^time_text_embed(\.|$)": "timestep, guidance and pooled-text embeddings: one vector per image",
+    r"\.norm1(_context)?\.linear$|^single_transformer_blocks\.\d+\.norm\.linear$":
+        "adaLN modulation: one vector per image scales and shifts every token",
+    r"^norm_out\.linear$": "the final adaLN modulation: one vector per image",
+    r"^x_embedder$": "the patch embedding sees raw latents (few channels: no int8 speed-up)",
+    r"^proj_out$": "the final projection's error is the model's output error",
+}
 DEFAULT_SAMPLE = 128                 # FluxPipeline.default_sample_size: 1024 px with FLUX.1's VAE
 
 

@@ -46,6 +46,8 @@ class Family(Protocol):
     SOURCE_MODEL: dict              # component -> the diffusers model it is exported from (vae_decoder -> vae)
     TOKENIZERS: tuple               # the tokenizers an artifact keeps
     LOAD_KWARGS: dict               # diffusers' loading keywords for its pipeline class
+    KEEP_FLOAT: dict                # int8: module-path regexes of the denoiser kept in float -> why
+    EXPORTERS: tuple                # the ONNX exporters that give a correct graph (dynamo, torchscript)
     ModelGeometry: type             # a Geometry
 
     def mismatches(self, configs: dict) -> list: ...

@@ -31,6 +31,14 @@ TEXT_ENCODERS = ("text_encoder",)
 SOURCE_MODEL = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 TOKENIZERS = ("tokenizer",)
 LOAD_KWARGS = {"safety_checker": None, "requires_safety_checker": False}   # diffusers' loading keywords
+EXPORTERS = ("dynamo", "torchscript")
+# what int8 keeps in float (module-path regexes): what costs quality and gains no speed (--keep-fp32 adds more)
+KEEP_FLOAT = {
+    r"^time_embedding(\.|$)": "the timestep MLP is tiny and its error reaches every block",
+    r"\.time_emb_proj$": "per-block timestep projections act on one vector per image: nothing to gain",
+    r"^conv_in$": "the first conv sees raw latents (4 channels: no int8 speed-up)",
+    r"^conv_out$": "the last conv's error is the model's output error",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ the 16-channel VAE with its shift and scaling factors, and ``FlowMatchEulerDiscr
 The transformer's engine takes ``hidden_states`` (latents), ``timestep`` (sigma x 1000, one float per row),
 ``encoder_hidden_states`` (CLIP then T5 tokens: 77 + any ``max_sequence_length`` up to 512) and
 ``pooled_projections``; classifier-free guidance doubles its batch as for U-Nets. Latent
-sides are capped by the transformer's position table (``pos_embed_max_size`` x patch). Skip-layer guidance (a third call that removes blocks) cannot be an engine
-input: the drop-ins refuse ``skip_guidance_layers`` in one line.
+sides are capped by the transformer's position table (``pos_embed_max_size`` x patch). Skip-layer guidance (a third
+call that removes blocks) cannot be an engine input: the drop-ins refuse ``skip_guidance_layers`` in one line.
 
 >>> COMPONENTS
 ('text_encoder', 'text_encoder_2', 'text_encoder_3', 'transformer', 'vae_decoder', 'vae_encoder')
@@ -42,7 +42,18 @@ SOURCE_MODEL = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_
                 "transformer": "transformer", "vae_decoder": "vae", "vae_encoder": "vae"}
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 LOAD_KWARGS: dict = {}
+EXPORTERS = ("dynamo", "torchscript")
 T5_LENGTH = 256                      # diffusers' max_sequence_length default for SD3
+# what int8 keeps in float (module-path regexes; --keep-fp32 adds more): the adaLN modulations act on one vector per
+# image (nothing to gain, and their error shifts and scales every token), as do the timestep/pooled-text embeddings;
+# the patch embedding sees raw latents; the final projection's error is the model's output error
+KEEP_FLOAT = {
+    r"^time_text_embed(\.|$)": "timestep and pooled-text embeddings: one vector per image",
+    r"\.norm1(_context)?\.linear$": "adaLN modulation: one vector per image scales and shifts every token",
+    r"^norm_out\.linear$": "the final adaLN modulation: one vector per image",
+    r"^pos_embed\.proj$": "the patch embedding sees raw latents (few channels: no int8 speed-up)",
+    r"^proj_out$": "the final projection's error is the model's output error",
+}
 T5_MAX = 512                         # the most diffusers' SD3 and FLUX pipelines take
 
 
@@ -130,7 +141,8 @@ class ModelGeometry:
                    joint_attention_dim=int(tr["joint_attention_dim"]), latent_channels=int(vae["latent_channels"]),
                    in_channels=int(tr["in_channels"]), vae_scale_factor=scale, latent_multiple=patch,
                    default_size=int(tr["sample_size"]) * scale,
-                   max_latent=int(tr["pos_embed_max_size"] or tr["sample_size"]) * patch, num_train_timesteps=int(train))
+                   max_latent=int(tr["pos_embed_max_size"] or tr["sample_size"]) * patch,
+                   num_train_timesteps=int(train))
 
 
 # ----------------------------------------------------------------------------------------------------------

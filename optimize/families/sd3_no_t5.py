@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from diffaccel.optimize.families import sd3
 from diffaccel.optimize.families.sd3 import (  # noqa: F401  (the family surface, shared with SD3)
-    DENOISER, DROP_INS, LOAD_KWARGS, PIPELINE_CLASS, PIPELINES, ModelGeometry, assets, attention_bytes,
-    capture_denoiser_inputs, check_pixel_range, export_module, latent_opt_size, size_factors, specs, weight_bytes)
+    DENOISER, DROP_INS, EXPORTERS, KEEP_FLOAT, LOAD_KWARGS, PIPELINE_CLASS, PIPELINES, ModelGeometry, assets,
+    attention_bytes, capture_denoiser_inputs, check_pixel_range, export_module, latent_opt_size, size_factors, specs,
+    weight_bytes)
 
 NAME = "sd3-no-t5"
 TITLE = "Stable Diffusion 3/3.5 without T5"

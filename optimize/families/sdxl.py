@@ -49,6 +49,8 @@ SOURCE_MODEL = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_
                 "vae_decoder": "vae", "vae_encoder": "vae"}
 TOKENIZERS = ("tokenizer", "tokenizer_2")
 LOAD_KWARGS = {"add_watermarker": False}     # diffusers' loading keywords: the invisible watermark stays off
+KEEP_FLOAT = sd.KEEP_FLOAT                   # what int8 keeps in float: SD's U-Net rules
+EXPORTERS = sd.EXPORTERS
 BASE_TIME_IDS = 6                            # original size, crop top-left, target size (each (h, w))
 REFINER_TIME_IDS = 5                         # original size, crop top-left, aesthetic score
 

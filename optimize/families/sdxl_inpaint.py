@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from diffaccel.optimize.families import sd, sdxl
 from diffaccel.optimize.families.sdxl import (  # noqa: F401  (the family surface, shared with base SDXL)
-    COMPONENTS, DENOISER, LOAD_KWARGS, SOURCE_MODEL, TEXT_ENCODERS, TOKENIZERS, ModelGeometry, assets,
-    check_pixel_range, export_module, attention_bytes, latent_opt_size, size_factors, specs, weight_bytes)
+    COMPONENTS, DENOISER, EXPORTERS, KEEP_FLOAT, LOAD_KWARGS, SOURCE_MODEL, TEXT_ENCODERS, TOKENIZERS, ModelGeometry,
+    assets, check_pixel_range, export_module, attention_bytes, latent_opt_size, size_factors, specs, weight_bytes)
 
 NAME = "sdxl-inpaint"
 TITLE = "Stable Diffusion XL inpainting"

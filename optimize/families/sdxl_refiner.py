@@ -30,6 +30,8 @@ TEXT_ENCODERS = ("text_encoder_2",)
 SOURCE_MODEL = {c: sdxl.SOURCE_MODEL[c] for c in COMPONENTS}
 TOKENIZERS = ("tokenizer_2",)
 LOAD_KWARGS = sdxl.LOAD_KWARGS
+KEEP_FLOAT = sdxl.KEEP_FLOAT
+EXPORTERS = sdxl.EXPORTERS
 
 
 def mismatches(configs: dict) -> list:

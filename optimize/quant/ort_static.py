@@ -1,7 +1,8 @@
 """int8 for ONNX Runtime: static QDQ quantization of the U-Net, calibrated on the real pipeline's inputs; the text
 encoder and VAE are quantized only where a measurement says it pays.
 
-Defaults keep in float what costs quality and gains no speed (documented in ``DEFAULT_KEEP_FP32``); users add
+Defaults keep in float what costs quality and gains no speed (each family's ``KEEP_FLOAT``, documented there: a U-Net's
+timestep MLP and first and last convs, a diffusion transformer's adaLN modulation and final projection); users add
 patterns with ``--keep-fp32`` (matched against each node's module path, e.g. ``down_blocks.0.resnets.0.conv1``).
 Everything is seeded; the same QuantConfig on the same source gives a byte-identical model.
 """
@@ -17,14 +18,9 @@ from diffaccel.optimize.quant.entropy import ENTROPY_BINS
 from diffaccel.optimize.artifact.errors import DiffaccelError
 
 
-DEFAULT_KEEP_FP32 = {
-    r"^time_embedding(\.|$)": "the timestep MLP is tiny and its error reaches every block",
-    r"\.time_emb_proj$": "per-block timestep projections act on one vector per image: nothing to gain",
-    r"^conv_in$": "the first conv sees raw latents (4 channels: no int8 speed-up)",
-    r"^conv_out$": "the last conv's error is the model's output error",
-}
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
-ALGORITHM_VERSION = 4      # part of the quantize stage's key: bump when what a config produces changes
+ALGORITHM_VERSION = 5      # part of the quantize stage's key: bump when what a config produces changes (5: the
+#                            keep-float patterns match dynamo exports, whose module paths pre-processing used to lose)
 
 
 def node_scope(node) -> str:
@@ -142,21 +138,25 @@ def weight_bits(quant) -> "tuple[int, str]":
     return 8, "auto: this CPU accumulates int8 products in 32 bits (VNNI/AMX)"
 
 
-def quantize_static_qdq(src: Path, dst: Path, samples: list, quant, *, external: bool,
-                        extra_exclude: tuple = (), cache: "Path | None" = None,
+def quantize_static_qdq(src: Path, dst: Path, samples: list, quant, *, external: bool, keep_float: dict,
+                        scoped: "Path | None" = None, extra_exclude: tuple = (), cache: "Path | None" = None,
                         float_attention_scores: bool = True) -> dict:
     """QDQ int8 (uint8 activations, int8 per-channel weights: the U8S8 layout ORT recommends), the weights in 7 bits
-    where :func:`weight_bits` says the kernels would saturate 8."""
+    where :func:`weight_bits` says the kernels would saturate 8. ``keep_float`` and ``--keep-fp32`` patterns are
+    matched against module paths read from ``scoped`` (the exported model: ORT's pre-processing, which made ``src``,
+    drops the nodes' metadata but keeps their names)."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(src), load_external_data=False)
-    patterns = tuple(DEFAULT_KEEP_FP32) + tuple(quant.keep_fp32)
+    names = {n.name for n in model.graph.node}
+    patterns = tuple(keep_float) + tuple(quant.keep_fp32)
+    kept = excluded_nodes(onnx.load(str(scoped), load_external_data=False) if scoped else model, patterns)
     scores = attention_score_matmuls(model) if float_attention_scores else []
-    exclude = sorted(set(excluded_nodes(model, patterns)) | set(scores) | set(extra_exclude))
+    exclude = sorted((set(kept) & names) | set(scores) | set(extra_exclude))
     quantized = [n.name for n in model.graph.node if n.op_type in QUANT_OPS and n.name not in set(exclude)]
     if not quantized:
-        raise DiffaccelError("every Conv/MatMul/Gemm of the U-Net is excluded by --keep-fp32; loosen the pattern")
+        raise DiffaccelError("every Conv/MatMul/Gemm of the denoiser is excluded by --keep-fp32; loosen the pattern")
     bits, why = weight_bits(quant)
     # (not CalibMaxIntermediateOutputs: in onnxruntime 1.32 it discards collected ranges instead of merging them)
     extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "CalibPercentile": quant.percentile}
@@ -180,4 +180,4 @@ def quantize_static_qdq(src: Path, dst: Path, samples: list, quant, *, external:
             **({"entropy_bins": ENTROPY_BINS} if str(quant.method) == "entropy" else {}),
             "calibration_samples": len(samples), "kept_float": exclude, "quantized_nodes": len(quantized),
             "attention_scores_kept_float": len(scores),
-            "default_keep_fp32": DEFAULT_KEEP_FP32, "user_keep_fp32": list(quant.keep_fp32)}
+            "default_keep_fp32": dict(keep_float), "user_keep_fp32": list(quant.keep_fp32)}

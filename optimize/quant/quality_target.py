@@ -81,10 +81,10 @@ class ImageJudge:
 
     def psnr(self, engine_path: Path, threads=None) -> float:
         import numpy as np
-        from diffaccel.engines.pipelines.shims import denoiser_shim
+        from diffaccel.engines.pipelines.denoisers import denoiser_shim
 
         original = getattr(self.pipe, self.denoiser)
-        shim = denoiser_shim(self.denoiser, self.engine(engine_path, threads), self.spec, original.config)
+        shim = denoiser_shim(type(original).__name__, self.engine(engine_path, threads), self.spec, original.config)
         candidate = type(self.pipe)(**{**self.pipe.components, self.denoiser: shim})
         mse = float(np.mean([np.mean((self._run(candidate, i) - ref) ** 2)
                              for i, ref in enumerate(self.reference)]))

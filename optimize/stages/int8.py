@@ -89,7 +89,7 @@ class QuantizeStage(Stage):
     def settings(self, ctx):
         import dataclasses
 
-        from diffaccel.optimize.quant.ort_static import ALGORITHM_VERSION, DEFAULT_KEEP_FP32
+        from diffaccel.optimize.quant.ort_static import ALGORITHM_VERSION
 
         quant = dataclasses.asdict(ctx.config.quant)
         del quant["attention_scores"]       # keyed as resolved below; float scores keep the keys builds had before
@@ -98,7 +98,7 @@ class QuantizeStage(Stage):
         if weight_bits(ctx.config.quant)[0] == 7:    # resolved here: an artifact built on a CPU without VNNI differs
             scores["weight_bits"] = 7
         judge = {"judged_on": judged_on(ctx.config)} if ctx.config.quant.quality_target is not None else {}
-        return {"precision": str(ctx.config.precision), "quant": quant, "defaults": sorted(DEFAULT_KEEP_FP32),
+        return {"precision": str(ctx.config.precision), "quant": quant, "defaults": sorted(ctx.family.KEEP_FLOAT),
                 "algorithm": ALGORITHM_VERSION, "threads": ctx.config.threads, **scores, **judge}
 
     def run(self, ctx):
@@ -137,6 +137,7 @@ class QuantizeStage(Stage):
                 smoothing = smooth(pre, Path(tmp) / "smooth.onnx", samples, q.smoothquant, external=external)
                 pre = Path(tmp) / "smooth.onnx"
             report = quantize_static_qdq(pre, d / "model.onnx", samples, q, external=external,
+                                         keep_float=ctx.family.KEEP_FLOAT, scoped=src,
                                          cache=Path(tmp) / "calibration.json", float_attention_scores=float_scores)
             report["smoothquant"] = smoothing
             if q.quality_target is not None:
@@ -166,7 +167,8 @@ class QuantizeStage(Stage):
         def quantize(extra):
             out = tmp / f"candidate-{len(extra)}" / "model.onnx"
             out.parent.mkdir()
-            quantize_static_qdq(pre, out, samples, q, external=external, extra_exclude=extra,
+            quantize_static_qdq(pre, out, samples, q, external=external, keep_float=ctx.family.KEEP_FLOAT,
+                                scoped=ctx.latest_model(ctx.denoiser, self.name), extra_exclude=extra,
                                 cache=tmp / "calibration.json", float_attention_scores=float_scores)
             return out
 
