@@ -148,3 +148,24 @@ def test_int8_transformer_keeps_its_modulation_and_output_in_float(artifacts):
     assert len(q["kept_float"]) >= 5 and q["quantized_nodes"] > len(q["kept_float"])
     kept = torch.load(out / "transformer" / "quantized" / "validation_inputs.pt", weights_only=True)
     assert kept[0]["hidden_states"].shape[0] == 2                 # both classifier-free guidance halves
+
+
+def test_serving_a_flow_matching_model_checks_its_schedules_and_refuses_diffusion_schedulers(sd3, flux):
+    """The server's schedule check drives flow-matching schedulers as the pipelines do (no scale_model_input, a mu
+    under dynamic shifting), and refuses a diffusion scheduler on a flow-matching model (it would run, wrongly)."""
+    from diffaccel.engines.pipelines.schedulers import served
+    from diffaccel.engines.serving.config import ServeConfig
+    from diffaccel.engines.serving.models import RequestError, load_models, resolve
+    from diffaccel.engines.serving.schemas import JobInput
+
+    models, schedulers, cfg = load_models([sd3, flux]), served(), ServeConfig()
+    sd3_name, flux_name = list(models)
+    for name, scheduler in ((sd3_name, None), (sd3_name, "flow-euler"), (sd3_name, "flow-heun"), (flux_name, None),
+                            (flux_name, "flow-euler")):
+        work = resolve(JobInput(prompt="x", steps=3, model=name, scheduler=scheduler), models, schedulers, cfg)
+        assert work["steps"] == 3 and work["guidance_scale"] == models[name].default_guidance
+    with pytest.raises(RequestError, match="flow-heun cannot run 3 step.*mu"):    # FLUX's pipeline would fail alike
+        resolve(JobInput(prompt="x", steps=3, model=flux_name, scheduler="flow-heun"), models, schedulers, cfg)
+    with pytest.raises(RequestError, match="flow matching .* allowed: default, flow-euler, flow-heun"):
+        resolve(JobInput(prompt="x", scheduler="ddim", model=next(iter(models))), models, schedulers, cfg)
+    assert {m.default_guidance for m in models.values()} == {7.0, 3.5}     # diffusers' SD3 and FLUX defaults

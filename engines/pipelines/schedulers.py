@@ -27,6 +27,8 @@ ALIASES = {
     "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
     "lcm": "LCMScheduler",
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",     # flow-matching models (SD3, FLUX)
+    "flow-heun": "FlowMatchHeunDiscreteScheduler",
 }
 
 

@@ -57,8 +57,13 @@ class ServedModel:
 
     @property
     def native(self) -> "tuple[int, int]":
+        """(height, width) a request without a size gets: the model's native size where the engines serve it, else
+        their typical (opt) size, the one they were built around."""
         s = self.pipe.native_size
-        return s, s
+        if self.allows(s, s):
+            return s, s
+        a, scale = self.pipe.denoiser.spec.axes, self.scale
+        return a["height"].opt * scale, a["width"].opt * scale
 
     def size_text(self) -> str:
         a, s = self.pipe.denoiser.spec.axes, self.scale
@@ -94,18 +99,28 @@ def load_models(paths, threads=None, provider=None) -> dict:
 
 
 def dry_run_problem(cls, config, steps: int) -> str:
-    """Run a scheduler's whole schedule on a zero 1x1 latent: '' if it completes, else the error (one line)."""
+    """Run a scheduler's whole schedule on a zero 1x1 latent, as the pipelines drive it (``scale_model_input`` where
+    it has one; a flow-matching schedule with dynamic shifting gets a ``mu``, as SD3's and FLUX's pipelines pass):
+    '' if it completes, else the error (one line)."""
     import torch
 
     try:
         scheduler = cls.from_config(config)
-        scheduler.set_timesteps(steps)
+        shifting = {"mu": 1.0} if scheduler.config.get("use_dynamic_shifting") else {}
+        scheduler.set_timesteps(steps, **shifting)
         x = torch.zeros(1, 4, 1, 1)
+        scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
         for t in scheduler.timesteps:
-            x = scheduler.step(torch.zeros_like(x), t, scheduler.scale_model_input(x, t), return_dict=False)[0]
+            x = scheduler.step(torch.zeros_like(x), t, scale(x, t), return_dict=False)[0]
     except Exception as e:          # whatever the scheduler raises is the reason it cannot serve these steps
         return " ".join(f"{type(e).__name__}: {e}".split())[:200]
     return ""
+
+
+def _flow_matching(cls) -> bool:
+    """Whether a scheduler class drives flow-matching models (SD3, FLUX: velocity, sigmas) rather than diffusion
+    ones: the two kinds cannot stand in for each other, though either builds from the other's config."""
+    return cls is not None and cls.__name__.startswith("FlowMatch")
 
 
 def _one_of(what: str, value, allowed) -> RequestError:
@@ -134,6 +149,12 @@ def resolve(body, models: dict, schedulers: dict, cfg) -> dict:
     scheduler = "default" if body.scheduler is None else body.scheduler.strip().lower()
     if scheduler != "default" and scheduler not in schedulers:
         raise _one_of("scheduler", body.scheduler, ["default", *schedulers])
+    flow = _flow_matching(model.default_scheduler)
+    if scheduler != "default" and _flow_matching(schedulers[scheduler]) != flow:
+        allowed = ["default", *(n for n, c in schedulers.items() if _flow_matching(c) == flow)]
+        raise RequestError(f"scheduler {scheduler} cannot drive model {model.name}, which denoises by "
+                           f"{'flow matching' if flow else 'diffusion'} ({model.default_scheduler.__name__}); "
+                           f"allowed: {', '.join(allowed)}", "scheduler")
     problem = model.schedule_problem(scheduler, schedulers.get(scheduler), steps)
     if problem:
         raise RequestError(f"scheduler {scheduler} cannot run {steps} step(s) on model {model.name} ({problem}); "

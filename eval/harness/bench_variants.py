@@ -31,6 +31,22 @@ def denoiser_spec(source, cfg, pipe=None) -> tuple:
     return fam, fam.specs(fam.ModelGeometry.from_configs(configs), shapes)[fam.DENOISER]
 
 
+def denoiser_name(source) -> "str | None":
+    """The source's denoiser (``unet`` or ``transformer``) from its configs, None where only loading can tell."""
+    from diffaccel.optimize.families import detect
+
+    configs = source.configs()
+    return detect(configs, source.spec).DENOISER if configs else None
+
+
+def step_title(result: dict) -> str:
+    """A benchmark table's first words: "U-Net step, SRC, HxW, U-Net batch B" (or the transformer's)."""
+    from diffaccel.optimize.artifact.roles import label
+
+    name, cfg = label(result.get("denoiser")), result["config"]
+    return f"{name} step, {result['source']['spec']}, {cfg['height']}x{cfg['width']}, {name} batch {cfg['batch']}"
+
+
 def make_inputs(spec, cfg) -> dict:
     """The denoiser's inputs by name, in the order of its spec (what the eager module takes positionally), seeded."""
     import torch

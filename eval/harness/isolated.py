@@ -82,8 +82,10 @@ def run_isolated(cfg, names: list, to_build: list, module: str, source) -> dict:
     for r in rows:
         if "stats" in r:
             r["pass_speedups"] = [a / b for a, b in zip(first["pass_medians"], r["pass_medians"])]
+    from diffaccel.eval.harness.bench_variants import denoiser_name
+
     return {"benchmark": "denoiser-step", "config": dataclasses.asdict(cfg), "source": source.to_dict(),
-            "host": host_info(), "timing": f"each variant in its own process, {cfg.passes} passes in alternating "
+            "denoiser": denoiser_name(source), "host": host_info(), "timing": f"each variant in its own process, {cfg.passes} passes in alternating "
                                            "order, perf_counter, median of the per-pass medians",
             "passes": [ps["order"] for ps in passes], "rows": rows}
 
@@ -95,7 +97,9 @@ def format_isolated(result: dict) -> str:
     timed = [r for r in rows if "stats" in r]
     ref = timed[0]["variant"] if timed else "-"
     heads = [f"pass {i + 1} ms" for i in range(cfg["passes"])]
-    lines = [f"U-Net step, {result['source']['spec']}, {cfg['height']}x{cfg['width']}, U-Net batch {cfg['batch']}; "
+    from diffaccel.eval.harness.bench_variants import step_title
+
+    lines = [f"{step_title(result)}; "
              f"each variant in its own process, {cfg['warmup']} warm-up + {cfg['repeat']} timed calls per process; "
              f"{cfg['passes']} passes in alternating order:",
              *(f"  pass {i + 1}: {', '.join(order)}" for i, order in enumerate(result["passes"])),

@@ -42,7 +42,7 @@ from pathlib import Path
 from diffaccel.optimize.artifact.errors import BackendUnavailableError, DiffaccelError, disk_full, one_line
 
 from diffaccel.eval.harness.bench_variants import (  # noqa: F401  (the variant kinds, re-exported)
-    EAGER, PEER_BACKENDS, UNFUSED, VARIANT_OPTIONS, prepare_variant)
+    EAGER, PEER_BACKENDS, UNFUSED, VARIANT_OPTIONS, denoiser_name, prepare_variant, step_title)
 
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,8 @@ def _run_interleaved(cfg: StepBenchConfig, variants: list, reporter) -> dict:
              "samples": samples[n], **facts[n]} for n in runners]
     rows += [{"variant": n, "skipped": why} for n, why in skipped.items()]
     speedups(rows, "p50")
-    return {"benchmark": "unet-step", "config": dataclasses.asdict(cfg), "source": source.to_dict(),
-            "host": host_info(), "timing": "interleaved rounds in one process, perf_counter, ONNX Runtime intra-op "
+    return {"benchmark": "denoiser-step", "config": dataclasses.asdict(cfg), "source": source.to_dict(),
+            "denoiser": denoiser_name(source), "host": host_info(), "timing": "interleaved rounds in one process, perf_counter, ONNX Runtime intra-op "
                                             "spinning off", "rows": rows}
 
 
@@ -173,8 +173,7 @@ def format_table(result: dict) -> str:
         return format_isolated(result) + (f"\npeak RSS of the first pass's process: {', '.join(peaks)}"
                                           if peaks else "")
     timed = [r for r in result["rows"] if "stats" in r]
-    lines = [f"U-Net step, {result['source']['spec']}, {cfg['height']}x{cfg['width']}, U-Net batch {cfg['batch']}, "
-             f"{cfg['repeat']} interleaved timed rounds after {cfg['warmup']} warm-up",
+    lines = [f"{step_title(result)}, {cfg['repeat']} interleaved timed rounds after {cfg['warmup']} warm-up",
              f"{'variant':<36} {'mean ms':>9} {'p50 ms':>9} {'p90 ms':>9} {'min ms':>9} {'nodes':>6} "
              f"{'x vs ' + (timed[0]['variant'] if timed else '-'):>18}"]
     for r in result["rows"]:
