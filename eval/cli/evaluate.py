@@ -39,7 +39,7 @@ def add_eval(sub) -> None:
                    help=GUIDANCE_HELP + "; artifacts built for different ones are all run at the first's")
     p.add_argument("--peers", default="", help="extra rows a user might try instead: torch-bf16, torch-fp16, "
                                                "torch-compile, optimum-intel-fp32, optimum-intel-bf16, "
-                                               "optimum-intel-int8 (comma-separated; optimum-intel: README)")
+                                               "optimum-intel-int8 (comma-separated; optimum-intel: docs/openvino.md)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant before timing (default 1)")
     p.add_argument("--repeat", type=int, default=3, help="timed calls per batch size (default 3)")
     p.add_argument("--device", default="cpu", help="where the PyTorch baseline and peers run: cpu | cuda")

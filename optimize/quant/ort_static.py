@@ -48,7 +48,7 @@ def attention_score_matmuls(model, depth: int = 3) -> list:
     Kept in float on purpose: with their outputs quantized, ONNX Runtime fuses DequantizeLinear -> Softmax ->
     QuantizeLinear into QLinearSoftmax, which on the SD 1.5 U-Net (256x256, one thread) took 200 ms per step against
     87 ms for the float Softmax; keeping these MatMuls float made the whole int8 U-Net 2.68x fp32 instead of 2.19x
-    at the same error (reproduce: python tools/bench_int8_variants.py).
+    at the same error (reproduce: diffaccel microbench --variants onnxruntime/int8,onnxruntime/int8+int8-scores).
     """
     consumers: dict = {}
     for n in model.graph.node:

@@ -24,7 +24,7 @@ from diffaccel.optimize.quant.ort_static import preprocess, quantize_static_qdq,
 from diffaccel.optimize.stages.base import ComponentOutcome, Stage, StageResult
 
 # attention's QK^T MatMul by backend when --attention-scores is not given (measured: see attention_score_matmuls)
-# (OpenVINO: int8 scores measured 0.99x as fast as float on SD 1.5; README "Going past the peer")
+# (OpenVINO: int8 scores measured 0.99x as fast as float on SD 1.5; docs/openvino.md)
 DEFAULT_ATTENTION_SCORES = {"onnxruntime": "float", "openvino": "float"}
 FLOAT_REASON = ("kept float: dynamic int8 is applied only to the components QuantConfig.dynamic_int8 names (a setting, "
                 "not a build-time timing; see diffaccel.optimize.stages.int8)")
