@@ -137,18 +137,18 @@ def test_shipped_weights_have_the_training_recipes_architecture(pipe):
     assert pipe.tokenizer.model_max_length == train.TrainConfig().text_tokens
 
 
-@pytest.mark.parametrize("family", ["sd", "xl"])
+@pytest.mark.parametrize("family", ["sd", "xl", "sd3"])
 def test_training_resumes_where_it_stopped(tmp_path, monkeypatch, family):
     """An interrupted run, resumed, ends with the same weights as an unbroken one (a few tiny steps)."""
     train = _train_module()
-    cfg = train.TrainConfig(family=family, vae_steps=2, vae_batch=2, pool=8, unet_steps=3, batch=2, warmup=1)
+    cfg = train.TrainConfig(family=family, vae_steps=2, vae_batch=2, pool=8, denoiser_steps=3, batch=2, warmup=1)
     train.train(cfg, tmp_path / "a", tmp_path / "a" / "pipe", resume=False, every=1)
 
     real_update = train.Progress.update
 
     def interrupt(self, step, loss):
         real_update(self, step, loss)
-        if self.name == "unet" and step == 1:
+        if self.name != "vae" and step == 1:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train.Progress, "update", interrupt)
@@ -159,8 +159,129 @@ def test_training_resumes_where_it_stopped(tmp_path, monkeypatch, family):
 
     from safetensors.torch import load_file
 
-    for part in ("unet", "text_encoder", "vae") + (("text_encoder_2",) if family == "xl" else ()):
+    parts = sorted(f.parent.name for f in (tmp_path / "a" / "pipe").glob("*/*.safetensors"))
+    expected = {"sd": ["unet", "text_encoder"], "xl": ["unet", "text_encoder", "text_encoder_2"],
+                "sd3": ["transformer", "text_encoder", "text_encoder_2"]}[family]
+    assert parts == sorted(expected + ["vae"])
+    for part in parts:
         (fa,) = (tmp_path / "a" / "pipe" / part).glob("*.safetensors")
         (fb,) = (tmp_path / "b" / "pipe" / part).glob("*.safetensors")
         a, b = load_file(fa), load_file(fb)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+# tinyshapes-sd3 (tools/train_tinyshapes.py --family sd3): the recipe must condition the transformer exactly as
+# StableDiffusion3Pipeline does without T5 (checked on untrained models, so it holds before any weights exist).
+SD3 = ASSETS / "tinyshapes-sd3"
+PROMPT = "a small red circle at the top left on a white background"
+
+
+def _sd3_models():
+    train = _train_module()
+    return train, train.build_models(train.TrainConfig(family="sd3"))
+
+
+def _sd3_pipeline(train, models: dict):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(transformer=models["transformer"], vae=models["vae"],
+                                    scheduler=FlowMatchEulerDiscreteScheduler(**train.FLOW_SCHEDULER_CONFIG),
+                                    text_encoder=models["text_encoder"], tokenizer=models["tokenizer"],
+                                    text_encoder_2=models["text_encoder_2"], tokenizer_2=models["tokenizer"],
+                                    text_encoder_3=None, tokenizer_3=None)
+
+
+def _caption_ids(tok, prompts):
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+
+
+def test_sd3_training_conditions_the_transformer_as_the_pipeline_does():
+    """Both CLIPs' penultimate states side by side, then 256 zero "T5" tokens; both pooled projections; the empty
+    caption's for a dropped caption: what StableDiffusion3Pipeline.encode_prompt gives with its defaults, no T5."""
+    train, models = _sd3_models()
+    pipe = _sd3_pipeline(train, models)
+    with torch.no_grad():
+        pos, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPT, None, None, do_classifier_free_guidance=True)
+        ours = train.condition(models, _caption_ids(pipe.tokenizer, [PROMPT, ""]), torch.tensor([False, True]))
+    torch.testing.assert_close(ours["encoder_hidden_states"], torch.cat([pos, neg]))  # one batch vs two: rounding
+    torch.testing.assert_close(ours["pooled_projections"], torch.cat([pooled, neg_pooled]))
+    config = models["transformer"].config
+    assert pos.shape == (1, 16 + 256, config.joint_attention_dim) and not pos[:, 16:].any()
+    assert (config.joint_attention_dim, config.pooled_projection_dim, config.caption_projection_dim) == (96, 80, 128)
+    assert pipe.default_sample_size * pipe.vae_scale_factor == 64
+
+
+def test_sd3_training_attends_to_one_zero_token_as_to_256():
+    """RepeatedLastKey with one zero token gives the transformer's output and gradients on the full 16 + 256
+    tokens (so training on the short sequence is training on the pipeline's), and is removed after the ``with``."""
+    train, models = _sd3_models()
+    transformer = models["transformer"]
+    ids = _caption_ids(models["tokenizer"], [PROMPT, ""])
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([250.0, 900.0])
+    weights = torch.randn(2, 4, 16, 16, generator=g)
+
+    def run(t5_tokens):
+        transformer.zero_grad()
+        out = transformer(hidden_states=x, timestep=t, **train.condition(models, ids, None, t5_tokens=t5_tokens))
+        (out.sample * weights).sum().backward()
+        return out.sample.detach(), [p.grad.clone() for p in transformer.parameters() if p.grad is not None]
+
+    full, full_grads = run(256)
+    with train.RepeatedLastKey.installed(transformer, 256):
+        short, short_grads = run(1)
+    torch.testing.assert_close(short, full, rtol=1e-4, atol=1e-5)
+    assert len(short_grads) == len(full_grads)
+    for a, b in zip(short_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    assert {type(b.attn.processor).__name__ for b in transformer.transformer_blocks} == {"JointAttnProcessor2_0"}
+
+
+def _sd3_shipped():
+    return pytest.mark.skipif(not (SD3 / "model_index.json").is_file(), reason=f"no weights at {SD3}")
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe():
+    from diffusers import StableDiffusion3Pipeline
+
+    # diffusers' way to load SD3 without its T5 (the folder's model_index.json lists both as null)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(SD3), text_encoder_3=None, tokenizer_3=None,
+                                                    local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@_sd3_shipped()
+def test_sd3_files_are_safetensors_small_and_without_t5():
+    index = shipped_index(SD3)
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert index["text_encoder_3"] == [None, None] and index["tokenizer_3"] == [None, None]
+
+
+@_sd3_shipped()
+def test_sd3_shipped_weights_have_the_training_recipes_architecture(sd3_pipe):
+    def plain(value):
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    train = _train_module()
+    for settings, config in ((train.SD3_CONFIG, sd3_pipe.transformer.config), (train.VAE_CONFIG, sd3_pipe.vae.config),
+                             (train.TEXT_CONFIG_XL, sd3_pipe.text_encoder.config),
+                             (train.TEXT_CONFIG_XL_2, sd3_pipe.text_encoder_2.config),
+                             (train.FLOW_SCHEDULER_CONFIG, sd3_pipe.scheduler.config)):
+        for key, value in settings.items():
+            got = config[key] if isinstance(config, dict) else getattr(config, key)
+            assert plain(got) == plain(value), key
+    assert sd3_pipe.vae.config.shift_factor == 0.0
+    assert sd3_pipe.tokenizer.model_max_length == train.TrainConfig().text_tokens
+    # the tinyshapes VAE, reused as it is
+    assert (SD3 / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (MODEL / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+@_sd3_shipped()
+def test_sd3_two_step_generation_runs(sd3_pipe):
+    out = sd3_pipe(PROMPT, num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                   output_type="np")
+    image = out.images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all() and 0.0 <= image.min() <= image.max() <= 1.0

@@ -3,6 +3,8 @@
 ``--family xl`` trains ``tinyshapes-xl`` instead: the same world and recipe in the SDXL architecture (two text
 encoders whose penultimate hidden states are concatenated, the second's pooled projection and the six micro-
 conditioning time ids added to the time embedding), usually reusing the trained tinyshapes VAE (``--vae``).
+``--family sd3`` trains ``tinyshapes-sd3``: an SD3 transformer (MMDiT) with two CLIP text encoders and no T5, on a
+rectified-flow loss, laid out as StableDiffusion3Pipeline feeds it (see :func:`condition`).
 
 Two stages, each seeded, checkpointed and resumable:
 1. the AutoencoderKL, on fresh renders each step (64x64 RGB -> 16x16x4 latents);
@@ -14,16 +16,23 @@ would have seen. The result is written in diffusers format (safetensors) to ``--
 
     python tools/train_tinyshapes.py                      # from scratch, into optimize/assets/tinyshapes
     python tools/train_tinyshapes.py --resume             # continue from runs/tinyshapes/checkpoint.pt
-    python tools/train_tinyshapes.py --threads 1 --unet-steps 200 --out runs/tiny-try   # a quick try
+    python tools/train_tinyshapes.py --threads 1 --denoiser-steps 200 --out runs/tiny-try   # a quick try
     python tools/train_tinyshapes.py --family xl --vae optimize/assets/tinyshapes/vae   # tinyshapes-xl
+    python tools/train_tinyshapes.py --family sd3 --vae optimize/assets/tinyshapes/vae \
+        --denoiser-steps 4000 --batch 40                                                  # tinyshapes-sd3 as shipped
+
+On a machine whose cores other processes also use, set ``OMP_WAIT_POLICY=PASSIVE`` with ``--threads 2``: OpenMP's
+spinning threads made a transformer step up to 10x slower without it (docs/tinyshapes.md, tinyshapes-sd3).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +67,19 @@ TIME_IDS, TIME_EMBED = 6, 8   # (original h, w, crop top, left, target h, w), ea
 UNET_CONFIG_XL = dict(UNET_CONFIG, cross_attention_dim=32 + 64, addition_embed_type="text_time",
                       addition_time_embed_dim=TIME_EMBED,
                       projection_class_embeddings_input_dim=TIME_IDS * TIME_EMBED + 48, use_linear_projection=True)
-FAMILIES = ("sd", "xl")
+# tinyshapes-sd3: SD3's MMDiT at tinyshapes scale. Two CLIPTextModelWithProjection encoders of different widths
+# (the XL ones' sizes): joint_attention_dim 96 (= 32 + 64, penultimate states side by side, so nothing is cropped),
+# pooled 80 (= 32 + 48), transformer width 128; no T5. Patch 2 gives 64 image tokens; pos_embed_max_size 16
+# allows latents up to 32x32 (128x128 images). Layer 0 is an SD3.5 dual-attention block and q/k are RMS-normed
+# (SD3.5's code paths); they cost ~12% of a step.
+SD3_CONFIG = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
+                  num_attention_heads=4, joint_attention_dim=32 + 64, caption_projection_dim=128,
+                  pooled_projection_dim=32 + 48, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+# StableDiffusion3Pipeline without text_encoder_3 appends max_sequence_length (256 by default) all-zero "T5" tokens
+# to the 16 CLIP tokens; training sees the same (as one token standing for 256, see RepeatedLastKey).
+T5_TOKENS = 256
+FLOW_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0)
+FAMILIES = ("sd", "xl", "sd3")
 # Zero terminal SNR (with v-prediction and trailing timesteps): the flat background is the image's mean color,
 # which SD's schedule leaks into the last training step but not into pure-noise sampling (Lin et al., 2023).
 SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -69,14 +90,14 @@ SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scale
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    family: str = "sd"              # "sd": tinyshapes (SD 1.x layout); "xl": tinyshapes-xl (SDXL layout)
+    family: str = "sd"              # "sd": tinyshapes (SD 1.x); "xl": tinyshapes-xl (SDXL); "sd3": tinyshapes-sd3
     vae_steps: int = 2000
     vae_batch: int = 16
     vae_lr: float = 2e-3
     kl_weight: float = 1e-9
     object_weight: float = 4.0      # extra reconstruction weight on object pixels (they are few, and matter)
     pool: int = 24000
-    unet_steps: int = 4800
+    denoiser_steps: int = 4800
     batch: int = 48
     lr: float = 1e-3
     warmup: int = 100
@@ -98,7 +119,7 @@ class TrainConfig:
     text_tokens: int = 16
 
     def __post_init__(self):
-        for name in ("vae_steps", "vae_batch", "pool", "unet_steps", "batch"):
+        for name in ("vae_steps", "vae_batch", "pool", "denoiser_steps", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.family not in FAMILIES:
@@ -136,6 +157,13 @@ def build_models(cfg: TrainConfig):
     if cfg.family == "sd":
         return dict(tokenizer=tokenizer, vae=AutoencoderKL(**VAE_CONFIG),
                     text_encoder=CLIPTextModel(text_config(TEXT_CONFIG)), unet=UNet2DConditionModel(**UNET_CONFIG))
+    if cfg.family == "sd3":
+        from diffusers import SD3Transformer2DModel
+
+        return dict(tokenizer=tokenizer, vae=AutoencoderKL(**VAE_CONFIG),
+                    text_encoder=CLIPTextModelWithProjection(text_config(TEXT_CONFIG_XL)),
+                    text_encoder_2=CLIPTextModelWithProjection(text_config(TEXT_CONFIG_XL_2)),
+                    transformer=SD3Transformer2DModel(**SD3_CONFIG))
     return dict(tokenizer=tokenizer, vae=AutoencoderKL(**VAE_CONFIG),
                 text_encoder=CLIPTextModel(text_config(TEXT_CONFIG_XL)),
                 text_encoder_2=CLIPTextModelWithProjection(text_config(TEXT_CONFIG_XL_2)),
@@ -144,20 +172,35 @@ def build_models(cfg: TrainConfig):
 
 def trained(models: dict) -> list:
     """The names of the models stage 2 trains (and checkpoints)."""
-    return [k for k in ("text_encoder", "text_encoder_2", "unet") if k in models]
+    return [k for k in ("text_encoder", "text_encoder_2", "unet", "transformer") if k in models]
 
 
-def condition(models: dict, ids: torch.Tensor, dropped: torch.Tensor, size: int = 64) -> dict:
-    """The U-Net's conditioning for caption token ids, as the family's diffusers pipeline computes it.
+def denoiser(models: dict) -> str:
+    return "transformer" if "transformer" in models else "unet"
+
+
+def condition(models: dict, ids: torch.Tensor, dropped: torch.Tensor, size: int = 64,
+              t5_tokens: int = T5_TOKENS) -> dict:
+    """The denoiser's conditioning for caption token ids, as the family's diffusers pipeline computes it.
 
     SD: the text encoder's last hidden state; a dropped caption is the empty caption's (``ids`` already hold it).
     SDXL: both encoders' penultimate hidden states side by side, the second's pooled projection and the time ids of
     an uncropped ``size`` x ``size`` image; a dropped caption is all zeros, which is what StableDiffusionXLPipeline
-    feeds as the unconditional half when ``force_zeros_for_empty_prompt`` is set (as in SDXL base)."""
+    feeds as the unconditional half when ``force_zeros_for_empty_prompt`` is set (as in SDXL base).
+    SD3: both encoders' penultimate states side by side, then ``t5_tokens`` all-zero tokens (what
+    StableDiffusion3Pipeline feeds without a T5); pooled: both ``text_embeds``; a dropped caption is the empty
+    caption's, as the pipeline's negative prompt "". Training passes ``t5_tokens=1`` with :class:`RepeatedLastKey`."""
     if "text_encoder_2" not in models:
         return dict(encoder_hidden_states=models["text_encoder"](ids)[0])
     first = models["text_encoder"](ids, output_hidden_states=True)
     second = models["text_encoder_2"](ids, output_hidden_states=True)
+    if "transformer" in models:
+        states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], -1)
+        width = models["transformer"].config.joint_attention_dim
+        states = torch.nn.functional.pad(states, (0, width - states.shape[-1]))
+        zeros = states.new_zeros(len(ids), t5_tokens, width)
+        return dict(encoder_hidden_states=torch.cat([states, zeros], 1),
+                    pooled_projections=torch.cat([first.text_embeds, second.text_embeds], -1))
     keep = (~dropped).float()
     states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], -1) * keep.view(-1, 1, 1)
     pooled = second.text_embeds * keep.view(-1, 1)
@@ -279,31 +322,113 @@ class Ema:
             p.copy_(s)
 
 
-def unet_loss(cfg: TrainConfig, models: dict, pool, step: int, alphas: torch.Tensor) -> torch.Tensor:
+def draw_batch(cfg: TrainConfig, models: dict, pool, step: int):
+    """Step ``step``'s scaled latents, noise, generator (for the timesteps), caption draw and per-pixel loss weight."""
     moments, masks, ids, empty = pool
     rng = step_rng(cfg, 2, step)
     idx = rng.integers(len(moments), size=cfg.batch)
     g = torch.Generator().manual_seed(int(rng.integers(2**31)))
     m = moments[torch.as_tensor(idx)]
-    latents = (m[:, :4] + m[:, 4:] * torch.randn(m[:, 4:].shape, generator=g)) * models["vae"].config.scaling_factor
+    vae = models["vae"].config
+    latents = (m[:, :4] + m[:, 4:] * torch.randn(m[:, 4:].shape, generator=g) - (vae.shift_factor or 0.0)) \
+        * vae.scaling_factor
     noise = torch.randn(latents.shape, generator=g)
+    pixel_weight = 1 + cfg.object_loss_weight * masks[torch.as_tensor(idx)].float()
+    return latents, noise, g, lambda: caption_ids(cfg, ids, empty, idx, rng), pixel_weight
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, pixel_weight: torch.Tensor) -> torch.Tensor:
+    return (pixel_weight * (pred - target).pow(2)).mean(dim=(1, 2, 3)) / pixel_weight.mean(dim=(1, 2, 3))
+
+
+def unet_loss(cfg: TrainConfig, models: dict, pool, step: int, alphas: torch.Tensor) -> torch.Tensor:
+    latents, noise, g, captions, pixel_weight = draw_batch(cfg, models, pool, step)
     t = torch.randint(0, len(alphas), (cfg.batch,), generator=g)
     a = alphas[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     target = a.sqrt() * noise - (1 - a).sqrt() * latents  # v-prediction
-    pred = models["unet"](noisy, t, **condition(models, *caption_ids(cfg, ids, empty, idx, rng))).sample
-    pixel_weight = 1 + cfg.object_loss_weight * masks[torch.as_tensor(idx)].float()
-    per_sample = (pixel_weight * (pred - target).pow(2)).mean(dim=(1, 2, 3)) / pixel_weight.mean(dim=(1, 2, 3))
+    pred = models["unet"](noisy, t, **condition(models, *captions())).sample
+    per_sample = weighted_mse(pred, target, pixel_weight)
     if cfg.snr_gamma > 0:  # min-SNR weights for v-prediction
         snr = alphas[t] / (1 - alphas[t])
         per_sample = per_sample * snr.clamp(min=cfg.snr_floor, max=cfg.snr_gamma) / (snr + 1)
     return per_sample.mean()
 
 
+def flow_loss(cfg: TrainConfig, models: dict, pool, step: int) -> torch.Tensor:
+    """Rectified flow as SD3 trains it: x_t = (1 - t) x0 + t noise, the transformer predicts noise - x0, t drawn
+    from a logit-normal density (mean 0, std 1); the transformer's timestep is 1000 t, as the scheduler feeds it.
+    The 256 zero "T5" tokens are passed as one (the transformer must carry :class:`RepeatedLastKey`)."""
+    latents, noise, g, captions, pixel_weight = draw_batch(cfg, models, pool, step)
+    t = torch.sigmoid(torch.randn(cfg.batch, generator=g))
+    noisy = (1 - t.view(-1, 1, 1, 1)) * latents + t.view(-1, 1, 1, 1) * noise
+    pred = models["transformer"](hidden_states=noisy, timestep=t * 1000,
+                                 **condition(models, *captions(), t5_tokens=1)).sample
+    return weighted_mse(pred, noise - latents, pixel_weight).mean()
+
+
+class RepeatedLastKey:
+    """SD3's joint attention with the last context token standing for ``repeats`` identical tokens.
+
+    The pipeline's 256 all-zero T5 tokens stay identical through every layer (the context stream has no position
+    embedding; everything but attention acts per token, and identical queries attend alike), so attending to them
+    is attending to one of them with its logit raised by log(256): the same function and gradients as the full
+    sequence (``tests/test_tinyshapes_model.py`` checks), for a quarter of a training step's work."""
+
+    def __init__(self, repeats: int):
+        self.log_repeats = math.log(repeats)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        n, length = hidden_states.shape[0], hidden_states.shape[1]
+
+        def heads(x, norm):
+            x = x.view(n, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+            return x if norm is None else norm(x)
+
+        q = torch.cat([heads(attn.to_q(hidden_states), attn.norm_q),
+                       heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], 2)
+        k = torch.cat([heads(attn.to_k(hidden_states), attn.norm_k),
+                       heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], 2)
+        v = torch.cat([heads(attn.to_v(hidden_states), None), heads(attn.add_v_proj(encoder_hidden_states), None)], 2)
+        bias = q.new_zeros(1, k.shape[2])
+        bias[..., -1] = self.log_repeats
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(n, -1, attn.heads * q.shape[-1])
+        image, context = out[:, :length], out[:, length:]
+        context = context if attn.context_pre_only else attn.to_add_out(context)
+        return attn.to_out[1](attn.to_out[0](image)), context
+
+    @staticmethod
+    @contextlib.contextmanager
+    def installed(transformer, repeats: int):
+        """Joint attention (not the dual blocks' image-only ``attn2``) uses it inside the ``with``."""
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        blocks = transformer.transformer_blocks
+        try:
+            for block in blocks:
+                block.attn.set_processor(RepeatedLastKey(repeats))
+            yield transformer
+        finally:
+            for block in blocks:
+                block.attn.set_processor(JointAttnProcessor2_0())
+
+
 def train_unet(cfg: TrainConfig, models: dict, state: dict, save, pool):
+    """Stage 2: the text encoders and the denoiser (U-Net or transformer) together."""
     from diffusers import DDIMScheduler
 
-    alphas = DDIMScheduler(**SCHEDULER_CONFIG).alphas_cumprod.float()
+    if "transformer" in models:
+        loss_at, ctx = partial(flow_loss, cfg, models, pool), RepeatedLastKey.installed(models["transformer"],
+                                                                                       T5_TOKENS)
+    else:
+        alphas = DDIMScheduler(**SCHEDULER_CONFIG).alphas_cumprod.float()
+        loss_at, ctx = lambda step: unet_loss(cfg, models, pool, step, alphas), contextlib.nullcontext()
+    with ctx:
+        _train_loop(cfg, models, state, save, loss_at)
+
+
+def _train_loop(cfg: TrainConfig, models: dict, state: dict, save, loss_at):
     params = [p for k in trained(models) for p in models[k].parameters()]
     for k in trained(models):
         models[k].train()
@@ -312,19 +437,19 @@ def train_unet(cfg: TrainConfig, models: dict, state: dict, save, pool):
     if "unet_opt" in state:
         opt.load_state_dict(state["unet_opt"])
         ema.shadow = state["ema"]
-    progress = Progress("unet", cfg.unet_steps, state["unet_step"])
-    for step in range(state["unet_step"], cfg.unet_steps):
+    progress = Progress(denoiser(models), cfg.denoiser_steps, state["denoiser_step"])
+    for step in range(state["denoiser_step"], cfg.denoiser_steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.unet_steps, cfg.lr, cfg.warmup)
-        loss = unet_loss(cfg, models, pool, step, alphas)
+            group["lr"] = lr_at(step, cfg.denoiser_steps, cfg.lr, cfg.warmup)
+        loss = loss_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update(step)
         progress.update(step, loss.item())
-        state["unet_step"] = step + 1
-        if save.due(step + 1) or step + 1 == cfg.unet_steps:
+        state["denoiser_step"] = step + 1
+        if save.due(step + 1) or step + 1 == cfg.denoiser_steps:
             state.update(unet_opt=opt.state_dict(), ema=ema.shadow)
             save(state)
     ema.copy_to_params()
@@ -354,13 +479,22 @@ class Checkpoint:
         state = torch.load(self.path, weights_only=False)
         for k, sd in state.pop("weights").items():
             self.models[k].load_state_dict(sd)
-        log.info("resumed from %s at vae step %d, unet step %d", self.path, state["vae_step"], state["unet_step"])
+        log.info("resumed from %s at vae step %d, denoiser step %d", self.path, state["vae_step"],
+                 state["denoiser_step"])
         return state
 
 
 def save_pipeline(models: dict, out: Path):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline,
+                           StableDiffusionPipeline, StableDiffusionXLPipeline)
 
+    if "transformer" in models:  # no T5: the pipeline feeds zeros in its place, as in training
+        pipe = StableDiffusion3Pipeline(transformer=models["transformer"], vae=models["vae"],
+                                        scheduler=FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER_CONFIG),
+                                        text_encoder=models["text_encoder"], tokenizer=models["tokenizer"],
+                                        text_encoder_2=models["text_encoder_2"], tokenizer_2=models["tokenizer"],
+                                        text_encoder_3=None, tokenizer_3=None)
+        return _write(pipe, out)
     common = dict(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=models["tokenizer"],
                   unet=models["unet"], scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
     if "text_encoder_2" in models:  # no watermark: it would change the images the benchmark scores
@@ -370,6 +504,10 @@ def save_pipeline(models: dict, out: Path):
     else:
         pipe = StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
+    _write(pipe, out)
+
+
+def _write(pipe, out: Path):
     pipe.save_pretrained(out, safe_serialization=True)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     log.info("pipeline written to %s (%.1f MB)", out, size / 1e6)
@@ -382,8 +520,10 @@ def train(cfg: TrainConfig, work: Path, out: Path, resume: bool, every: int, vae
         from diffusers import AutoencoderKL
 
         models["vae"] = AutoencoderKL.from_pretrained(vae, local_files_only=True)
+    if cfg.family == "sd3":  # StableDiffusion3Pipeline decodes latents / scaling_factor + shift_factor
+        models["vae"].register_to_config(shift_factor=0.0)
     save = Checkpoint(work / "checkpoint.pt", models, every)
-    state = save.load() if resume else {"vae_step": 0 if vae is None else cfg.vae_steps, "unet_step": 0,
+    state = save.load() if resume else {"vae_step": 0 if vae is None else cfg.vae_steps, "denoiser_step": 0,
                                         "config": dataclasses.asdict(cfg)}
     if state.get("config", dataclasses.asdict(cfg)) != dataclasses.asdict(cfg):
         raise ValueError(f"checkpoint {save.path} was made with another config: {state['config']}")
@@ -398,8 +538,8 @@ def train(cfg: TrainConfig, work: Path, out: Path, resume: bool, every: int, vae
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, help="where the diffusers pipeline is written (default: the shipped assets, "
-                   "optimize/assets/tinyshapes or tinyshapes-xl)")
-    p.add_argument("--work", type=Path, help="checkpoint folder (default: runs/tinyshapes or runs/tinyshapes-xl)")
+                   "optimize/assets/tinyshapes, tinyshapes-xl or tinyshapes-sd3)")
+    p.add_argument("--work", type=Path, help="checkpoint folder (default: runs/ and the model's name)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     p.add_argument("--vae", type=Path, help="a trained AutoencoderKL folder to reuse (skips stage 1)")
@@ -414,7 +554,7 @@ def main(argv=None):
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     except ValueError as e:
         p.error(str(e))
-    name = "tinyshapes" if cfg.family == "sd" else "tinyshapes-xl"
+    name = {"sd": "tinyshapes", "xl": "tinyshapes-xl", "sd3": "tinyshapes-sd3"}[cfg.family]
     train(cfg, args.work or ROOT / "runs" / name, args.out or ROOT / "optimize" / "assets" / name, args.resume,
           args.checkpoint_every, args.vae)
 
