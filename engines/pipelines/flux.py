@@ -21,9 +21,10 @@ from diffusers import FluxImg2ImgPipeline, FluxPipeline
 
 from diffaccel.optimize.artifact.errors import PipelineArgumentError
 
+from diffaccel.engines.pipelines.accelerated import _Accelerated, bound_call
 from diffaccel.engines.pipelines.base import (
-    REFUSED, _Accelerated, bound_call, denoiser_shim_of, engine_loader, load_scheduler, load_tokenizer,
-    t5_encoder_shim, text_encoder_shim, vae_shim)
+    REFUSED, denoiser_shim_of, engine_loader, load_scheduler, load_tokenizer, t5_encoder_shim, text_encoder_shim,
+    vae_shim)
 
 FLUX_COMPONENTS = ("scheduler", "tokenizer", "tokenizer_2")
 FLUX_REFUSED = {**REFUSED, "text_encoder_2": REFUSED["text_encoder"],

@@ -18,9 +18,10 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipe
 
 from diffaccel.optimize.artifact.manifest import Manifest
 
+from diffaccel.engines.pipelines.accelerated import _Accelerated, _image_size, bound_call
 from diffaccel.engines.pipelines.base import (  # noqa: F401  (COMPONENTS, REFUSED...: the SD family's keywords)
-    COMPONENTS, ENGINE_OPTIONS, IGNORED, REFUSED, _Accelerated, _image_size, bound_call, denoiser_shim_of,
-    engine_loader, load_scheduler, load_tokenizer, split_kwargs, text_encoder_shim, vae_shim)
+    COMPONENTS, ENGINE_OPTIONS, IGNORED, REFUSED, denoiser_shim_of, engine_loader, load_scheduler, load_tokenizer,
+    split_kwargs, text_encoder_shim, vae_shim)
 
 
 def load_components(root, manifest: Manifest, provider=None, threads=None, **engine_options) -> dict:

@@ -20,9 +20,10 @@ from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
 
 from diffaccel.optimize.artifact.errors import PipelineArgumentError
 
+from diffaccel.engines.pipelines.accelerated import _Accelerated, bound_call
 from diffaccel.engines.pipelines.base import (
-    REFUSED, _Accelerated, bound_call, denoiser_shim_of, engine_loader, load_scheduler, load_tokenizer,
-    t5_encoder_shim, text_encoder_shim, vae_shim)
+    REFUSED, denoiser_shim_of, engine_loader, load_scheduler, load_tokenizer, t5_encoder_shim, text_encoder_shim,
+    vae_shim)
 from diffaccel.engines.pipelines.shims import CLIP_SKIP
 
 SD3_COMPONENTS = ("scheduler", "tokenizer", "tokenizer_2", "tokenizer_3")

@@ -19,9 +19,9 @@ import inspect
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 
 from diffaccel.optimize.artifact.errors import PipelineArgumentError
+from diffaccel.engines.pipelines.accelerated import _Accelerated, _image_size, bound_call
 from diffaccel.engines.pipelines.base import (
-    REFUSED, _Accelerated, _image_size, bound_call, denoiser_shim_of, engine_loader, load_scheduler, load_tokenizer,
-    text_encoder_shim, vae_shim)
+    REFUSED, denoiser_shim_of, engine_loader, load_scheduler, load_tokenizer, text_encoder_shim, vae_shim)
 from diffaccel.engines.pipelines.shims import CLIP_SKIP
 
 XL_COMPONENTS = ("scheduler", "tokenizer", "tokenizer_2", "force_zeros_for_empty_prompt", "add_watermarker")

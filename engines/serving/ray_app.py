@@ -123,11 +123,14 @@ def _replica_service():
 
 def deployments(cfg, opts: RayOptions):
     """The ``Engine`` and ``Api`` deployment classes for this config (Ray imported here, not at module import)."""
+    return _engine_deployment(cfg, opts), _api_deployment()
+
+
+def _engine_deployment(cfg, opts: RayOptions):
+    """``Engine``: the replicas that own the engines, batching with ``@serve.batch`` by the server's policy."""
     import asyncio
 
     from ray import serve
-
-    from diffaccel.engines.serving.app import create_app
 
     @serve.deployment(**opts.deployment_options(cfg.max_batch))
     class Engine:
@@ -142,6 +145,16 @@ def deployments(cfg, opts: RayOptions):
         async def generate(self, works: list) -> list:
             async with self._lock:
                 return await asyncio.to_thread(_group_and_run, self.models, self.schedulers, works)
+
+    return Engine
+
+
+def _api_deployment():
+    """``Api``: the HTTP app (the embedded server's, mounted with ``@serve.ingress``) over a service whose worker
+    sends each batch to the ``Engine`` deployment."""
+    from ray import serve
+
+    from diffaccel.engines.serving.app import create_app
 
     app = create_app(None, service_factory=_replica_service)
 
@@ -177,7 +190,7 @@ def deployments(cfg, opts: RayOptions):
             if problems:
                 raise RuntimeError("; ".join(problems))
 
-    return Engine, Api
+    return Api
 
 
 def build_app(paths, cfg, opts: RayOptions, provider=None):

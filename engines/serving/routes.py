@@ -56,10 +56,17 @@ def _base(request: Request) -> str:
 
 
 def add_routes(app: FastAPI) -> None:
-    """Add every route to ``app``."""
-    from diffaccel.engines.serving.page import PAGE
-
+    """Add every route to ``app``: the page, health and metrics, models; generations; jobs (in this order, the
+    OpenAPI document's)."""
     svc = lambda: app.state.service      # noqa: E731  (set by the embedded server or a Ray replica)
+    _status_routes(app, svc)
+    _generation_routes(app, svc)
+    _job_routes(app, svc)
+
+
+def _status_routes(app: FastAPI, svc) -> None:
+    """The page, liveness and readiness, Prometheus metrics and the served models."""
+    from diffaccel.engines.serving.page import PAGE
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -94,6 +101,9 @@ def add_routes(app: FastAPI) -> None:
         return {"object": "list", "data": [{"id": n, "object": "model", "sizes": m.size_text(),
                                             "default_guidance": m.default_guidance} for n, m in s.models.items()]}
 
+
+def _generation_routes(app: FastAPI, svc) -> None:
+    """Images now (OpenAI's Images API body, waiting up to ``Prefer: wait``), or a job to poll (Replicate-style)."""
     @app.post("/v1/images/generations", response_model=GenerationResponse,
               responses={202: {"model": JobView, "description": "not done within the wait: the job, to poll"},
                          **errors(400, 409, 429, 500)})
@@ -135,10 +145,9 @@ def add_routes(app: FastAPI) -> None:
             headers["Idempotent-Replayed"] = "true"
         return SafeJSON(view, status_code=202, headers=headers)
 
-    _job_routes(app, svc)
-
 
 def _job_routes(app: FastAPI, svc) -> None:
+    """A job's list, status, cancel, images and event stream."""
     @app.get("/v1/jobs", response_model=JobList, responses=errors(400))
     async def list_jobs(request: Request, status: "JobStatus | None" = None,
                         limit: int = Query(100, ge=1, le=1000)):

@@ -23,6 +23,17 @@ def add_bench(sub) -> None:
     p.add_argument("artifact", nargs="?", default=None, help="artifact directory made by diffaccel optimize (or "
                                                               "--url for a running server)")
     p.add_argument("-o", "--out", required=True, help="benchmark folder to write (replaced if it holds a benchmark)")
+    _add_load_args(p)
+    _add_policy_args(p)
+    _add_workload_args(p)
+    _add_sweep_args(p)
+    _add_server_args(p)
+    _add_vs_server_args(p)
+    p.set_defaults(func=_cmd_bench)
+
+
+def _add_load_args(p) -> None:
+    """One run's load: open-loop arrivals at a rate or closed-loop clients, for a count or a time."""
     load = p.add_argument_group("load (one run)")
     how = load.add_mutually_exclusive_group()
     how.add_argument("--rate", default=None, help="Poisson arrivals in requests/s (2.5), or a multiple of the "
@@ -36,10 +47,18 @@ def add_bench(sub) -> None:
     load.add_argument("--time-limit", type=float, default=300.0,
                       help="hard cap per run in seconds; requests still queued then are reported unserved "
                            "(default 300)")
+
+
+def _add_policy_args(p) -> None:
+    """The batching policy of the in-process loop."""
     pol = p.add_argument_group("batching policy: dispatch when B requests wait or the oldest waited MS")
     pol.add_argument("--max-batch", type=int, default=4, help="B (default 4)")
     pol.add_argument("--batch-timeout", type=float, default=100.0, metavar="MS", help="MS (default 100; 0: never "
                                                                                       "wait for a batch to fill)")
+
+
+def _add_workload_args(p) -> None:
+    """What each request asks for, and how the engines are loaded and timed."""
     work = p.add_argument_group("workload")
     work.add_argument("--steps", type=int, default=10, help="denoising steps per image (default 10)")
     work.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
@@ -52,12 +71,20 @@ def add_bench(sub) -> None:
     work.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     work.add_argument("--calib-repeats", type=int, default=3, help="timed calls per batch size when calibrating; "
                                                                      "the median is used (default 3)")
+
+
+def _add_sweep_args(p) -> None:
+    """The sweep over rates, max batch and timeouts, and the p95 SLO that picks one."""
     sw = p.add_argument_group("sweep (every combination; an axis left out keeps the one-run value)")
     sw.add_argument("--sweep-rates", default=None, metavar="LIST", help="e.g. 0.5x,1x,2x or 1,2,4 (requests/s)")
     sw.add_argument("--sweep-max-batch", default=None, metavar="LIST", help="e.g. 1,2,4")
     sw.add_argument("--sweep-timeout-ms", default=None, metavar="LIST", help="e.g. 0,100,500")
     sw.add_argument("--slo-p95", type=float, default=None, metavar="SECONDS",
                     help="pick the highest-throughput configuration whose p95 latency is at most this")
+
+
+def _add_server_args(p) -> None:
+    """A running server over HTTP instead of ARTIFACT, and the capacity plan."""
     h = p.add_argument_group("a running server over HTTP (diffaccel serve, embedded or --ray): --url instead of "
                              "ARTIFACT; the server's batching policy is its own")
     h.add_argument("--url", default=None, help="e.g. http://127.0.0.1:8000")
@@ -73,12 +100,15 @@ def add_bench(sub) -> None:
                    help="capacity plan: requests/s to serve within --slo-p95")
     h.add_argument("--price-per-hour", type=float, default=None, help="capacity plan: price of one replica-hour")
     h.add_argument("--measured-replicas", type=int, default=1, help="replicas behind --url (default 1)")
+
+
+def _add_vs_server_args(p) -> None:
+    """The embedded server's overhead, measured against the in-process loop."""
     v = p.add_argument_group("the embedded server's overhead, with ARTIFACT")
     v.add_argument("--vs-server", type=int, default=None, metavar="ROUNDS",
                    help="also start diffaccel serve ARTIFACT on the loopback and alternate ROUNDS in-process and HTTP "
                         "(sync) runs with the same closed-loop clients (--concurrency, default 4), batching policy, "
                         "steps and prompts; prints the throughput ratio HTTP / in-process and the added latency")
-    p.set_defaults(func=_cmd_bench)
 
 
 def _guidance(args) -> float:

@@ -19,14 +19,13 @@ TensorRT cannot run; the difference is below 1e-5).
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
 from diffaccel.optimize.artifact.specs import AxisRange, ComponentSpec, TensorSpec
 from diffaccel.optimize.families import sd, sd3
-from diffaccel.optimize.families.sd import check_pixel_range  # noqa: F401  (the family surface)
-
-log = logging.getLogger(__name__)
+from diffaccel.optimize.families.common import (  # noqa: F401  (check_pixel_range: the family surface)
+    capture_transformer, check_pixel_range, max_length, meta_weight_bytes, pipeline_configs, pixel_axis, t5_axis,
+    t5_spec, text_config, with_defaults)
 
 NAME = "flux"
 TITLE = "FLUX.1"
@@ -103,17 +102,17 @@ class ModelGeometry:
 
     @classmethod
     def from_pipeline(cls, pipe) -> "ModelGeometry":
-        return cls.from_configs(sd.pipeline_configs(pipe))
+        return cls.from_configs(pipeline_configs(pipe))
 
     @classmethod
     def from_configs(cls, configs: dict) -> "ModelGeometry":
-        te = sd.text_config(configs, "text_encoder")
-        t5 = sd.with_defaults("T5Config", configs.get("text_encoder_2"))
-        tr = sd.with_defaults("FluxTransformer2DModel", configs.get("transformer"))
-        vae = sd.with_defaults("AutoencoderKL", configs.get("vae"))
+        te = text_config(configs, "text_encoder")
+        t5 = with_defaults("T5Config", configs.get("text_encoder_2"))
+        tr = with_defaults("FluxTransformer2DModel", configs.get("transformer"))
+        vae = with_defaults("AutoencoderKL", configs.get("vae"))
         scale, multiple = size_factors(tr, vae)
         return cls(vocab_size=int(te["vocab_size"]), vocab_size_2=int(t5["vocab_size"]),
-                   max_length=sd.max_length(configs, te), t5_length=int(configs.get("t5_length") or T5_LENGTH),
+                   max_length=max_length(configs, te), t5_length=int(configs.get("t5_length") or T5_LENGTH),
                    text_hidden=int(te["hidden_size"]), t5_hidden=int(t5["d_model"]),
                    pooled_dim=int(tr["pooled_projection_dim"]), joint_attention_dim=int(tr["joint_attention_dim"]),
                    latent_channels=int(tr["in_channels"]) // 4, guidance_embeds=bool(tr["guidance_embeds"]),
@@ -127,7 +126,7 @@ def size_factors(denoiser_config, vae_config) -> tuple:
 
 def latent_opt_size(configs: dict, shapes) -> tuple:
     geo = ModelGeometry.from_configs(configs)
-    return sd._pixel_axis(shapes.height, geo, "height").opt, sd._pixel_axis(shapes.width, geo, "width").opt
+    return pixel_axis(shapes.height, geo, "height").opt, pixel_axis(shapes.width, geo, "width").opt
 
 
 def attention_bytes(configs: dict, latent_h: int, latent_w: int, batch: int = 1) -> int:
@@ -142,7 +141,7 @@ def specs(geo: ModelGeometry, shapes) -> dict:
     """The component specs of a FLUX.1 pipeline for an image :class:`ShapeRange`."""
     bmin, bmax = shapes.batch
     bopt = min(max(1, bmin), bmax)
-    lat = {a: sd._pixel_axis(getattr(shapes, a), geo, a) for a in ("height", "width")}
+    lat = {a: pixel_axis(getattr(shapes, a), geo, a) for a in ("height", "width")}
     text, C = AxisRange(1, bopt, bmax), geo.latent_channels
     vae = sd.specs(sd.ModelGeometry(
         vocab_size=1, max_length=1, text_hidden=1, latent_channels=C, unet_in_channels=C, cross_attention_dim=1,
@@ -155,7 +154,7 @@ def specs(geo: ModelGeometry, shapes) -> dict:
     guidance = (TensorSpec("guidance", ("batch",), "float32", "uniform", 10),) if geo.guidance_embeds else ()
     return {
         "text_encoder": dataclasses.replace(clip["text_encoder"], axes={"batch": text}),
-        "text_encoder_2": sd3.t5_spec("text_encoder_2", geo.vocab_size_2, geo.t5_length, geo.t5_hidden, text),
+        "text_encoder_2": t5_spec("text_encoder_2", geo.vocab_size_2, geo.t5_length, geo.t5_hidden, text),
         "transformer": ComponentSpec(
             "transformer",
             inputs=(TensorSpec("hidden_states", ("batch", C, "height", "width")),
@@ -164,7 +163,7 @@ def specs(geo: ModelGeometry, shapes) -> dict:
                     TensorSpec("encoder_hidden_states", ("batch", "text", geo.joint_attention_dim)),
                     TensorSpec("pooled_projections", ("batch", geo.pooled_dim))),
             outputs=(TensorSpec("out_hidden_states", ("batch", C, "height", "width")),),
-            axes={"batch": AxisRange(1, bopt, bmax), "text": sd3.t5_axis(geo.t5_length), **lat},
+            axes={"batch": AxisRange(1, bopt, bmax), "text": t5_axis(geo.t5_length), **lat},
             atol=2e-3, rtol=2e-3),
         "vae_decoder": vae["vae_decoder"], "vae_encoder": vae["vae_encoder"],
     }
@@ -253,24 +252,13 @@ def float32_rope(model):
 
 def weight_bytes(configs: dict) -> dict:
     """fp32 bytes of each model's parameters and buffers from its config alone, on PyTorch's meta device."""
-    import torch
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    def clean(cfg):
-        return {k: v for k, v in cfg.items() if not k.startswith("_")}
-
-    makers = {"transformer": lambda c: FluxTransformer2DModel.from_config(clean(c)),
-              "vae": lambda c: AutoencoderKL.from_config(clean(c)),
-              "text_encoder": lambda c: CLIPTextModel(CLIPTextConfig(**clean(c))),
-              "text_encoder_2": lambda c: T5EncoderModel(T5Config(**clean(c)))}
-    out = {}
-    with torch.device("meta"):
-        for name, make in makers.items():
-            cfg = configs.get(name)
-            model = make(cfg) if cfg else None
-            out[name] = sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers())) if model else 0
-    return out
+    return meta_weight_bytes(configs, {
+        "transformer": FluxTransformer2DModel.from_config, "vae": AutoencoderKL.from_config,
+        "text_encoder": lambda c: CLIPTextModel(CLIPTextConfig(**c)),
+        "text_encoder_2": lambda c: T5EncoderModel(T5Config(**c))}, buffers=True)
 
 
 def assets(pipe) -> dict:
@@ -296,6 +284,6 @@ def capture_denoiser_inputs(pipe, prompts: list, *, steps: int, guidance_scale: 
         record["hidden_states"] = unpack(record["hidden_states"], 2 * rows, 2 * cols)
         return record
 
-    return sd3.capture_transformer(pipe, prompts, names, steps=steps, guidance_scale=guidance_scale, seed=seed,
+    return capture_transformer(pipe, prompts, names, steps=steps, guidance_scale=guidance_scale, seed=seed,
                                    call_kwargs={"height": height, "width": width, **(call_kwargs or {})},
                                    prepare=prepare)

@@ -12,12 +12,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import logging
-
-from diffaccel.optimize.artifact.errors import ShapeError
 from diffaccel.optimize.artifact.specs import AxisRange, ComponentSpec, TensorSpec
-
-log = logging.getLogger(__name__)
+from diffaccel.optimize.families.common import (  # noqa: F401  (check_pixel_range, inpainting_inputs...: the surface)
+    capture_with, check_pixel_range, in_channels_problem, inpainting_inputs, max_length, meta_weight_bytes,
+    pipeline_configs, pixel_axis, text_config, with_defaults)
 
 NAME = "sd"
 TITLE = "Stable Diffusion 1.x/2.x"
@@ -47,17 +45,6 @@ KEEP_FLOAT = {
 def mismatches(configs: dict) -> list:
     """What in ``configs`` (see :func:`diffaccel.optimize.families.detect`) this family cannot export; [] = fits."""
     return problems(configs, inpaint=False)
-
-
-def in_channels_problem(unet: dict, vae: dict, inpaint: bool) -> list:
-    """The U-Net's input channels against the VAE's latents: equal, or ``2 * latents + 1`` for inpainting U-Nets
-    (noisy latents, the mask, the masked image's latents)."""
-    n, c = unet.get("in_channels", 4), vae.get("latent_channels", 4)
-    if n == (2 * c + 1 if inpaint else c):
-        return []
-    if n == 2 * c + 1:
-        return [f"in_channels={n} (an inpainting U-Net: latents, mask and masked-image latents)"]
-    return [f"in_channels={n} (the VAE has {c} latent channels{'; inpainting needs ' + str(2 * c + 1) if inpaint else ''})"]
 
 
 def problems(configs: dict, inpaint: bool, pipelines: tuple = PIPELINES) -> list:
@@ -119,42 +106,6 @@ class ModelGeometry:
                    text_hidden=int(te["hidden_size"]), **denoiser_geometry(configs))
 
 
-def pipeline_configs(pipe) -> dict:
-    """A loaded pipeline's configs as :meth:`ModelGeometry.from_configs` reads them (the tokenizer's length and the
-    scheduler's included)."""
-    from diffaccel.optimize.families import configs_of
-
-    tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
-    return {**configs_of(pipe), "scheduler": dict(pipe.scheduler.config),
-            "max_length": None if tokenizer is None else int(tokenizer.model_max_length)}
-
-
-def with_defaults(model_class: str, config: "dict | None") -> dict:
-    """``config`` (a diffusers or transformers model config as a dict, possibly leaving defaults out) with the class's
-    defaults filled in, as the library would on loading."""
-    import inspect
-
-    import diffusers
-    import transformers
-
-    config = dict(config or {})
-    cls = getattr(diffusers, model_class, None)
-    if cls is not None:
-        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
-                    if p.default is not inspect.Parameter.empty}
-    else:
-        defaults = getattr(transformers, model_class)().to_dict()
-    return {**defaults, **{k: v for k, v in config.items() if v is not None or k not in defaults}}
-
-
-def text_config(configs: dict, name: str) -> dict:
-    return with_defaults("CLIPTextConfig", configs.get(name))
-
-
-def max_length(configs: dict, text: dict) -> int:
-    return int(configs.get("max_length") or text.get("max_position_embeddings", 77))
-
-
 def denoiser_geometry(configs: dict) -> dict:
     """The geometry fields the U-Net, the VAE and the scheduler decide (every U-Net family's ``ModelGeometry`` has
     them), from the configs."""
@@ -180,7 +131,7 @@ def latent_opt_size(configs: dict, shapes) -> tuple:
     geo = ModelGeometry(vocab_size=1, max_length=1, text_hidden=1, latent_channels=1, unet_in_channels=1,
                         cross_attention_dim=1, vae_scale_factor=scale, latent_multiple=multiple,
                         default_size=int(sample) * scale, num_train_timesteps=1)
-    return _pixel_axis(shapes.height, geo, "height").opt, _pixel_axis(shapes.width, geo, "width").opt
+    return pixel_axis(shapes.height, geo, "height").opt, pixel_axis(shapes.width, geo, "width").opt
 
 
 def attention_bytes(configs: dict, latent_h: int, latent_w: int, batch: int = 2) -> int:
@@ -222,41 +173,12 @@ def size_factors(denoiser_config, vae_config) -> tuple:
     return 2 ** (vae_blocks - 1), 2 ** (unet_blocks - 1)
 
 
-def check_pixel_range(rng, multiple: int, what: str) -> None:
-    """Refuse an image-size range (lo, hi) that is not made of multiples of ``multiple``.
-
-    >>> check_pixel_range((64, 128), 16, "height")
-    >>> check_pixel_range((64, 72), 16, "height")
-    Traceback (most recent call last):
-    ...
-    diffaccel.optimize.artifact.errors.ShapeError: height range 64-72 is not a multiple of 16: this model's U-Net needs image sizes divisible by 16; try 64-64
-    """
-    lo, hi = rng
-    if lo % multiple or hi % multiple:
-        raise ShapeError(f"{what} range {lo}-{hi} is not a multiple of {multiple}: this model's U-Net needs image "
-                         f"sizes divisible by {multiple}; try {max(multiple, lo // multiple * multiple)}-"
-                         f"{max(multiple, hi // multiple * multiple)}")
-
-
-def _pixel_axis(rng, geo: ModelGeometry, what: str) -> AxisRange:
-    """Latent-space axis range from a pixel range (None = around the model's native size)."""
-    m = geo.pixel_multiple
-    if rng is None:
-        lo, hi = max(m, (geo.default_size // 2) // m * m), (geo.default_size * 3 // 2) // m * m
-    else:
-        lo, hi = rng
-        check_pixel_range(rng, m, what)
-    opt = min(max(geo.default_size, lo), hi) // m * m
-    s = geo.vae_scale_factor
-    return AxisRange(lo // s, max(opt, lo) // s, hi // s, geo.latent_multiple)
-
-
 def specs(geo: ModelGeometry, shapes) -> dict:
     """The four component specs of a Stable Diffusion 1.x/2.x pipeline for an image :class:`ShapeRange`."""
     bmin, bmax = shapes.batch
     bopt = min(max(1, bmin), bmax)
-    lat_h = _pixel_axis(shapes.height, geo, "height")
-    lat_w = _pixel_axis(shapes.width, geo, "width")
+    lat_h = pixel_axis(shapes.height, geo, "height")
+    lat_w = pixel_axis(shapes.width, geo, "width")
     images = AxisRange(bmin, bopt, bmax)
     # classifier-free guidance doubles the U-Net batch; batch 1 without guidance is also served. LCM-distilled
     # U-Nets (a timestep_cond input: the guidance embedding) never run classifier-free guidance in diffusers, and a
@@ -346,22 +268,11 @@ def export_module(component: str, pipe_or_models: Any):
 def weight_bytes(configs: dict) -> dict:
     """fp32 weight bytes of each model, from its config alone (built on PyTorch's meta device: no memory, no
     weights): what the pre-flight memory check sizes a build by. A model whose config is missing counts 0."""
-    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    def clean(cfg):
-        return {k: v for k, v in cfg.items() if not k.startswith("_")}
-
-    makers = {"unet": lambda c: UNet2DConditionModel.from_config(clean(c)),
-              "vae": lambda c: AutoencoderKL.from_config(clean(c)),
-              "text_encoder": lambda c: CLIPTextModel(CLIPTextConfig(**clean(c)))}
-    out = {}
-    with torch.device("meta"):
-        for name, make in makers.items():
-            cfg = configs.get(name)
-            out[name] = sum(p.numel() * 4 for p in make(cfg).parameters()) if cfg else 0
-    return out
+    return meta_weight_bytes(configs, {"unet": UNet2DConditionModel.from_config, "vae": AutoencoderKL.from_config,
+                                       "text_encoder": lambda c: CLIPTextModel(CLIPTextConfig(**c))})
 
 
 def assets(pipe) -> dict:
@@ -382,51 +293,6 @@ def capture_denoiser_inputs(pipe, prompts: list, *, steps: int, guidance_scale: 
     the pipeline call, e.g. an inpainting image and mask)."""
     return capture_with(pipe, prompts, steps=steps, guidance_scale=guidance_scale, seed=seed,
                         call_kwargs={"height": height, "width": width, **(call_kwargs or {})})
-
-
-def capture_with(pipe, prompts: list, *, steps: int, guidance_scale: float, seed: int, call_kwargs: dict,
-                 added: tuple = ()) -> list:
-    """The U-Net's inputs at every step of ``pipe(prompt, **call_kwargs)`` for each prompt (seeded ``seed + i``):
-    ``sample``, ``timestep`` (one per batch row), ``encoder_hidden_states``, the ``added_cond_kwargs`` named in
-    ``added`` (SDXL's ``text_embeds``, ``time_ids``) and, for LCM U-Nets, ``timestep_cond``; fp32 CPU tensors."""
-    import torch
-
-    captured = []
-
-    def hook(module, args, kwargs):
-        given = {**dict(zip(("sample", "timestep", "encoder_hidden_states"), args)), **kwargs}
-        sample, cond = given["sample"], given.get("added_cond_kwargs") or {}
-        t = torch.as_tensor(given["timestep"], dtype=torch.float32).reshape(-1).expand(sample.shape[0])
-        record = {"sample": sample, "timestep": t, "encoder_hidden_states": given["encoder_hidden_states"],
-                  **{k: cond[k] for k in added}}
-        if given.get("timestep_cond") is not None:           # LCM U-Nets: the guidance embedding
-            record["timestep_cond"] = given["timestep_cond"]
-        captured.append({k: v.detach().float().cpu().clone() for k, v in record.items()})
-
-    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
-    was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        for i, prompt in enumerate(prompts):
-            log.info("calibration prompt %d/%d: %s", i + 1, len(prompts), prompt)
-            with torch.no_grad():
-                pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
-                     generator=torch.Generator().manual_seed(seed + i), output_type="latent", **call_kwargs)
-    finally:
-        handle.remove()
-        pipe.set_progress_bar_config(disable=was_disabled)
-    return captured
-
-
-def inpainting_inputs(height: int, width: int, seed: int) -> dict:
-    """What calibration inpaints: a seeded random image and a mask over its middle half (1 = repaint), at
-    strength 1 (every step runs; SDXL's inpainting default is just below)."""
-    import torch
-
-    mask = torch.zeros(1, 1, height, width)
-    mask[..., height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 1
-    return {"image": torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(seed)),
-            "mask_image": mask, "strength": 1.0}
 
 
 sd_specs = specs   # the name the tests and tools know

@@ -19,15 +19,14 @@ call that removes blocks) cannot be an engine input: the drop-ins refuse ``skip_
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
 from diffaccel.optimize.artifact.errors import ShapeError
 from diffaccel.optimize.artifact.specs import AxisRange, ComponentSpec, TensorSpec
 from diffaccel.optimize.families import sd
-from diffaccel.optimize.families.sd import check_pixel_range  # noqa: F401  (the family surface)
-
-log = logging.getLogger(__name__)
+from diffaccel.optimize.families.common import (  # noqa: F401  (T5_MAX, check_pixel_range...: the family surface)
+    T5_MAX, capture_transformer, check_pixel_range, clip_spec, max_length, meta_weight_bytes, pipeline_configs,
+    pixel_axis, t5_axis, t5_spec, text_config, with_defaults)
 
 NAME = "sd3"
 TITLE = "Stable Diffusion 3/3.5"
@@ -54,7 +53,6 @@ KEEP_FLOAT = {
     r"^pos_embed\.proj$": "the patch embedding sees raw latents (few channels: no int8 speed-up)",
     r"^proj_out$": "the final projection's error is the model's output error",
 }
-T5_MAX = 512                         # the most diffusers' SD3 and FLUX pipelines take
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,19 +120,19 @@ class ModelGeometry:
 
     @classmethod
     def from_pipeline(cls, pipe) -> "ModelGeometry":
-        return cls.from_configs(sd.pipeline_configs(pipe))
+        return cls.from_configs(pipeline_configs(pipe))
 
     @classmethod
     def from_configs(cls, configs: dict) -> "ModelGeometry":
-        te, te2 = sd.text_config(configs, "text_encoder"), sd.text_config(configs, "text_encoder_2")
-        t5 = sd.with_defaults("T5Config", configs["text_encoder_3"]) if configs.get("text_encoder_3") is not None \
+        te, te2 = text_config(configs, "text_encoder"), text_config(configs, "text_encoder_2")
+        t5 = with_defaults("T5Config", configs["text_encoder_3"]) if configs.get("text_encoder_3") is not None \
             else None
-        tr = sd.with_defaults("SD3Transformer2DModel", configs.get("transformer"))
-        vae = sd.with_defaults("AutoencoderKL", configs.get("vae"))
+        tr = with_defaults("SD3Transformer2DModel", configs.get("transformer"))
+        vae = with_defaults("AutoencoderKL", configs.get("vae"))
         scale, patch = size_factors(tr, vae)
         train = (configs.get("scheduler") or {}).get("num_train_timesteps") or 1000
         return cls(vocab_size=int(te["vocab_size"]), vocab_size_2=int(te2["vocab_size"]),
-                   vocab_size_3=int(t5["vocab_size"]) if t5 else 0, max_length=sd.max_length(configs, te),
+                   vocab_size_3=int(t5["vocab_size"]) if t5 else 0, max_length=max_length(configs, te),
                    t5_length=int(configs.get("t5_length") or T5_LENGTH), text_hidden=int(te["hidden_size"]),
                    text_hidden_2=int(te2["hidden_size"]), t5_hidden=int(t5["d_model"]) if t5 else 0,
                    text_projection=int(te["projection_dim"]), text_projection_2=int(te2["projection_dim"]),
@@ -160,7 +158,7 @@ def size_factors(denoiser_config, vae_config) -> tuple:
 def latent_opt_size(configs: dict, shapes) -> tuple:
     """(height, width) of the typical latent for a :class:`ShapeRange`, from the configs alone."""
     geo = ModelGeometry.from_configs(configs)
-    return sd._pixel_axis(shapes.height, geo, "height").opt, sd._pixel_axis(shapes.width, geo, "width").opt
+    return pixel_axis(shapes.height, geo, "height").opt, pixel_axis(shapes.width, geo, "width").opt
 
 
 def attention_bytes(configs: dict, latent_h: int, latent_w: int, batch: int = 2) -> int:
@@ -173,7 +171,7 @@ def attention_bytes(configs: dict, latent_h: int, latent_w: int, batch: int = 2)
 
 
 def _latent_axes(geo: ModelGeometry, shapes) -> dict:
-    axes = {a: sd._pixel_axis(getattr(shapes, a), geo, a) for a in ("height", "width")}
+    axes = {a: pixel_axis(getattr(shapes, a), geo, a) for a in ("height", "width")}
     for a, r in axes.items():
         if r.max > geo.max_latent:
             top = geo.max_latent * geo.vae_scale_factor
@@ -185,29 +183,6 @@ def _latent_axes(geo: ModelGeometry, shapes) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # specs
 # ----------------------------------------------------------------------------------------------------------
-def clip_spec(name: str, vocab: int, length: int, hidden: int, projection: int, batch: AxisRange) -> ComponentSpec:
-    """A CLIP text encoder with projection: pooled ``text_embeds``, the last and the penultimate hidden states."""
-    return ComponentSpec(
-        name, inputs=(TensorSpec("input_ids", ("batch", length), "int64", "tokens", vocab),),
-        outputs=(TensorSpec("text_embeds", ("batch", projection)),
-                 TensorSpec("last_hidden_state", ("batch", length, hidden)),
-                 TensorSpec("penultimate_hidden_state", ("batch", length, hidden))),
-        axes={"batch": batch}, atol=2e-3, rtol=1e-3)
-
-
-def t5_axis(typical: int) -> AxisRange:
-    """T5 token counts served: any ``max_sequence_length`` diffusers takes (1-512), ``typical`` the opt shape."""
-    return AxisRange(1, typical, max(typical, T5_MAX))
-
-
-def t5_spec(name: str, vocab: int, length: int, hidden: int, batch: AxisRange) -> ComponentSpec:
-    """The T5 encoder: token ids (any count up to 512) to its last hidden state (kept in fp32 or bf16: T5 overflows
-    in fp16)."""
-    return ComponentSpec(name, inputs=(TensorSpec("input_ids", ("batch", "text"), "int64", "tokens", vocab),),
-                         outputs=(TensorSpec("last_hidden_state", ("batch", "text", hidden)),),
-                         axes={"batch": batch, "text": t5_axis(length)}, atol=2e-3, rtol=2e-3)
-
-
 def specs(geo: ModelGeometry, shapes) -> dict:
     """The component specs of an SD3 pipeline for an image :class:`ShapeRange` (no ``text_encoder_3`` where the
     geometry has no T5 encoder)."""
@@ -290,25 +265,14 @@ def export_module(component: str, pipe_or_models: Any):
 def weight_bytes(configs: dict) -> dict:
     """fp32 bytes of each model's parameters and buffers (the position table is a buffer) from its config alone,
     on PyTorch's meta device."""
-    import torch
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    def clean(cfg):
-        return {k: v for k, v in cfg.items() if not k.startswith("_")}
-
-    makers = {"transformer": lambda c: SD3Transformer2DModel.from_config(clean(c)),
-              "vae": lambda c: AutoencoderKL.from_config(clean(c)),
-              "text_encoder": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**clean(c))),
-              "text_encoder_2": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**clean(c))),
-              "text_encoder_3": lambda c: T5EncoderModel(T5Config(**clean(c)))}
-    out = {}
-    with torch.device("meta"):
-        for name, make in makers.items():
-            cfg = configs.get(name)
-            model = make(cfg) if cfg else None
-            out[name] = sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers())) if model else 0
-    return out
+    return meta_weight_bytes(configs, {
+        "transformer": SD3Transformer2DModel.from_config, "vae": AutoencoderKL.from_config,
+        "text_encoder": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**c)),
+        "text_encoder_2": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**c)),
+        "text_encoder_3": lambda c: T5EncoderModel(T5Config(**c))}, buffers=True)
 
 
 def assets(pipe) -> dict:
@@ -331,35 +295,3 @@ def capture_denoiser_inputs(pipe, prompts: list, *, steps: int, guidance_scale: 
     return capture_transformer(pipe, prompts, ("hidden_states", "timestep", "encoder_hidden_states",
                                                "pooled_projections"), steps=steps, guidance_scale=guidance_scale,
                                seed=seed, call_kwargs={"height": height, "width": width, **(call_kwargs or {})})
-
-
-def capture_transformer(pipe, prompts: list, names: tuple, *, steps: int, guidance_scale: float, seed: int,
-                        call_kwargs: dict, prepare=None) -> list:
-    """The transformer's keyword inputs ``names`` at every call of ``pipe(prompt, **call_kwargs)`` (seeded
-    ``seed + i``; ``prepare(record)`` may reshape one), skipping calls that remove blocks (skip-layer guidance)."""
-    import torch
-
-    captured = []
-
-    def hook(module, args, kwargs):
-        if kwargs.get("skip_layers") is not None:
-            return
-        record = {n: kwargs[n] for n in names if kwargs.get(n) is not None}
-        record["timestep"] = torch.as_tensor(record["timestep"], dtype=torch.float32).reshape(-1).expand(
-            next(iter(record.values())).shape[0])
-        record = prepare(record) if prepare is not None else record
-        captured.append({k: v.detach().float().cpu().clone() for k, v in record.items()})
-
-    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
-    was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        for i, prompt in enumerate(prompts):
-            log.info("calibration prompt %d/%d: %s", i + 1, len(prompts), prompt)
-            with torch.no_grad():
-                pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
-                     generator=torch.Generator().manual_seed(seed + i), output_type="latent", **call_kwargs)
-    finally:
-        handle.remove()
-        pipe.set_progress_bar_config(disable=was_disabled)
-    return captured

@@ -11,6 +11,7 @@ under a fixed mask with diffusers' ``StableDiffusionInpaintPipeline``.
 from __future__ import annotations
 
 from diffaccel.optimize.families import sd
+from diffaccel.optimize.families.common import inpainting_inputs
 from diffaccel.optimize.families.sd import (  # noqa: F401  (the family surface, shared with SD)
     COMPONENTS, DENOISER, EXPORTERS, KEEP_FLOAT, LOAD_KWARGS, SOURCE_MODEL, TEXT_ENCODERS, TOKENIZERS, ModelGeometry,
     assets, check_pixel_range, export_module, attention_bytes, latent_opt_size, size_factors, specs, weight_bytes)
@@ -35,4 +36,4 @@ def capture_denoiser_inputs(pipe, prompts: list, *, steps: int, guidance_scale: 
     if not isinstance(pipe, StableDiffusionInpaintPipeline):
         pipe = StableDiffusionInpaintPipeline(**pipe.components)
     return sd.capture_denoiser_inputs(pipe, prompts, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                                  height=height, width=width, call_kwargs=sd.inpainting_inputs(height, width, seed))
+                                  height=height, width=width, call_kwargs=inpainting_inputs(height, width, seed))

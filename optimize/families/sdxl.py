@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import logging
 from typing import Any
 
 from diffaccel.optimize.artifact.specs import AxisRange, ComponentSpec, TensorSpec
 from diffaccel.optimize.families import sd
+from diffaccel.optimize.families.common import (
+    capture_with, in_channels_problem, max_length, meta_weight_bytes, pipeline_configs, text_config, with_defaults)
 from diffaccel.optimize.families.sd import check_pixel_range, attention_bytes, latent_opt_size, size_factors  # noqa: F401 (surface)
-
-log = logging.getLogger(__name__)
 
 NAME = "sdxl"
 TITLE = "Stable Diffusion XL"
@@ -94,7 +93,7 @@ def problems(configs: dict, refiner: bool, inpaint: bool = False, pipelines: tup
         problems.append("no text_encoder_2 (SDXL's second text encoder, a CLIPTextModelWithProjection)")
     elif kind == "text_time":
         problems += _conditioning_problems(unet, te, te2, configs, refiner)
-    problems += sd.in_channels_problem(unet, vae, inpaint)
+    problems += in_channels_problem(unet, vae, inpaint)
     vae_class = vae.get("_class_name", "AutoencoderKL")
     if vae_class != "AutoencoderKL":
         problems.append(f"vae is {vae_class}, not AutoencoderKL")
@@ -136,19 +135,19 @@ class ModelGeometry(sd.ModelGeometry):
 
     @classmethod
     def from_pipeline(cls, pipe) -> "ModelGeometry":
-        configs = sd.pipeline_configs(pipe)
+        configs = pipeline_configs(pipe)
         configs["max_length"] = int(pipe.tokenizer_2.model_max_length)
         return cls.from_configs(configs)
 
     @classmethod
     def from_configs(cls, configs: dict) -> "ModelGeometry":
         """From the configs alone (see :meth:`diffaccel.optimize.families.sd.ModelGeometry.from_configs`)."""
-        te2 = sd.text_config(configs, "text_encoder_2")
-        te = sd.text_config(configs, "text_encoder") if configs.get("text_encoder") else None   # None: the refiner
-        unet = sd.with_defaults("UNet2DConditionModel", configs.get("unet"))
+        te2 = text_config(configs, "text_encoder_2")
+        te = text_config(configs, "text_encoder") if configs.get("text_encoder") else None   # None: the refiner
+        unet = with_defaults("UNet2DConditionModel", configs.get("unet"))
         return cls(
             vocab_size=int(te["vocab_size"]) if te else 0, vocab_size_2=int(te2["vocab_size"]),
-            max_length=sd.max_length(configs, te2), text_hidden=int(te["hidden_size"]) if te else 0,
+            max_length=max_length(configs, te2), text_hidden=int(te["hidden_size"]) if te else 0,
             text_hidden_2=int(te2["hidden_size"]), pooled_dim=int(te2["projection_dim"]),
             time_ids=int(time_id_count(unet, te2)), **sd.denoiser_geometry(configs))
 
@@ -254,18 +253,10 @@ def export_module(component: str, pipe_or_models: Any):
 def weight_bytes(configs: dict) -> dict:
     """fp32 weight bytes of each model from its config alone (PyTorch's meta device; see
     :func:`diffaccel.optimize.families.sd.weight_bytes`)."""
-    import torch
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    out = sd.weight_bytes(configs)
-    cfg = configs.get("text_encoder_2")
-    out["text_encoder_2"] = 0
-    if cfg:
-        with torch.device("meta"):
-            model = CLIPTextModelWithProjection(CLIPTextConfig(**{k: v for k, v in cfg.items()
-                                                                  if not k.startswith("_")}))
-            out["text_encoder_2"] = sum(p.numel() * 4 for p in model.parameters())
-    return out
+    return {**sd.weight_bytes(configs), **meta_weight_bytes(
+        configs, {"text_encoder_2": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**c))})}
 
 
 def assets(pipe) -> dict:
@@ -300,5 +291,5 @@ def capture_denoiser_inputs(pipe, prompts: list, *, steps: int, guidance_scale: 
                                                           generator=torch.Generator().manual_seed(seed))}
         steps = math.ceil(steps / strength)
 
-    return sd.capture_with(pipe, prompts, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                           call_kwargs={**size, **extra}, added=("text_embeds", "time_ids"))
+    return capture_with(pipe, prompts, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                        call_kwargs={**size, **extra}, added=("text_embeds", "time_ids"))

@@ -3,7 +3,8 @@
 SRC may be a built-in name (``random:tiny``, ``tinyshapes``...), a diffusers-format folder, a single-file
 checkpoint (``.safetensors``; pickle files only with ``trust_pickle=True``) or a hub id, with LoRA files fused into it
 (``loras=["style.safetensors:0.8"]``, see :mod:`~diffaccel.optimize.sources.lora`). Every check that can fail on
-bad input without loading the weights runs here, before anything is written.
+bad input without loading the weights runs here (the folder and file checks are
+:mod:`~diffaccel.optimize.sources.checks`), before anything is written.
 
 >>> src = resolve_source("random:tiny")
 >>> src.kind, len(src.sha256)
@@ -14,22 +15,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import struct
 from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import SourceError, one_line
-from diffaccel.optimize.artifact.files import file_sha256, tree_sha256
+from diffaccel.optimize.artifact.files import file_sha256
 from diffaccel.optimize.artifact.roles import DENOISERS, TEXT_ENCODERS
-from diffaccel.optimize.families import configs_of, detect, family, supported_pipelines
+from diffaccel.optimize.families import configs_of, detect, family
 from diffaccel.optimize.sources import dit_recipes
+from diffaccel.optimize.sources.checks import check_folder, check_safetensors, check_single_file, folder_hash, parts
 from diffaccel.optimize.sources.builtins import (BUILTINS, RECIPES, TINYSHAPES, builtin_hash, builtin_location,
                                                 is_recipe, random_models)
 from diffaccel.optimize.sources.lora import Lora, check_loras, fuse_loras, with_loras
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
-REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")       # a U-Net pipeline's folders
-OPTIONAL = ("text_encoder_2", "tokenizer_2")    # required where model_index.json lists them (SDXL)
-NOT_FOLDERS = ("image_encoder", "feature_extractor", "safety_checker")   # listed by some pipelines, never built
 MODELS = (*DENOISERS, "vae", *TEXT_ENCODERS)    # whose configs detection reads
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -64,7 +61,7 @@ class Source:
             index = json.loads((Path(folder) / "model_index.json").read_text())
             out = {"pipeline": index.get("_class_name"),
                    **{c: json.loads((Path(folder) / c / "config.json").read_text())
-                      for c in MODELS if c in _parts(index)}}
+                      for c in MODELS if c in parts(index)}}
         except (OSError, json.JSONDecodeError):
             return None   # loading will say what is wrong
         if "requires_aesthetics_score" in index:
@@ -145,8 +142,8 @@ def _resolve(spec: str, trust_pickle: bool, single_file_config: "str | None") ->
         raise SourceError(f"unknown built-in {spec!r}; built-ins are: {', '.join(sorted(BUILTINS))}")
     path = Path(spec).expanduser()
     if path.is_dir():
-        _check_folder(path)
-        return Source(spec, "folder", str(path.resolve()), _folder_hash(path))
+        check_folder(path)
+        return Source(spec, "folder", str(path.resolve()), folder_hash(path))
     if path.is_file():
         return _single_file(path, spec, trust_pickle, single_file_config)
     if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
@@ -156,92 +153,8 @@ def _resolve(spec: str, trust_pickle: bool, single_file_config: "str | None") ->
 
 
 # ----------------------------------------------------------------------------------------------------------
-def _parts(index: dict) -> tuple:
-    """The component folders a pipeline with this model_index.json needs: the usual ones except those it sets to
-    null (the SDXL refiner has no first text encoder), plus the optional ones it lists.
-
-    >>> _parts({"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder_2": [None, None]})
-    ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
-    >>> _parts({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["x", "y"]})[-2:]
-    ('text_encoder_2', 'tokenizer_2')
-    >>> _parts({"text_encoder": [None, None], "tokenizer": [None, None], "text_encoder_2": ["t", "C"],
-    ...         "tokenizer_2": ["t", "T"]})
-    ('unet', 'vae', 'scheduler', 'text_encoder_2', 'tokenizer_2')
-    >>> _parts({"transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-    ...         "text_encoder_3": [None, None], "scheduler": ["diffusers", "X"], "_class_name": "P"})
-    ('transformer', 'vae', 'scheduler')
-    """
-    def listed(c):
-        return isinstance(index.get(c), (list, tuple)) and any(index[c])
-
-    def nulled(c):
-        return c in index and not listed(c)
-
-    if listed("transformer"):     # a diffusion transformer's pipeline (SD3, FLUX): every part it lists
-        return tuple(c for c in index if not c.startswith("_") and listed(c) and c not in NOT_FOLDERS)
-    return tuple(c for c in REQUIRED if not nulled(c)) + tuple(c for c in OPTIONAL if listed(c))
-
-
-def _check_folder(path: Path) -> None:
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise SourceError(f"{path} has no model_index.json; give a diffusers-format pipeline folder "
-                          "(model_index.json plus unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
-    try:
-        info = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise SourceError(f"{index} is not valid JSON ({e}); restore it from the original checkpoint") from None
-    cls = info.get("_class_name", "?")
-    if cls not in supported_pipelines():
-        raise SourceError(f"unsupported architecture: {path} is a {cls}; diffaccel supports these diffusers "
-                          f"pipelines: {', '.join(supported_pipelines())}")
-    missing = [c for c in _parts(info) if not (path / c).is_dir() or not any((path / c).iterdir())]
-    if missing:
-        raise SourceError(f"{path} is missing component folder(s) {', '.join(missing)}; copy the complete "
-                          "pipeline (model_index.json lists what it needs)")
-
-
-def _folder_hash(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256(file_sha256(path / "model_index.json").encode())
-    for comp in _parts(json.loads((path / "model_index.json").read_text())):
-        h.update(f"{comp}:{tree_sha256(path / comp)}".encode())
-    return h.hexdigest()
-
-
-def check_safetensors(path: Path) -> None:
-    """Cheap integrity check of a .safetensors file: a parseable header whose tensors fit the file exactly."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n <= 0 or 8 + n > size:
-                raise ValueError("header length exceeds the file")
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise SourceError(f"{path} is not a valid safetensors file ({one_line(e)[:80]}); "
-                          "download or copy it again") from None
-    if 8 + n + end != size:
-        state = "truncated" if 8 + n + end > size else "corrupt (trailing bytes)"
-        raise SourceError(f"{path} is {state}: header promises {8 + n + end} bytes, file has {size}; "
-                          "download or copy it again")
-
-
 def _single_file(path: Path, spec: str, trust_pickle: bool, config: "str | None") -> Source:
-    suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        if not trust_pickle:
-            raise SourceError(f"{path} is a pickle checkpoint, which can run arbitrary code when loaded; convert it "
-                              "to .safetensors, or pass --trust-pickle if you trust its origin")
-    elif suffix != ".safetensors":
-        raise SourceError(f"{path}: unknown checkpoint type {suffix or '(no suffix)'}; give a .safetensors file or "
-                          "a diffusers folder")
-    else:
-        check_safetensors(path)
-    if config is not None:
-        _check_folder(Path(config))
+    check_single_file(path, trust_pickle, config)
     return Source(spec, "single_file", str(path.resolve()), file_sha256(path), config)
 
 
@@ -254,8 +167,8 @@ def _hub(repo_id: str) -> Source:
         raise SourceError(f"cannot fetch hub id {repo_id} ({one_line(e)[:160]}); check the id and the network, or "
                           "give a local diffusers folder") from None
     folder = Path(folder)
-    _check_folder(folder)
-    return Source(repo_id, "hub", str(folder), _folder_hash(folder))
+    check_folder(folder)
+    return Source(repo_id, "hub", str(folder), folder_hash(folder))
 
 
 # ----------------------------------------------------------------------------------------------------------
