@@ -144,7 +144,7 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
 
 
 def default_guidance(source: Source, family) -> float:
-    """The one guidance rule: a trained built-in's recommended scale (tinyshapes 2, tinyshapes-xl 3), else the
+    """The one guidance rule: a trained built-in's recommended scale (tinyshapes 2, tinyshapes-xl and -sd3 3), else the
     default of the family's diffusers pipeline (SD 7.5, SDXL 5.0, SD3 7.0, FLUX.1 3.5; 7.5 where the family is only
     known after loading). The build records it; every command then runs at it unless told otherwise."""
     from diffaccel.optimize.families import pipeline_guidance

@@ -78,7 +78,7 @@ def test_the_rule_is_the_built_ins_or_the_pipelines_default():
     from diffaccel.optimize.families import detect
     from diffaccel.optimize.sources import resolve_source
 
-    want = {"tinyshapes": 2.0, "tinyshapes-xl": 3.0, "random:tiny": 7.5, "random:tiny-xl": 5.0,
+    want = {"tinyshapes": 2.0, "tinyshapes-xl": 3.0, "tinyshapes-sd3": 3.0, "random:tiny": 7.5, "random:tiny-xl": 5.0,
             "random:tiny-sd3": 7.0, "random:tiny-flux": 3.5}
     for name, scale in want.items():
         source = resolve_source(name)

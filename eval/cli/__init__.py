@@ -7,9 +7,10 @@ import json
 
 
 def add_microbench(sub) -> None:
-    p = sub.add_parser("microbench", help="U-Net step latency of several variants, side by side",
-                       description="Time one U-Net denoising step for each variant (backend/precision) on identical "
-                                   "inputs in one run, and print the ratio of each to the first. By default each "
+    p = sub.add_parser("microbench", help="denoiser (U-Net or transformer) step latency of several variants, "
+                                          "side by side",
+                       description="Time one denoising step of the U-Net or transformer for each variant "
+                                   "(backend/precision) on identical inputs in one run, and print the ratio of each to the first. By default each "
                                    "variant runs in its own process, two passes in alternating order; the table "
                                    "shows each pass and the median of the medians, and the CPU (ISA, AMX).")
     p.add_argument("src", nargs="?", default="random:sd15", help="checkpoint or built-in (default random:sd15)")
@@ -20,7 +21,7 @@ def add_microbench(sub) -> None:
                         "onnxruntime/fp32+unfused-attention runs that build's export with attention unfused")
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
-    p.add_argument("--batch", type=int, default=2, help="U-Net input batch (2 = one image with guidance)")
+    p.add_argument("--batch", type=int, default=2, help="denoiser input batch (2 = one image with guidance)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")

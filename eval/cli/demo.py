@@ -23,7 +23,7 @@ def add_demo(sub) -> None:
                        description="Optimize SRC into engines (default: ONNX Runtime fp32 and int8, OpenVINO int8), "
                                    "then evaluate them against the diffusers PyTorch baseline and the peers "
                                    "(latency, quality, prompt adherence) and write a report. The summary's 'vs peer' "
-                                   "column gives each engine's U-Net step speed relative to the fastest peer. A "
+                                   "column gives each engine's denoiser step speed relative to the fastest peer. A "
                                    "variant whose runtime is not installed (OpenVINO without the openvino extra) is "
                                    "skipped with the reason. Needs no network: tinyshapes ships with diffaccel.",
                        epilog="Example: diffaccel demo -o runs/demo   then open runs/demo/report/report.html")

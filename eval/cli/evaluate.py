@@ -12,8 +12,8 @@ EXAMPLE = ("Example: diffaccel eval out/tiny-fp32 out/tiny-int8 --steps 10,20 --
 
 SUMMARY = "latency and quality of artifacts against the diffusers baseline, side by side"
 DESCRIPTION = ("Generate the same prompts with the same seeds and scheduler on the diffusers fp32 baseline, optional "
-               "peers (torch bf16/fp16/compile, optimum-intel) and each artifact; report the U-Net per-step latency "
-               "distribution, stage times, throughput per batch size and memory next to PSNR/SSIM/latent error "
+               "peers (torch bf16/fp16/compile, optimum-intel) and each artifact; report the denoiser's (U-Net's or "
+               "transformer's) per-step latency distribution, stage times, throughput per batch size and memory next to PSNR/SSIM/latent error "
                "against the baseline (LPIPS, CLIP score, FID with local weights; prompt adherence on tinyshapes). "
                "Writes report.json, report.md and a self-contained report.html.")
 

@@ -60,16 +60,26 @@ def _add_optimize(sub) -> None:
                                                                 "can run code when loaded")
     p.add_argument("--config", default=None, help="diffusers config folder for a single-file checkpoint (offline)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="fuse a LoRA .safetensors (diffusers or kohya format) into the U-Net and text encoders "
+                   help="fuse a LoRA .safetensors (diffusers or kohya format) into the denoiser (U-Net or transformer) and text encoders "
                         "before export, at SCALE (default 1); repeatable, fused in order")
     p.add_argument("--guidance", type=guidance_arg, default=None, metavar="SCALE|off",
                    help="the classifier-free guidance scale the engines will run at (default: a trained built-in's "
-                        "recommended one, 2 for tinyshapes and 3 for tinyshapes-xl, else the diffusers pipeline's: "
-                        "7.5 SD, 5 SDXL, 7 SD3, 3.5 FLUX). 1 or below (off = "
-                        "0: SDXL-Turbo, LCM-LoRA) builds the U-Net for one guidance half only, a batch range half as "
+                        "recommended one, 2 for tinyshapes, 3 for tinyshapes-xl and -sd3, else the diffusers "
+                        "pipeline's: 7.5 SD, 5 SDXL, 7 SD3, 3.5 FLUX). 1 or below (off = 0: SDXL-Turbo, LCM-LoRA) "
+                        "builds the denoiser for one guidance half only, a batch range half as "
                         "large, and the drop-in pipelines refuse guidance_scale > 1; int8 calibrates at this scale")
     p.add_argument("--components", default=None, help="comma-separated subset to build (default: all the model has): "
                                                        + ", ".join(COMPONENTS))
+    _add_int8_args(p)
+    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="memory the build may use, e.g. 16G (default: what the machine has available)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="build even when the estimated peak memory exceeds what is available")
+    _add_tensorrt_args(p)
+    p.set_defaults(func=_cmd_optimize)
+
+
+def _add_int8_args(p) -> None:
     q = p.add_argument_group("int8 calibration and quantization")
     q.add_argument("--calib-prompts", default=None, help="text file, one calibration prompt per line")
     q.add_argument("--calib-size", type=int, default=8, help="calibration prompts used (default 8)")
@@ -88,18 +98,16 @@ def _add_optimize(sub) -> None:
                    help="attention's score MatMul (QK^T, into the softmax) in float or int8 (default: the backend's; "
                         "float for onnxruntime, whose int8 softmax is slower)")
     q.add_argument("--quality-target", default=None, metavar="psnr=DB",
-                   help="keep the most sensitive layers in float until the int8 U-Net keeps this PSNR")
-    p.add_argument("--memory-limit", default=None, metavar="SIZE",
-                   help="memory the build may use, e.g. 16G (default: what the machine has available)")
-    p.add_argument("--no-memory-check", action="store_true",
-                   help="build even when the estimated peak memory exceeds what is available")
+                   help="keep the most sensitive layers in float until the int8 denoiser keeps this PSNR")
+
+
+def _add_tensorrt_args(p) -> None:
     t = p.add_argument_group("TensorRT")
     t.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default 3)")
     t.add_argument("--workspace-gb", type=float, default=None, help="tactic memory pool limit in GiB")
     t.add_argument("--timing-cache", default=None, help="timing cache file reused across builds")
     t.add_argument("--static-shapes", action="store_true", help="build for one shape (needed for CUDA graphs)")
     t.add_argument("--cuda-graph", action="store_true", help="capture CUDA graphs when running (static shapes)")
-    p.set_defaults(func=_cmd_optimize)
 
 
 def _quality_target(text):

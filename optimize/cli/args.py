@@ -39,8 +39,9 @@ def comma_list(text, flag: str, kind=str, *, empty_ok: bool = False, what: "str 
     return values
 
 
-GUIDANCE_HELP = ("classifier-free guidance scale, or off (= 0) (default: the one the artifact was built for: a trained "
-                 "built-in's recommended one, 2 for tinyshapes and 3 for tinyshapes-xl, optimize --guidance, else 7.5)")
+GUIDANCE_HELP = ("classifier-free guidance scale, or off (= 0) (default: the one the artifact was built for: "
+                 "optimize --guidance, else a trained built-in's recommended one (2 for tinyshapes, 3 for "
+                 "tinyshapes-xl and -sd3), else the diffusers pipeline's)")
 
 
 def guidance_arg(text: str) -> float:

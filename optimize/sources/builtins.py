@@ -8,7 +8,8 @@
                  alone is 10 GB in fp32: build it only on a machine that holds that);
 ``random:tiny-xl`` a tiny SDXL pipeline (diffusers' own SDXL test configuration), for tests and smoke runs;
 ``tinyshapes``   a small trained text-to-image model shipped with diffaccel (see ``diffaccel.optimize.assets``);
-``tinyshapes-xl`` the same world trained in the SDXL architecture (two text encoders, pooled embeddings, time ids).
+``tinyshapes-xl`` the same world trained in the SDXL architecture (two text encoders, pooled embeddings, time ids);
+``tinyshapes-sd3`` the same world trained in the SD3 architecture (an MMDiT transformer, two CLIPs, no T5).
 
 Random weights are drawn from a fixed seed, so the same name always gives the same pipeline on the same torch.
 
@@ -207,15 +208,25 @@ def _tinyshapes_xl():
                                                      local_files_only=True)
 
 
+@builtin("tinyshapes-sd3")
+def _tinyshapes_sd3():
+    from diffusers import StableDiffusion3Pipeline
+
+    # trained without T5: diffusers' rule for SD3 without it is to say so when loading
+    return StableDiffusion3Pipeline.from_pretrained(str(ASSETS / "tinyshapes-sd3"), text_encoder_3=None,
+                                                    tokenizer_3=None, local_files_only=True)
+
+
 # The trained built-ins of the tinyshapes world (docs/tinyshapes.md): their prompts are its captions, their
 # calibration draws its training scenes and the adherence checker can score their images.
-TINYSHAPES = ("tinyshapes", "tinyshapes-xl")
+TINYSHAPES = ("tinyshapes", "tinyshapes-xl", "tinyshapes-sd3")
 
 
 # Classifier-free guidance a trained built-in is meant to run at (diffusers' 7.5 otherwise). tinyshapes: 2.0 gave
 # the best prompt adherence on seeds kept apart from its benchmark's (docs/tinyshapes.md); higher guidance pulls a
 # shape toward the one its color was trained with.
-RECOMMENDED_GUIDANCE = {"tinyshapes": 2.0, "tinyshapes-xl": 3.0}
+# tinyshapes-sd3: 3.0 on the same kind of sweep (1.5 to 7 on seeds 2 and 3).
+RECOMMENDED_GUIDANCE = {"tinyshapes": 2.0, "tinyshapes-xl": 3.0, "tinyshapes-sd3": 3.0}
 DEFAULT_GUIDANCE = 7.5
 
 
