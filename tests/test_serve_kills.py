@@ -26,7 +26,7 @@ KILLS = int(os.environ.get("DIFFACCEL_KILLS", "3"))
 STEPS = 4
 
 
-def _client(server, seen, accepted, stop):
+def _client(server, seen, accepted, stop, kills_done):
     for i in range(JOBS):
         body = {"prompt": f"a red circle number {i}", "seed": 1000 + i, "steps": STEPS}
         while not stop.is_set():
@@ -39,7 +39,8 @@ def _client(server, seen, accepted, stop):
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-    while not stop.is_set() and len(seen) < len(accepted):
+    # it watches on until every kill is done, so a fast machine cannot finish the run before the last kill
+    while not stop.is_set() and (len(seen) < len(accepted) or not kills_done.is_set()):
         for i, jid in list(accepted.items()):
             if i in seen:
                 continue
@@ -75,16 +76,21 @@ def test_kills_during_a_run_lose_nothing_and_change_no_image(tiny_ort_ts, tmp_pa
     server = ServerProcess([tiny_ort_ts], tmp_path / "jobs.sqlite", ["--max-batch", "4", "--max-wait-ms", "20",
                                                                      "--queue-limit", str(JOBS + 10), "--threads", "1"],
                            log=log, env={"OMP_NUM_THREADS": "1"})
-    seen, accepted, stop = {}, {}, threading.Event()
-    client = threading.Thread(target=_client, args=(server, seen, accepted, stop), daemon=True)
+    seen, accepted, stop, kills_done = {}, {}, threading.Event(), threading.Event()
+    client = threading.Thread(target=_client, args=(server, seen, accepted, stop, kills_done), daemon=True)
     t0, kills = time.monotonic(), 0
     client.start()
     try:
+        # kill k lands once the run's progress (jobs accepted + jobs seen done, out of 2 x JOBS) passes k/(KILLS+1),
+        # a random moment after it: spread over creating and running on any machine's speed, never after the run
         while kills < KILLS and client.is_alive():
-            time.sleep(rng.uniform(0.3, 2.5))
+            while (len(accepted) + len(seen)) * (KILLS + 1) < (kills + 1) * 2 * JOBS and client.is_alive():
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.2))
             server.kill9()
             kills += 1
             server.restart()
+        kills_done.set()
         client.join(timeout=900)
         stop.set()
         final = {}
