@@ -24,6 +24,28 @@ T5_MAX = 512                         # the most diffusers' SD3 and FLUX pipeline
 # ----------------------------------------------------------------------------------------------------------
 # configs and what they allow
 # ----------------------------------------------------------------------------------------------------------
+def vae_problem(configs: dict) -> list:
+    """The transformer families' VAE check: diffusers' ``AutoencoderKL`` (its latent distribution is exported)."""
+    vae = (configs.get("vae") or {}).get("_class_name", "AutoencoderKL")
+    return [] if vae == "AutoencoderKL" else [f"vae is {vae}, not AutoencoderKL"]
+
+
+class GeometryBase:
+    """What every family's frozen ``ModelGeometry`` dataclass shares: built from a loaded pipeline through its
+    configs, and the pixel multiple a size must keep (VAE scale x latent multiple)."""
+
+    vae_scale_factor: int
+    latent_multiple: int
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.vae_scale_factor * self.latent_multiple
+
+    @classmethod
+    def from_pipeline(cls, pipe):
+        return cls.from_configs(pipeline_configs(pipe))
+
+
 def in_channels_problem(unet: dict, vae: dict, inpaint: bool) -> list:
     """A U-Net's input channels against the VAE's latents: equal, or ``2 * latents + 1`` for inpainting U-Nets
     (noisy latents, the mask, the masked image's latents)."""

@@ -24,8 +24,8 @@ from typing import Any
 from diffaccel.optimize.artifact.specs import AxisRange, ComponentSpec, TensorSpec
 from diffaccel.optimize.families import sd, sd3
 from diffaccel.optimize.families.common import (  # noqa: F401  (check_pixel_range: the family surface)
-    capture_transformer, check_pixel_range, max_length, meta_weight_bytes, pipeline_configs, pixel_axis, t5_axis,
-    t5_spec, text_config, with_defaults)
+    GeometryBase, capture_transformer, check_pixel_range, max_length, meta_weight_bytes, pipeline_configs,
+    pixel_axis, t5_axis, t5_spec, text_config, vae_problem, with_defaults)
 
 NAME = "flux"
 TITLE = "FLUX.1"
@@ -70,14 +70,11 @@ def mismatches(configs: dict) -> list:
         out.append("no text_encoder (FLUX.1's CLIP text encoder: its pooled output)")
     if configs.get("text_encoder_2") is None:
         out.append("no text_encoder_2 (FLUX.1's T5 encoder)")
-    vae = (configs.get("vae") or {}).get("_class_name", "AutoencoderKL")
-    if vae != "AutoencoderKL":
-        out.append(f"vae is {vae}, not AutoencoderKL")
-    return out
+    return out + vae_problem(configs)
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelGeometry:
+class ModelGeometry(GeometryBase):
     """What the specs need to know about a FLUX.1 pipeline (read from its configs, JSON-able)."""
 
     vocab_size: int
@@ -95,14 +92,6 @@ class ModelGeometry:
     default_size: int
     num_train_timesteps: int = 1000
     guidance_doubles_batch: bool = False
-
-    @property
-    def pixel_multiple(self) -> int:
-        return self.vae_scale_factor * self.latent_multiple
-
-    @classmethod
-    def from_pipeline(cls, pipe) -> "ModelGeometry":
-        return cls.from_configs(pipeline_configs(pipe))
 
     @classmethod
     def from_configs(cls, configs: dict) -> "ModelGeometry":

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 from diffaccel.optimize.artifact.specs import AxisRange, ComponentSpec, TensorSpec
 from diffaccel.optimize.families.common import (  # noqa: F401  (check_pixel_range, inpainting_inputs...: the surface)
-    capture_with, check_pixel_range, in_channels_problem, inpainting_inputs, max_length, meta_weight_bytes,
-    pipeline_configs, pixel_axis, text_config, with_defaults)
+    GeometryBase, capture_with, check_pixel_range, in_channels_problem, inpainting_inputs, max_length,
+    meta_weight_bytes, pipeline_configs, pixel_axis, text_config, with_defaults)
 
 NAME = "sd"
 TITLE = "Stable Diffusion 1.x/2.x"
@@ -72,7 +72,7 @@ def problems(configs: dict, inpaint: bool, pipelines: tuple = PIPELINES) -> list
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelGeometry:
+class ModelGeometry(GeometryBase):
     """What the specs need to know about a loaded pipeline (read from its configs, JSON-able)."""
 
     vocab_size: int
@@ -88,14 +88,6 @@ class ModelGeometry:
     guidance_doubles_batch: bool = True   # classifier-free guidance runs both halves in one U-Net batch (a build
     #                                       for guidance <= 1 sets it False)
     timestep_cond_dim: int = 0            # LCM-distilled U-Nets: width of the guidance embedding (0: none)
-
-    @property
-    def pixel_multiple(self) -> int:
-        return self.vae_scale_factor * self.latent_multiple
-
-    @classmethod
-    def from_pipeline(cls, pipe) -> "ModelGeometry":
-        return cls.from_configs(pipeline_configs(pipe))
 
     @classmethod
     def from_configs(cls, configs: dict) -> "ModelGeometry":

@@ -25,8 +25,8 @@ from diffaccel.optimize.artifact.errors import ShapeError
 from diffaccel.optimize.artifact.specs import AxisRange, ComponentSpec, TensorSpec
 from diffaccel.optimize.families import sd
 from diffaccel.optimize.families.common import (  # noqa: F401  (T5_MAX, check_pixel_range...: the family surface)
-    T5_MAX, capture_transformer, check_pixel_range, clip_spec, max_length, meta_weight_bytes, pipeline_configs,
-    pixel_axis, t5_axis, t5_spec, text_config, with_defaults)
+    T5_MAX, GeometryBase, capture_transformer, check_pixel_range, clip_spec, max_length, meta_weight_bytes,
+    pipeline_configs, pixel_axis, t5_axis, t5_spec, text_config, vae_problem, with_defaults)
 
 NAME = "sd3"
 TITLE = "Stable Diffusion 3/3.5"
@@ -80,14 +80,11 @@ def problems(configs: dict, t5: bool) -> list:
         out.append("no text_encoder_3 (the T5 encoder; without it the model is the sd3-no-t5 family)")
     if not t5 and configs.get("text_encoder_3") is not None:
         out.append("has a text_encoder_3 (the T5 encoder: the sd3 family)")
-    vae = (configs.get("vae") or {}).get("_class_name", "AutoencoderKL")
-    if vae != "AutoencoderKL":
-        out.append(f"vae is {vae}, not AutoencoderKL")
-    return out
+    return out + vae_problem(configs)
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelGeometry:
+class ModelGeometry(GeometryBase):
     """What the specs need to know about an SD3 pipeline (read from its configs, JSON-able)."""
 
     vocab_size: int
@@ -111,16 +108,8 @@ class ModelGeometry:
     guidance_doubles_batch: bool = True
 
     @property
-    def pixel_multiple(self) -> int:
-        return self.vae_scale_factor * self.latent_multiple
-
-    @property
     def pooled_dim(self) -> int:
         return self.text_projection + self.text_projection_2
-
-    @classmethod
-    def from_pipeline(cls, pipe) -> "ModelGeometry":
-        return cls.from_configs(pipeline_configs(pipe))
 
     @classmethod
     def from_configs(cls, configs: dict) -> "ModelGeometry":
