@@ -1,5 +1,7 @@
-"""The peer a user on an Intel CPU would pick instead of diffaccel: Hugging Face optimum-intel's own
-``OVStableDiffusionPipeline``, exported from the same source and measured through optimum-intel itself.
+"""The peer a user on an Intel CPU would pick instead of diffaccel: Hugging Face optimum-intel's own pipeline for the
+source's diffusers class (``OVStableDiffusionPipeline``, ``OVStableDiffusionXLPipeline``,
+``OVStableDiffusion3Pipeline``, ``OVFluxPipeline``...), exported from the same source and measured through
+optimum-intel itself.
 
 Precisions, as a user configures them (optimum-intel's documented knobs, nothing re-implemented):
 
@@ -44,6 +46,18 @@ def optimum_intel():
         raise BackendUnavailableError(f"optimum-intel is not usable here ({one_line(e)[:160]}); install the peer "
                                       f"with: {INSTALL}") from None
     return OVStableDiffusionPipeline, OVWeightQuantizationConfig
+
+
+def pipeline_class(folder: Path):
+    """optimum-intel's class for the diffusers pipeline saved in ``folder`` (``OV`` + its ``_class_name``)."""
+    import optimum.intel
+
+    name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "StableDiffusionPipeline")
+    cls = getattr(optimum.intel, f"OV{name}", None)
+    if cls is None:
+        raise BackendUnavailableError(f"optimum-intel {versions().get('optimum-intel')} has no OV{name}: the peer "
+                                      f"cannot run this model")
+    return cls
 
 
 def versions() -> dict:
@@ -94,11 +108,16 @@ def build(folder: Path, precision: str, out: Path, source_spec: str) -> dict:
     the facts written to ``out/diffaccel_peer.json``."""
     from diffaccel.optimize.sources.prompts import calibration_prompts
 
-    pipeline_cls, weight_config = optimum_intel()
-    kwargs, facts = {}, {"peer": "optimum-intel", "kind": build_kind(precision), "versions": versions()}
+    _, weight_config = optimum_intel()
+    pipeline_cls = pipeline_class(folder)
+    # float kinds keep float weights: left to itself optimum-intel compresses the weights of a model over 1B
+    # parameters to int8, which is its int8 kind, not bf16
+    kwargs = {"load_in_8bit": False}
+    facts = {"peer": "optimum-intel", "kind": build_kind(precision), "versions": versions(),
+             "pipeline": pipeline_cls.__name__}
     if build_kind(precision) == "int8":
         prompts = calibration_prompts(source_spec, CALIB_PROMPTS, CALIB_SEED)
-        kwargs["quantization_config"] = weight_config(bits=8, quant_method="hybrid", dataset=prompts)
+        kwargs = {"quantization_config": weight_config(bits=8, quant_method="hybrid", dataset=prompts)}
         facts["quantization"] = {"quant_method": "hybrid", "bits": 8, "calibration_prompts": len(prompts),
                                  "num_samples": "optimum-intel default (200 U-Net calls)"}
     tmp = out.with_name(out.name + ".partial")
@@ -114,8 +133,8 @@ def build(folder: Path, precision: str, out: Path, source_spec: str) -> dict:
 
 def load(out: Path, precision: str):
     """optimum-intel's pipeline from ``out``, compiled at ``precision``."""
-    pipeline_cls, _ = optimum_intel()
-    pipe = pipeline_cls.from_pretrained(str(out), ov_config=ov_config(precision), compile=False)
+    optimum_intel()
+    pipe = pipeline_class(out).from_pretrained(str(out), ov_config=ov_config(precision), compile=False)
     pipe.compile()
     return pipe
 
