@@ -69,23 +69,24 @@ class CalibrationReader:
 
 
 def write_range_cache(src, samples: list, op_types, cache, *, method: str = "minmax", percentile: float = 99.999,
-                      external: bool, skip_nodes=(), threads: "int | None" = None) -> None:
+                      external: bool, skip_nodes=(), threads: "int | None" = None, progress=None) -> None:
     """Calibrate ``src`` on ``samples`` with ONNX Runtime's own calibrator for ``method`` (see :func:`collect`) and
     save the ranges as its calibration cache: ``quantize_static(calibration_cache_path=)`` reads it back, so the
-    quantized model is the one ORT's all-in-one call makes from the same ranges."""
+    quantized model is the one ORT's all-in-one call makes from the same ranges. ``progress(i, n)`` is called
+    before each sample and once after the last (i = n)."""
     from pathlib import Path
 
     from onnxruntime.quantization.calibrate import save_tensors_data
 
     with collect(src, samples, op_types, method=method, percentile=percentile, external=external,
-                 skip_nodes=skip_nodes, threads=threads, scratch=Path(cache).parent) as calibrator:
+                 skip_nodes=skip_nodes, threads=threads, scratch=Path(cache).parent, progress=progress) as calibrator:
         ranges = calibrator.compute_data()
     save_tensors_data(ranges, cache, smooth_quant=False)
 
 
 @contextlib.contextmanager
 def collect(src, samples: list, op_types, *, method: str, external: bool, percentile: float = 99.999,
-            num_bins: "int | None" = None, skip_nodes=(), threads: "int | None" = None, scratch=None):
+            num_bins: "int | None" = None, skip_nodes=(), threads: "int | None" = None, scratch=None, progress=None):
     """ONNX Runtime's own calibrator for ``method`` (``minmax``, ``percentile``, ``entropy``) after it has seen every
     sample; its statistics are read inside the ``with`` block.
 
@@ -113,8 +114,12 @@ def collect(src, samples: list, op_types, *, method: str, external: bool, percen
         release_memory()
         calibrator.infer_session = ort.InferenceSession(augmented, _session_options(threads),
                                                         providers=["CPUExecutionProvider"])
-        for s in samples:
+        for i, s in enumerate(samples):
+            if progress is not None:
+                progress(i, len(samples))
             calibrator.collect_data(CalibrationReader([s]))
+        if progress is not None:
+            progress(len(samples), len(samples))
         try:
             yield calibrator
         finally:

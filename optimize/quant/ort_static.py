@@ -140,7 +140,7 @@ def weight_bits(quant) -> "tuple[int, str]":
 
 def quantize_static_qdq(src: Path, dst: Path, samples: list, quant, *, external: bool, keep_float: dict,
                         scoped: "Path | None" = None, extra_exclude: tuple = (), cache: "Path | None" = None,
-                        float_attention_scores: bool = True) -> dict:
+                        float_attention_scores: bool = True, progress=None) -> dict:
     """QDQ int8 (uint8 activations, int8 per-channel weights: the U8S8 layout ORT recommends), the weights in 7 bits
     where :func:`weight_bits` says the kernels would saturate 8. ``keep_float`` and ``--keep-fp32`` patterns are
     matched against module paths read from ``scoped`` (the exported model: ORT's pre-processing, which made ``src``,
@@ -169,7 +169,8 @@ def quantize_static_qdq(src: Path, dst: Path, samples: list, quant, *, external:
                 write_entropy_cache(src, samples, QUANT_OPS, cache, external=external, skip_nodes=exclude)
             else:
                 write_range_cache(src, samples, QUANT_OPS, cache, method=str(quant.method),
-                                  percentile=quant.percentile, external=external, skip_nodes=exclude)
+                                  percentile=quant.percentile, external=external, skip_nodes=exclude,
+                                  progress=progress)
         quantize_static(str(src), str(dst), CalibrationReader(samples), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(QUANT_OPS), per_channel=quant.per_channel, reduce_range=bits == 7,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,

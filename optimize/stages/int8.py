@@ -118,9 +118,12 @@ class QuantizeStage(Stage):
         from diffaccel.optimize.export.parity import RecordedReference
 
         q, den = ctx.config.quant, ctx.denoiser
+        step = lambda what: ctx.reporter.item(self.name, f"{den}: {what}")   # noqa: E731  (minutes each on big models)
+        step("sampling calibration prompts")
         prompts, samples = calibration_samples(ctx)
         keep = [samples[0], samples[len(samples) // 2], samples[-1]]   # noisy, middle and late steps
         # PyTorch's outputs on them, for this engine's checks in later stages (the torch model is gone by then)
+        step("PyTorch reference outputs")
         reference = RecordedReference.of(ctx.specs[den], ctx.torch_reference(den), samples=keep)
         src = ctx.latest_model(den, self.name)
         external = len(onnx_files(src)) > 1
@@ -129,6 +132,7 @@ class QuantizeStage(Stage):
             ctx.release_pipe()   # quantizing holds the ONNX weights: one copy of them at a time, not two
         with fresh_dir(ctx.root / den / "quantized") as d, \
                 tempfile.TemporaryDirectory(dir=ctx.root, prefix=TMP_PREFIX) as tmp:
+            step("ONNX Runtime pre-processing")
             pre = preprocess(src, Path(tmp) / "pre.onnx", external=external)
             smoothing = None
             if q.smoothquant is not None:
@@ -138,7 +142,9 @@ class QuantizeStage(Stage):
                 pre = Path(tmp) / "smooth.onnx"
             report = quantize_static_qdq(pre, d / "model.onnx", samples, q, external=external,
                                          keep_float=ctx.family.KEEP_FLOAT, scoped=src,
-                                         cache=Path(tmp) / "calibration.json", float_attention_scores=float_scores)
+                                         cache=Path(tmp) / "calibration.json", float_attention_scores=float_scores,
+                                         progress=lambda i, n: step(f"calibration ranges {i + 1}/{n}" if i < n
+                                                                    else "quantizing"))
             report["smoothquant"] = smoothing
             if q.quality_target is not None:
                 report["quality_target"] = self._meet_target(ctx, pre, d, Path(tmp), samples, external, float_scores)
