@@ -74,5 +74,6 @@ def test_links_resolve(doc):
 def test_readme_is_a_users_page_whose_test_command_is_ci():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) < 200, "README.md is for users: measurements go to docs/measurements.md"
-    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert ci in readme, "the README's test command must be the one .ci/run runs"
+    fast, slow = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-2:]
+    assert "-m \"not slow\"" in fast and slow.endswith("-m slow"), ".ci/run ends with the two tiers"
+    assert fast in readme and slow in readme, "the README's test commands must be the ones .ci/run runs"

@@ -86,6 +86,7 @@ def test_sd3_refuses_what_engines_cannot_compute_before_any_work(sd3):
     assert calls == []
 
 
+@pytest.mark.slow                 # the FLUX artifact (dynamo export) is the suite's costliest fixture
 def test_flux_drop_in_matches_diffusers_with_dynamic_shifting_and_true_cfg(flux):
     ref, acc = _pair(flux, "random:tiny-flux")
     assert type(acc).__name__ == "AcceleratedFluxPipeline" and ref.scheduler.config.use_dynamic_shifting
@@ -96,6 +97,7 @@ def test_flux_drop_in_matches_diffusers_with_dynamic_shifting_and_true_cfg(flux)
         assert psnr(_images(ref, **kw), _images(acc, **kw)) >= 40, kw
 
 
+@pytest.mark.slow                 # the FLUX artifact (dynamo export) is the suite's costliest fixture
 def test_flux_img2img_drop_in_matches_diffusers(flux):
     ref, acc = _pair(flux, "random:tiny-flux", "image-to-image")
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
@@ -150,6 +152,7 @@ def test_int8_transformer_keeps_its_modulation_and_output_in_float(artifacts):
     assert kept[0]["hidden_states"].shape[0] == 2                 # both classifier-free guidance halves
 
 
+@pytest.mark.slow                 # the FLUX artifact (dynamo export) is the suite's costliest fixture
 def test_serving_a_flow_matching_model_checks_its_schedules_and_refuses_diffusion_schedulers(sd3, flux):
     """The server's schedule check drives flow-matching schedulers as the pipelines do (no scale_model_input, a mu
     under dynamic shifting), and refuses a diffusion scheduler on a flow-matching model (it would run, wrongly)."""
