@@ -118,11 +118,19 @@ class _Accelerated:
 
     @property
     def _execution_device(self):
-        return self.denoiser.device
+        return self.device
 
     @property
     def device(self):
-        return self.denoiser.device
+        """The engines' device: the denoiser's, or the first engine-backed component's in a pipeline made without
+        one (diffusers' ``encode_prompt`` in isolation passes only the text encoders), else the CPU."""
+        import torch
+
+        for model in (getattr(self, n, None) for n in ("unet", "transformer", "text_encoder", "text_encoder_2",
+                                                          "text_encoder_3", "vae")):
+            if model is not None and hasattr(model, "device"):
+                return model.device
+        return torch.device("cpu")
 
     @property
     def built_guidance(self) -> float:
