@@ -367,15 +367,19 @@ def test_quality_target_search_returns_the_least_robust_nodes_to_float(int8, une
 
 
 def test_unreachable_quality_target_says_what_to_try(int8, unet_samples):
-    from diffaccel.optimize.quant.quality_target import meet_target
+    from diffaccel.optimize.quant.quality_target import activation_sqnr, meet_target
 
     class Stubborn:                      # a judge whose images never get better
         def psnr(self, path, threads=None):
             return 20.0
 
     model = int8 / "unet" / "quantized" / "model.onnx"
+    asked = []
     with pytest.raises(DiffaccelError, match="not reachable: the best was 20.00 dB.*lower the target"):
-        meet_target(lambda extra: model, Stubborn(), model, unet_samples, 30.0)
+        meet_target(lambda extra: asked.append(extra) or model, Stubborn(), model, unet_samples, 30.0)
+    ranking = activation_sqnr(model, unet_samples[:4])
+    # it never asks for a candidate with every node in float (that is the fp32 model, which quantize refuses)
+    assert asked and max(len(a) for a in asked) == len(ranking) - 1
 
 
 @pytest.mark.slow

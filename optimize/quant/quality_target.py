@@ -105,9 +105,10 @@ def meet_target(quantize, judge: ImageJudge, first: Path, samples: list, target:
     if trail[0]["psnr"] >= target:
         return {"target_psnr": target, "reached": True, "extra_kept_float": [], "trail": trail, "model": first}
     ranking = sorted(activation_sqnr(first, samples[:4]).items(), key=lambda kv: kv[1])
+    most = len(ranking) - 1          # at least one node stays int8: every node in float is the fp32 model
     k = 2
     while True:
-        k = min(k, len(ranking))
+        k = min(k, most)
         extra = [name for name, _ in ranking[:k]]
         model = quantize(tuple(extra))
         trail.append({"kept_float_extra": k, "psnr": judge.psnr(model, threads),
@@ -115,10 +116,10 @@ def meet_target(quantize, judge: ImageJudge, first: Path, samples: list, target:
         log.info("quality target: %d more node(s) in float -> %.2f dB", k, trail[-1]["psnr"])
         if trail[-1]["psnr"] >= target:
             return {"target_psnr": target, "reached": True, "extra_kept_float": extra, "trail": trail, "model": model}
-        if k == len(ranking):
+        if k >= most:
             best = max(trail, key=lambda r: r["psnr"])
             raise DiffaccelError(
                 f"--quality-target psnr={target:g} is not reachable: the best was {best['psnr']:.2f} dB with "
                 f"{best['kept_float_extra']} extra node(s) in float (all {len(ranking)} tried); lower the target, use "
-                "more --calib-size/--calib-steps, try --calib-method percentile, or keep the U-Net in fp32")
+                "more --calib-size/--calib-steps, try --calib-method percentile, or keep the denoiser in fp32")
         k *= 2
