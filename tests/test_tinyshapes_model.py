@@ -122,18 +122,24 @@ def test_training_captions_leave_out_attributes_at_the_configured_rates():
     assert abs((kept & 4).astype(bool).mean() - 0.25) < 0.03
 
 
-def test_shipped_weights_have_the_training_recipes_architecture(pipe):
-    """The shipped model was built by tools/train_tinyshapes.py as it stands: every architecture setting the script
-    passes to diffusers/transformers is what the shipped configs say (catches a recipe edited without retraining)."""
-    def plain(value):  # configs store tuples as lists once saved
+def assert_recipe(pairs) -> None:
+    """Every setting of each (recipe settings, shipped config) pair is what the config says (configs store tuples
+    as lists once saved)."""
+    def plain(value):
         return list(value) if isinstance(value, (list, tuple)) else value
 
-    train = _train_module()
-    for settings, config in ((train.UNET_CONFIG, pipe.unet.config), (train.VAE_CONFIG, pipe.vae.config),
-                             (train.TEXT_CONFIG, pipe.text_encoder.config)):
+    for settings, config in pairs:
         for key, value in settings.items():
             got = config[key] if isinstance(config, dict) else getattr(config, key)
             assert plain(got) == plain(value), key
+
+
+def test_shipped_weights_have_the_training_recipes_architecture(pipe):
+    """The shipped model was built by tools/train_tinyshapes.py as it stands: every architecture setting the script
+    passes to diffusers/transformers is what the shipped configs say (catches a recipe edited without retraining)."""
+    train = _train_module()
+    assert_recipe(((train.UNET_CONFIG, pipe.unet.config), (train.VAE_CONFIG, pipe.vae.config),
+                   (train.TEXT_CONFIG, pipe.text_encoder.config)))
     assert pipe.tokenizer.model_max_length == train.TrainConfig().text_tokens
 
 
@@ -261,17 +267,11 @@ def test_sd3_files_are_safetensors_small_and_without_t5():
 
 @_sd3_shipped()
 def test_sd3_shipped_weights_have_the_training_recipes_architecture(sd3_pipe):
-    def plain(value):
-        return list(value) if isinstance(value, (list, tuple)) else value
-
     train = _train_module()
-    for settings, config in ((train.SD3_CONFIG, sd3_pipe.transformer.config), (train.VAE_CONFIG, sd3_pipe.vae.config),
-                             (train.TEXT_CONFIG_XL, sd3_pipe.text_encoder.config),
-                             (train.TEXT_CONFIG_XL_2, sd3_pipe.text_encoder_2.config),
-                             (train.FLOW_SCHEDULER_CONFIG, sd3_pipe.scheduler.config)):
-        for key, value in settings.items():
-            got = config[key] if isinstance(config, dict) else getattr(config, key)
-            assert plain(got) == plain(value), key
+    assert_recipe(((train.SD3_CONFIG, sd3_pipe.transformer.config), (train.VAE_CONFIG, sd3_pipe.vae.config),
+                   (train.TEXT_CONFIG_XL, sd3_pipe.text_encoder.config),
+                   (train.TEXT_CONFIG_XL_2, sd3_pipe.text_encoder_2.config),
+                   (train.FLOW_SCHEDULER_CONFIG, sd3_pipe.scheduler.config)))
     assert sd3_pipe.vae.config.shift_factor == 0.0
     assert sd3_pipe.tokenizer.model_max_length == train.TrainConfig().text_tokens
     # the tinyshapes VAE, reused as it is

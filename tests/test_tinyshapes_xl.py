@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffaccel.optimize.sources.builtins import ASSETS, BUILTINS
-from tests.test_tinyshapes_model import _train_module, shipped_index
+from tests.test_tinyshapes_model import _train_module, assert_recipe, shipped_index
 
 MODEL = ASSETS / "tinyshapes-xl"
 shipped = pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason=f"no weights at {MODEL}")
@@ -78,16 +78,10 @@ def test_family_is_derived_from_the_configs(pipe):
 
 @shipped
 def test_shipped_weights_have_the_training_recipes_architecture(pipe):
-    def plain(value):
-        return list(value) if isinstance(value, (list, tuple)) else value
-
     train = _train_module()
-    for settings, config in ((train.UNET_CONFIG_XL, pipe.unet.config), (train.VAE_CONFIG, pipe.vae.config),
-                             (train.TEXT_CONFIG_XL, pipe.text_encoder.config),
-                             (train.TEXT_CONFIG_XL_2, pipe.text_encoder_2.config)):
-        for key, value in settings.items():
-            got = config[key] if isinstance(config, dict) else getattr(config, key)
-            assert plain(got) == plain(value), key
+    assert_recipe(((train.UNET_CONFIG_XL, pipe.unet.config), (train.VAE_CONFIG, pipe.vae.config),
+                   (train.TEXT_CONFIG_XL, pipe.text_encoder.config),
+                   (train.TEXT_CONFIG_XL_2, pipe.text_encoder_2.config)))
 
 
 @shipped
