@@ -291,3 +291,11 @@ def skip(reason: str):
 def skips(reasons: dict) -> dict:
     """Class attributes replacing each named test by a skipped one: ``{test name: reason}`` -> ``{name: test}``."""
     return {name: skip(reason) for name, reason in reasons.items()}
+
+
+def engine_suite(upstream_class, drop_in, family: Family):
+    """``upstream_class`` (a diffusers fast-test class) run against ``drop_in``: dummy components built offline,
+    its pipeline class engine-backed, and the tests that cannot apply to engines skipped with their reasons."""
+    return type(upstream_class.__name__, (Offline, upstream_class),
+                {"pipeline_class": engine_backed(drop_in, family), **skips(NOT_FOR_ENGINES)})
+

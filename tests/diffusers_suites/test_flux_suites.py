@@ -10,18 +10,12 @@ import pytest
 from diffaccel.engines.pipelines.flux import AcceleratedFluxImg2ImgPipeline, AcceleratedFluxPipeline
 
 from . import harness
-from .harness import FLUX, NOT_FOR_ENGINES, Offline, engine_backed, skips
+from .harness import FLUX, engine_suite
 
 pytestmark = pytest.mark.slow
 t2i = harness.upstream("pipelines.flux.test_pipeline_flux")
 i2i = harness.upstream("pipelines.flux.test_pipeline_flux_img2img")
 
 
-class TestFluxPipeline(Offline, t2i.TestFluxPipeline):
-    pipeline_class = engine_backed(AcceleratedFluxPipeline, FLUX)
-    locals().update(skips(NOT_FOR_ENGINES))
-
-
-class TestFluxImg2Img(Offline, i2i.FluxImg2ImgPipelineFastTests):
-    pipeline_class = engine_backed(AcceleratedFluxImg2ImgPipeline, FLUX)
-    locals().update(skips(NOT_FOR_ENGINES))
+TestFluxPipeline = engine_suite(t2i.TestFluxPipeline, AcceleratedFluxPipeline, FLUX)
+TestFluxImg2Img = engine_suite(i2i.FluxImg2ImgPipelineFastTests, AcceleratedFluxImg2ImgPipeline, FLUX)
