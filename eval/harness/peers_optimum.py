@@ -39,21 +39,21 @@ INSTALL = ('pip install -e ".[cpu,openvino,openvino-peer]" && pip install --no-d
 
 
 def optimum_intel():
-    """(OVStableDiffusionPipeline, OVWeightQuantizationConfig), or a one-line reason why they cannot be used."""
+    """The ``optimum.intel`` package once its diffusion pipelines import here, or a one-line reason why not."""
     try:
-        from optimum.intel import OVStableDiffusionPipeline, OVWeightQuantizationConfig
+        import optimum.intel
+
+        optimum.intel.OVDiffusionPipeline, optimum.intel.OVWeightQuantizationConfig   # noqa: B018 (lazy imports)
     except Exception as e:  # noqa: BLE001 - ImportError, or a transformers/diffusers version it cannot import with
         raise BackendUnavailableError(f"optimum-intel is not usable here ({one_line(e)[:160]}); install the peer "
                                       f"with: {INSTALL}") from None
-    return OVStableDiffusionPipeline, OVWeightQuantizationConfig
+    return optimum.intel
 
 
 def pipeline_class(folder: Path):
     """optimum-intel's class for the diffusers pipeline saved in ``folder`` (``OV`` + its ``_class_name``)."""
-    import optimum.intel
-
     name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "StableDiffusionPipeline")
-    cls = getattr(optimum.intel, f"OV{name}", None)
+    cls = getattr(optimum_intel(), f"OV{name}", None)
     if cls is None:
         raise BackendUnavailableError(f"optimum-intel {versions().get('optimum-intel')} has no OV{name}: the peer "
                                       f"cannot run this model")
@@ -108,7 +108,7 @@ def build(folder: Path, precision: str, out: Path, source_spec: str) -> dict:
     the facts written to ``out/diffaccel_peer.json``."""
     from diffaccel.optimize.sources.prompts import calibration_prompts
 
-    _, weight_config = optimum_intel()
+    weight_config = optimum_intel().OVWeightQuantizationConfig
     pipeline_cls = pipeline_class(folder)
     # float kinds keep float weights: left to itself optimum-intel compresses the weights of a model over 1B
     # parameters to int8, which is its int8 kind, not bf16
@@ -133,7 +133,6 @@ def build(folder: Path, precision: str, out: Path, source_spec: str) -> dict:
 
 def load(out: Path, precision: str):
     """optimum-intel's pipeline from ``out``, compiled at ``precision``."""
-    optimum_intel()
     pipe = pipeline_class(out).from_pretrained(str(out), ov_config=ov_config(precision), compile=False)
     pipe.compile()
     return pipe
