@@ -85,8 +85,9 @@ def run_isolated(cfg, names: list, to_build: list, module: str, source) -> dict:
     from diffaccel.eval.harness.bench_variants import denoiser_name
 
     return {"benchmark": "denoiser-step", "config": dataclasses.asdict(cfg), "source": source.to_dict(),
-            "denoiser": denoiser_name(source), "host": host_info(), "timing": f"each variant in its own process, {cfg.passes} passes in alternating "
-                                           "order, perf_counter, median of the per-pass medians",
+            "denoiser": denoiser_name(source), "host": host_info(),
+            "timing": f"each variant in its own process, {cfg.passes} passes in alternating order, perf_counter, "
+                      "median of the per-pass medians",
             "passes": [ps["order"] for ps in passes], "rows": rows}
 
 

@@ -160,8 +160,8 @@ def _run_interleaved(cfg: StepBenchConfig, variants: list, reporter) -> dict:
     rows += [{"variant": n, "skipped": why} for n, why in skipped.items()]
     speedups(rows, "p50")
     return {"benchmark": "denoiser-step", "config": dataclasses.asdict(cfg), "source": source.to_dict(),
-            "denoiser": denoiser_name(source), "host": host_info(), "timing": "interleaved rounds in one process, perf_counter, ONNX Runtime intra-op "
-                                            "spinning off", "rows": rows}
+            "denoiser": denoiser_name(source), "host": host_info(),
+            "timing": "interleaved rounds in one process, perf_counter, ONNX Runtime intra-op spinning off", "rows": rows}
 
 
 def format_table(result: dict) -> str:

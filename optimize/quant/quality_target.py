@@ -120,6 +120,6 @@ def meet_target(quantize, judge: ImageJudge, first: Path, samples: list, target:
             best = max(trail, key=lambda r: r["psnr"])
             raise DiffaccelError(
                 f"--quality-target psnr={target:g} is not reachable: the best was {best['psnr']:.2f} dB with "
-                f"{best['kept_float_extra']} extra node(s) in float (all {len(ranking)} tried); lower the target, use "
+                f"{best['kept_float_extra']} extra node(s) in float (up to {most} of {len(ranking)} tried); lower the target, use "
                 "more --calib-size/--calib-steps, try --calib-method percentile, or keep the denoiser in fp32")
         k *= 2
