@@ -1,8 +1,8 @@
 """The embedded server's overhead: ``diffaccel serve ARTIFACT`` beside the in-process load benchmark.
 
 ``diffaccel bench ARTIFACT --vs-server ROUNDS`` starts the server in a child process on the loopback (its job store in
-a temporary folder), loads the same artifact in this process, then alternates rounds: one in-process run (``diffaccel
-bench``'s serving loop) and one HTTP run (``diffaccel bench --url``'s client, synchronous mode) with the same
+a temporary folder), loads the same artifact in this process, warms both at the rounds' batch sizes, then runs rounds of one in-process run (``diffaccel bench``'s serving
+loop) and one HTTP run (``diffaccel bench --url``'s client, synchronous mode), which goes first alternating, with the same
 closed-loop clients, batching policy, steps, guidance and prompts. It reports each round and the pooled ratios:
 throughput HTTP / in-process, and the median added latency per request (p50 HTTP - p50 in-process, median over the
 rounds), with where an HTTP request's time goes: the server's queue and engine call (its own clock) and the rest
@@ -14,6 +14,7 @@ rounds), with where an HTTP request's time goes: the server's queue and engine c
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 from pathlib import Path
@@ -74,11 +75,19 @@ def run_vs_server(artifact, load, rounds: int, prompts=(), threads=None, on_roun
             http = HttpBench(HttpLoadConfig(url=server.url, mode="sync", rate=None,
                                             concurrency=load.concurrency, requests=load.requests, steps=load.steps,
                                             guidance=load.guidance), prompts=local.prompts)
-            http.calibrate(1)                                   # warms the server's engines
+            # both sides warmed at the batch sizes the rounds use: the in-process engine by calibrate(max_batch),
+            # the server's by one short closed-loop run at the rounds' concurrency (a lone request warmed only
+            # batch 1, and the first round's HTTP side paid the batch-4 shapes' first runs: 0.88 vs 0.95 after)
+            http.run(dataclasses.replace(http.cfg, requests=2 * (load.concurrency or 1)))
             out = []
-            for i in range(rounds):
-                run, _ = local.run(load)
-                out.append(_round(run, http.run()))
+            for i in range(rounds):                             # the order alternates: neither side always first
+                if i % 2 == 0:
+                    run, _ = local.run(load)
+                    hrun = http.run()
+                else:
+                    hrun = http.run()
+                    run, _ = local.run(load)
+                out.append(_round(run, hrun))
                 if on_round is not None:
                     on_round(i, out[-1])
         finally:
