@@ -238,3 +238,32 @@ def test_load_benchmarks_are_linked(tmp_path):
     assert not re.search(r"https?://", page)
     with pytest.raises(DiffaccelError, match="no readable bench.json"):
         bench_summaries([tmp_path / "missing"], out)
+
+
+def test_unstable_timings_withhold_their_ratios_and_say_why(tmp_path):
+    """A row whose timings disagree with themselves (p90 far above p50, as PyTorch's step on a busy machine) gets no
+    speedup or vs-peer ratio, nor does any row whose ratio is built on it; a note under the table names the row and
+    the spread. Stable rows keep their numbers."""
+    from diffaccel.eval.harness.runner import _latency
+
+    busy = _latency([{"e2e": 1.0, "denoiser": [0.018, 0.7, 0.69, 1.9, 0.7], "text_encoder": 0.01,
+                      "vae_decode": 0.02}] * 2, 5)
+    assert busy["unstable"] == ["step p90 is 2.7x its p50"]
+    quiet = _latency([{"e2e": 1.0, "denoiser": [0.018, 0.019, 0.018, 0.0185], "text_encoder": 0.01,
+                       "vae_decode": 0.02}] * 2, 4)
+    assert quiet["unstable"] == []
+
+    report = json.loads(json.dumps(json_safe(with_peers(synthetic_report()))))
+    rows = {v["name"]: v for v in report["variants"]}
+    rows["reference"]["latency"]["unstable"] = ["step p90 is 2.8x its p50"]
+    col = {r[0]: (r[4], r[-1]) for r in summary_rows(report)[1:]}
+    assert col["onnxruntime-int8"] == ("5.00x", "unstable")             # vs the unstable peer: withheld
+    rows["torch-fp32"]["latency"]["unstable"] = ["image p90 is 1.7x its p50"]
+    col = {r[0]: r[4] for r in summary_rows(report)[1:]}
+    assert col["onnxruntime-int8"] == col["onnxruntime-fp32"] == "unstable"   # vs the unstable baseline
+    text = format_summary(report)
+    assert ("unstable timings, their ratios withheld (torch-fp32: image p90 is 1.7x its p50, reference: step p90 is "
+            "2.8x its p50; limits:") in text and "rerun with nothing else heavy" in text
+    write_report(report, {}, tmp_path / "report")
+    assert "unstable timings, their ratios withheld" in (tmp_path / "report" / "report.md").read_text()
+    assert "unstable timings, their ratios withheld" in (tmp_path / "report" / "report.html").read_text()

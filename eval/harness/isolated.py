@@ -34,6 +34,16 @@ def speedups(rows: list, key: str) -> None:
         r["speedup_vs_first"] = timed[0]["stats"][key] / r["stats"][key]
 
 
+def ratio_cell(row: dict, first: dict, width: int) -> str:
+    """``row``'s speedup over ``first`` right-aligned in ``width`` (then "x"), or "unstable" where either's timings
+    disagree with themselves (:mod:`~diffaccel.eval.harness.stability`)."""
+    from diffaccel.eval.harness.stability import unstable
+
+    if unstable(row) or unstable(first):
+        return f"{'unstable':>{width + 1}}"
+    return f"{row['speedup_vs_first']:{width}.2f}x"
+
+
 def _child(module: str, cfg, name: str, build_only: bool = False) -> dict:
     """``python -m module CONFIG_JSON VARIANT OUT_JSON [--build-only]``; the child's record."""
     with tempfile.TemporaryDirectory(prefix="diffaccel-microbench-") as d:
@@ -59,6 +69,8 @@ def run_isolated(cfg, names: list, to_build: list, module: str, source) -> dict:
         if "skipped" in rec:
             skipped[name] = rec["skipped"]
         builds[name] = rec.get("setup_seconds")
+    from diffaccel.eval.harness.stability import pass_problem, spread_problem
+
     timed = [n for n in names if n not in skipped]
     passes = []
     for p in range(cfg.passes):
@@ -76,6 +88,7 @@ def run_isolated(cfg, names: list, to_build: list, module: str, source) -> dict:
                          "median_of_medians": median_of_medians(samples)},
                "pass_medians": [statistics.median(s) for s in samples], "samples": samples,
                "pids": [r["pid"] for r in recs], **recs[0]["facts"]}
+        row["unstable"] = [p for p in (pass_problem(row["pass_medians"]), spread_problem(row["stats"], "step")) if p]
         rows.append(row)
     speedups(rows, "median_of_medians")
     first = next((r for r in rows if "stats" in r), None)
@@ -93,6 +106,8 @@ def run_isolated(cfg, names: list, to_build: list, module: str, source) -> dict:
 
 def format_isolated(result: dict) -> str:
     from diffaccel.eval.harness.host import describe_cpu
+
+    from diffaccel.eval.harness.stability import note
 
     cfg, rows = result["config"], result["rows"]
     timed = [r for r in rows if "stats" in r]
@@ -113,7 +128,8 @@ def format_isolated(result: dict) -> str:
         nodes = r.get("graph_nodes") or "-"
         per_pass = " / ".join(f"{x:.2f}" for x in r["pass_speedups"])
         lines.append(f"{r['variant']:<28} " + " ".join(f"{m * 1e3:11.2f}" for m in r["pass_medians"])
-                     + f" {r['stats']['median_of_medians'] * 1e3:10.2f} {nodes:>6} {r['speedup_vs_first']:19.2f}x"
-                     f"  {per_pass}")
+                     + f" {r['stats']['median_of_medians'] * 1e3:10.2f} {nodes:>6} "
+                     f"{ratio_cell(r, timed[0], 19)}  {per_pass}")
+    lines += [n for n in [note(timed, lambda r: r["variant"])] if n]
     lines.append(f"CPU: {describe_cpu(result['host'])}")
     return "\n".join(lines)

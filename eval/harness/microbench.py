@@ -127,6 +127,7 @@ def _run_interleaved(cfg: StepBenchConfig, variants: list, reporter) -> dict:
 
     from diffaccel.eval.harness.host import host_info
     from diffaccel.eval.harness.isolated import speedups
+    from diffaccel.eval.harness.stability import spread_problem
     from diffaccel.eval.harness.timing import Clock, LatencyStats
 
     source = resolve_source(cfg.src)
@@ -157,6 +158,8 @@ def _run_interleaved(cfg: StepBenchConfig, variants: list, reporter) -> dict:
             samples[name].append(span.seconds)
     rows = [{"variant": n, "setup_seconds": setup[n], "stats": LatencyStats.from_samples(samples[n]).to_dict(),
              "samples": samples[n], **facts[n]} for n in runners]
+    for r in rows:
+        r["unstable"] = [p for p in [spread_problem(r["stats"], "step")] if p]
     rows += [{"variant": n, "skipped": why} for n, why in skipped.items()]
     speedups(rows, "p50")
     return {"benchmark": "denoiser-step", "config": dataclasses.asdict(cfg), "source": source.to_dict(),
@@ -172,6 +175,9 @@ def format_table(result: dict) -> str:
         peaks = [f"{r['variant']} {r['peak_rss_gb']:.2f} GB" for r in result["rows"] if "peak_rss_gb" in r]
         return format_isolated(result) + (f"\npeak RSS of the first pass's process: {', '.join(peaks)}"
                                           if peaks else "")
+    from diffaccel.eval.harness.isolated import ratio_cell
+    from diffaccel.eval.harness.stability import note
+
     timed = [r for r in result["rows"] if "stats" in r]
     lines = [f"{step_title(result)}, {cfg['repeat']} interleaved timed rounds after {cfg['warmup']} warm-up",
              f"{'variant':<36} {'mean ms':>9} {'p50 ms':>9} {'p90 ms':>9} {'min ms':>9} {'nodes':>6} "
@@ -183,8 +189,8 @@ def format_table(result: dict) -> str:
         s = r["stats"]
         nodes = r.get("graph_nodes") or "-"
         lines.append(f"{r['variant']:<36} {s['mean'] * 1e3:9.1f} {s['p50'] * 1e3:9.1f} {s['p90'] * 1e3:9.1f} "
-                     f"{s['min'] * 1e3:9.1f} {nodes:>6} {r['speedup_vs_first']:17.2f}x")
-    return "\n".join(lines)
+                     f"{s['min'] * 1e3:9.1f} {nodes:>6} {ratio_cell(r, timed[0], 17)}")
+    return "\n".join(lines + [n for n in [note(timed, lambda r: r["variant"])] if n])
 
 
 def time_one(cfg: StepBenchConfig, name: str, build_only: bool = False) -> dict:

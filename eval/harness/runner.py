@@ -106,6 +106,8 @@ def _call(pipe, rp, clock, timings, prompts, seeds, steps, size) -> tuple:
 
 
 def _latency(calls: list, steps: int) -> dict:
+    from diffaccel.eval.harness.stability import problems
+
     e2e = [c["e2e"] for c in calls]
     te, vae = [c["text_encoder"] for c in calls], [c["vae_decode"] for c in calls]
     denoiser_total = [sum(c["denoiser"]) for c in calls]
@@ -115,6 +117,7 @@ def _latency(calls: list, steps: int) -> dict:
     return {"denoiser_step": stats(samples), "denoiser_step_samples": samples, "text_encoder": stats(te),
             "vae_decode": stats(vae), "other": stats(other), "end_to_end": stats(e2e),
             "steps_per_second": steps / float(np.mean(loop)),
+            "unstable": problems({"denoiser_step": stats(samples), "end_to_end": stats(e2e)}, "step"),
             "breakdown": {"text_encoder": float(np.mean(te)), "denoiser": float(np.mean(denoiser_total)),
                           "vae_decode": float(np.mean(vae)), "other": float(np.mean(other))}}
 

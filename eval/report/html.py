@@ -27,8 +27,9 @@ details summary{cursor:pointer;font-weight:600}
 
 CAPTIONS = {
     "quality_vs_speed": "PSNR of each variant's images against the baseline's (same prompts, seeds, scheduler) "
-                        "versus the denoiser's step latency p50; the dashed line is the Pareto front. The baseline "
-                        "is drawn on the top line (identical to itself: infinite PSNR).",
+                        "versus the whole image's latency (end to end, p50: text encoders, every step, VAE); the "
+                        "dashed line is the Pareto front. The top line holds the baseline (identical to itself) and "
+                        "every variant above 60 dB (lossless: float rounding), each labelled with its PSNR.",
     "latency_distribution": "Distribution of the denoiser's per-step latency over every denoising step of the timed "
                             "generations (warm-up excluded).",
     "stage_breakdown": "Mean time per image split into text encoders, denoiser (all steps), VAE decode and the rest "
@@ -93,11 +94,11 @@ def render(report: dict, figures: dict, grids: dict, title: str = "diffaccel eva
     body = [f"<h1>{esc(title)}</h1>"]
     if report.get("variants") and report.get("baseline"):
         from diffaccel.eval.harness.host import describe
-        from diffaccel.eval.report.tables import failures, headline, peer_note, sections, summary_rows
+        from diffaccel.eval.report.tables import failures, headline, sections, summary_note, summary_rows
 
         body.append(f'<p class="meta">{esc(headline(report))}<br>host: {esc(describe(report["host"]))}<br>'
                     f'created {esc(report.get("created", ""))}, schema {esc(report.get("schema_version"))}</p>')
-        note = peer_note(report)
+        note = summary_note(report)
         body.append(_section("Summary", table(summary_rows(report)) + (f"<p>{esc(note)}</p>" if note else "") +
                              "".join(f'<p class="fail">failed: {esc(f)}</p>' for f in failures(report))))
         body += [figure(png, name, CAPTIONS.get(name, "")) for name, png in figures.items()]

@@ -60,7 +60,25 @@ def _vs_peer(v: dict, peer: dict) -> str:
     mine = _step_p50(v)
     if v.get("kind") != "artifact" or not mine:
         return "—"
+    if not _trusted(v, peer):
+        return "unstable"
     return f"{fmt(_step_p50(peer) / mine, '.2f')}× {peer['name']}"
+
+
+def _trusted(*rows) -> bool:
+    """Whether a ratio between ``rows`` may be shown: all of their timings stable (see
+    :mod:`diffaccel.eval.harness.stability`)."""
+    from diffaccel.eval.harness.stability import unstable
+
+    return not any(unstable(r) for r in rows if r is not None)
+
+
+def summary_note(report: dict) -> str:
+    """The lines under the summary table: the "vs peer" reference and which timings were too unstable for a
+    ratio ("" when neither applies)."""
+    from diffaccel.eval.harness.stability import note
+
+    return "\n".join(n for n in (peer_note(report), note(_ok(report))) if n)
 
 
 def peer_note(report: dict) -> str:
@@ -80,6 +98,7 @@ def summary_rows(report: dict) -> list:
     head = ["variant", "status", f"{denoiser_label(report)} p50 ms", "p90 ms", "speedup", "e2e s/img", "best img/s",
             "PSNR dB", "SSIM", "latent err", "adherence"] + (["vs peer"] if peer else [])
     rows = [head]
+    base = next((v for v in _ok(report) if v["quality"]["aggregate"].get("reference")), None)
     for v in report["variants"]:
         if v["status"] != "ok":
             rows.append([v["name"], v["status"]] + ["—"] * (len(head) - 2))   # failed | skipped
@@ -90,7 +109,7 @@ def summary_rows(report: dict) -> list:
         adh = v.get("adherence")
         rows.append([v["name"] + (" (baseline)" if ref else ""), "ok", fmt(lat["denoiser_step"]["p50"], ".2f", 1e3),
                      fmt(lat["denoiser_step"]["p90"], ".2f", 1e3),
-                     fmt(v["speedup"]["denoiser_step_p50"], ".2f") + "x",
+                     fmt(v["speedup"]["denoiser_step_p50"], ".2f") + "x" if _trusted(v, base) else "unstable",
                      fmt(lat["end_to_end"]["p50"], ".3f"),
                      f"{fmt(best['images_per_second'], '.2f')} @b{best['batch_size']}" if best else "—",
                      "ref" if ref else fmt(agg["psnr"], ".1f"), "ref" if ref else fmt(agg["ssim"], ".4f"),
@@ -129,7 +148,7 @@ def format_summary(report: dict) -> str:
     their reasons, and the host."""
     from diffaccel.eval.harness.host import describe
 
-    lines = [headline(report), text_table(summary_rows(report))] + [n for n in [peer_note(report)] if n]
+    lines = [headline(report), text_table(summary_rows(report))] + [n for n in [summary_note(report)] if n]
     lines += [f"{v['status']}: {v['name']}: {v['error']}" for v in report["variants"] if v["status"] != "ok"]
     return "\n".join(lines + [f"host: {describe(report['host'])}"])
 

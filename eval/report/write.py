@@ -101,9 +101,9 @@ def render_report(report_json, out_dir=None) -> dict:
 def markdown(report: dict, plot_names: list, grid_names: list = ()) -> str:
     """report.md: the summary, every detail table, and the figures (as files under plots/)."""
     from diffaccel.eval.harness.host import describe
-    from diffaccel.eval.report.tables import headline, md_table, peer_note, sections, summary_rows
+    from diffaccel.eval.report.tables import headline, md_table, sections, summary_note, summary_rows
 
-    note = peer_note(report)
+    note = summary_note(report)
     parts = [f"# diffaccel eval report\n\n{headline(report)}  \nhost: {describe(report['host'])}  \n"
              f"created {report['created']}\n", "## Summary\n\n" + md_table(summary_rows(report)) +
              (f"\n\n{note}" if note else "")]
