@@ -52,5 +52,10 @@ def backend_module(name: str):
 
 
 def load_engine(backend: str, root, component: str, entry: dict, **options) -> Engine:
-    """Load the engine of ``component`` described by its manifest ``entry`` (paths relative to ``root``)."""
+    """Load the engine of ``component`` described by its manifest ``entry`` (paths relative to ``root``); a U-Net
+    built with ``optimize --step-cache`` loads as its three graphs run in turn (:mod:`diffaccel.engines.split`)."""
+    if entry.get("step_cache"):
+        from diffaccel.engines import split
+
+        return split.load(root, component, entry, load_engine, **options)
     return backend_module(backend).load(root, component, entry, **options)

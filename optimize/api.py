@@ -24,7 +24,7 @@ from diffaccel.optimize.artifact.manifest import Manifest
 from diffaccel.optimize.families import COMPONENTS, components_of, detect
 from diffaccel.optimize.sources import Source, resolve_source
 from diffaccel.optimize.stages.base import Context, Reporter
-from diffaccel.optimize.stages.plans import plans, stages_for, supported_pairs
+from diffaccel.optimize.stages.plans import extra_stages, plans, stages_for, supported_pairs
 from diffaccel.optimize.stages.resources import check_memory
 from diffaccel.optimize.stages.runner import plan_is_current, run_stages as _run_stages   # patched in tests
 
@@ -51,6 +51,7 @@ class OptimizeConfig:
     guidance: "float | None" = None       # the guidance scale deployed (None: the source's, see default_guidance):
     #                                       <= 1 builds the denoiser without the doubled classifier-free batch
     #                                       (SDXL-Turbo: 0); int8 calibrates at it (see quant)
+    step_cache: "int | None" = None       # DeepCache branch: the U-Net exported as head/deep/tail graphs (None: whole)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -72,6 +73,10 @@ class OptimizeConfig:
             raise ValueError(f"unknown graph level {self.graph_level!r}; choose one of: disable, basic, extended, all")
         if not 14 <= int(self.opset) <= 23:
             raise ValueError(f"opset {self.opset} is out of range; choose 14-23 (18 is the default)")
+        if self.step_cache is not None:
+            from diffaccel.optimize.stages.step_cache import check_config
+
+            check_config(self)
         if self.guidance is None:       # resolved by optimize() from the source (see resolved())
             return
         set_("guidance", check_guidance(self.guidance))
@@ -119,7 +124,7 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
     configs = source.configs()          # read once (JSON files): detection, size checks, memory estimate
     family = _check_before_loading(source, configs, config)
     config = config.resolved(default_guidance(source, family))
-    stage_classes = stages_for(config.backend, config.precision)
+    stage_classes = stages_for(config.backend, config.precision) + extra_stages(config)
     for cls in stage_classes:
         cls.preflight(config)
     memory = _check_memory(source, configs, family, config, stage_classes)

@@ -100,6 +100,8 @@ class Context:
             from diffaccel.optimize.families import configs_of, detect
 
             self.family = detect(configs_of(self.pipe), self.source.spec)
+        if getattr(self.config, "step_cache", None) is not None:     # the U-Net built as DeepCache's three parts
+            self.family = step_cache_family(self.family, self.source, self.config.step_cache, lambda: self.pipe)
 
     @property
     def pipe(self):
@@ -144,6 +146,12 @@ class Context:
         from diffaccel.optimize.families import components_of
 
         return components_of(self.family, self.config.components)
+
+    @property
+    def recorded_components(self) -> tuple:
+        """The manifest's components: those built, plus what a last stage records over them (the denoiser of a
+        ``--step-cache`` build, over its parts)."""
+        return self.components + tuple(getattr(self.family, "COMPOSED", ()))
 
     @property
     def specs(self) -> dict:
@@ -272,6 +280,19 @@ class Stage:
 
     def key(self, ctx: Context, upstream: str) -> str:
         return stage_key(self.name, self.settings(ctx), upstream)
+
+
+def step_cache_family(family, source, branch: int, pipe):
+    """``family`` with its U-Net split at ``branch`` (:class:`~diffaccel.optimize.families.unet_split.StepCacheFamily`),
+    the U-Net's config read from the source's files, else from the loaded pipeline (``pipe()``)."""
+    from diffaccel.optimize.families import configs_of
+    from diffaccel.optimize.families.common import with_defaults
+    from diffaccel.optimize.families.unet_split import StepCacheFamily
+
+    configs = source.configs() or configs_of(pipe())
+    den = family.DENOISER
+    config = with_defaults((configs.get(den) or {}).get("_class_name") or "UNet2DConditionModel", configs.get(den))
+    return StepCacheFamily(family, config, branch)
 
 
 def record_files(root: Path, paths: list) -> list:

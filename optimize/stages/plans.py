@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 
-STAGE_NAMES = ("assets", "export", "quantize", "fp16", "engine")   # the order stages run in, in every plan
+STAGE_NAMES = ("assets", "export", "quantize", "fp16", "engine", "step_cache")   # the order stages run in
 ANY = "*"
 _S = "diffaccel.optimize.stages."
 IMPLEMENTATIONS = {  # stage name -> {backend (ANY: every backend): "module:Class"}
@@ -34,6 +34,7 @@ IMPLEMENTATIONS = {  # stage name -> {backend (ANY: every backend): "module:Clas
     "fp16": {"onnxruntime": _S + "fp16:Fp16Stage", "tensorrt": _S + "autocast:AutoCastStage"},
     "engine": {"onnxruntime": _S + "ort_engine:OrtEngineStage", "tensorrt": _S + "tensorrt:TensorRTBuildStage",
                "openvino": _S + "openvino:OpenVinoEngineStage", "torch": _S + "torch_save:TorchSaveStage"},
+    "step_cache": {ANY: _S + "step_cache:StepCacheStage"},     # only with optimize --step-cache (extra_stages)
 }
 
 _TRT_QUANT = ("Model Optimizer {} Q/DQ U-Net calibrated on the pipeline, fp16 elsewhere, strongly typed TensorRT "
@@ -92,3 +93,9 @@ def stages_for(backend, precision) -> list:
 
 def supported_pairs() -> str:
     return ", ".join(f"{b}/{p}" for b, p in PLANS)
+
+
+def extra_stages(config) -> list:
+    """Stages a setting adds after a plan's: ``step_cache`` (checks and records the split U-Net) with
+    ``--step-cache``."""
+    return [stage_class("step_cache", config.backend)] if getattr(config, "step_cache", None) is not None else []

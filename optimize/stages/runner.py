@@ -20,7 +20,7 @@ def drop_foreign_stages(ctx: Context) -> None:
         for f in ctx.manifest.stages[name].get("files", []):
             (ctx.root / f["path"]).unlink(missing_ok=True)
         del ctx.manifest.stages[name]
-    for comp in [c for c in ctx.manifest.components if c not in ctx.components]:
+    for comp in [c for c in ctx.manifest.components if c not in ctx.recorded_components]:
         del ctx.manifest.components[comp]
 
 
@@ -65,6 +65,6 @@ def run_stages(ctx: Context) -> None:
 def plan_is_current(ctx: Context) -> bool:
     """Whether the artifact at ``ctx.root`` holds exactly the plan's stages and components, every stage current."""
     manifest = ctx.manifest
-    if set(manifest.stages) - {s.name for s in ctx.plan} or set(manifest.components) - set(ctx.components):
+    if set(manifest.stages) - {s.name for s in ctx.plan} or set(manifest.components) - set(ctx.recorded_components):
         return False
     return all(manifest.stage_is_current(stage.name, key) for stage, key in keyed_plan(ctx))
