@@ -11,7 +11,7 @@ __all__ = ["AcceleratedStableDiffusionPipeline", "AcceleratedStableDiffusionImg2
            "AcceleratedStableDiffusionInpaintPipeline", "AcceleratedStableDiffusionXLInpaintPipeline",
            "AcceleratedStableDiffusion3Pipeline", "AcceleratedStableDiffusion3Img2ImgPipeline",
            "AcceleratedFluxPipeline", "AcceleratedFluxImg2ImgPipeline", "load_engine",
-           "BACKENDS", "Engine"]
+           "BACKENDS", "Engine", "DeepCacheConfig"]
 
 _LAZY = {"AcceleratedStableDiffusionPipeline": ".pipelines.sd", "AcceleratedStableDiffusionImg2ImgPipeline": ".pipelines.sd",
          "AcceleratedStableDiffusionXLPipeline": ".pipelines.sdxl",
@@ -21,7 +21,7 @@ _LAZY = {"AcceleratedStableDiffusionPipeline": ".pipelines.sd", "AcceleratedStab
          "AcceleratedStableDiffusion3Pipeline": ".pipelines.sd3",
          "AcceleratedStableDiffusion3Img2ImgPipeline": ".pipelines.sd3",
          "AcceleratedFluxPipeline": ".pipelines.flux", "AcceleratedFluxImg2ImgPipeline": ".pipelines.flux",
-         "load_engine": ".base", "BACKENDS": ".base", "Engine": ".base"}
+         "load_engine": ".base", "BACKENDS": ".base", "Engine": ".base", "DeepCacheConfig": ".pipelines.cache"}
 
 
 def __getattr__(name):

@@ -30,6 +30,20 @@ class DenoiserShim(_Shim):
         """diffusers' cache hooks' context (FLUX calls it each step); the engines hold no cache between calls."""
         yield
 
+    def enable_cache(self, config) -> None:
+        """diffusers' ``CacheMixin`` switch: step caching with a :class:`~diffaccel.engines.pipelines.cache.
+        DeepCacheConfig`, on an artifact built with ``optimize --step-cache`` (others are refused in one line)."""
+        from diffaccel.engines.pipelines.cache import StepCache
+
+        self._cache = StepCache(self.engine, config)
+
+    def disable_cache(self) -> None:
+        self._cache = None
+
+    @property
+    def is_cache_enabled(self) -> bool:
+        return getattr(self, "_cache", None) is not None
+
     def _timestep(self, timestep, batch: int):
         import torch
 
@@ -75,7 +89,8 @@ class UNetShim(DenoiserShim):
         inputs = {"sample": sample, "timestep": t.contiguous(), "encoder_hidden_states": encoder_hidden_states,
                   **{k: added[k].float() for k in self.added},
                   **({"timestep_cond": timestep_cond.float()} if self.takes_timestep_cond else {})}
-        out = run_chunked(self.engine, self.spec, inputs)["out_sample"]
+        cache = getattr(self, "_cache", None)
+        out = (cache(inputs) if cache is not None else run_chunked(self.engine, self.spec, inputs))["out_sample"]
         out = out.to(sample.device)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 

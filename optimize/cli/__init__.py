@@ -9,6 +9,7 @@ import time
 
 from diffaccel.optimize.artifact.errors import DiffaccelError, disk_full, one_line
 from diffaccel.optimize.cli.args import GUIDANCE_HELP, guidance_arg
+from diffaccel.engines.pipelines.cache import CACHE_HELP, parse_cache
 from diffaccel.engines.pipelines.schedulers import ALIASES
 from diffaccel.optimize.config import Backend, Precision
 from diffaccel.optimize.families import COMPONENTS
@@ -70,6 +71,8 @@ def _add_optimize(sub) -> None:
                         "large, and the drop-in pipelines refuse guidance_scale > 1; int8 calibrates at this scale")
     p.add_argument("--components", default=None, help="comma-separated subset to build (default: all the model has): "
                                                        + ", ".join(COMPONENTS))
+    p.add_argument("--step-cache", type=int, nargs="?", const=0, default=None, metavar="BRANCH",
+                   help="export the U-Net split for DeepCache at BRANCH (default 0: caches the most; generate --cache)")
     _add_int8_args(p)
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="memory the build may use, e.g. 16G (default: what the machine has available)")
@@ -144,7 +147,8 @@ def _cmd_optimize(args) -> int:
                              opset=args.opset, graph_level=args.graph_level, threads=args.threads,
                              components=comps, quant=quant, tensorrt=trt,
                              memory_limit=parse_size(args.memory_limit) if args.memory_limit else None,
-                             memory_check=not args.no_memory_check, guidance=args.guidance)
+                             memory_check=not args.no_memory_check, guidance=args.guidance,
+                             step_cache=args.step_cache)
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
     src = args.src
@@ -181,6 +185,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--scheduler", default=None, help="a diffusers scheduler class (any case), e.g. "
                                                      "DPMSolverMultistepScheduler, or an alias: " + ", ".join(ALIASES))
     p.add_argument("--provider", default=None, help="ONNX Runtime provider (default: the one built for)")
+    p.add_argument("--cache", default=None, metavar="SPEC", help=CACHE_HELP)
     p.add_argument("-o", "--output", default="image.png", help="output PNG (index appended for several images)")
     p.set_defaults(func=_cmd_generate)
 
@@ -192,7 +197,10 @@ def _cmd_generate(args) -> int:
     from diffaccel.engines.pipelines.schedulers import scheduler_class
 
     scheduler = scheduler_class(args.scheduler) if args.scheduler else None   # a typo fails before the engines load
+    cache = parse_cache(args.cache)
     pipe = pipeline_class(args.artifact).from_pretrained(args.artifact, provider=args.provider)  # the family's drop-in
+    if cache is not None:
+        pipe.denoiser.enable_cache(cache)
     if scheduler is not None:
         pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     native = pipe.native_size
