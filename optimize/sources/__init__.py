@@ -13,21 +13,19 @@ bad input without loading the weights runs here (the folder and file checks are
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
 from diffaccel.optimize.artifact.errors import SourceError, one_line
 from diffaccel.optimize.artifact.files import file_sha256
-from diffaccel.optimize.artifact.roles import DENOISERS, TEXT_ENCODERS
 from diffaccel.optimize.families import configs_of, detect, family
 from diffaccel.optimize.sources import dit_recipes
-from diffaccel.optimize.sources.checks import check_folder, check_safetensors, check_single_file, folder_hash, parts
+from diffaccel.optimize.sources.checks import check_folder, check_safetensors, check_single_file, folder_hash
+from diffaccel.optimize.sources.folders import MODELS, folder_configs, load_model, load_pipeline  # noqa: F401
 from diffaccel.optimize.sources.builtins import (BUILTINS, RECIPES, TINYSHAPES, builtin_hash, builtin_location,
                                                 is_recipe, random_models)
 from diffaccel.optimize.sources.lora import Lora, check_loras, fuse_loras, with_loras
 
-MODELS = (*DENOISERS, "vae", *TEXT_ENCODERS)    # whose configs detection reads
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -55,18 +53,7 @@ class Source:
             out = {"pipeline": None, "unet": r["unet"], "vae": r["vae"], "text_encoder": r["text"]}
             return {**out, "text_encoder_2": r["text_2"]} if "text_2" in r else out
         folder = self.single_file_config if self.kind == "single_file" else self.location
-        if folder is None:
-            return None
-        try:
-            index = json.loads((Path(folder) / "model_index.json").read_text())
-            out = {"pipeline": index.get("_class_name"),
-                   **{c: json.loads((Path(folder) / c / "config.json").read_text())
-                      for c in MODELS if c in parts(index)}}
-        except (OSError, json.JSONDecodeError):
-            return None   # loading will say what is wrong
-        if "requires_aesthetics_score" in index:
-            out["requires_aesthetics_score"] = bool(index["requires_aesthetics_score"])
-        return out
+        return None if folder is None else folder_configs(folder)
 
     def load(self):
         """The diffusers pipeline (fp32, CPU, eval mode) behind this source, of its family's pipeline class."""
@@ -104,7 +91,7 @@ class Source:
             try:
                 if self.kind == "builtin":
                     return random_models(self.spec, names)
-                return {n: _load_model(Path(self.location), n) for n in names}
+                return {n: load_model(Path(self.location), n) for n in names}
             except SourceError:
                 raise
             except Exception as e:
@@ -177,23 +164,7 @@ def _load_builtin(src: Source):
 
 
 def _load_folder(src: Source):
-    import torch
-
-    fam = _family(src)
-    return _pipeline_class(src).from_pretrained(src.location, torch_dtype=torch.float32, local_files_only=True,
-                                                   **fam.LOAD_KWARGS)
-
-
-def _load_model(folder: Path, name: str):
-    """One model of a diffusers folder, by the class its model_index.json names."""
-    import importlib
-
-    import torch
-
-    library, cls = json.loads((folder / "model_index.json").read_text())[name]
-    model = getattr(importlib.import_module(library), cls).from_pretrained(
-        folder, subfolder=name, torch_dtype=torch.float32, local_files_only=True)
-    return model.eval()
+    return load_pipeline(src.location, _family(src))
 
 
 def _load_single_file(src: Source):

@@ -12,6 +12,8 @@
 ``tinyshapes-sd3`` the same world trained in the SD3 architecture (an MMDiT transformer, two CLIPs, no T5).
 
 Random weights are drawn from a fixed seed, so the same name always gives the same pipeline on the same torch.
+Recipes whose fp32 weights pass 1 GB (``random:sd15`` and up) are written to the cache tensor by tensor and read
+back memory-mapped (:mod:`~diffaccel.optimize.sources.on_disk`), never made whole in memory.
 
 >>> sorted(BUILTINS)[:5]
 ['random:sd15', 'random:sd21', 'random:sd35-medium', 'random:sdxl', 'random:tiny']
@@ -29,7 +31,8 @@ from diffaccel.optimize.sources import dit_recipes
 from diffaccel.optimize.sources.seeded import made as _made, seeded as _seeded
 
 BUILTINS: dict[str, Callable] = {}
-RECIPE_VERSION = 2          # bump when a random:* recipe (or its tokenizer) changes, so its source hash changes
+RECIPE_VERSION = 3          # bump when a random:* recipe (or its tokenizer) changes, so its source hash changes
+# (3: recipes above on_disk.ON_DISK_BYTES are drawn tensor by tensor to disk, with other values than in memory)
 ASSETS = Path(__file__).resolve().parents[1] / "assets"   # optimize/assets
 
 
@@ -174,6 +177,22 @@ RECIPES = {
 
 
 def _random(name: str, only=None):
+    """A recipe's pipeline (or, with ``only``, those models): made in memory, or for recipes whose weights pass
+    :data:`~diffaccel.optimize.sources.on_disk.ON_DISK_BYTES`, written to the cache tensor by tensor and read back
+    memory-mapped (:mod:`~diffaccel.optimize.sources.on_disk`)."""
+    from diffaccel.optimize.sources import on_disk
+
+    def skeleton():
+        return _in_memory(name)
+
+    if on_disk.is_large(name, skeleton):
+        from diffaccel.optimize.sources.folders import load_recipe_folder
+
+        return load_recipe_folder(name, on_disk.materialize(name, skeleton, builtin_hash(name)), only)
+    return _in_memory(name, only)
+
+
+def _in_memory(name: str, only=None):
     if name in dit_recipes.RECIPES:
         return dit_recipes.assemble(name, only=only)
     r = RECIPES[name]
