@@ -29,6 +29,8 @@ class SplitEngine:
         if missing:
             raise ArtifactError(f"{root} has no engine for {', '.join(missing)} (the split U-Net's parts); rebuild "
                                 "with diffaccel optimize --step-cache")
+        if options.get("spin") is None:     # ONNX Runtime's threads spin after a run by default: the next part's
+            options["spin"] = False         # session then waits for cores (a tinyshapes step: 43 ms spinning, 8 not)
         parts = {}
         for part, name in record["graphs"].items():
             entry = components[name]
