@@ -67,7 +67,7 @@ def test_real_sdxl_architecture_is_detected_and_sized_from_configs_alone():
 
 @pytest.mark.parametrize("unet, needle", [
     ({"addition_embed_type": "image"}, "addition_embed_type=image"),                 # Kandinsky-style
-    ({"projection_class_embeddings_input_dim": 72}, "5 time ids"),                   # the refiner's layout
+    ({"projection_class_embeddings_input_dim": 64}, "4 time ids, a first text encoder"),   # 5 and 6 are served
     ({"projection_class_embeddings_input_dim": 84}, "not text_encoder_2's projection_dim"),
     ({"cross_attention_dim": 48}, "cross_attention_dim=48"),
     ({"in_channels": 5}, "in_channels=5"),                                          # 9: sdxl-inpaint
@@ -354,8 +354,10 @@ def test_refiner_is_its_own_family_from_configs(tmp_path):
     configs = src.configs()
     assert "text_encoder" not in configs and configs["requires_aesthetics_score"] is True
     assert detect(configs, "refiner").NAME == "sdxl-refiner"
-    with pytest.raises(SourceError, match="differs in: 5 time ids, no first text encoder .*is the refiner"):
-        detect({**configs, "requires_aesthetics_score": False}, "x")
+    # requires_aesthetics_score is the pipeline's setting (diffusers builds either way), not what makes the refiner
+    assert detect({**configs, "requires_aesthetics_score": False}, "x").NAME == "sdxl-refiner"
+    with pytest.raises(SourceError, match=r"differs in: 6 time ids, no first text encoder \(base SDXL has two"):
+        detect({**configs, "unet": {**configs["unet"], "projection_class_embeddings_input_dim": 80}}, "x")
 
 
 @pytest.mark.slow

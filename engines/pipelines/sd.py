@@ -75,8 +75,9 @@ class AcceleratedStableDiffusionImg2ImgPipeline(_AcceleratedSD, StableDiffusionI
 
 
 class AcceleratedStableDiffusionInpaintPipeline(_AcceleratedSD, StableDiffusionInpaintPipeline):
-    """``StableDiffusionInpaintPipeline`` running on diffaccel engines (an inpainting U-Net: 9 input channels);
-    called exactly like diffusers'."""
+    """``StableDiffusionInpaintPipeline`` running on diffaccel engines (an inpainting U-Net of 9 input channels, or a
+    regular one, whose latents diffusers blends with the masked image's at each step); called exactly like
+    diffusers'."""
 
     _CALL = inspect.signature(StableDiffusionInpaintPipeline.__call__)
 

@@ -120,8 +120,8 @@ class AcceleratedStableDiffusionXLImg2ImgPipeline(_AcceleratedXL, StableDiffusio
 
 
 class AcceleratedStableDiffusionXLInpaintPipeline(_AcceleratedXL, StableDiffusionXLInpaintPipeline):
-    """``StableDiffusionXLInpaintPipeline`` running on diffaccel engines (an inpainting U-Net: 9 input channels);
-    called exactly like diffusers'."""
+    """``StableDiffusionXLInpaintPipeline`` running on diffaccel engines (an inpainting U-Net of 9 input channels,
+    or a regular base or refiner U-Net, diffusers' "base model as inpainter"); called exactly like diffusers'."""
 
     _DEFAULTS = {**_AcceleratedXL._DEFAULTS, "requires_aesthetics_score": False}
     _ACCEPTED = XL_COMPONENTS + ("requires_aesthetics_score",)

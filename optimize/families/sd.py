@@ -19,10 +19,13 @@ from diffaccel.optimize.families.common import (  # noqa: F401  (check_pixel_ran
 
 NAME = "sd"
 TITLE = "Stable Diffusion 1.x/2.x"
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")   # diffusers pipelines it covers
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",      # diffusers pipelines it covers
+             "StableDiffusionInpaintPipeline")
 PIPELINE_CLASS = "StableDiffusionPipeline"                                    # what sources load
 DROP_INS = ("diffaccel.engines.pipelines.sd:AcceleratedStableDiffusionPipeline",
-            "diffaccel.engines.pipelines.sd:AcceleratedStableDiffusionImg2ImgPipeline")
+            "diffaccel.engines.pipelines.sd:AcceleratedStableDiffusionImg2ImgPipeline",
+            "diffaccel.engines.pipelines.sd:AcceleratedStableDiffusionInpaintPipeline")   # a 4-channel U-Net
+#                                                        inpaints as diffusers does: the mask blended in per step
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 DENOISER = "unet"                                                             # the denoiser's role, diffusers' name
 TEXT_ENCODERS = ("text_encoder",)

@@ -37,10 +37,12 @@ from diffaccel.optimize.families.sd import check_pixel_range, attention_bytes, l
 
 NAME = "sdxl"
 TITLE = "Stable Diffusion XL"
-PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
 PIPELINE_CLASS = "StableDiffusionXLPipeline"
 DROP_INS = ("diffaccel.engines.pipelines.sdxl:AcceleratedStableDiffusionXLPipeline",
-            "diffaccel.engines.pipelines.sdxl:AcceleratedStableDiffusionXLImg2ImgPipeline")
+            "diffaccel.engines.pipelines.sdxl:AcceleratedStableDiffusionXLImg2ImgPipeline",
+            "diffaccel.engines.pipelines.sdxl:AcceleratedStableDiffusionXLInpaintPipeline")   # diffusers' "base
+#                                                        model as inpainter": a 4-channel U-Net, the mask per step
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 DENOISER = "unet"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -76,7 +78,6 @@ def problems(configs: dict, refiner: bool, inpaint: bool = False, pipelines: tup
     """What in ``configs`` differs from base SDXL (``refiner=False``), the SDXL refiner, or (``inpaint``) their
     inpainting U-Nets."""
     problems = []
-    pipelines = ("StableDiffusionXLImg2ImgPipeline",) if refiner and pipelines == PIPELINES else pipelines
     unet, vae = configs.get("unet") or {}, configs.get("vae") or {}
     te, te2 = configs.get("text_encoder"), configs.get("text_encoder_2")
     pipeline = configs.get("pipeline")
@@ -106,15 +107,15 @@ def _conditioning_problems(unet: dict, te, te2: dict, configs: dict, refiner: bo
         return [f"projection_class_embeddings_input_dim={unet.get('projection_class_embeddings_input_dim')} is not "
                 f"text_encoder_2's projection_dim ({te2.get('projection_dim')}) plus a whole number of "
                 f"addition_time_embed_dim ({unet.get('addition_time_embed_dim')})"]
-    aesthetic = configs.get("requires_aesthetics_score", refiner)
-    layout = (n, te is None, bool(aesthetic))
-    if layout != ((REFINER_TIME_IDS, True, True) if refiner else (BASE_TIME_IDS, False, False)):
-        what = (f"{n} time ids, {'no' if te is None else 'a'} first text encoder"
-                f"{', requires_aesthetics_score' if aesthetic else ''}")
-        want = ("the refiner has 5 time ids (sizes and an aesthetic score), requires_aesthetics_score and no first "
-                "text encoder" if refiner else "base SDXL has 6 time ids and two text encoders; 5 time ids without "
-                "a first text encoder is the refiner")
-        return [f"{what} ({want})"]
+    # the U-Net's time ids and the text encoders decide the layout; requires_aesthetics_score is a pipeline setting
+    # (diffusers builds either way, and its call names the setting when it does not match the U-Net)
+    fits = (te is None and n == REFINER_TIME_IDS) if refiner else (
+        te is not None and n in (BASE_TIME_IDS, REFINER_TIME_IDS))
+    if not fits:
+        want = ("the refiner has 5 time ids (sizes and an aesthetic score) and no first text encoder" if refiner else
+                "base SDXL has two text encoders and 6 time ids (sizes), or 5 (sizes and an aesthetic score, for "
+                "image-to-image); 5 time ids without a first text encoder is the refiner")
+        return [f"{n} time ids, {'no' if te is None else 'a'} first text encoder ({want})"]
     widths = (0 if te is None else te.get("hidden_size", 512)) + te2.get("hidden_size", 512)
     if unet.get("cross_attention_dim") != widths:
         return [f"cross_attention_dim={unet.get('cross_attention_dim')} is not the text encoders' hidden sizes "
@@ -262,13 +263,15 @@ def weight_bytes(configs: dict) -> dict:
 def assets(pipe) -> dict:
     """What the assets stage writes besides the engines: tokenizers, per-component configs, pipeline facts."""
     encoders = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n) is not None}
+    # loaded as StableDiffusionXLPipeline (no such setting), a U-Net's 5 time ids hold an aesthetic score
+    ids = time_id_count(dict(pipe.unet.config), pipe.text_encoder_2.config.to_dict())
     return {"tokenizers": {n: getattr(pipe, n) for n in TOKENIZERS if getattr(pipe, n) is not None},
             "configs": {**{n: m.config.to_dict() for n, m in encoders.items()},
                         "unet": dict(pipe.unet.config), "vae_decoder": dict(pipe.vae.config),
                         "vae_encoder": dict(pipe.vae.config)},
             "pipeline": {**{f"{n}_class": type(m).__name__ for n, m in encoders.items()},
                          "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
-                         "requires_aesthetics_score": bool(pipe.config.get("requires_aesthetics_score", False))}}
+                         "requires_aesthetics_score": bool(pipe.config.get("requires_aesthetics_score", ids == 5))}}
 
 
 # ----------------------------------------------------------------------------------------------------------

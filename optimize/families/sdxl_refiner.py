@@ -20,10 +20,12 @@ from diffaccel.optimize.families.sdxl import (  # noqa: F401  (the family surfac
 
 NAME = "sdxl-refiner"
 TITLE = "Stable Diffusion XL refiner"
-PIPELINES = ("StableDiffusionXLImg2ImgPipeline",)
+PIPELINES = ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
 PIPELINE_CLASS = "StableDiffusionXLImg2ImgPipeline"
-DROP_INS = (None,    # no text-to-image: the refiner refines images
-            "diffaccel.engines.pipelines.sdxl:AcceleratedStableDiffusionXLImg2ImgPipeline")
+DROP_INS = (None,    # no text-to-image: the refiner refines images (or inpaints them, its 4-channel U-Net as
+            #          diffusers' "base model as inpainter")
+            "diffaccel.engines.pipelines.sdxl:AcceleratedStableDiffusionXLImg2ImgPipeline",
+            "diffaccel.engines.pipelines.sdxl:AcceleratedStableDiffusionXLInpaintPipeline")
 COMPONENTS = ("text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 DENOISER = "unet"
 TEXT_ENCODERS = ("text_encoder_2",)
@@ -36,7 +38,7 @@ EXPORTERS = sdxl.EXPORTERS
 
 def mismatches(configs: dict) -> list:
     """What in ``configs`` (see :func:`diffaccel.optimize.families.detect`) differs from the SDXL refiner."""
-    return sdxl.problems(configs, refiner=True)
+    return sdxl.problems(configs, refiner=True, pipelines=PIPELINES)
 
 
 def specs(geo: ModelGeometry, shapes) -> dict:
