@@ -193,10 +193,17 @@ def test_vae_tiling_refused_when_engines_cannot_serve_the_tiles(acc):
 
 # ---- 5. what from_pretrained loaded, logged at INFO ----------------------------------------------------------------
 def test_from_pretrained_logs_what_it_loaded(artifact, caplog):
+    """Under diffusers' pipeline logger, where diffusers logs what its from_pretrained loaded (its own save/load
+    test reads each component's name there); that logger does not propagate to the root."""
     from diffaccel.optimize.artifact.manifest import Manifest
 
-    with caplog.at_level(logging.INFO, logger=LOGGER):
-        AcceleratedStableDiffusionPipeline.from_pretrained(artifact)
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            AcceleratedStableDiffusionPipeline.from_pretrained(artifact)
+    finally:
+        logger.removeHandler(caplog.handler)
     text = caplog.text
     for name, entry in Manifest.load(artifact).components.items():
         assert f"Loaded {name} as onnxruntime engine (fp32, cpu) from {artifact / entry['engine']}" in text

@@ -103,6 +103,15 @@ class _Accelerated:
     def disable_vae_tiling(self):
         self.vae.disable_tiling()
 
+    def enable_freeu(self, s1, s2, b1, b2):
+        """diffusers' FreeU rescales features inside the U-Net's up blocks, which an engine fixed when it was built:
+        refused, saying so (not an AttributeError of the stand-in)."""
+        raise PipelineArgumentError("FreeU rescales features inside the U-Net's up blocks, which were fixed when the "
+                                    "engine was built; call the pipeline without enable_freeu()")
+
+    def disable_freeu(self):
+        """FreeU is never on in an engine: nothing to disable."""
+
     @property
     def denoiser(self):
         """The denoiser this pipeline runs (its ``unet`` or ``transformer``)."""
@@ -168,10 +177,11 @@ class _Accelerated:
         """Fail before any work when the engines cannot serve height x width (pixels), whole or, with VAE tiling
         on, in tiles (``encode``: the image is also VAE-encoded)."""
         scale = self.vae_scale_factor
-        spec = self.denoiser.spec
-        h, w = spec.axes["height"], spec.axes["width"]
+        denoiser = self.denoiser          # a torch U-Net set in the engine's place runs what diffusers' runs
+        spec = denoiser.spec if isinstance(denoiser, DenoiserShim) else None
+        h, w = (spec.axes["height"], spec.axes["width"]) if spec else (None, None)
         bad = [f"{name}={v}" for name, v, r in (("height", height, h), ("width", width, w))
-               if v is not None and (v % (scale * r.multiple) or not r.allows(v // scale))]
+               if r is not None and v is not None and (v % (scale * r.multiple) or not r.allows(v // scale))]
         if bad:
             raise ShapeError(
                 f"{' and '.join(bad)} cannot be served by this artifact: height must be {h.min * scale}-"

@@ -2,8 +2,9 @@
 scheduler and tokenizers, and the keywords ``from_pretrained`` accepts, ignores or refuses. Written against the
 components' roles (the artifact's manifest names its denoiser, ``unet`` or ``transformer``), so each family's drop-in
 module (:mod:`.sd`, :mod:`.sdxl`, :mod:`.sd3`, :mod:`.flux`) adds only what its diffusers pipeline needs; the mixin
-they inherit (loading, saving and the checks before a call) is :mod:`.accelerated`. Everything here logs to this
-module's logger, as diffusers logs what it loads.
+they inherit (loading, saving and the checks before a call) is :mod:`.accelerated`. What it loads is logged at INFO
+where diffusers' ``from_pretrained`` logs it (the logger ``diffusers.pipelines.pipeline_utils``: shown by
+``diffusers.logging.set_verbosity_info()``, as diffusers' own loading messages); warnings go to this module's logger.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from diffaccel.engines.pipelines.denoisers import DenoiserShim, denoiser_shim
 from diffaccel.engines.pipelines.shims import T5EncoderShim, TextEncoderShim, VaeShim
 
 log = logging.getLogger(__name__)
+loaded_log = logging.getLogger("diffusers.pipelines.pipeline_utils")    # where diffusers logs what it loaded
 
 # from_pretrained's keywords besides provider/threads/verify. Components diffusers lets you pass that we honour:
 COMPONENTS = ("scheduler", "tokenizer", "safety_checker", "feature_extractor", "requires_safety_checker")
@@ -68,8 +70,8 @@ def engine_loader(root, manifest: Manifest, required: tuple, provider=None, thre
         if entry["backend"] == "onnxruntime":
             opts["provider"] = provider
         eng = load_engine(entry["backend"], root, name, entry, **opts)
-        log.info("Loaded %s as %s engine (%s, %s) from %s", name, entry["backend"], entry.get("precision", "fp32"),
-                 eng.device, root / entry["engine"])
+        loaded_log.info("Loaded %s as %s engine (%s, %s) from %s", name, entry["backend"],
+                        entry.get("precision", "fp32"), eng.device, root / entry["engine"])
         return eng, ComponentSpec.from_dict(name, entry["spec"])
 
     return engine
@@ -108,7 +110,7 @@ def load_scheduler(root):
     path = Path(root) / "scheduler" / "scheduler_config.json"
     cfg = json.loads(path.read_text())
     scheduler = getattr(diffusers, cfg["_class_name"]).from_config(cfg)
-    log.info("Loaded scheduler as %s from %s", type(scheduler).__name__, path)
+    loaded_log.info("Loaded scheduler as %s from %s", type(scheduler).__name__, path)
     return scheduler
 
 
@@ -128,7 +130,7 @@ def load_tokenizer(root, name: str = "tokenizer"):
     if kind not in TOKENIZER_CLASSES:
         raise ArtifactError(f"{path} holds a {kind} tokenizer; the drop-ins load {', '.join(TOKENIZER_CLASSES)}")
     tokenizer = getattr(transformers, kind).from_pretrained(str(path))
-    log.info("Loaded %s as %s from %s", name, type(tokenizer).__name__, path)
+    loaded_log.info("Loaded %s as %s from %s", name, type(tokenizer).__name__, path)
     return tokenizer
 
 
@@ -171,4 +173,4 @@ def log_passed(given: dict, names: tuple) -> None:
     artifact's."""
     for name in names:
         if name in given:
-            log.info("Using the %s passed to from_pretrained (%s)", name, type(given[name]).__name__)
+            loaded_log.info("Using the %s passed to from_pretrained (%s)", name, type(given[name]).__name__)

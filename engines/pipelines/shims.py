@@ -54,6 +54,10 @@ class _Shim:
         """What diffusers walks looking for offloading hooks (there are none on an engine)."""
         return iter((self,))
 
+    def set_default_attn_processor(self):
+        """diffusers' switch back to its default attention processors: nothing to switch in an engine, whose
+        attention was fixed when it was built."""
+
 
 CLIP_SKIP = ("clip_skip is not supported by exported text encoders: they return the last and the penultimate "
              "hidden state only; call the pipeline without clip_skip")
