@@ -47,7 +47,7 @@ def pytest_collection_finish(session):
 # xdist_group marks: --dist loadgroup renames node ids, which pytest 9 no longer lets it do, so the marks are ignored.)
 XDIST_GROUPS = {
     "tiny_ort": ("test_attention_fusion", "test_cli", "test_demo", "test_pipeline"),      # the dynamo export
-    "tiny_xl": ("test_guidance", "test_sdxl", "test_sdxl_tools", "test_serve_sdxl"),       # random:tiny-xl
+    "tiny_xl": ("test_guidance", "test_sdxl", "test_sdxl_dropins", "test_sdxl_tools", "test_serve_sdxl"),   # tiny-xl
     "tiny_int8": ("test_lora", "test_openvino", "test_precision"),                         # tiny_int8_unet
 }
 _GROUP_OF = {f"tests/{name}.py": group for group, names in XDIST_GROUPS.items() for name in names}
