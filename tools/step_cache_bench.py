@@ -1,7 +1,10 @@
 """Whole-image time and quality of DeepCache on a ``--step-cache`` artifact: each interval in its own process, passes
 in alternating order, medians; PSNR of each interval's images against interval 1's (every step whole).
 
-    python tools/step_cache_bench.py ARTIFACT --intervals 1,3,5 --steps 20 --images 8 --passes 2
+    python tools/step_cache_bench.py ARTIFACT --whole UNSPLIT --intervals 1,3,5 --steps 20 --images 8 --passes 2
+
+With --whole (the same source built without --step-cache) it first times one U-Net step in one process, alternating:
+the unsplit engine, the split one whole, and a cached step.
 
 One process per (pass, interval) runs ``--images`` images (seeds 0..N-1, one per call, after one warm-up call) through
 the family's drop-in with ``pipe.unet.enable_cache(DeepCacheConfig(interval))`` and reports per-image seconds.
@@ -46,6 +49,34 @@ def one(args) -> None:
     print(json.dumps({"interval": args.interval, "seconds": times}))
 
 
+def unet_steps(split: str, whole: str, rounds: int = 200) -> None:
+    """One U-Net step at the opt shape, in one process, alternating: the unsplit engine, the split one whole
+    (head -> deep -> tail) and a cached step (head -> tail); medians in ms. ONNX Runtime threads do not spin in any
+    (one engine's spinning pool would slow the next one timed)."""
+    import torch
+
+    from diffaccel.engines.base import load_engine
+    from diffaccel.optimize.artifact.manifest import Manifest
+    from diffaccel.optimize.artifact.specs import ComponentSpec
+
+    engines = {n: load_engine(Manifest.load(a).components["unet"]["backend"], a, "unet",
+                              Manifest.load(a).components["unet"], spin=False) for n, a in (("unsplit", whole), ("split", split))}
+    spec = ComponentSpec.from_dict("unet", Manifest.load(split).components["unet"]["spec"])
+    x = spec.random_inputs(torch.Generator().manual_seed(0), **spec.opt_values())
+    feature = engines["split"].full(x)[1]
+    runs = {"unsplit": lambda: engines["unsplit"](**x), "split, whole step": lambda: engines["split"](**x),
+            "split, cached step": lambda: engines["split"].shallow(x, feature)}
+    times = {n: [] for n in runs}
+    for r in range(rounds + 5):
+        for n, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            if r >= 5:
+                times[n].append(time.perf_counter() - t0)
+    print(f"U-Net step at {spec.opt_values()}: " + ", ".join(f"{n} {statistics.median(t) * 1000:.2f} ms"
+                                                            for n, t in times.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("artifact")
@@ -61,6 +92,8 @@ def main() -> None:
     args = p.parse_args()
     if args.interval is not None:
         return one(args)
+    if args.whole:
+        unet_steps(args.artifact, args.whole)
     import numpy as np
 
     intervals = ([0] if args.whole else []) + [int(i) for i in args.intervals.split(",")]
