@@ -25,7 +25,7 @@ from diffaccel.optimize.families import COMPONENTS, components_of, detect
 from diffaccel.optimize.sources import Source, resolve_source
 from diffaccel.optimize.stages.base import Context, Reporter
 from diffaccel.optimize.stages.plans import extra_stages, plans, stages_for, supported_pairs
-from diffaccel.optimize.stages.resources import check_memory
+from diffaccel.optimize.stages.resources import check_disk, check_memory
 from diffaccel.optimize.stages.runner import plan_is_current, run_stages as _run_stages   # patched in tests
 
 log = logging.getLogger(__name__)
@@ -132,10 +132,12 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
         done = _current_artifact(out, source, config, family, stage_classes, reporter)
         if done is not None:
             return done
+    disk = _check_disk(configs, family, config, stage_classes, out)
     work, fresh = _prepare_workdir(out, source, force)
     try:
         manifest = _open_manifest(work, source, config)
         manifest.data["memory_estimate"] = memory
+        manifest.data["disk_estimate"] = disk
         ctx = Context(source=source, config=config, root=work, manifest=manifest, reporter=reporter, family=family)
         ctx.plan = [cls() for cls in stage_classes]
         _run_stages(ctx)
@@ -193,6 +195,16 @@ def _check_memory(source: Source, configs: "dict | None", family, config: Optimi
     return check_memory([s.name for s in stage_classes], sum(weights.values()), max(built, default=0), attention,
                         config.memory_limit, latent_area=h * w, alone=source.loads_models_alone,
                         fused=fuses_attention(config))
+
+
+def _check_disk(configs, family, config: OptimizeConfig, stage_classes, out: Path) -> "dict | None":
+    """The pre-flight disk check (:func:`~diffaccel.optimize.stages.resources.check_disk`), where the configs can be
+    read without the weights."""
+    if not config.memory_check or configs is None or family is None:
+        return None
+    weights = family.weight_bytes(configs)
+    built = {c: weights.get(family.SOURCE_MODEL[c], 0) for c in components_of(family, config.components)}
+    return check_disk([s.name for s in stage_classes], built, family.DENOISER, out)
 
 
 def _current_artifact(out: Path, source: Source, config: OptimizeConfig, family, stage_classes,

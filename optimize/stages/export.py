@@ -86,7 +86,7 @@ class ExportCheck:
             release_memory()
             graph, n = fused_graph(self.path) if want else (None, 0)
             self._engine = OrtEngine(graph or self.path, provider="cpu", level="disable", threads=self.threads,
-                                     arena=False, external_data_dir=self.path.parent)
+                                     arena=False, external_data_dir=self.path.parent, prepack=False)
             self._fused_engine, self.fused = want, max(self.fused, n)
         return self._engine(**inputs)
 

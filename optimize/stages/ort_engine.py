@@ -37,8 +37,10 @@ class OrtEngineStage(Stage):
             src = ctx.latest_model(comp, self.name)
             with ctx.timed(self.name, comp), fresh_dir(ctx.root / comp / "engine") as d:
                 external = len(onnx_files(src)) > 1
+                # build-time sessions keep the weights in their mapped files (prepacking makes anonymous copies;
+                # the saved engine is the same without it, and sessions that serve prepack as usual)
                 so = session_options(ctx.config.threads, ctx.config.graph_level, d / "model.onnx",
-                                     "model.onnx.data" if external else None)
+                                     "model.onnx.data" if external else None, prepack=False)
                 graph, fused = fused_graph(src) if fuses_attention(ctx.config) else (None, 0)
                 if graph:       # the fused graph; its weights stay where the source's are
                     so.add_session_config_entry("session.model_external_initializers_file_folder_path",
@@ -46,7 +48,7 @@ class OrtEngineStage(Stage):
                 ort.InferenceSession(graph or str(src), so, providers=[ort_name])
                 del graph
                 engine = OrtEngine(d / "model.onnx", provider=ctx.config.provider, threads=ctx.config.threads,
-                                   arena=False)
+                                   arena=False, prepack=False)
                 report = ctx.check_against_torch(comp, engine)   # on what earlier stages recorded
                 del engine
                 written = [p.name for p in onnx_files(d / "model.onnx")]

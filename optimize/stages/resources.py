@@ -97,6 +97,53 @@ def estimate_peak(stage_names, total: int, largest: int, attention: int = 1_073_
     return best
 
 
+# ---- the pre-flight disk check: what the build will write, against the free space where it writes ----------------
+DISK_MARGIN = 1.1                  # the graphs, references and manifests beside the weights, and rounding
+_WRITES = {"export": 1.0, "quantize": 0.25, "fp16": 0.5}    # weight bytes a stage writes per fp32 byte
+
+
+def estimate_disk(stage_names, weights: dict, denoiser: str) -> int:
+    """Bytes a build writes into its OUT folder: per component (``weights``: fp32 weight bytes), a copy of its
+    weights for each stage that writes one, at the precision it has by then (the export in fp32; ``quantize``
+    writes the denoiser in int8; ``fp16`` every component in half precision; the engine at the current one).
+
+    >>> round(estimate_disk(["assets", "export", "quantize", "engine"], {"unet": 10e9, "vae_decoder": 1e9},
+    ...                     "unet") / 1e9, 1)
+    18.7
+    """
+    total = 0.0
+    for comp, w in weights.items():
+        factor, written = 1.0, 0.0
+        for name in stage_names:
+            if name == "quantize" and comp != denoiser:
+                continue
+            if name in _WRITES:
+                factor = _WRITES[name] if name != "export" else 1.0
+                written += factor
+            elif name == "engine":
+                written += factor
+        total += w * written
+    return int(total * DISK_MARGIN)
+
+
+def check_disk(stage_names, weights: dict, denoiser: str, out: Path) -> dict:
+    """Refuse in one line (needed, free, where, what lowers it) a build whose files the disk under ``out`` cannot
+    hold; else return the estimate for the manifest."""
+    import shutil
+
+    from diffaccel.optimize.artifact.errors import MemoryBudgetError
+
+    need = estimate_disk(stage_names, weights, denoiser)
+    where = next(p for p in (Path(out).resolve(), *Path(out).resolve().parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise MemoryBudgetError(
+            f"this build writes about {need / GB:.1f} GB ({len(weights)} component(s), every stage's copy of the "
+            f"weights) but {where} has {free / GB:.1f} GB free; build fewer --components at a time, write OUT on a "
+            f"larger disk, or free space there; --no-memory-check builds anyway")
+    return {"estimated_bytes": need, "free_bytes": int(free), "where": str(where)}
+
+
 def parse_size(text) -> int:
     """Bytes from ``"16G"``, ``"512M"``, ``"2.5GB"`` or a plain number of bytes.
 
