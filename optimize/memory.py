@@ -32,13 +32,21 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 def current_rss_bytes() -> int:
     """This process's resident memory now."""
+    return current_memory()[0]
+
+
+def current_memory() -> tuple:
+    """(resident bytes, anonymous resident bytes) now: resident minus the file-backed and shared pages, which for a
+    build are weights mapped from safetensors or ONNX external-data files (the kernel can drop and re-read those)."""
     try:
         with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
+            fields = f.read().split()
+        return int(fields[1]) * _PAGE, (int(fields[1]) - int(fields[2])) * _PAGE
     except OSError:                          # not Linux
         import psutil
 
-        return psutil.Process().memory_info().rss
+        info = psutil.Process().memory_info()
+        return info.rss, info.rss - getattr(info, "shared", 0)
 
 
 _hwm_read = 0     # the highest high-water mark read so far in this process
@@ -96,21 +104,22 @@ class _Sampler:
         with self._lock:
             self._watches.remove(watch)
 
-    def observe(self, rss: int) -> None:
-        """Count one RSS reading in every open watch (a block's reading is also its enclosing blocks')."""
+    def observe(self, reading: tuple) -> None:
+        """Count one (RSS, anonymous) reading in every open watch (a block's reading is also its enclosing
+        blocks')."""
         with self._lock:
             for w in self._watches:
-                w.sampled = max(w.sampled, rss)
+                w.sampled, w.sampled_anon = max(w.sampled, reading[0]), max(w.sampled_anon, reading[1])
 
     def _run(self) -> None:
         while True:
-            rss = current_rss_bytes()
+            reading = current_memory()
             with self._lock:
                 if not self._watches:
                     self._thread = None
                     return
                 for w in self._watches:
-                    w.sampled = max(w.sampled, rss)
+                    w.sampled, w.sampled_anon = max(w.sampled, reading[0]), max(w.sampled_anon, reading[1])
             time.sleep(SAMPLE_SECONDS)
 
     def _after_fork(self) -> None:          # a forked child has no sampler thread, and its own high-water mark
@@ -129,17 +138,18 @@ class PeakWatch:
     (``method``). Watches nest: a stage's and each of its items' are measured alike."""
 
     peak_bytes: int = 0
+    anon_peak_bytes: int = 0      # the largest anonymous RSS sampled (a lower bound, as sampled peaks are)
     method: str = ""
 
     def __enter__(self) -> "PeakWatch":
         self._hwm = high_water_mark_bytes()
-        self.sampled = 0
+        self.sampled = self.sampled_anon = 0
         _SAMPLER.add(self)
-        _SAMPLER.observe(current_rss_bytes())
+        _SAMPLER.observe(current_memory())
         return self
 
     def __exit__(self, *exc) -> bool:
-        _SAMPLER.observe(current_rss_bytes())
+        _SAMPLER.observe(current_memory())
         _SAMPLER.remove(self)
         hwm = high_water_mark_bytes()
         if hwm > self._hwm:
@@ -147,8 +157,10 @@ class PeakWatch:
         else:
             # (no reading exceeds the mark but by the counters' approximation: capped, the two agree)
             self.peak_bytes, self.method = min(self.sampled, hwm), f"sampled every {SAMPLE_SECONDS * 1e3:.0f} ms"
+        self.anon_peak_bytes = min(self.sampled_anon, self.peak_bytes)
         return False
 
     def record(self) -> dict:
-        """The manifest's fields for a stage's peak."""
-        return {"peak_rss_bytes": self.peak_bytes, "peak_rss_scope": "stage", "peak_rss_method": self.method}
+        """The manifest's fields for a stage's peak (``peak_anon_bytes``: its anonymous part, sampled)."""
+        return {"peak_rss_bytes": self.peak_bytes, "peak_anon_bytes": self.anon_peak_bytes, "peak_rss_scope": "stage",
+                "peak_rss_method": self.method}

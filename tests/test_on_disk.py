@@ -103,3 +103,23 @@ def test_an_interrupted_write_leaves_no_folder(on_disk_tiny, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         resolve_source("random:tiny").load_models(["unet"])
     assert not any(on_disk_tiny.iterdir())
+
+
+def test_mapped_file_pages_are_told_apart_from_anonymous_ones(tmp_path):
+    """What a build's records split: reading a mapped file (weights from safetensors or external data) raises the
+    resident memory but not its anonymous part; a copy raises both."""
+    import mmap
+
+    from diffaccel.optimize.memory import PeakWatch, current_memory
+
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"\1" * (64 << 20))
+    rss0, anon0 = current_memory()
+    with open(blob, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert sum(m[i] for i in range(0, len(m), 4096)) == len(m) // 4096       # every page touched
+        rss1, anon1 = current_memory()
+        with PeakWatch() as w:
+            copy = bytearray(m)
+        del copy
+    assert rss1 - rss0 >= 60 << 20 and anon1 - anon0 < 16 << 20, (rss1 - rss0, anon1 - anon0)
+    assert w.anon_peak_bytes - anon1 >= 60 << 20 and w.record()["peak_anon_bytes"] == w.anon_peak_bytes

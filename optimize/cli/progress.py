@@ -35,13 +35,14 @@ class ConsoleReporter(Reporter):
         if self.bar is not None:
             self.bar.update(1)
 
-    def stage_end(self, name, seconds, skipped, reason="", peak_bytes=0):
+    def stage_end(self, name, seconds, skipped, reason="", peak_bytes=0, anon_bytes=0):
         self._close_bar()
         if skipped:
             print(f"{name:>8}: skipped ({reason})", file=self.stream, flush=True)
         else:
             detail = f"  [{', '.join(self.times.get(name, []))}]" if self.times.get(name) else ""
             peak = f", peak RSS {peak_bytes / 1e9:.2f} GB" if peak_bytes else ""
+            peak += f" (anonymous {anon_bytes / 1e9:.2f} GB)" if peak_bytes and anon_bytes else ""
             print(f"{name:>8}: done in {seconds:.1f}s{peak}{detail}", file=self.stream, flush=True)
 
     def _close_bar(self):
@@ -67,6 +68,34 @@ def guidance_text(m) -> str:
     return f"{scale:g}: classifier-free guidance doubles the {den} batch (guidance <= 1 runs too)"
 
 
+def _component_lines(components: dict) -> list:
+    """One row per component; a ``--step-cache`` denoiser is its parts' total, with the split, and its parts
+    indented under it (each weight is in one part)."""
+    def row(name, c, size=None, engine=None):
+        size = sum(f["bytes"] for f in c.get("files", [])) if size is None else size
+        val = c.get("validation", {})
+        errs = [o.get("max_abs", float("nan")) for p in val.get("points", []) for o in p["outputs"].values()]
+        parity = (("ok " if val.get("passed") else "FAIL ") + f"{max(errs):.2g}") if errs else "n/a"
+        return f"{name:<13} {c.get('precision', '?'):<9} {_mb(size):>10}  {parity:<24} {engine or c.get('engine')}"
+
+    splits = {n: c["step_cache"] for n, c in components.items() if c.get("step_cache")}
+    parts = {g: n for n, r in splits.items() for g in r["graphs"].values()}
+    lines = []
+    for name, c in components.items():
+        if name in parts and parts[name] in components:
+            continue                          # listed under its split denoiser
+        if name not in splits:
+            lines.append(row(name, c))
+            continue
+        r = splits[name]
+        graphs = {p: (g, components.get(g, {})) for p, g in r["graphs"].items()}
+        total = sum(f["bytes"] for _, e in graphs.values() for f in e.get("files", []))
+        lines.append(row(name, c, total, f"{r['method']} split at branch {r['branch']} (block {r['block']}, layer "
+                                         f"{r['layer']}): {' + '.join(graphs)}"))
+        lines += [row(f"  {g}", e) for g, e in graphs.values()]
+    return lines
+
+
 def format_info(m) -> str:
     src = m.source
     lines = [f"artifact   {m.root}",
@@ -78,18 +107,14 @@ def format_info(m) -> str:
              f"width {m['shapes']['width'] or 'default'}",
              f"guidance   {guidance_text(m)}",
              "", f"{'component':<13} {'precision':<9} {'size':>10}  {'parity (max abs err)':<24} engine"]
-    for name, c in m.components.items():
-        size = sum(f["bytes"] for f in c.get("files", []))
-        val = c.get("validation", {})
-        errs = [o.get("max_abs", float("nan")) for p in val.get("points", []) for o in p["outputs"].values()]
-        parity = (("ok " if val.get("passed") else "FAIL ") + f"{max(errs):.2g}") if errs else "n/a"
-        lines.append(f"{name:<13} {c.get('precision', '?'):<9} {_mb(size):>10}  {parity:<24} {c.get('engine')}")
-    lines += ["", f"{'stage':<13} {'time':>9} {'peak RSS':>10}"]
+    lines += _component_lines(m.components)
+    lines += ["", f"{'stage':<13} {'time':>9} {'peak RSS':>10} {'anonymous':>10}"]
     for k, v in m.stages.items():
         peak = f"{v['peak_rss_bytes'] / 1e9:.2f} GB" if v.get("peak_rss_bytes") else "n/a"
+        anon = f"{v['peak_anon_bytes'] / 1e9:.2f} GB" if v.get("peak_anon_bytes") else "n/a"
         items = v.get("component_peak_rss_bytes") or {}
         detail = ("  (" + ", ".join(f"{c} {b / 1e9:.2f} GB" for c, b in items.items()) + ")") if items else ""
-        lines.append(f"{k:<13} {v['seconds']:>8.1f}s {peak:>10}{detail}")
+        lines.append(f"{k:<13} {v['seconds']:>8.1f}s {peak:>10} {anon:>10}{detail}")
     lines.append("")
     tools = m.get("tools", {})
     lines.append("tools:  " + ", ".join(f"{k} {v}" for k, v in tools.items() if k != "platform"))

@@ -43,9 +43,10 @@ class Reporter:
     def item_done(self, stage: str, item: str, seconds: float, peak_bytes: int = 0) -> None:
         log.info("stage %s: %s done in %.1fs (peak RSS %.2f GB)", stage, item, seconds, peak_bytes / 1e9)
 
-    def stage_end(self, name: str, seconds: float, skipped: bool, reason: str = "", peak_bytes: int = 0) -> None:
-        log.info("stage %s %s (%.1fs, peak RSS %.2f GB)", name, f"skipped: {reason}" if skipped else "done", seconds,
-                 peak_bytes / 1e9)
+    def stage_end(self, name: str, seconds: float, skipped: bool, reason: str = "", peak_bytes: int = 0,
+                  anon_bytes: int = 0) -> None:
+        log.info("stage %s %s (%.1fs, peak RSS %.2f GB, anonymous %.2f GB)", name,
+                 f"skipped: {reason}" if skipped else "done", seconds, peak_bytes / 1e9, anon_bytes / 1e9)
 
 
 # ---- what a stage returns --------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def run_stages(ctx: Context) -> None:
         if result.records():
             record["components"] = result.records()
         ctx.manifest.save()
-        ctx.reporter.stage_end(stage.name, seconds, False, peak_bytes=peak.peak_bytes)
+        ctx.reporter.stage_end(stage.name, seconds, False, peak_bytes=peak.peak_bytes, anon_bytes=peak.anon_peak_bytes)
 
 
 def plan_is_current(ctx: Context) -> bool:
