@@ -12,6 +12,10 @@ second-order scheduler's repeated timestep counts too, so such schedulers cache 
 DeepCacheConfig(interval=5, branch=0)
 >>> parse_cache("off") is None
 True
+>>> cache_suffix("out/ts@cache=deepcache:interval=3"), cache_suffix("out/ts")
+(('out/ts', 'deepcache:interval=3'), ('out/ts', None))
+>>> DeepCacheConfig(interval=5).spec, DeepCacheConfig(interval=3, branch=4).spec
+('deepcache:interval=5', 'deepcache:interval=3,branch=4')
 >>> parse_cache("fora:interval=2")
 Traceback (most recent call last):
 ...
@@ -25,6 +29,7 @@ from diffaccel.optimize.artifact.errors import DiffaccelError, PipelineArgumentE
 
 CACHE_HELP = ("step cache of an artifact built with optimize --step-cache: deepcache[:interval=N][,branch=B] "
               "(e.g. deepcache:interval=3; interval 1 = every step whole) or off (default)")
+SUFFIX = "@cache="                  # OUT@cache=SPEC: one artifact with one cache setting (eval, serve)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +46,11 @@ class DeepCacheConfig:
             raise ValueError(f"DeepCacheConfig interval {self.interval!r} must be an integer >= 1 (1: no caching)")
         if not isinstance(self.branch, int) or self.branch < 0:
             raise ValueError(f"DeepCacheConfig branch {self.branch!r} must be an integer >= 0")
+
+    @property
+    def spec(self) -> str:
+        """The ``--cache`` text that gives this config back (what reports and served model names show)."""
+        return f"deepcache:interval={self.interval}" + (f",branch={self.branch}" if self.branch else "")
 
 
 def parse_cache(text: "str | None") -> "DeepCacheConfig | None":
@@ -59,6 +69,34 @@ def parse_cache(text: "str | None") -> "DeepCacheConfig | None":
         raise DiffaccelError(f"bad --cache {text!r}: write deepcache[:interval=N][,branch=B] (e.g. "
                              "deepcache:interval=3) or off; transformer caches (FORA, FirstBlockCache) are not built "
                              "yet") from None
+
+
+def cache_suffix(text) -> tuple:
+    """``OUT@cache=SPEC`` -> (OUT, SPEC); a plain ``OUT`` -> (OUT, None)."""
+    path, found, spec = str(text).rpartition(SUFFIX)
+    return (path, spec) if found else (str(text), None)
+
+
+def built_split(manifest) -> "dict | None":
+    """The ``step_cache`` record of the artifact's split denoiser (``optimize --step-cache``), or None."""
+    return next((e["step_cache"] for e in manifest.components.values() if e.get("step_cache")), None)
+
+
+def cache_for(path, manifest, given: "str | None", default: "str | None" = None) -> "DeepCacheConfig | None":
+    """The cache one artifact runs with: its own ``@cache=SPEC`` (``given``; ``off`` for none), else ``default``
+    (a command's ``--cache``) where the artifact was built with ``--step-cache`` (others run whole). A cache the
+    artifact cannot run is refused here, in one line, before anything loads."""
+    config = parse_cache(given if given is not None else default)
+    split = built_split(manifest)
+    if config is None or (given is None and split is None):
+        return None
+    if split is None:
+        raise DiffaccelError(f"{path}@cache={given}: {path} was built without --step-cache, so it has no part to "
+                             "cache; rebuild it with diffaccel optimize SRC -o OUT --step-cache (U-Nets only)")
+    if config.branch != int(split["branch"]):
+        raise DiffaccelError(f"--cache {config.spec}: {path} was split at branch {split['branch']}; pass "
+                             f"branch={split['branch']} or rebuild with diffaccel optimize --step-cache {config.branch}")
+    return config
 
 
 class StepCache:
