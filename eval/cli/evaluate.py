@@ -3,6 +3,7 @@
 Heavy imports happen inside the command, so ``diffaccel --help`` stays fast."""
 from __future__ import annotations
 
+from diffaccel.engines.pipelines.cache import CACHE_HELP
 from diffaccel.optimize.artifact.errors import DiffaccelError
 from diffaccel.optimize.cli.args import GUIDANCE_HELP, guidance_arg
 
@@ -20,7 +21,9 @@ DESCRIPTION = ("Generate the same prompts with the same seeds and scheduler on t
 
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help=SUMMARY, description=DESCRIPTION, epilog=EXAMPLE)
-    p.add_argument("artifacts", nargs="*", metavar="OUT", help="artifact directories made by diffaccel optimize")
+    p.add_argument("artifacts", nargs="*", metavar="OUT[@cache=SPEC]",
+                   help="artifact directories made by diffaccel optimize; OUT@cache=SPEC runs one with that step "
+                        "cache (repeat OUT with other SPECs, or @cache=off, to compare them side by side)")
     p.add_argument("-o", "--out", required=True, metavar="REPORT_DIR", help="report folder (replaced if it holds a "
                                                                             "report)")
     p.add_argument("--baseline", default=None, metavar="SRC", help="the checkpoint to compare with (default: the "
@@ -45,6 +48,8 @@ def add_eval(sub) -> None:
     p.add_argument("--device", default="cpu", help="where the PyTorch baseline and peers run: cpu | cuda")
     p.add_argument("--provider", default=None, help="ONNX Runtime provider for artifacts (default: as built)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for torch and ONNX Runtime alike")
+    p.add_argument("--cache", default=None, metavar="SPEC", help="step cache for every OUT built with --step-cache "
+                                                                 "that has no @cache= of its own; " + CACHE_HELP)
     q = p.add_argument_group("learned metrics (local weights only; nothing is downloaded)")
     q.add_argument("--clip-model", default=None, metavar="DIR", help="Hugging Face CLIP folder -> CLIP score")
     q.add_argument("--inception", default=None, metavar="PATH", help="TorchScript Inception (inception-2015-12-05"
@@ -79,7 +84,7 @@ def config_from_args(args):
             guidance_scale=args.guidance, peers=comma_list(args.peers, "--peers", empty_ok=True),
             warmup=args.warmup, repeat=args.repeat, device=args.device, provider=args.provider, threads=args.threads,
             clip_model=args.clip_model, inception=args.inception, lpips=args.lpips, adherence=args.adherence,
-            allow_different_source=args.allow_different_source, bench=tuple(args.bench))
+            allow_different_source=args.allow_different_source, bench=tuple(args.bench), cache=args.cache)
     except ValueError as e:
         raise DiffaccelError(str(e)) from None
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from pathlib import Path
 
 from diffaccel.optimize.sources.prompts import default_prompts
 from diffaccel.optimize.stages.base import Reporter
@@ -56,6 +55,7 @@ class EvalConfig:
     adherence: "bool | None" = None       # None = on for the tinyshapes baseline
     allow_different_source: bool = False
     bench: tuple = ()                     # diffaccel bench output folders to link into the report
+    cache: "str | None" = None            # --cache SPEC for every --step-cache artifact without its own @cache=
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -79,6 +79,9 @@ class EvalConfig:
             raise ValueError(f"bad guidance scale {self.guidance_scale}: must be >= 0")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"bad threads {self.threads}: must be >= 1")
+        from diffaccel.engines.pipelines.cache import parse_cache
+
+        parse_cache(self.cache)             # a bad --cache fails here, in one line
         from diffaccel.eval.harness.variants import PEERS
 
         set_("peers", tuple(self.peers))
@@ -127,7 +130,8 @@ def evaluate(artifacts=(), baseline: "str | None" = None, config: EvalConfig = E
     from diffaccel.eval.harness.runner import RunPlan, preimport, run_variant
 
     reporter = reporter or Reporter()
-    manifests = var.load_manifests([Path(a) for a in artifacts])
+    manifests = var.load_manifests(artifacts)
+    caches = var.artifact_caches(artifacts, manifests, config.cache)
     source = resolve_source(var.baseline_spec(manifests, baseline), trust_pickle=trust_pickle,
                             single_file_config=single_file_config, loras=var.baseline_loras(manifests))
     var.check_sources(manifests, source, config.allow_different_source)
@@ -146,7 +150,8 @@ def evaluate(artifacts=(), baseline: "str | None" = None, config: EvalConfig = E
     preimport()
     with torch_threads(config.threads):
         runs = [run_variant(v, rp, reporter)
-                for v in var.plan(source, manifests, config.peers, config.device, config.provider, config.threads)]
+                for v in var.plan(source, manifests, config.peers, config.device, config.provider, config.threads,
+                                  caches)]
         report, images = assemble(config, source, rp, runs, learned, adherence_on, adherence_why)
     if benches:
         report["load_benchmarks"] = benches

@@ -118,8 +118,8 @@ def _targets(pipe) -> list:
         obj = getattr(pipe, attr, None)
         if obj is None:
             continue
-        if hasattr(obj, "engine") and not _is_module(obj):
-            out.append((component, obj, "engine"))
+        if hasattr(obj, "engine") and not _is_module(obj):    # a step cache calls the engine's parts: time the step
+            out.append((component, obj, "_cache" if getattr(obj, "is_cache_enabled", False) else "engine"))
         elif _is_module(obj):
             out.append((component, obj, None))
         elif callable(getattr(obj, "forward", None)):     # another runtime's model part (optimum-intel's OpenVINO)

@@ -75,15 +75,30 @@ class Variant:
 
 
 def load_manifests(artifacts) -> list:
-    """(path, Manifest) per artifact, each complete and unmodified (one-line errors otherwise)."""
+    """(path, Manifest) per artifact (``OUT`` or ``OUT@cache=SPEC``), each complete and unmodified (one-line errors
+    otherwise)."""
+    from diffaccel.engines.pipelines.cache import cache_suffix
     from diffaccel.optimize.artifact.manifest import Manifest
 
     out = []
     for a in artifacts:
-        m = Manifest.load(a)
+        path = Path(cache_suffix(a)[0])
+        m = Manifest.load(path)
         m.verify()
-        out.append((Path(a), m))
+        out.append((path, m))
     return out
+
+
+def artifact_caches(artifacts, manifests, default: "str | None") -> list:
+    """The step cache each artifact runs with (:func:`~diffaccel.engines.pipelines.cache.cache_for`): its own
+    ``@cache=SPEC``, else ``default`` (``--cache``) where it was built with ``--step-cache``; refused in one line
+    when ``default`` is given and no artifact can take it."""
+    from diffaccel.engines.pipelines.cache import built_split, cache_for, cache_suffix, parse_cache
+
+    if parse_cache(default) is not None and not any(built_split(m) for _, m in manifests):
+        raise DiffaccelError(f"--cache {default}: none of the artifacts was built with --step-cache (only those take "
+                             "a cache); rebuild one with diffaccel optimize SRC -o OUT --step-cache")
+    return [cache_for(path, m, cache_suffix(a)[1], default) for a, (path, m) in zip(artifacts, manifests)]
 
 
 def baseline_spec(manifests, baseline: "str | None") -> str:
@@ -143,13 +158,15 @@ def check_sources(manifests, source, allow_different: bool) -> None:
                              "pass the right --baseline, or --allow-different-source to compare anyway")
 
 
-def _artifact_names(manifests) -> list:
-    names = [f"{m['backend']}-{m['precision']}" for _, m in manifests]
+def _artifact_names(manifests, caches) -> list:
+    names = [f"{m['backend']}-{m['precision']}" + (f"@{c.spec}" if c else "") for (_, m), c in zip(manifests, caches)]
     return [f"{n}:{p.name}" if names.count(n) > 1 else n for n, (p, _) in zip(names, manifests)]
 
 
-def plan(source, manifests, peers, device="cpu", provider=None, threads=None) -> list:
-    """The variants in run order: baseline, peers, artifacts. ``info["device"]`` is where each one runs."""
+def plan(source, manifests, peers, device="cpu", provider=None, threads=None, caches=None) -> list:
+    """The variants in run order: baseline, peers, artifacts (``caches``: each one's step cache, from
+    :func:`artifact_caches`; None: none). ``info["device"]`` is where each one runs."""
+    caches = caches or [None] * len(manifests)
     variants = [Variant(BASELINE, "baseline", source.load, lambda pipe, dev: pipe.to(dev),
                         {"source": source.to_dict(), "backend": "torch", "precision": "fp32", "device": device})]
     for name in peers:
@@ -157,21 +174,25 @@ def plan(source, manifests, peers, device="cpu", provider=None, threads=None) ->
         if "source" in inspect.signature(prepare).parameters:     # rows that export the source itself
             prepare = functools.partial(prepare, source=source)
         variants.append(Variant(name, "peer", source.load, prepare, {"source": source.to_dict(), "device": device}))
-    for name, (path, m) in zip(_artifact_names(manifests), manifests):
+    for name, (path, m), cache in zip(_artifact_names(manifests, caches), manifests, caches):
         prov = provider or m.get("provider")
         gpu = m["backend"] == "tensorrt" or prov in ("cuda", "tensorrt")
-        variants.append(Variant(name, "artifact", _artifact_loader(path, provider, threads), None, {
+        variants.append(Variant(name, "artifact", _artifact_loader(path, provider, threads, cache), None, {
             "artifact": str(path), "backend": m["backend"], "precision": m["precision"], "provider": prov,
+            "cache": cache.spec if cache else None,
             "device": "cuda" if gpu else "cpu", "source": m.source,
             "components": {c: e.get("precision") for c, e in m.components.items()}}))
     return variants
 
 
-def _artifact_loader(path: Path, provider, threads):
+def _artifact_loader(path: Path, provider, threads, cache=None):
     def load():
         from diffaccel.engines.pipelines import pipeline_class
 
-        return pipeline_class(path).from_pretrained(path, provider=provider, threads=threads)
+        pipe = pipeline_class(path).from_pretrained(path, provider=provider, threads=threads)
+        if cache is not None:
+            pipe.denoiser.enable_cache(cache)   # DeepCache on the split U-Net (docs/step-cache.md)
+        return pipe
     return load
 
 
