@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from diffaccel.optimize.artifact.errors import DiffaccelError
+from diffaccel.engines.pipelines.cache import CACHE_HELP
 from diffaccel.optimize.cli.args import GUIDANCE_HELP, guidance_arg
 
 
@@ -69,6 +70,8 @@ def _add_workload_args(p) -> None:
     work.add_argument("--seed", type=int, default=0, help="seeds arrivals; request i uses seed+i")
     work.add_argument("--provider", default=None, help="ONNX Runtime provider (default: the one built for)")
     work.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    work.add_argument("--cache", default=None, metavar="SPEC", help=CACHE_HELP + "; with --url: the server's "
+                                                                                 "(diffaccel serve --cache)")
     work.add_argument("--calib-repeats", type=int, default=3, help="timed calls per batch size when calibrating; "
                                                                      "the median is used (default 3)")
 
@@ -168,11 +171,16 @@ def _cmd_bench(args) -> int:
         raise DiffaccelError("give an artifact folder (in-process benchmark) or --url of a running server, not both")
     if args.vs_server is not None:
         _vs_server_args(args)
+    if args.cache is not None and (args.url is not None or args.vs_server is not None):
+        raise DiffaccelError("--cache sets the in-process pipeline's step cache; a server's is its own: start it "
+                             "with diffaccel serve OUT --cache SPEC and bench it with --url")
     if args.url is not None:
         return _cmd_bench_url(args)
     base, sweep = _configs(args)
     prompts = read_prompts(args.prompts) if args.prompts is not None else ()
-    Manifest.load(args.artifact)          # a missing or foreign folder fails here, in one line
+    from diffaccel.engines.pipelines.cache import cache_for
+
+    cache = cache_for(args.artifact, Manifest.load(args.artifact), args.cache)   # one line if it cannot be run
     if Path(args.out).resolve() == Path(args.artifact).resolve():
         raise DiffaccelError("-o must be a new folder, not the artifact itself")
     check_out(args.out)
@@ -181,7 +189,7 @@ def _cmd_bench(args) -> int:
     n = len(sweep.points(base))
     print(f"loading {args.artifact}, calibrating, then {n} run(s) ...", file=sys.stderr, flush=True)
     result = run_bench(args.artifact, base, sweep, prompts=prompts, provider=args.provider, threads=args.threads,
-                       calib_repeats=args.calib_repeats, on_run=_progress)
+                       calib_repeats=args.calib_repeats, on_run=_progress, cache=cache)
     out = write_bench_dir(result, args.out)
     print(format_console(result))
     print(f"wrote {out}/bench.json, bench.md, bench.png")

@@ -70,10 +70,12 @@ class SweepConfig:
 class LoadBench:
     """The artifact's drop-in pipeline with a fixed workload (steps, size, guidance), ready to serve load tests."""
 
-    def __init__(self, artifact, base: LoadConfig, prompts=(), provider=None, threads=None):
+    def __init__(self, artifact, base: LoadConfig, prompts=(), provider=None, threads=None, cache=None):
         from diffaccel.engines.pipelines import pipeline_class
 
         self.pipe = pipeline_class(artifact).from_pretrained(artifact, provider=provider, threads=threads)
+        if cache is not None:                 # a DeepCacheConfig: one batch is one call, so the cache is per batch
+            self.pipe.denoiser.enable_cache(cache)
         self.pipe.set_progress_bar_config(disable=True)
         native = native_size(self.pipe)
         self.base = dataclasses.replace(base, height=base.height or native, width=base.width or native)
@@ -125,7 +127,7 @@ class LoadBench:
 
 
 def run_bench(artifact, base: LoadConfig, sweep: "SweepConfig | None" = None, prompts=(), provider=None,
-              threads=None, calib_repeats: int = 3, on_run=None) -> dict:
+              threads=None, calib_repeats: int = 3, on_run=None, cache=None) -> dict:
     """Calibrate, run every configuration of ``sweep`` (one run without it) and return the full record.
     ``on_run(index, total, run)`` is called after each run (for progress)."""
     from diffaccel.optimize.artifact.manifest import now
@@ -134,7 +136,7 @@ def run_bench(artifact, base: LoadConfig, sweep: "SweepConfig | None" = None, pr
 
     sweep = sweep or SweepConfig()
     points = sweep.points(base)
-    bench = LoadBench(artifact, base, prompts, provider, threads)
+    bench = LoadBench(artifact, base, prompts, provider, threads, cache)
     bench.calibrate(max(cfg.max_batch for _, cfg in points), calib_repeats)
     runs = []
     for i, (_, cfg) in enumerate(points):
@@ -145,10 +147,11 @@ def run_bench(artifact, base: LoadConfig, sweep: "SweepConfig | None" = None, pr
     table = [table_row(r["point"], r["metrics"]) for r in runs]
     m, host = bench.pipe.manifest, host_info()
     return {"schema_version": SCHEMA_VERSION, "benchmark": "load", "created": now(), "artifact": str(artifact),
-            "source": m.source.get("spec"), "engine": f"{m.get('backend')}/{m.get('precision')}",
+            "source": m.source.get("spec"),
+            "engine": f"{m.get('backend')}/{m.get('precision')}" + (f"@cache={cache.spec}" if cache else ""),
             "engine_max_batch": (m.get("shapes") or {}).get("batch", [None, None])[1],
             "config": {**bench.base.to_dict(), "prompts": list(bench.prompts), "provider": provider,
-                       "threads": threads, "calib_repeats": calib_repeats},
+                       "threads": threads, "calib_repeats": calib_repeats, "cache": cache.spec if cache else None},
             "sweep": dataclasses.asdict(sweep), "host": host, "host_text": describe(host),
             "calibration": [{"batch": b, "seconds": s, "images_per_min": b / s * 60}
                             for b, s in sorted(bench.calibration.items())],
