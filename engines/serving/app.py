@@ -44,6 +44,9 @@ def _validation_message(exc: RequestValidationError, model, cfg=None) -> "tuple[
     bounded = limits(cfg).get(field) if cfg is not None else None
     if bounded and e.get("type") in ("less_than_equal", "greater_than_equal"):
         msg = f"{field}={e.get('input')!r:.40} is outside what this server runs; allowed: {bounded[0]}-{bounded[1]}"
+    elif e.get("type") == "extra_forbidden" and field == "cache":   # its state lives in the model's U-Net: a
+        msg = ("cache is set per deployment, not per request (a batch shares the model's step cache); choose a "
+               "model served with one, e.g. diffaccel serve OUT@cache=deepcache:interval=3")
     elif e.get("type") == "extra_forbidden":
         msg = f"unknown field {field!r}; allowed: {', '.join(model.model_fields)}"
     elif e.get("type") in ("json_invalid", "model_attributes_type", "dict_type"):

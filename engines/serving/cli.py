@@ -19,8 +19,9 @@ def register(sub) -> None:
                     "at /. Embedded by default (one process, SQLite job store); --ray runs it on Ray Serve.",
         epilog="Example: diffaccel serve engines/tiny --port 8000   then open http://127.0.0.1:8000/  "
                "(docs/serving.md)")
-    p.add_argument("artifacts", nargs="+", metavar="OUT", help="artifact folder(s) made by diffaccel optimize; "
-                                                                "requests pick one with \"model\": FOLDER-NAME")
+    p.add_argument("artifacts", nargs="+", metavar="OUT[@cache=SPEC]",
+                   help="artifact folder(s) made by diffaccel optimize; requests pick one with \"model\": FOLDER-NAME "
+                        "(FOLDER-NAME@SPEC for one served with a step cache: OUT@cache=SPEC or --cache)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--db", default="diffaccel-jobs.sqlite", help="SQLite job store (default ./diffaccel-jobs.sqlite);"
@@ -44,6 +45,9 @@ def register(sub) -> None:
                         "than one denoising step of the slowest model)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per engine")
     p.add_argument("--provider", default=None, help="ONNX Runtime provider (default: the one built for)")
+    p.add_argument("--cache", default=None, metavar="SPEC",
+                   help="step cache for every OUT built with --step-cache that has no @cache= of its own: "
+                        "deepcache[:interval=N][,branch=B] or off; per deployment, not per request (docs/serving.md)")
     r = p.add_argument_group("Ray Serve (scale-out)")
     r.add_argument("--ray", action="store_true", help="run on Ray Serve (joins the cluster at $RAY_ADDRESS or starts "
                                                       "a local one); needs pip install -e \".[ray]\"")
@@ -70,14 +74,13 @@ def serve_config(args):
 
 def _cmd_serve(args) -> int:
     from diffaccel.engines.serving.build import build_service, missing_extra
-    from diffaccel.optimize.artifact.manifest import Manifest
+    from diffaccel.engines.serving.models import cache_paths
 
     hint = missing_extra()
     if hint:
         raise DiffaccelError(hint)
     cfg = serve_config(args)
-    for a in args.artifacts:
-        Manifest.load(a)                 # a missing or foreign folder fails here, in one line
+    args.artifacts = cache_paths(args.artifacts, args.cache)    # bad folders and caches fail here, in one line
     if args.ray:
         import importlib.util
 

@@ -81,21 +81,48 @@ def load_models(paths, threads=None, provider=None) -> dict:
     """name -> :class:`ServedModel` for each artifact folder (named by the folder; a repeated name gets ``-2``...),
     loaded as its family's drop-in (SD, SDXL, ...). A model's default guidance is the one it was built for
     (:attr:`~diffaccel.optimize.artifact.manifest.Manifest.built_guidance`: a built-in's recommended one, or
-    ``optimize --guidance``), as every command uses; one built for guidance <= 1 serves no more."""
+    ``optimize --guidance``), as every command uses; one built for guidance <= 1 serves no more. ``OUT@cache=SPEC``
+    serves the artifact with that step cache on (checked by :func:`cache_paths`), named ``FOLDER@SPEC``: the cache
+    lives in the model's U-Net and every batch of it runs with it, so it is the deployment's, never a request's."""
     from diffaccel.engines.pipelines import pipeline_class
+    from diffaccel.engines.pipelines.cache import cache_suffix, parse_cache
 
     models = {}
     for p in paths:
-        path = Path(p)
+        text, spec = cache_suffix(p)
+        path, cache = Path(text), parse_cache(spec)
         pipe = pipeline_class(path).from_pretrained(path, provider=provider, threads=threads)
         pipe.set_progress_bar_config(disable=True)
-        name, k = path.resolve().name, 2
+        if cache is not None:
+            pipe.denoiser.enable_cache(cache)
+        first = path.resolve().name + (f"@{cache.spec}" if cache else "")
+        name, k = first, 2
         while name in models:
-            name, k = f"{path.resolve().name}-{k}", k + 1
+            name, k = f"{first}-{k}", k + 1
         g, most = pipe.manifest.built_guidance, pipe.manifest.guidance_limit
         models[name] = ServedModel(name, path, pipe, float(g), pipe.scheduler.config, most, type(pipe.scheduler))
         log.info("serving %s (%s) from %s (default guidance %g)", name, type(pipe).__name__, path, g)
     return models
+
+
+def cache_paths(artifacts, default: "str | None") -> list:
+    """``OUT`` or ``OUT@cache=SPEC`` per served artifact, with ``default`` (``serve --cache``) applied to those built
+    with ``--step-cache`` that name none; a cache an artifact cannot run is refused in one line, before loading."""
+    from diffaccel.engines.pipelines.cache import built_split, cache_for, cache_suffix, parse_cache
+    from diffaccel.optimize.artifact.errors import DiffaccelError
+    from diffaccel.optimize.artifact.manifest import Manifest
+
+    out, split = [], False
+    for a in artifacts:
+        path, given = cache_suffix(a)
+        m = Manifest.load(path)                 # a missing or foreign folder fails here, in one line
+        split = split or built_split(m) is not None
+        cache = cache_for(path, m, given, default)
+        out.append(f"{path}@cache={cache.spec}" if cache else path)
+    if parse_cache(default) is not None and not split:
+        raise DiffaccelError(f"--cache {default}: none of the served artifacts was built with --step-cache; rebuild "
+                             "one with diffaccel optimize SRC -o OUT --step-cache")
+    return out
 
 
 def dry_run_problem(cls, config, steps: int) -> str:
