@@ -35,6 +35,9 @@ def add_microbench(sub) -> None:
     p.add_argument("--calib-steps", type=int, default=None,
                    help="int8 builds: denoising steps captured per prompt (default: optimize's, 8)")
     p.add_argument("--json", default=None, help="also write the full record (samples, host, config) here")
+    p.add_argument("--cache", default=None, metavar="SPEC", help="refused: a step cache saves whole steps across an "
+                   "image, so one timed step cannot show it; use diffaccel eval OUT@cache=SPEC (whole images) or "
+                   "tools/step_cache_bench.py (docs/step-cache.md)")
     p.set_defaults(func=_cmd_microbench)
 
 
@@ -46,6 +49,10 @@ def _cmd_microbench(args) -> int:
     from diffaccel.eval.harness.host import describe
     from diffaccel.eval.harness.microbench import StepBenchConfig, format_table, run_step_bench
 
+    if args.cache is not None:
+        raise DiffaccelError(f"microbench --cache {args.cache}: microbench times one denoiser step, and a step cache "
+                             "saves whole steps across an image; time it with diffaccel eval OUT OUT@cache=SPEC "
+                             "(whole images) or tools/step_cache_bench.py")
     variants = comma_list(args.variants, "--variants", what="backend/precision pairs",
                           example="torch/fp32,onnxruntime/fp32")
     try:
