@@ -88,6 +88,9 @@ def components_of(fam, requested: tuple) -> tuple:
     requested = tuple(requested)
     if requested == COMPONENTS:
         return tuple(fam.COMPONENTS)
+    parts = getattr(fam, "parts", None)      # an optimize --step-cache family builds its denoiser as these parts
+    if parts:
+        requested = tuple(p for c in requested for p in (parts.values() if c == fam.DENOISER else (c,)))
     missing = [c for c in requested if c not in fam.COMPONENTS]
     if missing:
         raise SourceError(f"{fam.TITLE} ({fam.NAME}) has no component {', '.join(missing)}; it has: "

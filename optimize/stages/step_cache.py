@@ -43,7 +43,8 @@ class StepCacheStage(Stage):
         missing = [c for c in record["graphs"].values() if c not in ctx.manifest.components]
         if missing:
             raise DiffaccelError(f"the step cache needs engines for {', '.join(missing)}; build every component "
-                                 "(leave --components out)")
+                                 "(leave --components out) or its whole denoiser (--components "
+                                 f"{den})")
         head = ctx.manifest.components[record["graphs"]["head"]]
         with ctx.timed(self.name, den):
             engine = SplitEngine.from_components(ctx.root, ctx.manifest.components, record, ctx.specs[den],
