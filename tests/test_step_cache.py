@@ -215,3 +215,115 @@ def test_cli(split_art, whole_art, tmp_path, capsys):
     assert "built without --step-cache" in capsys.readouterr().err
     assert main(["generate", str(split_art), "a red circle", "--cache", "deepcache:every=2"]) == 2
     assert "bad --cache 'deepcache:every=2'" in capsys.readouterr().err
+
+
+# ---- --cache on eval, bench, serve; microbench refuses it; --components; info ----------------------------------
+def test_eval_compares_cache_settings_of_one_artifact(split_art, tmp_path, capsys):
+    import json
+
+    from .helpers import run_cli
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    code, out, err = run_cli(capsys, "eval", split_art, f"{split_art}@cache=deepcache:interval=2",
+                             f"{split_art}@cache=off", "--cache", "deepcache:interval=3", "--prompts", prompts,
+                             "--seeds", "0", "--steps", "4", "--batch-sizes", "1", "--repeat", "1", "--warmup", "0",
+                             "-o", tmp_path / "r")
+    assert code == 0, err
+    rows = {v["name"]: v for v in json.loads((tmp_path / "r" / "report.json").read_text())["variants"]}
+    cached = {n: v["info"]["cache"] for n, v in rows.items() if v["kind"] == "artifact"}
+    assert set(cached.values()) == {"deepcache:interval=2", "deepcache:interval=3", None}, cached
+    assert "onnxruntime-fp32@deepcache:interval=2" in rows and "onnxruntime-fp32@deepcache:interval=2" in out
+    for name in cached:      # every step is timed, cached ones too (the step cache, not the engine, is wrapped)
+        assert rows[name]["latency"]["denoiser_step"]["n"] == 4, name
+    psnr_of = {c: rows[n]["quality"]["aggregate"]["psnr_mean"] for n, c in cached.items()}
+    assert psnr_of[None] > 100 > psnr_of["deepcache:interval=2"]
+
+
+def test_eval_cache_refusals(split_art, whole_art, tmp_path, capsys):
+    from diffaccel.engines.pipelines.cache import DeepCacheConfig
+    from diffaccel.eval.harness.variants import artifact_caches, load_manifests
+
+    from .helpers import assert_one_line_error, run_cli
+
+    arts = [str(whole_art), str(split_art), f"{split_art}@cache=off"]
+    assert artifact_caches(arts, load_manifests(arts), "deepcache:interval=5") == [None, DeepCacheConfig(5), None]
+    for argv, needle in (([f"{whole_art}@cache=deepcache"], "built without --step-cache"),
+                         ([whole_art, "--cache", "deepcache"], "none of the artifacts was built with --step-cache"),
+                         ([split_art, "--cache", "deepcache:every=2"], "bad --cache 'deepcache:every=2'"),
+                         ([f"{split_art}@cache=deepcache:branch=1"], "split at branch 0")):
+        assert_one_line_error(*run_cli(capsys, "eval", *argv, "-o", tmp_path / "r")[::2], needle)
+
+
+def test_bench_cache(split_art, whole_art, tmp_path, capsys):
+    import json
+
+    from .helpers import assert_one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, "bench", split_art, "--cache", "deepcache:interval=2", "--steps", "3",
+                           "--requests", "2", "--max-batch", "1", "--calib-repeats", "1", "-o", tmp_path / "b")
+    assert code == 0, err
+    assert json.loads((tmp_path / "b" / "bench.json").read_text())["engine"] == \
+        "onnxruntime/fp32@cache=deepcache:interval=2"
+    assert_one_line_error(*run_cli(capsys, "bench", whole_art, "--cache", "deepcache", "-o", tmp_path / "c")[::2],
+                          "built without --step-cache")
+    assert_one_line_error(*run_cli(capsys, "bench", "--url", "http://127.0.0.1:9", "--cache", "deepcache",
+                                   "-o", tmp_path / "d")[::2], "diffaccel serve OUT --cache SPEC")
+
+
+def test_microbench_refuses_cache(capsys):
+    from .helpers import assert_one_line_error, run_cli
+
+    assert_one_line_error(*run_cli(capsys, "microbench", "random:tiny", "--cache", "deepcache")[::2],
+                          "times one denoiser step", "OUT@cache=SPEC")
+
+
+def test_serve_cache_is_per_deployment(split_art, whole_art, tmp_path):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from starlette.testclient import TestClient
+
+    from diffaccel.engines.serving.app import create_app
+    from diffaccel.engines.serving.models import cache_paths, load_models
+    from diffaccel.optimize.artifact.errors import DiffaccelError
+
+    from .serve_helpers import make_service
+
+    cached = f"{split_art}@cache=deepcache:interval=3"
+    assert cache_paths([str(whole_art), str(split_art)], "deepcache") == [str(whole_art), cached]
+    assert cache_paths([str(split_art), f"{split_art}@cache=off"], "deepcache:interval=3") == [cached, str(split_art)]
+    with pytest.raises(DiffaccelError, match="built without --step-cache"):
+        cache_paths([f"{whole_art}@cache=deepcache"], None)
+    with pytest.raises(DiffaccelError, match="none of the served artifacts"):
+        cache_paths([str(whole_art)], "deepcache")
+    models = load_models([str(split_art), cached])
+    name = split_art.resolve().name
+    assert list(models) == [name, f"{name}@deepcache:interval=3"]
+    assert [m.pipe.unet.is_cache_enabled for m in models.values()] == [False, True]
+    with TestClient(create_app(make_service(models, tmp_path / "jobs.sqlite"))) as client:
+        ok = client.post("/v1/images/generations", json={"prompt": "a red circle", "steps": 3, "seed": 0,
+                                                         "model": f"{name}@deepcache:interval=3"})
+        assert ok.status_code == 200, ok.text
+        r = client.post("/v1/images/generations", json={"prompt": "a red circle", "cache": "deepcache"})
+        assert r.status_code == 400 and "per deployment, not per request" in r.json()["error"]["message"]
+
+
+def test_components_unet_builds_the_split_parts():
+    from diffaccel.optimize.families import components_of, family
+    from diffaccel.optimize.families.unet_split import StepCacheFamily
+
+    config = {"_class_name": "UNet2DConditionModel", "block_out_channels": [32, 64], "layers_per_block": 2,
+              "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}
+    fam = StepCacheFamily(family("sd"), config, 0)
+    assert components_of(fam, ("unet",)) == ("unet_head", "unet_deep", "unet_tail")
+    assert components_of(fam, ("text_encoder", "unet")) == ("text_encoder", "unet_head", "unet_deep", "unet_tail")
+
+
+def test_info_shows_the_split(split_art, capsys):
+    from .helpers import run_cli
+
+    code, out, _ = run_cli(capsys, "info", split_art)
+    rows = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith(("unet", "  unet"))}
+    assert code == 0 and "deepcache split at branch 0" in rows["unet"] and " 0.0 MB" not in rows["unet"]
+    assert [k for k in rows if k != "unet"] == ["unet_head", "unet_deep", "unet_tail"]
+    assert all(ln.startswith("  ") for k, ln in rows.items() if k != "unet")
