@@ -70,8 +70,8 @@ def _add_workload_args(p) -> None:
     work.add_argument("--seed", type=int, default=0, help="seeds arrivals; request i uses seed+i")
     work.add_argument("--provider", default=None, help="ONNX Runtime provider (default: the one built for)")
     work.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-    work.add_argument("--cache", default=None, metavar="SPEC", help=CACHE_HELP + "; with --url: the server's "
-                                                                                 "(diffaccel serve --cache)")
+    work.add_argument("--cache", default=None, metavar="SPEC", help=CACHE_HELP + "; refused with --url and "
+                      "--vs-server: a server's cache is its own (diffaccel serve --cache)")
     work.add_argument("--calib-repeats", type=int, default=3, help="timed calls per batch size when calibrating; "
                                                                      "the median is used (default 3)")
 
