@@ -251,7 +251,8 @@ def test_eval_cache_refusals(split_art, whole_art, tmp_path, capsys):
     for argv, needle in (([f"{whole_art}@cache=deepcache"], "built without --step-cache"),
                          ([whole_art, "--cache", "deepcache"], "none of the artifacts was built with --step-cache"),
                          ([split_art, "--cache", "deepcache:every=2"], "bad --cache 'deepcache:every=2'"),
-                         ([f"{split_art}@cache=deepcache:branch=1"], "split at branch 0")):
+                         ([f"{split_art}@cache=deepcache:branch=1"], "split at branch 0"),
+                         ([split_art, f"{split_art}@cache=off"], "listed twice with the same cache")):
         assert_one_line_error(*run_cli(capsys, "eval", *argv, "-o", tmp_path / "r")[::2], needle)
 
 

@@ -98,7 +98,13 @@ def artifact_caches(artifacts, manifests, default: "str | None") -> list:
     if parse_cache(default) is not None and not any(built_split(m) for _, m in manifests):
         raise DiffaccelError(f"--cache {default}: none of the artifacts was built with --step-cache (only those take "
                              "a cache); rebuild one with diffaccel optimize SRC -o OUT --step-cache")
-    return [cache_for(path, m, cache_suffix(a)[1], default) for a, (path, m) in zip(artifacts, manifests)]
+    caches = [cache_for(path, m, cache_suffix(a)[1], default) for a, (path, m) in zip(artifacts, manifests)]
+    seen = [(path.resolve(), c) for (path, _), c in zip(manifests, caches)]
+    twice = next((f"{p}" + (f"@cache={c.spec}" if c else "") for k, (p, c) in enumerate(seen) if (p, c) in seen[:k]),
+                 None)
+    if twice:
+        raise DiffaccelError(f"{twice} is listed twice with the same cache; give each artifact once per setting")
+    return caches
 
 
 def baseline_spec(manifests, baseline: "str | None") -> str:
