@@ -6,7 +6,7 @@
 >>> OptimizeConfig(precision="int4")
 Traceback (most recent call last):
 ...
-ValueError: unknown precision 'int4'; choose one of: fp32, fp16, bf16, int8, fp8
+ValueError: unknown precision 'int4'; choose one of: fp32, fp16, bf16, int8, fp8, w8a16, w4a16
 """
 from __future__ import annotations
 

@@ -37,6 +37,8 @@ class Precision(_StrEnum):
     BF16 = "bf16"
     INT8 = "int8"
     FP8 = "fp8"
+    W8A16 = "w8a16"              # weight-only: int8 weights, 16-bit (bf16) compute where the CPU has it
+    W4A16 = "w4a16"              # weight-only: int4 weights in groups, 16-bit (bf16) compute
 
 
 class Exporter(_StrEnum):

@@ -75,7 +75,7 @@ def test_pickle_without_trust_flag(capsys, tmp_path):
 
 @pytest.mark.parametrize("flag,value,needle", [
     ("--backend", "coreml", "choose one of: onnxruntime, torch, tensorrt, openvino"),
-    ("--precision", "int3", "choose one of: fp32, fp16, bf16, int8, fp8"),
+    ("--precision", "int3", "choose one of: fp32, fp16, bf16, int8, fp8, w8a16, w4a16"),
     ("--height", "100", "multiples of 8"),
     ("--width", "abc", "bad width"),
     # a multiple of 8 but not of random:tiny's 16 (VAE factor 8 x one U-Net downsampler): refused from the configs,

@@ -214,6 +214,8 @@ TOLERANCES = {
     "int8": {"kind": "l2", "rtol": 0.3, "atol": 0.0},          # a quantized U-Net: a sanity bound (eval measures quality)
     "int8-dynamic": {"kind": "l2", "rtol": 0.1, "atol": 0.0},  # dynamic int8 MatMuls (text encoder, VAE)
     "qdq-vs-fake-quant": {"kind": "l2", "rtol": 0.1, "atol": 0.0},  # Q/DQ ONNX against Model Optimizer's fake-quant
+    "w8a16": {"kind": "l2", "rtol": 0.1, "atol": 0.0},         # int8 weights per channel, bf16 compute
+    "w4a16": {"kind": "l2", "rtol": 0.3, "atol": 0.0},         # int4 weights in groups: a sanity bound (eval measures)
 }
 
 

@@ -3,7 +3,8 @@ converted to OpenVINO IR, compiled for the CPU at the plan's inference precision
 
 fp32 engines run in f32 (set explicitly: OpenVINO picks bf16 by itself on CPUs that have it); bf16 engines in bf16;
 int8 engines run the quantized U-Net's int8 layers in int8 and everything left in float in bf16 where the CPU has
-bf16 (f32 elsewhere). The precision, OpenVINO's version and the CPU's ISA flags go into the manifest.
+bf16 (f32 elsewhere); weight-only engines (w8a16, w4a16: :mod:`~diffaccel.optimize.quant.weight_only`) hold int8 or
+int4 weights and compute in bf16 where the CPU has it. The precision, OpenVINO's version and the CPU's ISA flags go into the manifest.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def inference_precision(precision: str, caps: tuple) -> str:
     """
     if precision == "fp32":
         return "f32"
-    return "bf16" if "BF16" in caps else "f32"
+    return "bf16" if "BF16" in caps else "f32"        # bf16, int8's float parts, and weight-only's compute
 
 
 class OpenVinoEngineStage(Stage):
@@ -47,21 +48,30 @@ class OpenVinoEngineStage(Stage):
 
     def run(self, ctx):
         from diffaccel.engines.backends.openvino import OvEngine, capabilities, cache_key, cpu_key, openvino
+        from diffaccel.optimize.quant.weight_only import PRECISIONS, compress_openvino, compresses
 
         ov = openvino()
-        precision = inference_precision(str(ctx.config.precision), capabilities())
+        asked = str(ctx.config.precision)
+        precision = inference_precision(asked, capabilities())
         result = StageResult()
         for comp in ctx.components:
             src = ctx.latest_model(comp, self.name)
             with ctx.timed(self.name, comp), fresh_dir(ctx.root / comp / "engine") as d:
-                ov.save_model(ov.convert_model(str(src)), str(d / "model.xml"), compress_to_fp16=False)
+                model, weights = ov.convert_model(str(src)), None
+                if compresses(asked, comp):        # weight-only: int8/int4 weights, the rest at `precision`
+                    model, weights = compress_openvino(model, asked)
+                ov.save_model(model, str(d / "model.xml"), compress_to_fp16=False)
+                del model
                 engine = OvEngine(d / "model.xml", precision, ctx.config.threads, spec=ctx.specs[comp])
-                low = {} if precision == "f32" else tolerance("bf16")
+                low = tolerance(asked) if weights else {} if precision == "f32" else tolerance("bf16")
                 report = ctx.check_against_torch(comp, engine, **(ctx.tolerance(comp) or low))
                 del engine
             files = [ctx.root / comp / "engine" / n for n in ("model.xml", "model.bin")]
             result.add(comp, files=files)
+            extra = {"precision": asked, "weight_compression": weights} if weights else {}
+            if not weights and asked in PRECISIONS:      # a component weight-only leaves float (the VAE)
+                extra = {"precision": "bf16" if precision == "bf16" else "fp32"}
             ctx.record_component(comp, backend="openvino", engine=f"{comp}/engine/model.xml", files=files,
                                  validation=report, openvino={**cpu_key(precision), "inference_precision": precision,
-                                                              "cache_key": cache_key(precision)})
+                                                              "cache_key": cache_key(precision)}, **extra)
         return result

@@ -58,6 +58,12 @@ PLANS = {  # (backend, precision) -> (stage names, note)
     ("openvino", "fp32"): (("assets", "export", "engine"), "ONNX export, OpenVINO IR compiled for the CPU in f32"),
     ("openvino", "bf16"): (("assets", "export", "engine"),
                            "ONNX export, OpenVINO IR compiled for the CPU in bf16 (CPUs with AVX512_BF16 or AMX)"),
+    ("openvino", "w8a16"): (("assets", "export", "engine"),
+                            "int8 weights per output channel (NNCF weight compression, no calibration) in the denoiser "
+                            "and text encoders, bf16 compute where the CPU has it; VAE float"),
+    ("openvino", "w4a16"): (("assets", "export", "engine"),
+                            "int4 weights in groups of 128 (NNCF; layers it keeps at int8 recorded) in the denoiser and "
+                            "text encoders, bf16 compute where the CPU has it; VAE float"),
     ("openvino", "int8"): (("assets", "export", "quantize", "engine"),
                            "diffaccel's calibrated int8 Q/DQ U-Net compiled by OpenVINO, float parts in bf16 where the "
                            "CPU has it"),
