@@ -194,7 +194,7 @@ def _check_memory(source: Source, configs: "dict | None", family, config: Optimi
 
     return check_memory([s.name for s in stage_classes], sum(weights.values()), max(built, default=0), attention,
                         config.memory_limit, latent_area=h * w, alone=source.loads_models_alone,
-                        fused=fuses_attention(config))
+                        fused=fuses_attention(config), mapped=source.maps_weights)
 
 
 def _check_disk(configs, family, config: OptimizeConfig, stage_classes, out: Path) -> "dict | None":

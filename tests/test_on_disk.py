@@ -123,3 +123,22 @@ def test_mapped_file_pages_are_told_apart_from_anonymous_ones(tmp_path):
         del copy
     assert rss1 - rss0 >= 60 << 20 and anon1 - anon0 < 16 << 20, (rss1 - rss0, anon1 - anon0)
     assert w.anon_peak_bytes - anon1 >= 60 << 20 and w.record()["peak_anon_bytes"] == w.anon_peak_bytes
+
+
+def test_the_source_says_when_its_weights_are_mapped_and_the_estimate_counts_the_anonymous_rest(
+        on_disk_tiny, tiny_pipe, tmp_path, monkeypatch):
+    from diffaccel.optimize.stages.resources import estimate_peak
+
+    assert resolve_source("random:tiny").maps_weights                       # a recipe written to disk
+    tiny_pipe.save_pretrained(tmp_path / "fp32")
+    assert resolve_source(str(tmp_path / "fp32")).maps_weights              # fp32 safetensors: mapped
+    tiny_pipe.to(torch.float16).save_pretrained(tmp_path / "fp16")
+    tiny_pipe.to(torch.float32)
+    assert not resolve_source(str(tmp_path / "fp16")).maps_weights         # cast into memory when loaded in fp32
+    monkeypatch.setattr(on_disk, "ON_DISK_BYTES", 1 << 40)
+    monkeypatch.setattr(on_disk, "_SIZES", {})
+    assert not resolve_source("random:tiny").maps_weights                   # made in memory
+    stages = ["assets", "export", "engine"]
+    held, _ = estimate_peak(stages, 13.9e9, 10.3e9, 1.34e9, 128 * 128, alone=True, fused=True)
+    mapped, _ = estimate_peak(stages, 13.9e9, 10.3e9, 1.34e9, 128 * 128, alone=True, fused=True, mapped=True)
+    assert mapped < held - 3e9

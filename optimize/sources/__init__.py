@@ -21,7 +21,8 @@ from diffaccel.optimize.artifact.files import file_sha256
 from diffaccel.optimize.families import configs_of, detect, family
 from diffaccel.optimize.sources import dit_recipes
 from diffaccel.optimize.sources.checks import check_folder, check_safetensors, check_single_file, folder_hash
-from diffaccel.optimize.sources.folders import MODELS, folder_configs, load_model, load_pipeline  # noqa: F401
+from diffaccel.optimize.sources.folders import (  # noqa: F401
+    MODELS, folder_configs, load_model, load_pipeline, maps_fp32)
 from diffaccel.optimize.sources.builtins import (BUILTINS, RECIPES, TINYSHAPES, builtin_hash, builtin_location,
                                                 is_recipe, random_models)
 from diffaccel.optimize.sources.lora import Lora, check_loras, fuse_loras, with_loras
@@ -77,6 +78,21 @@ class Source:
         if self.loras:
             return False     # a LoRA is fused through the pipeline's loader, into several models at once
         return (self.kind == "builtin" and is_recipe(self.spec)) or self.kind in ("folder", "hub")
+
+    @property
+    def maps_weights(self) -> bool:
+        """Whether the models are read memory-mapped (fp32 safetensors of a folder, or a recipe written to disk), so
+        their weights are file-backed pages rather than anonymous memory the build holds."""
+        from diffaccel.optimize.sources import on_disk
+        from diffaccel.optimize.sources.builtins import _in_memory
+
+        if self.loras:
+            return False
+        if self.kind == "builtin":
+            return is_recipe(self.spec) and on_disk.is_large(self.spec, lambda: _in_memory(self.spec))
+        configs = self.configs() or {}
+        names = [n for n in MODELS if n in configs]
+        return self.kind in ("folder", "hub") and bool(names) and maps_fp32(self.location, names)
 
     def load_models(self, names) -> dict:
         """``{name: model}`` for the named models ("unet", "vae", "text_encoder", "text_encoder_2"), fp32, CPU, eval

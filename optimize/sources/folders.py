@@ -56,3 +56,24 @@ def load_recipe_folder(name: str, folder: Path, only=None):
     if only is not None:
         return {n: load_model(folder, n) for n in only}
     return load_pipeline(folder, detect(folder_configs(folder), name))
+
+
+def maps_fp32(folder, names) -> bool:
+    """Whether each named model of ``folder`` stores its weights as fp32 safetensors, which diffusers and
+    transformers map rather than read: loading them in fp32 leaves the weights as file-backed pages (another dtype is
+    cast into anonymous memory, a pickle file is read into it)."""
+    import struct
+
+    for name in names:
+        files = sorted((Path(folder) / name).glob("*.safetensors"))
+        if not files:
+            return False
+        try:
+            with open(files[0], "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, struct.error, ValueError):
+            return False
+        if any(v.get("dtype") != "F32" for k, v in header.items() if k != "__metadata__"):
+            return False
+    return True

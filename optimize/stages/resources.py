@@ -35,10 +35,16 @@ ACTIVATION_FACTORS = {             # attention-score tensors' worth of activatio
 # (U-Net items: export 5.31, engine 5.43 GB) and random:sdxl (13.9 GB both; 10.3 GB U-Net, 1.34 GB scores).
 FUSED_WEIGHT_SHARE, FUSED_ATTENTION_FACTOR = 0.22, 0.65
 QUANTIZER_FACTOR = 1.35            # quantize_static: the float model loaded plus its int8 weights, x largest
+# Weights mapped from disk (fp32 safetensors, recipes written to disk; build sessions without pre-packing): file-backed
+# pages the kernel can drop, so what the machine must hold is the anonymous rest. The weight terms shrink to this
+# share of the weights (working copies the exporter and graph optimizer still make); activations stay.
+MAPPED_WEIGHT_SHARE = 0.3
 
 
 def _stage_need(name: str, total: float, largest: float, attention: float, area_ratio: float, alone: bool = False,
-                fused: bool = False) -> float:
+                fused: bool = False, mapped: bool = False) -> float:
+    if mapped and name in ("assets", "export", "engine"):
+        total, largest = MAPPED_WEIGHT_SHARE * total, MAPPED_WEIGHT_SHARE * largest
     if fused and name in ("export", "engine"):
         act = FUSED_WEIGHT_SHARE * largest + FUSED_ATTENTION_FACTOR * attention
     else:
@@ -75,12 +81,15 @@ def available_memory() -> tuple:
 
 
 def estimate_peak(stage_names, total: int, largest: int, attention: int = 1_073_741_824,
-                  latent_area: int = REFERENCE_LATENT_AREA, alone: bool = False, fused: bool = False) -> tuple:
+                  latent_area: int = REFERENCE_LATENT_AREA, alone: bool = False, fused: bool = False,
+                  mapped: bool = False) -> tuple:
     """(estimated peak RSS in bytes, the stage it happens in) of a build from its stages' names, the fp32 weight
     bytes of the whole pipeline (``total``) and of the largest component it builds (``largest``), the largest
     attention-score tensor at the opt size (``attention``, see the family's ``attention_bytes``) and the opt latent
     area (height x width); ``alone``: the source's models can be read one at a time; ``fused``: the ONNX Runtime
-    engine fuses attention (CPU). The calibration size does not enter: statistics are merged one sample at a time.
+    engine fuses attention (CPU); ``mapped``: the weights are read memory-mapped (the estimate is then of the
+    anonymous memory, what the machine must hold). The calibration size does not enter: statistics are merged one
+    sample at a time.
 
     >>> need, stage = estimate_peak(["assets", "export", "quantize", "engine"], 4.26e9, 3.44e9)
     >>> stage, round(need / 1e9, 1)
@@ -92,7 +101,7 @@ def estimate_peak(stage_names, total: int, largest: int, attention: int = 1_073_
     best = (BASE_BYTES, "")
     for name in stage_names:
         need = BASE_BYTES + _stage_need(name, total, largest, attention, latent_area / REFERENCE_LATENT_AREA,
-                                        alone, fused)
+                                        alone, fused, mapped)
         best = max(best, (need, name))
     return best
 
@@ -163,12 +172,12 @@ def parse_size(text) -> int:
 
 def check_memory(stage_names, total: int, largest: int, attention: int = 1_073_741_824,
                  limit: "int | None" = None, latent_area: int = REFERENCE_LATENT_AREA, alone: bool = False,
-                 fused: bool = False) -> dict:
+                 fused: bool = False, mapped: bool = False) -> dict:
     """Refuse (one line: needed, available, what lowers it) a build whose estimated peak exceeds what this machine
     (or ``limit``) gives; else return the estimate for the manifest."""
     from diffaccel.optimize.artifact.errors import MemoryBudgetError
 
-    need, stage = estimate_peak(stage_names, total, largest, attention, latent_area, alone, fused)
+    need, stage = estimate_peak(stage_names, total, largest, attention, latent_area, alone, fused, mapped)
     have, where = available_memory()
     if limit is not None and limit < have:
         have, where = limit, "--memory-limit"
@@ -178,4 +187,5 @@ def check_memory(stage_names, total: int, largest: int, attention: int = 1_073_7
             f"{largest / GB:.1f} GB in fp32) but {where} gives {have / GB:.1f} GB; lower it with --height/--width "
             f"(a smaller typical size: activations), --components (one at a time), or close other programs; "
             f"--no-memory-check builds anyway")
-    return {"estimated_peak_bytes": int(need), "stage": stage, "available_bytes": int(have), "limit": where}
+    return {"estimated_peak_bytes": int(need), "stage": stage, "available_bytes": int(have), "limit": where,
+            "weights": "mapped (the estimate is of anonymous memory)" if mapped else "loaded"}
