@@ -1,5 +1,6 @@
-"""Weight-only precisions on OpenVINO (--precision w8a16 | w4a16): NNCF's data-free weight compression of the denoiser
-and text encoders, the VAE float, what each layer got recorded, and images near the fp32 engine's."""
+"""Weight-only precisions (--precision w8a16 | w4a16): NNCF's data-free weight compression on OpenVINO, MatMulNBits on
+ONNX Runtime, of the denoiser and text encoders; the VAE float, what each layer got recorded, and images near the fp32
+engine's."""
 import numpy as np
 import pytest
 
@@ -20,29 +21,34 @@ def _images(out):
                            output_type="np", generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images)
 
 
-@pytest.mark.parametrize("precision, kind, floor", [("w8a16", "int8", 30.0), ("w4a16", "int4", 20.0)])
-def test_weight_only_builds_record_each_layers_weights_and_stay_near_fp32(artifacts, precision, kind, floor):
+@pytest.mark.parametrize("backend, precision, kind, floor", [
+    ("openvino", "w8a16", "int8", 30.0), ("openvino", "w4a16", "int4", 20.0), ("onnxruntime", "w4a16", "int4", 20.0)])
+def test_weight_only_builds_record_each_layers_weights_and_stay_near_fp32(artifacts, backend, precision, kind,
+                                                                          floor):
     from diffaccel.optimize.artifact.manifest import Manifest
 
-    out = artifacts("random:tiny", "openvino", precision, exporter="torchscript")
+    out = artifacts("random:tiny", backend, precision, exporter="torchscript")
     m = Manifest.load(out)
     for comp in ("unet", "text_encoder"):
         entry = m.components[comp]
-        layers = entry["weight_compression"]["layers"]
+        layers = {"int4": 0, "int8": 0, "float": 0, **entry["weights"]["layers"]}
         quantized = layers["int4"] + layers["int8"]
-        assert entry["precision"] == precision and layers[kind] > 0 and quantized >= 0.9 * sum(layers.values()), \
+        share = 0.9 if backend == "openvino" else 0.4        # ORT: MatMuls only, convolutions stay float
+        assert entry["precision"] == precision and layers[kind] > 0 and quantized >= share * sum(layers.values()), \
             layers
         assert entry["validation"]["passed"]
-    assert m.components["unet"]["weight_compression"]["group_size"] == (128 if precision == "w4a16" else None)
+    assert m.components["unet"]["weights"]["group_size"] == (128 if precision == "w4a16" or backend == "onnxruntime"
+                                                             else None)
     for comp in ("vae_decoder", "vae_encoder"):            # the VAE stays float
-        assert "weight_compression" not in m.components[comp]
+        assert "layers" not in (m.components[comp].get("weights") or {})
         assert m.components[comp]["precision"] in ("fp32", "bf16")
-    fp32 = artifacts("random:tiny", "openvino", "fp32", exporter="torchscript")
+    fp32 = artifacts("random:tiny", backend, "fp32", exporter="torchscript")
     got = psnr(_images(out), _images(fp32))
     assert floor <= got < 100, got                           # compressed: near fp32, not identical
     size = sum(f["bytes"] for f in m.components["unet"]["files"])
     full = sum(f["bytes"] for f in Manifest.load(fp32).components["unet"]["files"])
-    assert size < (0.45 if precision == "w8a16" else 0.4) * full, (size, full)
+    limit = {"openvino": 0.45 if precision == "w8a16" else 0.4, "onnxruntime": 0.9}[backend]   # ORT: convs fp32
+    assert size < limit * full, (size, full)
 
 
 def test_weight_only_is_offered_where_it_is_built_and_refused_elsewhere(capsys, tmp_path):
@@ -50,5 +56,7 @@ def test_weight_only_is_offered_where_it_is_built_and_refused_elsewhere(capsys, 
 
     code, out, _ = run_cli(capsys, "optimize", "--help")
     assert "w8a16" in out and "w4a16" in out
-    code, _, err = run_cli(capsys, "optimize", "random:tiny", "-o", tmp_path / "o", "--precision", "w4a16")
-    assert_one_line_error(code, err, "precision w4a16 is not supported on backend onnxruntime", "openvino/w4a16")
+    code, _, err = run_cli(capsys, "optimize", "random:tiny", "-o", tmp_path / "o", "--backend", "tensorrt",
+                           "--precision", "w4a16")
+    assert_one_line_error(code, err, "precision w4a16 is not supported on backend tensorrt", "openvino/w4a16",
+                          "onnxruntime/w4a16")

@@ -2,7 +2,10 @@
 (bf16 where the CPU has it), no calibration — what fits models whose weights are the problem (a 12B transformer is
 48 GB in fp32, 12 GB in int8, 6 GB in int4).
 
-On OpenVINO it is NNCF's data-free weight compression (``nncf.compress_weights``) of the converted IR: ``w8a16``
+On ONNX Runtime it is its ``MatMulNBits`` (``onnxruntime.quantization.matmul_nbits_quantizer``): every MatMul with a
+constant weight gets 8- or 4-bit asymmetric weights in blocks of :data:`GROUP_SIZE` input channels; convolutions and
+the activation-by-activation MatMuls of attention stay fp32, and on the CPU provider, which has no bf16 kernels, so
+does the compute (recorded). On OpenVINO it is NNCF's data-free weight compression (``nncf.compress_weights``) of the converted IR: ``w8a16``
 asymmetric int8 per output channel; ``w4a16`` asymmetric int4 in groups of :data:`GROUP_SIZE` input channels (a layer
 whose channels the group does not divide gets the largest power of two that does, at least 16; NNCF keeps the
 embeddings and the last layer at int8, its "backup" mode). The denoiser and the text encoders are compressed; the VAE
@@ -67,9 +70,10 @@ def compress_openvino(model, precision: str) -> tuple:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """NNCF's tables and progress bars off for one call (the build prints its own progress); restored after."""
-    logger = logging.getLogger("nncf")
+def _quiet(library: str = "nncf"):
+    """A library's tables, progress bars and INFO lines off for one call (the build prints its own progress);
+    restored after."""
+    logger = logging.getLogger(library)
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
@@ -94,3 +98,29 @@ def layer_kinds(model) -> dict:
         if node.get_type_name() == "Constant":
             counts[weight_kind(node.get_element_type().get_type_name())] += 1
     return counts
+
+
+def compress_onnx(src, dst, precision: str) -> dict:
+    """Write ``src`` (an ONNX model) to ``dst`` with its constant-weight MatMuls as ``MatMulNBits`` (8 or 4 bits,
+    blocks of :data:`GROUP_SIZE`); returns the facts for the manifest."""
+    import collections
+
+    import onnx
+    import onnxruntime
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from diffaccel.optimize.export.onnx_export import EXTERNAL_DATA_THRESHOLD
+
+    bits = 8 if precision == "w8a16" else 4
+    model = onnx.load(str(src))
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=GROUP_SIZE, is_symmetric=False)
+    with _quiet("onnxruntime"):
+        quantizer.process()
+    out = quantizer.model.model
+    ops = collections.Counter(n.op_type for n in out.graph.node)
+    big = out.ByteSize() > EXTERNAL_DATA_THRESHOLD if hasattr(out, "ByteSize") else True
+    onnx.save_model(out, str(dst), save_as_external_data=big, location=dst.name + ".data" if big else None)
+    return {"method": "onnxruntime MatMulNBits (data-free)", "onnxruntime": onnxruntime.__version__, "bits": bits,
+            "group_size": GROUP_SIZE, "symmetric": False, "compute": "fp32 (the CPU provider has no bf16 kernels)",
+            "layers": {f"int{bits}": ops["MatMulNBits"], "float": ops["Conv"] + ops["Gemm"]},
+            "note": "convolutions and attention's activation MatMuls stay fp32"}

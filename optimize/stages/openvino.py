@@ -68,7 +68,7 @@ class OpenVinoEngineStage(Stage):
                 del engine
             files = [ctx.root / comp / "engine" / n for n in ("model.xml", "model.bin")]
             result.add(comp, files=files)
-            extra = {"precision": asked, "weight_compression": weights} if weights else {}
+            extra = {"precision": asked, "weights": weights} if weights else {}
             if not weights and asked in PRECISIONS:      # a component weight-only leaves float (the VAE)
                 extra = {"precision": "bf16" if precision == "bf16" else "fp32"}
             ctx.record_component(comp, backend="openvino", engine=f"{comp}/engine/model.xml", files=files,

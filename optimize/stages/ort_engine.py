@@ -56,7 +56,7 @@ class OrtEngineStage(Stage):
             result.add(comp, files=engine_files)
             ctx.record_component(comp, backend="onnxruntime", provider=ctx.config.provider,
                                  engine=f"{comp}/engine/model.onnx", files=engine_files, validation=report,
-                                 fused_attention=fused)
+                                 fused_attention=fused, **_float_part(ctx.config.precision, comp))
         return result
 
 
@@ -65,3 +65,10 @@ def fuses_attention(config) -> bool:
     tiled attention never holds the score matrix; see optimize/export/attention.py). CPU only: that is where it is
     verified; ``--graph-level basic`` (or disable) keeps the graph as exported."""
     return config.provider == "cpu" and config.graph_level in FUSING_LEVELS
+
+
+def _float_part(precision, comp: str) -> dict:
+    """The precision of a component a weight-only build leaves float (the VAE), for its manifest entry."""
+    from diffaccel.optimize.quant.weight_only import PRECISIONS, compresses
+
+    return {"precision": "fp32"} if str(precision) in PRECISIONS and not compresses(precision, comp) else {}

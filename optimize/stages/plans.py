@@ -1,7 +1,7 @@
 """The plan table: which stages build which (backend, precision) pair.
 
 A stage has one name, used alike as its class's ``Stage.name``, in the plan table, as its key in the manifest's
-``stages`` and in progress output: ``assets``, ``export``, ``quantize``, ``fp16``, ``engine``. A name is a role in the
+``stages`` and in progress output: ``assets``, ``export``, ``quantize``, ``weights``, ``fp16``, ``engine``. A name is a role in the
 build; a backend may fill it with its own class (``IMPLEMENTATIONS``), and a plan holds each name at most once, so the
 manifest of an artifact names each stage once. Where two backends' classes fill one role they record different
 settings (the stage key), so one never passes for the other when a build changes backend in the same OUT; where
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 
-STAGE_NAMES = ("assets", "export", "quantize", "fp16", "engine", "step_cache")   # the order stages run in
+STAGE_NAMES = ("assets", "export", "quantize", "weights", "fp16", "engine", "step_cache")   # the order stages run in
 ANY = "*"
 _S = "diffaccel.optimize.stages."
 IMPLEMENTATIONS = {  # stage name -> {backend (ANY: every backend): "module:Class"}
@@ -31,6 +31,7 @@ IMPLEMENTATIONS = {  # stage name -> {backend (ANY: every backend): "module:Clas
     "export": {ANY: _S + "export:ExportStage"},
     "quantize": {"onnxruntime": _S + "int8:QuantizeStage", "openvino": _S + "int8:QuantizeStage",
                  "tensorrt": _S + "modelopt_quantize:ModeloptQuantStage"},
+    "weights": {"onnxruntime": _S + "weight_only:WeightOnlyStage"},      # OpenVINO compresses in its engine stage
     "fp16": {"onnxruntime": _S + "fp16:Fp16Stage", "tensorrt": _S + "autocast:AutoCastStage"},
     "engine": {"onnxruntime": _S + "ort_engine:OrtEngineStage", "tensorrt": _S + "tensorrt:TensorRTBuildStage",
                "openvino": _S + "openvino:OpenVinoEngineStage", "torch": _S + "torch_save:TorchSaveStage"},
@@ -45,6 +46,12 @@ PLANS = {  # (backend, precision) -> (stage names, note)
     ("onnxruntime", "int8"): (("assets", "export", "quantize", "engine"),
                               "static QDQ int8 U-Net calibrated on the pipeline; other components float unless "
                               "QuantConfig.dynamic_int8 names them"),
+    ("onnxruntime", "w8a16"): (("assets", "export", "weights", "engine"),
+                               "int8 weights in blocks of 128 (ORT MatMulNBits, no calibration) for every constant-weight "
+                               "MatMul of the denoiser and text encoders; convolutions, VAE and compute fp32 on the CPU"),
+    ("onnxruntime", "w4a16"): (("assets", "export", "weights", "engine"),
+                               "int4 weights in blocks of 128 (ORT MatMulNBits) for every constant-weight MatMul of the "
+                               "denoiser and text encoders; convolutions, VAE and compute fp32 on the CPU"),
     ("onnxruntime", "fp16"): (("assets", "export", "fp16", "engine"),
                               "fp16 for the CUDA/TensorRT providers; VAE fp32; NaN/black guard"),
     ("torch", "fp32"): (("assets", "engine"), "PyTorch eager reference"),
