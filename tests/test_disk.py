@@ -22,13 +22,12 @@ def test_a_disk_too_small_for_the_build_is_refused_before_anything_is_written(ca
     assert need == int(2 * 110 * resources.DISK_MARGIN)
 
 
-def test_the_manifest_records_the_disk_estimate_and_it_covers_what_was_written(tmp_path):
-    from diffaccel.optimize import OptimizeConfig, optimize
+def test_the_manifest_records_the_disk_estimate_and_it_covers_what_was_written(tiny_ort_ts):
+    from diffaccel.optimize.artifact.manifest import Manifest
 
-    m = optimize("random:tiny", tmp_path / "out", OptimizeConfig(exporter="torchscript"))
-    est = m.data["disk_estimate"]
-    written = sum(p.stat().st_size for p in (tmp_path / "out").rglob("*") if p.is_file())
-    weights = sum(p.stat().st_size for p in (tmp_path / "out").rglob("*.onnx*"))
+    est = Manifest.load(tiny_ort_ts).data["disk_estimate"]
+    written = sum(p.stat().st_size for p in tiny_ort_ts.rglob("*") if p.is_file())
+    weights = sum(p.stat().st_size for p in tiny_ort_ts.rglob("*.onnx*"))
     assert est["where"] and est["free_bytes"] > 0 and weights <= est["estimated_bytes"] <= 4 * written, (est, written)
 
 

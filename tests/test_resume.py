@@ -75,7 +75,7 @@ def test_one_name_per_stage_in_code_plan_and_manifest(built):
         assert list(names) == sorted(names, key=STAGE_NAMES.index) and len(set(names)) == len(names)
     assert stage_class("engine", "openvino") is not stage_class("engine", "onnxruntime")
     assert stage_class("quantize", "openvino") is stage_class("quantize", "onnxruntime")   # shared work
-    with pytest.raises(ValueError, match="unknown stage 'int8'; known: assets, export, quantize, fp16, engine"):
+    with pytest.raises(ValueError, match="unknown stage 'int8'; known: assets, export, quantize, weights, fp16, engine"):
         stage_class("int8", "onnxruntime")
     with pytest.raises(ValueError, match="no fp16 stage for backend openvino"):
         stage_class("fp16", "openvino")

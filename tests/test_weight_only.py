@@ -21,8 +21,9 @@ def _images(out):
                            output_type="np", generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images)
 
 
-@pytest.mark.parametrize("backend, precision, kind, floor", [
-    ("openvino", "w8a16", "int8", 30.0), ("openvino", "w4a16", "int4", 20.0), ("onnxruntime", "w4a16", "int4", 20.0)])
+@pytest.mark.parametrize("backend, precision, kind, floor", [   # OpenVINO's w8a16 in the slow tier (its own fp32 build)
+    pytest.param("openvino", "w8a16", "int8", 30.0, marks=pytest.mark.slow), ("openvino", "w4a16", "int4", 20.0),
+    ("onnxruntime", "w4a16", "int4", 20.0)])
 def test_weight_only_builds_record_each_layers_weights_and_stay_near_fp32(artifacts, backend, precision, kind,
                                                                           floor):
     from diffaccel.optimize.artifact.manifest import Manifest
