@@ -43,7 +43,7 @@ def test_weight_only_builds_record_each_layers_weights_and_stay_near_fp32(artifa
     for comp in ("vae_decoder", "vae_encoder"):            # the VAE stays float
         assert "layers" not in (m.components[comp].get("weights") or {})
         assert m.components[comp]["precision"] in ("fp32", "bf16")
-    fp32 = artifacts("random:tiny", backend, "fp32", exporter="torchscript")
+    fp32 = artifacts("random:tiny", "onnxruntime", "fp32", exporter="torchscript")    # tiny_ort_ts: shared
     got = psnr(_images(out), _images(fp32))
     assert floor <= got < 100, got                           # compressed: near fp32, not identical
     size = sum(f["bytes"] for f in m.components["unet"]["files"])
