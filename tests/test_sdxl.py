@@ -374,7 +374,7 @@ def test_refiner_img2img_matches_diffusers(tmp_path):
     assert [t["name"] for t in m.components["unet"]["spec"]["inputs"]][-1] == "time_ids"
     assert m.components["unet"]["spec"]["inputs"][-1]["dims"] == ["batch", 5]
     assert pipeline_class(tmp_path / "out", "image-to-image") is AcceleratedStableDiffusionXLImg2ImgPipeline
-    with pytest.raises(ValueError, match="serves image-to-image only"):
+    with pytest.raises(ValueError, match="serves image-to-image, inpainting only, not text-to-image"):
         pipeline_class(tmp_path / "out")
     with pytest.raises(DiffaccelError, match="refiner"):
         AcceleratedStableDiffusionXLPipeline.from_pretrained(tmp_path / "out")
