@@ -61,3 +61,18 @@ def test_weight_only_is_offered_where_it_is_built_and_refused_elsewhere(capsys, 
                            "--precision", "w4a16")
     assert_one_line_error(code, err, "precision w4a16 is not supported on backend tensorrt", "openvino/w4a16",
                           "onnxruntime/w4a16")
+
+
+def test_a_model_past_the_external_data_threshold_is_written_with_external_weights(tiny_ort_ts, tmp_path,
+                                                                                   monkeypatch):
+    """Models above 2 GB (SD 1.5's U-Net) cannot be serialized inline: the compressed model goes to external data
+    there (the threshold lowered to 0 here to take that path on a tiny model)."""
+    import onnxruntime as ort
+
+    from diffaccel.optimize.export import onnx_export
+    from diffaccel.optimize.quant.weight_only import compress_onnx
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    facts = compress_onnx(tiny_ort_ts / "unet" / "export" / "model.onnx", tmp_path / "model.onnx", "w4a16")
+    assert (tmp_path / "model.onnx.data").stat().st_size > 0 and facts["layers"]["int4"] > 0
+    ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])

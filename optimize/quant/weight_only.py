@@ -118,7 +118,8 @@ def compress_onnx(src, dst, precision: str) -> dict:
         quantizer.process()
     out = quantizer.model.model
     ops = collections.Counter(n.op_type for n in out.graph.node)
-    big = out.ByteSize() > EXTERNAL_DATA_THRESHOLD if hasattr(out, "ByteSize") else True
+    # (the proto's own ByteSize() cannot be asked past protobuf's 2 GB: the weights' bytes decide)
+    big = sum(len(t.raw_data) for t in out.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     onnx.save_model(out, str(dst), save_as_external_data=big, location=dst.name + ".data" if big else None)
     return {"method": "onnxruntime MatMulNBits (data-free)", "onnxruntime": onnxruntime.__version__, "bits": bits,
             "group_size": GROUP_SIZE, "symmetric": False, "compute": "fp32 (the CPU provider has no bf16 kernels)",
