@@ -127,12 +127,13 @@ def optimize(src: "str | Source", out, config: OptimizeConfig = OptimizeConfig()
     stage_classes = stages_for(config.backend, config.precision) + extra_stages(config)
     for cls in stage_classes:
         cls.preflight(config)
-    memory = _check_memory(source, configs, family, config, stage_classes)
+    weights = _source_weights(configs, family, config)
+    memory = _check_memory(source, configs, family, config, stage_classes, weights)
     if not force:
         done = _current_artifact(out, source, config, family, stage_classes, reporter)
         if done is not None:
             return done
-    disk = _check_disk(configs, family, config, stage_classes, out)
+    disk = None if weights is None else check_disk([s.name for s in stage_classes], weights[1], family.DENOISER, out)
     work, fresh = _prepare_workdir(out, source, force)
     try:
         manifest = _open_manifest(work, source, config)
@@ -180,31 +181,31 @@ def _check_before_loading(source: Source, configs: "dict | None", config: Optimi
     return family
 
 
-def _check_memory(source: Source, configs: "dict | None", family, config: OptimizeConfig,
-                  stage_classes) -> "dict | None":
-    """The pre-flight memory check (see :func:`~diffaccel.optimize.stages.resources.check_memory`), where the configs
-    can be read without the weights."""
+def _source_weights(configs: "dict | None", family, config: OptimizeConfig) -> "tuple | None":
+    """(fp32 weight bytes of the whole pipeline, {component built: its model's bytes}) from the configs alone (PyTorch's
+    meta device), for both pre-flight checks; None where they do not run (``--no-memory-check``, or configs that only
+    loading can tell)."""
     if not config.memory_check or configs is None or family is None:
         return None
     weights = family.weight_bytes(configs)
-    built = [weights.get(family.SOURCE_MODEL[c], 0) for c in components_of(family, config.components)]
+    return sum(weights.values()), {c: weights.get(family.SOURCE_MODEL[c], 0)
+                                   for c in components_of(family, config.components)}
+
+
+def _check_memory(source: Source, configs: "dict | None", family, config: OptimizeConfig,
+                  stage_classes, weights: "tuple | None") -> "dict | None":
+    """The pre-flight memory check (see :func:`~diffaccel.optimize.stages.resources.check_memory`) on
+    :func:`_source_weights`' numbers."""
+    if weights is None:
+        return None
+    total, built = weights
     h, w = family.latent_opt_size(configs, config.shapes)
     attention = family.attention_bytes(configs, h, w) if hasattr(family, "attention_bytes") else 0
     from diffaccel.optimize.stages.ort_engine import fuses_attention
 
-    return check_memory([s.name for s in stage_classes], sum(weights.values()), max(built, default=0), attention,
+    return check_memory([s.name for s in stage_classes], total, max(built.values(), default=0), attention,
                         config.memory_limit, latent_area=h * w, alone=source.loads_models_alone,
                         fused=fuses_attention(config), mapped=source.maps_weights)
-
-
-def _check_disk(configs, family, config: OptimizeConfig, stage_classes, out: Path) -> "dict | None":
-    """The pre-flight disk check (:func:`~diffaccel.optimize.stages.resources.check_disk`), where the configs can be
-    read without the weights."""
-    if not config.memory_check or configs is None or family is None:
-        return None
-    weights = family.weight_bytes(configs)
-    built = {c: weights.get(family.SOURCE_MODEL[c], 0) for c in components_of(family, config.components)}
-    return check_disk([s.name for s in stage_classes], built, family.DENOISER, out)
 
 
 def _current_artifact(out: Path, source: Source, config: OptimizeConfig, family, stage_classes,

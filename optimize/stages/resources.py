@@ -113,7 +113,8 @@ def estimate_peak(stage_names, total: int, largest: int, attention: int = 1_073_
 
 # ---- the pre-flight disk check: what the build will write, against the free space where it writes ----------------
 DISK_MARGIN = 1.1                  # the graphs, references and manifests beside the weights, and rounding
-_WRITES = {"export": 1.0, "quantize": 0.25, "fp16": 0.5}    # weight bytes a stage writes per fp32 byte
+_WRITES = {"export": 1.0, "quantize": 0.25, "weights": 1.0, "fp16": 0.5}   # weight bytes written per fp32 byte
+# ("weights", weight-only MatMulNBits: at most the fp32 size, since convolutions stay fp32)
 
 
 def estimate_disk(stage_names, weights: dict, denoiser: str) -> int:
@@ -132,7 +133,7 @@ def estimate_disk(stage_names, weights: dict, denoiser: str) -> int:
             if name == "quantize" and comp != denoiser:
                 continue
             if name in _WRITES:
-                factor = _WRITES[name] if name != "export" else 1.0
+                factor = _WRITES[name]
                 written += factor
             elif name == "engine":
                 written += factor
