@@ -36,6 +36,20 @@ def compresses(precision: str, component: str) -> bool:
     return str(precision) in PRECISIONS and component not in FLOAT_COMPONENTS
 
 
+def entry_precision(precision: str, component: str, compute: str = "fp32") -> dict:
+    """The ``precision`` a component's manifest entry records in a weight-only build: the weight-only one where its
+    weights were compressed, else the float ``compute`` it runs in (the VAE); {} for other builds (the plan's).
+
+    >>> entry_precision("w4a16", "unet"), entry_precision("w4a16", "vae_decoder", "bf16")
+    ({'precision': 'w4a16'}, {'precision': 'bf16'})
+    >>> entry_precision("int8", "unet")
+    {}
+    """
+    if str(precision) not in PRECISIONS:
+        return {}
+    return {"precision": str(precision) if compresses(precision, component) else compute}
+
+
 def weight_kind(element_type: str) -> str:
     t = str(element_type).lower()
     return "int4" if t in ("u4", "i4", "nf4") else "int8" if t in ("u8", "i8") else "float"

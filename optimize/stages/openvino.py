@@ -4,7 +4,8 @@ converted to OpenVINO IR, compiled for the CPU at the plan's inference precision
 fp32 engines run in f32 (set explicitly: OpenVINO picks bf16 by itself on CPUs that have it); bf16 engines in bf16;
 int8 engines run the quantized U-Net's int8 layers in int8 and everything left in float in bf16 where the CPU has
 bf16 (f32 elsewhere); weight-only engines (w8a16, w4a16: :mod:`~diffaccel.optimize.quant.weight_only`) hold int8 or
-int4 weights and compute in bf16 where the CPU has it. The precision, OpenVINO's version and the CPU's ISA flags go into the manifest.
+int4 weights and compute in bf16 where the CPU has it. The precision, OpenVINO's version and the CPU's ISA flags go
+into the manifest.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class OpenVinoEngineStage(Stage):
 
     def run(self, ctx):
         from diffaccel.engines.backends.openvino import OvEngine, capabilities, cache_key, cpu_key, openvino
-        from diffaccel.optimize.quant.weight_only import PRECISIONS, compress_openvino, compresses
+        from diffaccel.optimize.quant.weight_only import compress_openvino, compresses, entry_precision
 
         ov = openvino()
         asked = str(ctx.config.precision)
@@ -68,9 +69,8 @@ class OpenVinoEngineStage(Stage):
                 del engine
             files = [ctx.root / comp / "engine" / n for n in ("model.xml", "model.bin")]
             result.add(comp, files=files)
-            extra = {"precision": asked, "weights": weights} if weights else {}
-            if not weights and asked in PRECISIONS:      # a component weight-only leaves float (the VAE)
-                extra = {"precision": "bf16" if precision == "bf16" else "fp32"}
+            extra = {**entry_precision(asked, comp, "bf16" if precision == "bf16" else "fp32"),
+                     **({"weights": weights} if weights else {})}
             ctx.record_component(comp, backend="openvino", engine=f"{comp}/engine/model.xml", files=files,
                                  validation=report, openvino={**cpu_key(precision), "inference_precision": precision,
                                                               "cache_key": cache_key(precision)}, **extra)

@@ -28,6 +28,7 @@ class OrtEngineStage(Stage):
     def run(self, ctx):
         from diffaccel.engines.backends.onnxruntime import OrtEngine, check_provider, session_options
         from diffaccel.optimize.export.attention import fused_graph
+        from diffaccel.optimize.quant.weight_only import entry_precision
 
         import onnxruntime as ort
 
@@ -56,7 +57,7 @@ class OrtEngineStage(Stage):
             result.add(comp, files=engine_files)
             ctx.record_component(comp, backend="onnxruntime", provider=ctx.config.provider,
                                  engine=f"{comp}/engine/model.onnx", files=engine_files, validation=report,
-                                 fused_attention=fused, **_float_part(ctx.config.precision, comp))
+                                 fused_attention=fused, **entry_precision(ctx.config.precision, comp))
         return result
 
 
@@ -66,9 +67,3 @@ def fuses_attention(config) -> bool:
     verified; ``--graph-level basic`` (or disable) keeps the graph as exported."""
     return config.provider == "cpu" and config.graph_level in FUSING_LEVELS
 
-
-def _float_part(precision, comp: str) -> dict:
-    """The precision of a component a weight-only build leaves float (the VAE), for its manifest entry."""
-    from diffaccel.optimize.quant.weight_only import PRECISIONS, compresses
-
-    return {"precision": "fp32"} if str(precision) in PRECISIONS and not compresses(precision, comp) else {}

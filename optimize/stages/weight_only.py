@@ -27,7 +27,7 @@ class WeightOnlyStage(Stage):
         precision, result = str(ctx.config.precision), StageResult()
         for comp in ctx.components:
             if not compresses(precision, comp):
-                result.add(comp, ComponentOutcome(facts={"weights": "fp32 (weight-only leaves the VAE float)"}))
+                result.add(comp, ComponentOutcome())          # the VAE: float, its precision entry says so
                 continue
             src = ctx.latest_model(comp, self.name)
             with ctx.timed(self.name, comp), fresh_dir(ctx.root / comp / "weights") as d:
