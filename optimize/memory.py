@@ -108,8 +108,11 @@ class _Sampler:
         """Count one (RSS, anonymous) reading in every open watch (a block's reading is also its enclosing
         blocks')."""
         with self._lock:
-            for w in self._watches:
-                w.sampled, w.sampled_anon = max(w.sampled, reading[0]), max(w.sampled_anon, reading[1])
+            self._count(reading)
+
+    def _count(self, reading: tuple) -> None:          # under the lock
+        for w in self._watches:
+            w.sampled, w.sampled_anon = max(w.sampled, reading[0]), max(w.sampled_anon, reading[1])
 
     def _run(self) -> None:
         while True:
@@ -118,8 +121,7 @@ class _Sampler:
                 if not self._watches:
                     self._thread = None
                     return
-                for w in self._watches:
-                    w.sampled, w.sampled_anon = max(w.sampled, reading[0]), max(w.sampled_anon, reading[1])
+                self._count(reading)
             time.sleep(SAMPLE_SECONDS)
 
     def _after_fork(self) -> None:          # a forked child has no sampler thread, and its own high-water mark

@@ -112,6 +112,8 @@ def header_bytes(entries: list) -> bytes:
 def write_weights(model, path: Path, seed: int) -> int:
     """Stream ``model``'s weights into ``path`` (safetensors): meta parameters drawn by :func:`draw`, real buffers as
     they are, one tensor in memory at a time. Returns the bytes written."""
+    import torch
+
     kinds = init_kinds(model)
     state = dict(model.named_parameters())
     state.update((n, b) for n, b in model.named_buffers() if n in model.state_dict())   # persistent ones
@@ -120,8 +122,7 @@ def write_weights(model, path: Path, seed: int) -> int:
         out.write(header_bytes(entries))
         for name, t in state.items():
             value = draw(seed, name, tuple(t.shape), *kinds.get(name, ("normal", 0))) if t.is_meta else t
-            out.write(value.to(t.dtype).contiguous().numpy().tobytes() if str(t.dtype) != "torch.bfloat16" else
-                      value.to(t.dtype).contiguous().view("int16").numpy().tobytes())
+            out.write(value.to(t.dtype).contiguous().view(torch.uint8).numpy().tobytes())   # bf16 has no numpy
             del value
     return path.stat().st_size
 
