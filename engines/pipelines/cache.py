@@ -82,6 +82,14 @@ def built_split(manifest) -> "dict | None":
     return next((e["step_cache"] for e in manifest.components.values() if e.get("step_cache")), None)
 
 
+def check_default(default: "str | None", manifests, what: str = "artifacts") -> None:
+    """Refuse in one line a command-wide ``--cache`` (``default``) when none of ``manifests`` was built with
+    ``--step-cache`` (only those take a cache)."""
+    if parse_cache(default) is not None and not any(built_split(m) for m in manifests):
+        raise DiffaccelError(f"--cache {default}: none of the {what} was built with --step-cache (only those take a "
+                             "cache); rebuild one with diffaccel optimize SRC -o OUT --step-cache")
+
+
 def cache_for(path, manifest, given: "str | None", default: "str | None" = None) -> "DeepCacheConfig | None":
     """The cache one artifact runs with: its own ``@cache=SPEC`` (``given``; ``off`` for none), else ``default``
     (a command's ``--cache``) where the artifact was built with ``--step-cache`` (others run whole). A cache the

@@ -108,20 +108,16 @@ def load_models(paths, threads=None, provider=None) -> dict:
 def cache_paths(artifacts, default: "str | None") -> list:
     """``OUT`` or ``OUT@cache=SPEC`` per served artifact, with ``default`` (``serve --cache``) applied to those built
     with ``--step-cache`` that name none; a cache an artifact cannot run is refused in one line, before loading."""
-    from diffaccel.engines.pipelines.cache import built_split, cache_for, cache_suffix, parse_cache
-    from diffaccel.optimize.artifact.errors import DiffaccelError
+    from diffaccel.engines.pipelines.cache import cache_for, cache_suffix, check_default
     from diffaccel.optimize.artifact.manifest import Manifest
 
-    out, split = [], False
+    out, manifests = [], []
     for a in artifacts:
         path, given = cache_suffix(a)
-        m = Manifest.load(path)                 # a missing or foreign folder fails here, in one line
-        split = split or built_split(m) is not None
-        cache = cache_for(path, m, given, default)
+        manifests.append(Manifest.load(path))       # a missing or foreign folder fails here, in one line
+        cache = cache_for(path, manifests[-1], given, default)
         out.append(f"{path}@cache={cache.spec}" if cache else path)
-    if parse_cache(default) is not None and not split:
-        raise DiffaccelError(f"--cache {default}: none of the served artifacts was built with --step-cache; rebuild "
-                             "one with diffaccel optimize SRC -o OUT --step-cache")
+    check_default(default, manifests, "served artifacts")
     return out
 
 

@@ -69,7 +69,7 @@ def run_isolated(cfg, names: list, to_build: list, module: str, source) -> dict:
         if "skipped" in rec:
             skipped[name] = rec["skipped"]
         builds[name] = rec.get("setup_seconds")
-    from diffaccel.eval.harness.stability import pass_problem, spread_problem
+    from diffaccel.eval.harness.stability import step_problems
 
     timed = [n for n in names if n not in skipped]
     passes = []
@@ -88,7 +88,7 @@ def run_isolated(cfg, names: list, to_build: list, module: str, source) -> dict:
                          "median_of_medians": median_of_medians(samples)},
                "pass_medians": [statistics.median(s) for s in samples], "samples": samples,
                "pids": [r["pid"] for r in recs], **recs[0]["facts"]}
-        row["unstable"] = [p for p in (pass_problem(row["pass_medians"]), spread_problem(row["stats"], "step")) if p]
+        row["unstable"] = step_problems(row["stats"], row["pass_medians"])
         rows.append(row)
     speedups(rows, "median_of_medians")
     first = next((r for r in rows if "stats" in r), None)

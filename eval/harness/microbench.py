@@ -127,7 +127,7 @@ def _run_interleaved(cfg: StepBenchConfig, variants: list, reporter) -> dict:
 
     from diffaccel.eval.harness.host import host_info
     from diffaccel.eval.harness.isolated import speedups
-    from diffaccel.eval.harness.stability import spread_problem
+    from diffaccel.eval.harness.stability import step_problems
     from diffaccel.eval.harness.timing import Clock, LatencyStats
 
     source = resolve_source(cfg.src)
@@ -159,7 +159,7 @@ def _run_interleaved(cfg: StepBenchConfig, variants: list, reporter) -> dict:
     rows = [{"variant": n, "setup_seconds": setup[n], "stats": LatencyStats.from_samples(samples[n]).to_dict(),
              "samples": samples[n], **facts[n]} for n in runners]
     for r in rows:
-        r["unstable"] = [p for p in [spread_problem(r["stats"], "step")] if p]
+        r["unstable"] = step_problems(r["stats"])
     rows += [{"variant": n, "skipped": why} for n, why in skipped.items()]
     speedups(rows, "p50")
     return {"benchmark": "denoiser-step", "config": dataclasses.asdict(cfg), "source": source.to_dict(),

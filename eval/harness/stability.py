@@ -46,6 +46,11 @@ def pass_problem(medians: list) -> "str | None":
     return f"pass medians {ratio:.1f}x apart" if ratio > PASS_LIMIT else None
 
 
+def step_problems(stats: dict, pass_medians=()) -> list:
+    """What makes a microbench row's step timing unfit for a ratio: its spread, and (isolated passes) its passes."""
+    return [p for p in (pass_problem(pass_medians), spread_problem(stats, "step")) if p]
+
+
 def problems(latency: dict, label: str) -> list:
     """What makes an eval row's timings unfit for a ratio: its denoiser step and its whole image."""
     return [p for p in (spread_problem(latency.get("denoiser_step"), label),

@@ -93,11 +93,9 @@ def artifact_caches(artifacts, manifests, default: "str | None") -> list:
     """The step cache each artifact runs with (:func:`~diffaccel.engines.pipelines.cache.cache_for`): its own
     ``@cache=SPEC``, else ``default`` (``--cache``) where it was built with ``--step-cache``; refused in one line
     when ``default`` is given and no artifact can take it."""
-    from diffaccel.engines.pipelines.cache import built_split, cache_for, cache_suffix, parse_cache
+    from diffaccel.engines.pipelines.cache import cache_for, cache_suffix, check_default
 
-    if parse_cache(default) is not None and not any(built_split(m) for _, m in manifests):
-        raise DiffaccelError(f"--cache {default}: none of the artifacts was built with --step-cache (only those take "
-                             "a cache); rebuild one with diffaccel optimize SRC -o OUT --step-cache")
+    check_default(default, [m for _, m in manifests])
     caches = [cache_for(path, m, cache_suffix(a)[1], default) for a, (path, m) in zip(artifacts, manifests)]
     seen = [(path.resolve(), c) for (path, _), c in zip(manifests, caches)]
     twice = next((f"{p}" + (f"@cache={c.spec}" if c else "") for k, (p, c) in enumerate(seen) if (p, c) in seen[:k]),
